@@ -1,0 +1,260 @@
+//! axum routes over the broker.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::IncomingStream;
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::net::UnixListener;
+
+use crate::api::types::{CreateSandbox, ErrorBody, ExecBody, ExecEvent};
+use crate::audit::{AuditKind, AuditQuery};
+use crate::authz::Principal;
+use crate::broker::{Broker, BrokerError};
+
+/// The peer's credentials, read once per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCred(pub Option<Principal>);
+
+impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        PeerCred(stream.io().peer_cred().ok().map(|c| Principal {
+            uid: c.uid(),
+            gid: c.gid(),
+            pid: c.pid().unwrap_or(0),
+        }))
+    }
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        let code = match &e {
+            BrokerError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            BrokerError::Forbidden(_) => StatusCode::FORBIDDEN,
+            BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
+            BrokerError::NotRunning(_) => StatusCode::CONFLICT,
+            BrokerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn principal(c: PeerCred) -> Result<Principal, ApiError> {
+    c.0.ok_or_else(|| {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            "cannot read the caller's credentials (SO_PEERCRED)".into(),
+        )
+    })
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+type Shared = State<Arc<Broker>>;
+type Peer = ConnectInfo<PeerCred>;
+
+/// The router.
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/sandboxes", post(create).get(list))
+        .route("/v1/sandboxes/{id}", get(inspect).delete(destroy))
+        .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/audit", get(audit))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1".into()) })
+        .with_state(broker)
+}
+
+async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn create(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let req: CreateSandbox = json_body(&body)?;
+    let info = tokio::task::spawn_blocking(move || b.create(&p, req))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn list(State(b): Shared, ConnectInfo(c): Peer) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    Ok(Json(b.list(&p)?).into_response())
+}
+
+async fn inspect(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    Ok(Json(b.inspect(&p, &id)?).into_response())
+}
+
+async fn destroy(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id2 = id.clone();
+    tokio::task::spawn_blocking(move || b.destroy(&p, &id2))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(serde_json::json!({"id": id, "destroyed": true})).into_response())
+}
+
+async fn exec(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let req: ExecBody = json_body(&body)?;
+    let handle = b.exec(&p, &id, req).await?;
+    let stream = futures_stream(handle.events);
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// Turns exec events into NDJSON lines.
+fn futures_stream(
+    mut rx: tokio::sync::mpsc::Receiver<ExecEvent>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    async_stream_lines(move |tx| async move {
+        while let Some(ev) = rx.recv().await {
+            let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+            line.push(b'\n');
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// A tiny channel-backed stream (avoids pulling in an async-stream macro).
+fn async_stream_lines<F, Fut>(
+    f: F,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    ReceiverStream(rx)
+}
+
+struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures_core::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// `GET /v1/audit` query string.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    /// Only this sandbox.
+    pub sandbox: Option<String>,
+    /// Only this agent.
+    pub agent: Option<String>,
+    /// Comma-separated kinds.
+    pub kind: Option<String>,
+    /// "10m", "2h", or an RFC 3339 UTC time.
+    pub since: Option<String>,
+    /// Newest N rows (default 1000).
+    pub limit: Option<usize>,
+}
+
+/// Builds a query from parameters; errors name the bad value.
+pub fn audit_query(params: &AuditParams) -> Result<AuditQuery, BrokerError> {
+    let kinds = match &params.kind {
+        None => vec![],
+        Some(k) => k
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<AuditKind>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BrokerError::BadRequest(e.to_string()))?,
+    };
+    let since_ms = match &params.since {
+        None => None,
+        Some(s) => Some(
+            crate::audit::parse_since(s, crate::util::now_ms())
+                .map_err(|e| BrokerError::BadRequest(e.to_string()))?,
+        ),
+    };
+    Ok(AuditQuery {
+        sandbox_id: params.sandbox.clone(),
+        agents: None,
+        kinds,
+        since_ms,
+        limit: params.limit.unwrap_or(1000).min(100_000),
+    })
+}
+
+async fn audit(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Query(params): Query<AuditParams>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let q = audit_query(&params)?;
+    let agent = params.agent.clone();
+    let rows = tokio::task::spawn_blocking(move || b.audit(&p, q, agent.as_deref()))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(rows).into_response())
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(broker).into_make_service_with_connect_info::<PeerCred>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

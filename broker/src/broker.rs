@@ -1,0 +1,1004 @@
+//! The broker: owns every sandbox, checks who may do what, and audits it.
+//! Both brokerd (behind the HTTP API) and `airlock run` (embedded) drive
+//! this same object.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use airlock_shim::cgroup::{CgroupLimits, CgroupManager};
+use airlock_shim::channel::{Channel, ToShim};
+use airlock_shim::spec::{ExecRequest, IdRange, Rlimits, SandboxSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::api::types::{
+    AppliedLimits, Chunk, CreateSandbox, ExecBody, ExecEvent, ExecExit, SandboxInfo,
+};
+use crate::audit::{AuditKind, AuditQuery, AuditRecord, AuditRow, AuditStore};
+use crate::authz::{AuthzError, Principal};
+use crate::config::BrokerConfig;
+use crate::sandbox::{ExecOutcome, Resources, Sandbox};
+use crate::util::{lock_or_recover, now_ms, random_hex};
+
+/// Sandbox uid of the default (unprivileged) user.
+pub const SANDBOX_UID: u32 = 1000;
+/// Ids per sandbox.
+pub const IDS_PER_SANDBOX: u32 = 65536;
+/// How long a sandbox may take to come up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why a request failed; mapped to an HTTP status in one place (api).
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The request is malformed or asks for something impossible.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Authorization refused it.
+    #[error(transparent)]
+    Forbidden(#[from] AuthzError),
+    /// No such sandbox (or not visible to the caller).
+    #[error("no sandbox {0:?}")]
+    NotFound(String),
+    /// The sandbox is not running.
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
+    /// Out of capacity.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Something on the host failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn internal(what: &str) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
+    move |e| BrokerError::Internal(format!("{what}: {e}"))
+}
+
+/// What a sandbox directory records about its owner, for crash recovery.
+#[derive(Debug, Serialize, Deserialize)]
+struct OwnerRecord {
+    pid: i32,
+    start_ticks: u64,
+    agent: String,
+}
+
+/// Start time of a process in clock ticks (field 22 of /proc/pid/stat).
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// The broker.
+#[derive(Debug)]
+pub struct Broker {
+    cfg: BrokerConfig,
+    audit: AuditStore,
+    cgroups: CgroupManager,
+    exe: PathBuf,
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    me: (i32, u64),
+}
+
+/// A running exec: its events, and a way to signal it.
+#[derive(Debug)]
+pub struct ExecHandle {
+    /// Exec id.
+    pub exec_id: u64,
+    /// Output and the final exit.
+    pub events: mpsc::Receiver<ExecEvent>,
+    /// The sandbox, to forward signals.
+    pub sandbox: Arc<Sandbox>,
+}
+
+impl ExecHandle {
+    /// Forwards a signal to the command's process group.
+    pub fn signal(&self, sig: i32) {
+        self.sandbox.signal(self.exec_id, sig);
+    }
+}
+
+impl Broker {
+    /// Opens state, the audit log and the cgroup hierarchy, and removes
+    /// whatever a crashed broker left behind. `exe` is the binary that
+    /// serves the `__shim` role.
+    pub fn start(cfg: BrokerConfig, exe: PathBuf) -> Result<Arc<Broker>, BrokerError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(BrokerError::Internal(
+                "the broker must run as root (it maps uid ranges, creates cgroups and mounts \
+                 FUSE); start brokerd as a system service or run airlock as root"
+                    .into(),
+            ));
+        }
+        for (d, mode) in [
+            (cfg.state_dir.clone(), 0o711),
+            (cfg.state_dir.join("sandboxes"), 0o711),
+            (cfg.state_dir.join("layers"), 0o700),
+            (cfg.state_dir.join("workspaces"), 0o700),
+            (cfg.state_dir.join("slots"), 0o700),
+        ] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(&d)
+                .map_err(internal("create state directory"))?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode))
+                .map_err(internal("chmod state directory"))?;
+        }
+        let audit = AuditStore::open(&cfg.state_dir.join("audit.db"))
+            .map_err(|e| BrokerError::Internal(format!("open audit log: {e}")))?;
+        let cgroups =
+            CgroupManager::detect().map_err(|e| BrokerError::Internal(format!("cgroups: {e}")))?;
+        let pid = i32::try_from(std::process::id()).unwrap_or(0);
+        let me = (pid, start_ticks(pid).unwrap_or(0));
+        let broker = Arc::new(Broker {
+            cfg,
+            audit,
+            cgroups,
+            exe,
+            sandboxes: Mutex::new(HashMap::new()),
+            me,
+        });
+        broker.recover();
+        Ok(broker)
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.cfg
+    }
+
+    /// The audit store.
+    pub fn audit_store(&self) -> &AuditStore {
+        &self.audit
+    }
+
+    fn owner_alive(rec: &OwnerRecord) -> bool {
+        rec.pid > 0 && start_ticks(rec.pid) == Some(rec.start_ticks)
+    }
+
+    /// Removes sandboxes whose owning broker process is gone: their
+    /// processes, cgroups, FUSE mounts and directories. Workspaces and the
+    /// audit log are kept.
+    pub fn recover(&self) {
+        let sb_root = self.cfg.state_dir.join("sandboxes");
+        let mut live_elsewhere = std::collections::HashSet::new();
+        if let Ok(rd) = std::fs::read_dir(&sb_root) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let owner: Option<OwnerRecord> = std::fs::read(
+                    self.cfg
+                        .state_dir
+                        .join("layers")
+                        .join(&id)
+                        .join("owner.json"),
+                )
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+                if let Some(o) = &owner {
+                    if Self::owner_alive(o) && (o.pid, o.start_ticks) != self.me {
+                        live_elsewhere.insert(id);
+                        continue;
+                    }
+                }
+                self.remove_leftover(&id, owner.map(|o| o.agent));
+            }
+        }
+        // Layer directories without a live owner (a crash between creating
+        // the layer directory and the sandbox directory). Cgroups are only
+        // ever removed by id from here: other brokers with other state
+        // directories may share the hierarchy.
+        if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("layers")) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if !live_elsewhere.contains(&id) && !sb_root.join(&id).exists() {
+                    self.remove_leftover(&id, None);
+                }
+            }
+        }
+    }
+
+    fn remove_leftover(&self, id: &str, agent: Option<String>) {
+        let mut problems = Vec::new();
+        if let Ok(cg) = self.cgroups.open(id) {
+            if let Err(e) = cg.remove() {
+                problems.push(e.to_string());
+            }
+        }
+        let mp = self.cfg.state_dir.join("sandboxes").join(id).join("root");
+        if let Err(e) = airlock_fs::force_unmount(&mp) {
+            problems.push(e.to_string());
+        }
+        for d in [
+            self.cfg.state_dir.join("sandboxes").join(id),
+            self.cfg.state_dir.join("layers").join(id),
+        ] {
+            if let Err(e) = std::fs::remove_dir_all(&d) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    problems.push(format!("remove {}: {e}", d.display()));
+                }
+            }
+        }
+        self.audit.record(AuditRecord {
+            kind: AuditKind::Sandbox,
+            action: "recovered".into(),
+            sandbox_id: Some(id.to_string()),
+            agent,
+            detail: json!({"reason": "owner broker gone", "problems": problems}),
+        });
+    }
+
+    fn take_slot(&self) -> Result<(u32, nix::fcntl::Flock<File>), BrokerError> {
+        for slot in 0..self.cfg.max_sandboxes {
+            let path = self
+                .cfg
+                .state_dir
+                .join("slots")
+                .join(format!("{slot}.lock"));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(internal("open slot lock"))?;
+            if let Ok(lock) =
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            {
+                return Ok((slot, lock));
+            }
+        }
+        Err(BrokerError::Unavailable(format!(
+            "all {} sandbox slots are in use",
+            self.cfg.max_sandboxes
+        )))
+    }
+
+    fn validate_dir_for(
+        &self,
+        p: &Principal,
+        what: &str,
+        dir: &Path,
+    ) -> Result<PathBuf, BrokerError> {
+        let canon = std::fs::canonicalize(dir)
+            .map_err(|e| BrokerError::BadRequest(format!("{what} {}: {e}", dir.display())))?;
+        let md = std::fs::metadata(&canon)
+            .map_err(|e| BrokerError::BadRequest(format!("{what} {}: {e}", dir.display())))?;
+        if !md.is_dir() {
+            return Err(BrokerError::BadRequest(format!(
+                "{what} {} is not a directory",
+                dir.display()
+            )));
+        }
+        if !p.is_admin() && md.uid() != p.uid {
+            return Err(BrokerError::Forbidden(AuthzError::Forbidden {
+                uid: p.uid,
+                agent: format!("{what} {} (owned by uid {})", canon.display(), md.uid()),
+            }));
+        }
+        if canon.starts_with(&self.cfg.state_dir) {
+            return Err(BrokerError::BadRequest(format!(
+                "{what} {} is inside the broker's state directory",
+                canon.display()
+            )));
+        }
+        Ok(canon)
+    }
+
+    /// Creates a sandbox and waits until its jail has proved itself.
+    /// Blocking: call from a blocking context.
+    pub fn create(&self, p: &Principal, req: CreateSandbox) -> Result<SandboxInfo, BrokerError> {
+        let agent = match p.resolve_agent(&self.cfg, req.agent.as_deref()) {
+            Ok(a) => a,
+            Err(e) => {
+                self.audit_refusal(p, "create", &e);
+                return Err(e.into());
+            }
+        };
+        let d = &self.cfg.limits;
+        let l = req.limits.clone().unwrap_or_default();
+        let limits = AppliedLimits {
+            memory_bytes: l.memory_bytes.unwrap_or(d.memory_bytes),
+            pids: l.pids.unwrap_or(d.pids),
+            cpu_millis: l.cpu_millis.unwrap_or(d.cpu_millis),
+            nofile: l.nofile.unwrap_or(d.nofile),
+            timeout_secs: req.timeout_secs.unwrap_or(d.timeout_secs),
+        };
+        if limits.memory_bytes < (8 << 20) || limits.memory_bytes > d.max_memory_bytes {
+            return Err(BrokerError::BadRequest(format!(
+                "limits.memory_bytes {} is outside 8 MiB..{} bytes",
+                limits.memory_bytes, d.max_memory_bytes
+            )));
+        }
+        if limits.pids < 4 || limits.pids > d.max_pids {
+            return Err(BrokerError::BadRequest(format!(
+                "limits.pids {} is outside 4..{}",
+                limits.pids, d.max_pids
+            )));
+        }
+        if limits.cpu_millis < 10 || limits.cpu_millis > d.max_cpu_millis {
+            return Err(BrokerError::BadRequest(format!(
+                "limits.cpu_millis {} is outside 10..{}",
+                limits.cpu_millis, d.max_cpu_millis
+            )));
+        }
+        if limits.nofile < 16 || limits.nofile > 1 << 20 {
+            return Err(BrokerError::BadRequest(format!(
+                "limits.nofile {} is outside 16..1048576",
+                limits.nofile
+            )));
+        }
+        let (user, user_ids) = match req.user.as_deref() {
+            None | Some("sandbox") => ("sandbox".to_string(), (SANDBOX_UID, SANDBOX_UID)),
+            Some("root") => ("root".to_string(), (0, 0)),
+            Some(other) => {
+                return Err(BrokerError::BadRequest(format!(
+                    "user {other:?}: use \"sandbox\" or \"root\""
+                )));
+            }
+        };
+        let env = req.env.clone().unwrap_or_default();
+        check_env(&env)?;
+        let rootfs = match &req.rootfs {
+            Some(r) => Some(self.validate_dir_for(p, "rootfs", r)?),
+            None => None,
+        };
+        let workspace = match &req.workspace {
+            Some(w) => self.validate_dir_for(p, "workspace", w)?,
+            None => {
+                let w = self.cfg.state_dir.join("workspaces").join(&agent);
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&w)
+                    .map_err(internal("create agent workspace"))?;
+                w
+            }
+        };
+        let id = random_hex(6).map_err(internal("random id"))?;
+        let (slot, slot_lock) = self.take_slot()?;
+        let base = self.cfg.id_range_start + slot * IDS_PER_SANDBOX;
+        let hostname = format!("airlock-{id}");
+
+        // From here on every resource is owned by `res`, so a failure tears
+        // down exactly what was built.
+        let sb_dir = self.cfg.state_dir.join("sandboxes").join(&id);
+        let layer_dir = self.cfg.state_dir.join("layers").join(&id);
+        let cg_limits = CgroupLimits {
+            memory_bytes: limits.memory_bytes,
+            pids: limits.pids,
+            cpu_millis: limits.cpu_millis,
+        };
+        // The layer directory and its owner record come first, so that a
+        // crash at any later point leaves something recovery can find.
+        let upper = layer_dir.join("upper");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&upper)
+            .map_err(internal("create upper layer"))?;
+        let owner = OwnerRecord {
+            pid: self.me.0,
+            start_ticks: self.me.1,
+            agent: agent.clone(),
+        };
+        if let Err(e) = std::fs::write(
+            layer_dir.join("owner.json"),
+            serde_json::to_vec(&owner).unwrap_or_default(),
+        ) {
+            let _ = std::fs::remove_dir_all(&layer_dir);
+            return Err(BrokerError::Internal(format!("write owner record: {e}")));
+        }
+        let cgroup = match self.cgroups.create(&id, &cg_limits) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&layer_dir);
+                return Err(BrokerError::Internal(format!("create cgroup: {e}")));
+            }
+        };
+        let mut res = Resources {
+            mount: None,
+            cgroup,
+            dirs: vec![sb_dir.clone(), layer_dir.clone()],
+            slot: Some(slot_lock),
+        };
+        let built = self.build(
+            &id, &agent, p, base, &sb_dir, &layer_dir, &workspace, &rootfs, &user, user_ids,
+            &hostname, &mut res,
+        );
+        let mountpoint = match built {
+            Ok(x) => x,
+            Err(e) => {
+                cleanup_partial(res);
+                return Err(e);
+            }
+        };
+        let cg_procs = res.cgroup.procs_files();
+        let cgroup_version = self.cgroups.version();
+        let (mine, theirs) = match Channel::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                cleanup_partial(res);
+                return Err(BrokerError::Internal(format!("control channel: {e}")));
+            }
+        };
+        let shim_pid = match spawn_shim(&self.exe, theirs.into_fd()) {
+            Ok(pid) => pid,
+            Err(e) => {
+                cleanup_partial(res);
+                return Err(BrokerError::Internal(format!(
+                    "start shim {}: {e}",
+                    self.exe.display()
+                )));
+            }
+        };
+        let spec = SandboxSpec {
+            id: id.clone(),
+            hostname: hostname.clone(),
+            root: mountpoint,
+            ids: IdRange {
+                uid_base: base,
+                gid_base: base,
+                count: IDS_PER_SANDBOX,
+            },
+            cgroup_procs: cg_procs,
+            rlimits: Rlimits {
+                nofile: limits.nofile,
+                core: 0,
+            },
+            landlock_floor: self.cfg.landlock_floor,
+            probe_user: user_ids,
+        };
+        let sandbox = Arc::new(Sandbox {
+            id: id.clone(),
+            agent: agent.clone(),
+            created_ms: now_ms(),
+            hostname,
+            user,
+            user_ids,
+            workspace: workspace.clone(),
+            rootfs: rootfs.clone(),
+            limits,
+            host_uid_base: base,
+            env,
+            cgroup_version,
+            ctrl: mine,
+            shim_pid,
+            init_pid: OnceLock::new(),
+            ready: OnceLock::new(),
+            pending: Mutex::new(HashMap::new()),
+            next_exec: AtomicU64::new(1),
+            resources: Mutex::new(Some(res)),
+            dead: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+            ended: (Mutex::new(false), Condvar::new()),
+            audit: self.audit.clone(),
+            counters: Mutex::new(Default::default()),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let reader = Arc::clone(&sandbox);
+        let spawned = std::thread::Builder::new()
+            .name(format!("sandbox-{id}"))
+            .spawn(move || reader.reader_loop(ready_tx));
+        if let Err(e) = spawned {
+            sandbox.teardown("create failed");
+            let _ = nix::sys::wait::waitpid(shim_pid, None);
+            return Err(BrokerError::Internal(format!("control thread: {e}")));
+        }
+        if let Err(e) = sandbox
+            .ctrl
+            .send(&ToShim::Spec(Box::new(spec.clone())), &[])
+        {
+            sandbox.teardown("create failed");
+            return Err(BrokerError::Internal(format!("send spec to shim: {e}")));
+        }
+        let ready = match ready_rx.recv_timeout(SETUP_TIMEOUT) {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(e));
+            }
+            Err(_) => {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!(
+                    "sandbox {id} did not come up within {}s",
+                    SETUP_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        self.audit.record(AuditRecord {
+            kind: AuditKind::Sandbox,
+            action: "create".into(),
+            sandbox_id: Some(id.clone()),
+            agent: Some(agent.clone()),
+            detail: json!({
+                "caller_uid": p.uid, "caller_pid": p.pid,
+                "user": sandbox.user, "limits": limits, "workspace": workspace,
+                "rootfs": rootfs, "host_uid_base": base, "cgroup_version": cgroup_version,
+                "hostname": sandbox.hostname,
+            }),
+        });
+        self.audit.record(AuditRecord {
+            kind: AuditKind::Jail,
+            action: "selftest".into(),
+            sandbox_id: Some(id.clone()),
+            agent: Some(agent.clone()),
+            detail: json!({
+                "passed": ready.selftest.passed,
+                "landlock_abi": ready.landlock_abi,
+                "seccomp_profile": ready.seccomp_profile,
+                "report": ready.selftest,
+            }),
+        });
+        if !ready.selftest.passed {
+            sandbox.teardown("jail self-test failed");
+            return Err(BrokerError::Internal(format!(
+                "sandbox {id} refused to start: jail self-test failed: {}",
+                ready.selftest.failures.join("; ")
+            )));
+        }
+        if limits.timeout_secs > 0 {
+            let sb = Arc::clone(&sandbox);
+            let t = Duration::from_secs(limits.timeout_secs);
+            let _ = std::thread::Builder::new()
+                .name(format!("timeout-{id}"))
+                .spawn(move || {
+                    if !sb.wait_ended(t) {
+                        sb.timed_out
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                        sb.audit.record(AuditRecord {
+                            kind: AuditKind::Limit,
+                            action: "timeout".into(),
+                            sandbox_id: Some(sb.id.clone()),
+                            agent: Some(sb.agent.clone()),
+                            detail: json!({"timeout_secs": t.as_secs()}),
+                        });
+                        sb.teardown("timeout");
+                    }
+                });
+        }
+        let info = sandbox.info();
+        lock_or_recover(&self.sandboxes).insert(id, sandbox);
+        Ok(info)
+    }
+
+    /// Builds the sandbox directory and the FUSE mount; returns the
+    /// mountpoint.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        id: &str,
+        agent: &str,
+        _p: &Principal,
+        base: u32,
+        sb_dir: &Path,
+        layer_dir: &Path,
+        workspace: &Path,
+        rootfs: &Option<PathBuf>,
+        user: &str,
+        user_ids: (u32, u32),
+        hostname: &str,
+        res: &mut Resources,
+    ) -> Result<PathBuf, BrokerError> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(sb_dir)
+            .map_err(internal("create sandbox directory"))?;
+        // Only host root and the sandbox's own root (pid 1 walks this path
+        // to pivot into it) may traverse to the mount.
+        std::os::unix::fs::chown(sb_dir, Some(base), Some(base))
+            .map_err(internal("chown sandbox directory"))?;
+        let mountpoint = sb_dir.join("root");
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&mountpoint)
+            .map_err(internal("create mountpoint"))?;
+        let upper = layer_dir.join("upper");
+        let audit = self.audit.clone();
+        let (sid, sagent) = (id.to_string(), agent.to_string());
+        let sink: airlock_fs::EventSink = Arc::new(move |ev: airlock_fs::FsEvent| {
+            let kind = match &ev {
+                airlock_fs::FsEvent::Denied { .. } => AuditKind::Denial,
+                _ => AuditKind::Fs,
+            };
+            let action = match &ev {
+                airlock_fs::FsEvent::Denied { .. } => "fs_denied",
+                _ => "mutation",
+            };
+            audit.record(AuditRecord {
+                kind,
+                action: action.into(),
+                sandbox_id: Some(sid.clone()),
+                agent: Some(sagent.clone()),
+                detail: serde_json::to_value(&ev).unwrap_or_default(),
+            });
+        });
+        let spec = airlock_fs::MountSpec {
+            base: match rootfs {
+                Some(r) => airlock_fs::BaseSpec::Rootfs(r.clone()),
+                None => airlock_fs::BaseSpec::Host,
+            },
+            upper,
+            workspace: workspace.to_path_buf(),
+            ids: airlock_fs::IdMap {
+                host_uid_base: base,
+                host_gid_base: base,
+                count: IDS_PER_SANDBOX,
+            },
+            sandbox_uid: user_ids.0,
+            sandbox_gid: user_ids.1,
+            sandbox_user: user.to_string(),
+            hostname: hostname.to_string(),
+        };
+        let mount = airlock_fs::mount(spec, &mountpoint, sink)
+            .map_err(|e| BrokerError::Internal(format!("mount sandbox filesystem: {e}")))?;
+        res.mount = Some(mount);
+        Ok(mountpoint)
+    }
+
+    fn audit_refusal(&self, p: &Principal, op: &str, e: &AuthzError) {
+        self.audit.record(AuditRecord {
+            kind: AuditKind::Auth,
+            action: "refused".into(),
+            sandbox_id: None,
+            agent: None,
+            detail: json!({"op": op, "uid": p.uid, "gid": p.gid, "pid": p.pid,
+                           "error": e.to_string()}),
+        });
+    }
+
+    fn get(&self, p: &Principal, id: &str) -> Result<Arc<Sandbox>, BrokerError> {
+        if let Err(e) = p.check_mapped(&self.cfg) {
+            self.audit_refusal(p, "access", &e);
+            return Err(e.into());
+        }
+        let sb = lock_or_recover(&self.sandboxes).get(id).cloned();
+        match sb {
+            Some(sb) if p.may_access(&self.cfg, &sb.agent) => Ok(sb),
+            // Another agent's sandbox is indistinguishable from none.
+            _ => Err(BrokerError::NotFound(id.to_string())),
+        }
+    }
+
+    /// Sandboxes the caller may see.
+    pub fn list(&self, p: &Principal) -> Result<Vec<SandboxInfo>, BrokerError> {
+        if let Err(e) = p.check_mapped(&self.cfg) {
+            self.audit_refusal(p, "list", &e);
+            return Err(e.into());
+        }
+        let all: Vec<Arc<Sandbox>> = lock_or_recover(&self.sandboxes).values().cloned().collect();
+        let mut out: Vec<SandboxInfo> = all
+            .iter()
+            .filter(|s| p.may_access(&self.cfg, &s.agent))
+            .map(|s| s.info())
+            .collect();
+        out.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// One sandbox.
+    pub fn inspect(&self, p: &Principal, id: &str) -> Result<SandboxInfo, BrokerError> {
+        Ok(self.get(p, id)?.info())
+    }
+
+    /// Destroys a sandbox and forgets it. Blocking.
+    pub fn destroy(&self, p: &Principal, id: &str) -> Result<(), BrokerError> {
+        let sb = self.get(p, id)?;
+        sb.teardown("destroyed");
+        lock_or_recover(&self.sandboxes).remove(id);
+        Ok(())
+    }
+
+    /// Destroys every sandbox (broker shutdown).
+    pub fn shutdown(&self) {
+        let all: Vec<Arc<Sandbox>> = lock_or_recover(&self.sandboxes)
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for s in all {
+            s.teardown("broker shutdown");
+        }
+        self.audit.flush();
+    }
+
+    /// Audit rows the caller may see.
+    /// `agent` narrows to one agent the caller may see.
+    pub fn audit(
+        &self,
+        p: &Principal,
+        mut q: AuditQuery,
+        agent: Option<&str>,
+    ) -> Result<Vec<AuditRow>, BrokerError> {
+        if let Err(e) = p.check_mapped(&self.cfg) {
+            self.audit_refusal(p, "audit", &e);
+            return Err(e.into());
+        }
+        q.agents = match agent {
+            Some(a) if p.may_access(&self.cfg, a) => Some(vec![a.to_string()]),
+            Some(a) => {
+                return Err(AuthzError::Forbidden {
+                    uid: p.uid,
+                    agent: a.to_string(),
+                }
+                .into());
+            }
+            None => p.agents(&self.cfg),
+        };
+        self.audit.flush();
+        self.audit
+            .query(&q)
+            .map_err(|e| BrokerError::Internal(format!("audit query: {e}")))
+    }
+
+    /// Starts a command; output and the exit arrive on the handle.
+    pub async fn exec(
+        &self,
+        p: &Principal,
+        id: &str,
+        body: ExecBody,
+    ) -> Result<ExecHandle, BrokerError> {
+        let sb = self.get(p, id)?;
+        if !sb.is_running() {
+            return Err(BrokerError::NotRunning(id.to_string()));
+        }
+        if body.argv.is_empty() || body.argv[0].is_empty() {
+            return Err(BrokerError::BadRequest("argv must name a program".into()));
+        }
+        if body.argv.iter().any(|a| a.contains('\0')) {
+            return Err(BrokerError::BadRequest("argv contains a NUL byte".into()));
+        }
+        let extra = body.env.clone().unwrap_or_default();
+        check_env(&extra)?;
+        let mut env = sb.env.clone();
+        for e in extra {
+            let key = e.split('=').next().unwrap_or_default().to_string();
+            env.retain(|x| x.split('=').next() != Some(key.as_str()));
+            env.push(e);
+        }
+        let (uid, gid, user) = match body.user.as_deref() {
+            None => (sb.user_ids.0, sb.user_ids.1, sb.user.clone()),
+            Some("sandbox") => (SANDBOX_UID, SANDBOX_UID, "sandbox".to_string()),
+            Some("root") => (0, 0, "root".to_string()),
+            Some(n) => match n.parse::<u32>() {
+                Ok(u) if u < IDS_PER_SANDBOX => (u, u, n.to_string()),
+                _ => {
+                    return Err(BrokerError::BadRequest(format!(
+                        "user {n:?}: use \"sandbox\", \"root\" or a uid below 65536"
+                    )));
+                }
+            },
+        };
+        let cwd = body.cwd.clone().unwrap_or_else(|| "/workspace".to_string());
+        if !cwd.starts_with('/') || cwd.contains('\0') {
+            return Err(BrokerError::BadRequest(format!(
+                "cwd {cwd:?} must be an absolute path"
+            )));
+        }
+        let pipe = || -> Result<(OwnedFd, OwnedFd), BrokerError> {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| BrokerError::Internal(format!("pipe: {e}")))
+        };
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let req = ExecRequest {
+            exec_id: 0,
+            argv: body.argv.clone(),
+            env,
+            cwd: cwd.clone(),
+            uid,
+            gid,
+        };
+        let before = sb.current_counters();
+        let started = Instant::now();
+        let (exec_id, outcome_rx) = sb
+            .send_exec(req, [in_r, out_w, err_w])
+            .map_err(BrokerError::Internal)?;
+        let (tx, rx) = mpsc::channel(64);
+        let _ = tx.try_send(ExecEvent::Started { exec_id });
+        let stdin_bytes = body.stdin.clone().unwrap_or_default().into_bytes();
+        let sb2 = Arc::clone(&sb);
+        let timeout = body.timeout_secs.map(Duration::from_secs);
+        let argv = body.argv.clone();
+        tokio::spawn(async move {
+            let exit = pump(
+                &sb2,
+                exec_id,
+                in_w,
+                out_r,
+                err_r,
+                stdin_bytes,
+                outcome_rx,
+                &tx,
+                started,
+                timeout,
+            )
+            .await;
+            let after = sb2.current_counters();
+            let mut exit = exit;
+            if after.oom_kills > before.oom_kills && exit.signal == Some(libc::SIGKILL) {
+                exit.oom = true;
+            }
+            if after.pids_max_hits > before.pids_max_hits {
+                exit.pids_limit_hit = true;
+            }
+            sb2.audit_limit_hits(before, after, Some(exec_id));
+            sb2.audit.record(AuditRecord {
+                kind: AuditKind::Exec,
+                action: "exit".into(),
+                sandbox_id: Some(sb2.id.clone()),
+                agent: Some(sb2.agent.clone()),
+                detail: json!({
+                    "exec_id": exec_id, "argv": argv, "cwd": cwd, "user": user, "uid": uid,
+                    "exit_code": exit.code, "signal": exit.signal, "oom": exit.oom,
+                    "pids_limit_hit": exit.pids_limit_hit, "timed_out": exit.timed_out,
+                    "duration_ms": exit.duration_ms, "error": exit.error,
+                }),
+            });
+            let _ = tx.send(ExecEvent::Exit(exit)).await;
+        });
+        Ok(ExecHandle {
+            exec_id,
+            events: rx,
+            sandbox: sb,
+        })
+    }
+}
+
+/// Env entries must be KEY=VALUE with a plain key and no NUL.
+fn check_env(env: &[String]) -> Result<(), BrokerError> {
+    for e in env {
+        let ok = match e.split_once('=') {
+            Some((k, _)) => {
+                !k.is_empty()
+                    && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    && !e.contains('\0')
+            }
+            None => false,
+        };
+        if !ok {
+            return Err(BrokerError::BadRequest(format!(
+                "env entry {e:?} is not KEY=VALUE with a name of letters, digits and '_'"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn cleanup_partial(mut res: Resources) {
+    let _ = res.cgroup.remove();
+    if let Some(m) = res.mount.take() {
+        let _ = m.unmount();
+    }
+    for d in &res.dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// Starts `exe __shim` with the control channel as fd 3, an empty
+/// environment and default signal state, without running any code of ours
+/// between fork and exec (posix_spawn).
+fn spawn_shim(exe: &Path, ctrl: OwnedFd) -> Result<nix::unistd::Pid, nix::Error> {
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+    let mut actions = PosixSpawnFileActions::init()?;
+    actions.add_dup2(ctrl.as_raw_fd(), 3)?;
+    let devnull = CString::new("/dev/null").map_err(|_| nix::Error::EINVAL)?;
+    actions.add_open(
+        0,
+        devnull.as_c_str(),
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let mut attr = PosixSpawnAttr::init()?;
+    attr.set_sigmask(&nix::sys::signal::SigSet::empty())?;
+    attr.set_sigdefault(&nix::sys::signal::SigSet::all())?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )?;
+    let path = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|_| nix::Error::EINVAL)?;
+    let args = [
+        CString::new("airlock-shim").map_err(|_| nix::Error::EINVAL)?,
+        CString::new(crate::SHIM_ROLE).map_err(|_| nix::Error::EINVAL)?,
+    ];
+    let env: [CString; 0] = [];
+    let pid = posix_spawn(path.as_c_str(), &actions, &attr, &args, &env)?;
+    drop(ctrl);
+    Ok(pid)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    sb: &Arc<Sandbox>,
+    exec_id: u64,
+    stdin_w: OwnedFd,
+    out_r: OwnedFd,
+    err_r: OwnedFd,
+    stdin: Vec<u8>,
+    outcome: tokio::sync::oneshot::Receiver<ExecOutcome>,
+    tx: &mpsc::Sender<ExecEvent>,
+    started: Instant,
+    timeout: Option<Duration>,
+) -> ExecExit {
+    use tokio::net::unix::pipe;
+    // stdin: write what was given, then EOF.
+    if let Ok(mut w) = pipe::Sender::from_owned_fd(stdin_w) {
+        tokio::spawn(async move {
+            let _ = w.write_all(&stdin).await;
+        });
+    }
+    let mut readers = Vec::new();
+    for (fd, is_err) in [(out_r, false), (err_r, true)] {
+        let tx = tx.clone();
+        let sb = Arc::clone(sb);
+        readers.push(tokio::spawn(async move {
+            let Ok(mut r) = pipe::Receiver::from_owned_fd(fd) else {
+                return;
+            };
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let chunk = Chunk::new(buf[..n].to_vec());
+                        let ev = if is_err {
+                            ExecEvent::Stderr(chunk)
+                        } else {
+                            ExecEvent::Stdout(chunk)
+                        };
+                        if tx.send(ev).await.is_err() {
+                            // Nobody listens any more: stop the command.
+                            sb.signal(exec_id, libc::SIGKILL);
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let mut timed_out = false;
+    let outcome = {
+        let closed = tx.clone();
+        let wait = async {
+            tokio::select! {
+                o = outcome => o.unwrap_or(ExecOutcome::SandboxGone),
+                _ = closed.closed() => {
+                    sb.signal(exec_id, libc::SIGKILL);
+                    ExecOutcome::SandboxGone
+                }
+            }
+        };
+        match timeout {
+            Some(t) => {
+                tokio::pin!(wait);
+                tokio::select! {
+                    o = &mut wait => o,
+                    _ = tokio::time::sleep(t) => {
+                        timed_out = true;
+                        sb.signal(exec_id, libc::SIGKILL);
+                        wait.await
+                    }
+                }
+            }
+            None => wait.await,
+        }
+    };
+    // Output written just before exit is still in the pipes: drain it, but
+    // do not wait forever on a background process that kept them open.
+    for mut r in readers {
+        if tokio::time::timeout(Duration::from_millis(500), &mut r)
+            .await
+            .is_err()
+        {
+            r.abort();
+        }
+    }
+    sb.exit_of(outcome, started, timed_out)
+}

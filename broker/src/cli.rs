@@ -1,0 +1,608 @@
+//! The `airlock` command line. It talks to brokerd over its socket when one
+//! is running and otherwise starts an embedded broker in-process (only
+//! `run` and `audit` make sense without a daemon: an embedded broker lives
+//! for one command).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::api::types::{CreateSandbox, ExecBody, ExecEvent, ExecExit, LimitsRequest, SandboxInfo};
+use crate::audit::AuditRow;
+use crate::authz::Principal;
+use crate::broker::{Broker, BrokerError};
+use crate::client::{ClientError, RemoteClient, enc};
+use crate::config::{BrokerConfig, DEFAULT_CONFIG};
+use crate::util::{parse_duration, parse_size};
+
+/// Exit status for airlock's own errors (the command never ran).
+pub const EXIT_AIRLOCK_ERROR: i32 = 125;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "airlock",
+    version,
+    about = "Run untrusted commands in airlock sandboxes"
+)]
+struct Cli {
+    /// Talk to brokerd on this socket (error if it does not answer).
+    #[arg(long, global = true, conflicts_with = "embedded")]
+    socket: Option<PathBuf>,
+    /// Use an in-process broker even if brokerd is running.
+    #[arg(long, global = true)]
+    embedded: bool,
+    /// Broker config for embedded mode.
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct CreateOpts {
+    /// Agent to act for (default: yours).
+    #[arg(long)]
+    agent: Option<String>,
+    /// Host directory to show at /workspace (default: the agent's own).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Host directory to use as the read-only base (default: the host's /usr, /etc...).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Default user inside: sandbox (uid 1000) or root (uid 0 inside, unprivileged outside).
+    #[arg(long)]
+    user: Option<String>,
+    /// Environment for commands, KEY=VALUE (repeatable). Nothing else is passed.
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Memory limit, e.g. 512M, 2G (default 1G).
+    #[arg(long)]
+    memory: Option<String>,
+    /// Most processes and threads (default 512).
+    #[arg(long)]
+    pids: Option<u64>,
+    /// CPUs, e.g. 0.5, 2 (default 1).
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Kill the whole sandbox after this long, e.g. 30s, 5m.
+    #[arg(long)]
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a sandbox, run one command in it, destroy it.
+    Run {
+        #[command(flatten)]
+        opts: CreateOpts,
+        /// Working directory inside (default /workspace).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Pass this process's stdin to the command.
+        #[arg(long)]
+        stdin: bool,
+        /// The command.
+        #[arg(required = true, last = true)]
+        argv: Vec<String>,
+    },
+    /// Create a sandbox and print its id.
+    Create {
+        #[command(flatten)]
+        opts: CreateOpts,
+    },
+    /// Run a command in an existing sandbox.
+    Exec {
+        /// Sandbox id.
+        id: String,
+        /// Extra environment, KEY=VALUE.
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        /// Working directory inside.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// sandbox, root, or a uid inside.
+        #[arg(long)]
+        user: Option<String>,
+        /// Kill the command after this long.
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Pass this process's stdin to the command.
+        #[arg(long)]
+        stdin: bool,
+        /// The command.
+        #[arg(required = true, last = true)]
+        argv: Vec<String>,
+    },
+    /// List sandboxes.
+    Ls,
+    /// Show one sandbox.
+    Inspect {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Destroy sandboxes.
+    Rm {
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Query the audit log.
+    Audit {
+        /// Only this sandbox.
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only these kinds (comma-separated): sandbox, exec, fs, denial, limit, jail, auth.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only rows newer than this: 10m, 2h, 1d, or 2026-11-23T10:00:00Z.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many (newest) rows.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+/// Where requests go.
+enum Backend {
+    Embedded(Arc<Broker>, Principal),
+    Remote(RemoteClient),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn build_create(opts: &CreateOpts) -> Result<CreateSandbox, CliError> {
+    let memory = opts
+        .memory
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(|e| CliError::Usage(format!("--memory: {e}")))?;
+    let cpu_millis = match opts.cpus {
+        None => None,
+        Some(c) if c.is_finite() && c > 0.0 && c <= 1024.0 => {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let m = (c * 1000.0).round() as u64;
+            Some(m)
+        }
+        Some(c) => {
+            return Err(CliError::Usage(format!(
+                "--cpus {c}: expected e.g. 0.5 or 2"
+            )));
+        }
+    };
+    let timeout_secs = opts
+        .timeout
+        .as_deref()
+        .map(|t| parse_duration(t).map(|d| d.as_secs().max(1)))
+        .transpose()
+        .map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
+    let limits =
+        (memory.is_some() || opts.pids.is_some() || cpu_millis.is_some()).then(|| LimitsRequest {
+            memory_bytes: memory,
+            pids: opts.pids,
+            cpu_millis,
+            nofile: None,
+        });
+    let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    Ok(CreateSandbox {
+        agent: opts.agent.clone(),
+        rootfs: opts.rootfs.as_ref().map(abs),
+        workspace: opts.workspace.as_ref().map(abs),
+        user: opts.user.clone(),
+        limits,
+        timeout_secs,
+        env: (!opts.env.is_empty()).then(|| opts.env.clone()),
+    })
+}
+
+fn read_stdin(enabled: bool) -> Result<Option<String>, CliError> {
+    if !enabled {
+        return Ok(None);
+    }
+    let mut s = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+        .map_err(|e| CliError::Usage(format!("--stdin: cannot read stdin as UTF-8: {e}")))?;
+    Ok(Some(s))
+}
+
+/// Entry point; returns the process exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("airlock: cannot start runtime: {e}");
+            return EXIT_AIRLOCK_ERROR;
+        }
+    };
+    let json = cli.json;
+    let code = rt.block_on(async move {
+        match run_cli(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                if json {
+                    println!("{}", serde_json::json!({"error": e.to_string()}));
+                } else {
+                    eprintln!("airlock: {e}");
+                }
+                EXIT_AIRLOCK_ERROR
+            }
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
+}
+
+async fn backend(cli: &Cli, needs_daemon: Option<&str>) -> Result<Backend, CliError> {
+    let cfg =
+        BrokerConfig::load_or_default(&cli.config).map_err(|e| CliError::Usage(format!("{e}")))?;
+    if !cli.embedded {
+        let sock = cli.socket.clone().unwrap_or_else(|| cfg.socket.clone());
+        let client = RemoteClient::new(&sock);
+        if client.reachable().await {
+            return Ok(Backend::Remote(client));
+        }
+        if cli.socket.is_some() || needs_daemon.is_some() {
+            let why = match needs_daemon {
+                Some(cmd) => format!(
+                    "; `airlock {cmd}` needs a running brokerd (an embedded broker lives for \
+                     one command only): start brokerd (see examples/brokerd.service) or use \
+                     `airlock run`"
+                ),
+                None => String::new(),
+            };
+            return Err(CliError::Usage(format!(
+                "no brokerd answers at {}{why}",
+                sock.display()
+            )));
+        }
+    } else if let Some(cmd) = needs_daemon {
+        return Err(CliError::Usage(format!(
+            "`airlock {cmd}` needs a running brokerd: an embedded broker lives for one command only"
+        )));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Usage(format!("cannot locate own binary: {e}")))?;
+    let broker = tokio::task::spawn_blocking(move || Broker::start(cfg, exe))
+        .await
+        .map_err(|e| CliError::Usage(e.to_string()))??;
+    let p = Principal {
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+        pid: i32::try_from(std::process::id()).unwrap_or(0),
+    };
+    Ok(Backend::Embedded(broker, p))
+}
+
+impl Backend {
+    async fn create(&self, req: CreateSandbox) -> Result<SandboxInfo, CliError> {
+        match self {
+            Backend::Embedded(b, p) => {
+                let (b, p) = (Arc::clone(b), *p);
+                Ok(tokio::task::spawn_blocking(move || b.create(&p, req))
+                    .await
+                    .map_err(|e| CliError::Usage(e.to_string()))??)
+            }
+            Backend::Remote(c) => Ok(c.create(&req).await?),
+        }
+    }
+
+    async fn destroy(&self, id: &str) -> Result<(), CliError> {
+        match self {
+            Backend::Embedded(b, p) => {
+                let (b, p, id) = (Arc::clone(b), *p, id.to_string());
+                Ok(tokio::task::spawn_blocking(move || b.destroy(&p, &id))
+                    .await
+                    .map_err(|e| CliError::Usage(e.to_string()))??)
+            }
+            Backend::Remote(c) => Ok(c.destroy(id).await?),
+        }
+    }
+
+    /// Runs a command, streaming its output to ours; returns its exit.
+    async fn exec(&self, id: &str, body: ExecBody, json: bool) -> Result<ExecExit, CliError> {
+        let (mut rx, embedded) = match self {
+            Backend::Embedded(b, p) => {
+                let h = b.exec(p, id, body).await?;
+                let sb = Arc::clone(&h.sandbox);
+                let exec_id = h.exec_id;
+                (h.events, Some((sb, exec_id)))
+            }
+            Backend::Remote(c) => (c.exec(id, &body).await?, None),
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let mut out = std::io::stdout();
+        let mut err = std::io::stderr();
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = term.recv() => { forward(&embedded, libc::SIGTERM); continue; }
+                _ = int.recv() => { forward(&embedded, libc::SIGINT); continue; }
+            };
+            let Some(ev) = ev else {
+                return Err(CliError::Usage(
+                    "the broker ended the stream without an exit status".into(),
+                ));
+            };
+            if json {
+                let _ = writeln!(out, "{}", serde_json::to_string(&ev).unwrap_or_default());
+                let _ = out.flush();
+            }
+            match ev {
+                ExecEvent::Stdout(c) if !json => {
+                    let _ = out.write_all(&c.bytes());
+                    let _ = out.flush();
+                }
+                ExecEvent::Stderr(c) if !json => {
+                    let _ = err.write_all(&c.bytes());
+                    let _ = err.flush();
+                }
+                ExecEvent::Exit(x) => return Ok(x),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn forward(embedded: &Option<(Arc<crate::sandbox::Sandbox>, u64)>, sig: i32) {
+    if let Some((sb, id)) = embedded {
+        sb.signal(*id, sig);
+    }
+}
+
+fn exit_note(x: &ExecExit) {
+    if let Some(e) = &x.error {
+        eprintln!("airlock: {e}");
+    }
+    if x.oom {
+        eprintln!("airlock: the command was killed: out of memory (sandbox memory limit)");
+    }
+    if x.pids_limit_hit {
+        eprintln!("airlock: the sandbox's process limit refused a fork");
+    }
+    if x.timed_out && x.error.is_none() {
+        eprintln!("airlock: the command was killed: timeout");
+    }
+}
+
+fn print_info(info: &SandboxInfo, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(info).unwrap_or_default());
+        return;
+    }
+    println!("id:          {}", info.id);
+    println!("agent:       {}", info.agent);
+    println!("state:       {}", info.state);
+    println!("user:        {}", info.user);
+    println!("workspace:   {}", info.workspace.display());
+    println!(
+        "limits:      memory {} MiB, pids {}, cpu {:.2}, nofile {}, timeout {}s",
+        info.limits.memory_bytes >> 20,
+        info.limits.pids,
+        info.limits.cpu_millis as f64 / 1000.0,
+        info.limits.nofile,
+        info.limits.timeout_secs
+    );
+    println!(
+        "host uids:   {}..{}",
+        info.host_uid_base,
+        info.host_uid_base + 65535
+    );
+    println!("cgroup:      {:?}", info.cgroup_version);
+    println!(
+        "counters:    oom kills {}, pids-limit hits {}",
+        info.counters.oom_kills, info.counters.pids_max_hits
+    );
+    println!("landlock:    ABI {}", info.landlock_abi);
+    println!("seccomp:     profile {}", info.seccomp_profile);
+    match &info.selftest {
+        Some(s) if s.passed => println!("self-test:   passed"),
+        Some(s) => println!("self-test:   FAILED: {}", s.failures.join("; ")),
+        None => println!("self-test:   not run"),
+    }
+    println!("execs:       {} running", info.execs_running);
+}
+
+fn print_rows(rows: &[AuditRow], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default());
+        return;
+    }
+    for r in rows {
+        println!(
+            "{} {:<7} {:<12} {:<12} {:<10} {}",
+            r.ts_ms,
+            r.kind.as_str(),
+            r.action,
+            r.sandbox_id.as_deref().unwrap_or("-"),
+            r.agent.as_deref().unwrap_or("-"),
+            r.detail
+        );
+    }
+}
+
+async fn run_cli(cli: Cli) -> Result<i32, CliError> {
+    let json = cli.json;
+    match &cli.cmd {
+        Cmd::Run {
+            opts,
+            cwd,
+            stdin,
+            argv,
+        } => {
+            let create = build_create(opts)?;
+            let stdin = read_stdin(*stdin)?;
+            let be = backend(&cli, None).await?;
+            let info = be.create(create).await?;
+            let body = ExecBody {
+                argv: argv.clone(),
+                env: None,
+                cwd: cwd.clone(),
+                user: None,
+                stdin,
+                timeout_secs: None,
+            };
+            let result = be.exec(&info.id, body, json).await;
+            let destroyed = be.destroy(&info.id).await;
+            let x = result?;
+            destroyed?;
+            if !json {
+                exit_note(&x);
+            }
+            Ok(x.shell_code())
+        }
+        Cmd::Create { opts } => {
+            let create = build_create(opts)?;
+            let be = backend(&cli, Some("create")).await?;
+            let info = be.create(create).await?;
+            if json {
+                print_info(&info, true);
+            } else {
+                println!("{}", info.id);
+            }
+            Ok(0)
+        }
+        Cmd::Exec {
+            id,
+            env,
+            cwd,
+            user,
+            timeout,
+            stdin,
+            argv,
+        } => {
+            let timeout_secs = timeout
+                .as_deref()
+                .map(|t| parse_duration(t).map(|d| d.as_secs().max(1)))
+                .transpose()
+                .map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
+            let body = ExecBody {
+                argv: argv.clone(),
+                env: (!env.is_empty()).then(|| env.clone()),
+                cwd: cwd.clone(),
+                user: user.clone(),
+                stdin: read_stdin(*stdin)?,
+                timeout_secs,
+            };
+            let be = backend(&cli, Some("exec")).await?;
+            let x = be.exec(id, body, json).await?;
+            if !json {
+                exit_note(&x);
+            }
+            Ok(x.shell_code())
+        }
+        Cmd::Ls => {
+            let Backend::Remote(c) = backend(&cli, Some("ls")).await? else {
+                return Ok(0);
+            };
+            let list = c.list().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "{:<14} {:<12} {:<8} {:<8} CREATED",
+                    "ID", "AGENT", "STATE", "USER"
+                );
+                for s in list {
+                    println!(
+                        "{:<14} {:<12} {:<8} {:<8} {}",
+                        s.id, s.agent, s.state, s.user, s.created_ms
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Inspect { id } => {
+            let Backend::Remote(c) = backend(&cli, Some("inspect")).await? else {
+                return Ok(0);
+            };
+            print_info(&c.inspect(id).await?, json);
+            Ok(0)
+        }
+        Cmd::Rm { ids } => {
+            let be = backend(&cli, Some("rm")).await?;
+            let mut code = 0;
+            for id in ids {
+                match be.destroy(id).await {
+                    Ok(()) => {
+                        if !json {
+                            println!("{id}");
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("airlock: {e}");
+                        code = EXIT_AIRLOCK_ERROR;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        Cmd::Audit {
+            sandbox,
+            agent,
+            kind,
+            since,
+            limit,
+        } => {
+            let params = crate::api::server::AuditParams {
+                sandbox: sandbox.clone(),
+                agent: agent.clone(),
+                kind: kind.clone(),
+                since: since.clone(),
+                limit: Some(*limit),
+            };
+            let rows = match backend(&cli, None).await? {
+                Backend::Remote(c) => {
+                    let mut q = vec![format!("limit={limit}")];
+                    for (k, v) in [
+                        ("sandbox", sandbox),
+                        ("agent", agent),
+                        ("kind", kind),
+                        ("since", since),
+                    ] {
+                        if let Some(v) = v {
+                            q.push(format!("{k}={}", enc(v)));
+                        }
+                    }
+                    c.audit(&q.join("&")).await?
+                }
+                Backend::Embedded(b, p) => {
+                    let q = crate::api::server::audit_query(&params)?;
+                    let agent = agent.clone();
+                    tokio::task::spawn_blocking(move || b.audit(&p, q, agent.as_deref()))
+                        .await
+                        .map_err(|e| CliError::Usage(e.to_string()))??
+                }
+            };
+            print_rows(&rows, json);
+            Ok(0)
+        }
+    }
+}

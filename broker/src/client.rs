@@ -1,0 +1,212 @@
+//! A client of the /v1 API over brokerd's Unix socket (HTTP/1.1 + JSON).
+
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::api::types::{CreateSandbox, ErrorBody, ExecBody, ExecEvent, SandboxInfo};
+use crate::audit::AuditRow;
+
+/// A request to brokerd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not connect to the socket.
+    #[error("cannot connect to brokerd at {path}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// HTTP-level failure.
+    #[error("talking to brokerd: {0}")]
+    Http(String),
+    /// brokerd answered with an error.
+    #[error("{message} (HTTP {status})")]
+    Api {
+        /// Status code.
+        status: u16,
+        /// The error body's text.
+        message: String,
+    },
+}
+
+/// A brokerd client.
+#[derive(Debug, Clone)]
+pub struct RemoteClient {
+    socket: PathBuf,
+}
+
+impl RemoteClient {
+    /// A client for the socket at `socket`.
+    pub fn new(socket: &Path) -> RemoteClient {
+        RemoteClient {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// Whether a broker answers on the socket.
+    pub async fn reachable(&self) -> bool {
+        UnixStream::connect(&self.socket).await.is_ok()
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "airlock")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Http(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(api_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Http(format!("bad reply: {e}")))
+    }
+
+    /// `POST /v1/sandboxes`.
+    pub async fn create(&self, req: &CreateSandbox) -> Result<SandboxInfo, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Http(e.to_string()))?;
+        self.call(Method::POST, "/v1/sandboxes", Some(body)).await
+    }
+
+    /// `GET /v1/sandboxes`.
+    pub async fn list(&self) -> Result<Vec<SandboxInfo>, ClientError> {
+        self.call(Method::GET, "/v1/sandboxes", None).await
+    }
+
+    /// `GET /v1/sandboxes/{id}`.
+    pub async fn inspect(&self, id: &str) -> Result<SandboxInfo, ClientError> {
+        self.call(Method::GET, &format!("/v1/sandboxes/{}", enc(id)), None)
+            .await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}`.
+    pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .call(Method::DELETE, &format!("/v1/sandboxes/{}", enc(id)), None)
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /v1/audit?...` with an already-encoded query string.
+    pub async fn audit(&self, query: &str) -> Result<Vec<AuditRow>, ClientError> {
+        self.call(Method::GET, &format!("/v1/audit?{query}"), None)
+            .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/exec`: events as they stream in. Dropping
+    /// the receiver closes the connection, which kills the command.
+    pub async fn exec(
+        &self,
+        id: &str,
+        body: &ExecBody,
+    ) -> Result<mpsc::Receiver<ExecEvent>, ClientError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = self
+            .send(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/exec", enc(id)),
+                Some(bytes),
+            )
+            .await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            return Err(api_error(status, &bytes));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if let Ok(ev) = serde_json::from_slice::<ExecEvent>(&line) {
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorBody>(bytes)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
+    ClientError::Api {
+        status: status.as_u16(),
+        message,
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+pub fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,40 @@
+//! airlock-broker: the broker that owns every sandbox, its /v1 API, the
+//! audit store, and the `airlock` CLI's embedded mode.
+//!
+//! Both binaries first check whether they were started in an internal role
+//! ([`SHIM_ROLE`]: the sandbox launcher) and, if so, run it before any async
+//! runtime or thread exists: the broker never forks itself and keeps running
+//! Rust in the child; it posix_spawns its own binary in the shim role.
+#![deny(unsafe_code)]
+
+pub mod api;
+pub mod audit;
+pub mod authz;
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod sandbox;
+pub mod util;
+
+/// argv\[1\] that selects the shim role.
+pub const SHIM_ROLE: &str = "__shim";
+
+/// Runs the shim if this process was started in that role; never returns
+/// then. Call first thing in `main`.
+pub fn dispatch_internal_role() {
+    let mut args = std::env::args_os();
+    let _ = args.next();
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(SHIM_ROLE)) {
+        let code = airlock_shim::launcher::main_with_fd3();
+        std::process::exit(code);
+    }
+}
+
+/// Hardening every binary applies before doing anything else: no core
+/// dumps, no ptrace attach by other users' processes, and no dynamic-loader
+/// variables passed on to anything we start.
+pub fn harden_process() {
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+    let _ = nix::sys::prctl::set_dumpable(false);
+}

@@ -1,0 +1,369 @@
+//! One sandbox and everything it owns: its FUSE mount, cgroup, uid slot,
+//! layer directories, shim process and control channel. [`Sandbox::teardown`]
+//! (also run when the shim dies on its own) removes all of it, once.
+//!
+//! States: `Running` from a successful create until teardown, then `Dead`.
+//! Execs are tracked by id until the shim reports their end (or the sandbox
+//! dies, which ends them all).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use airlock_shim::cgroup::{Cgroup, LimitCounters};
+use airlock_shim::channel::{Channel, ChannelError, FromShim, ToShim};
+use airlock_shim::selftest::SelfTestReport;
+use nix::unistd::Pid;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::api::types::{AppliedLimits, ExecExit, SandboxInfo};
+use crate::audit::{AuditKind, AuditRecord, AuditStore};
+use crate::util::lock_or_recover;
+
+/// Facts reported by the shim once the jail proved itself.
+#[derive(Debug, Clone)]
+pub struct ReadyInfo {
+    /// What the probe saw.
+    pub selftest: SelfTestReport,
+    /// Landlock ABI reached.
+    pub landlock_abi: u8,
+    /// Seccomp profile version.
+    pub seccomp_profile: String,
+}
+
+/// How an exec ended, as the shim said.
+#[derive(Debug)]
+pub enum ExecOutcome {
+    /// It ran and ended.
+    Exited(airlock_shim::channel::ExitStatus),
+    /// It never ran.
+    Failed {
+        /// Why.
+        error: String,
+        /// Shell-style code (126, 127).
+        code: i32,
+    },
+    /// The sandbox ended under it.
+    SandboxGone,
+}
+
+/// Everything that must be released when the sandbox goes away.
+#[derive(Debug)]
+pub struct Resources {
+    /// The FUSE root.
+    pub mount: Option<airlock_fs::Mount>,
+    /// The cgroup.
+    pub cgroup: Cgroup,
+    /// Directories to delete (mountpoint parent, layers).
+    pub dirs: Vec<PathBuf>,
+    /// The uid-range slot lock.
+    pub slot: Option<nix::fcntl::Flock<File>>,
+}
+
+/// A live (or dead, until removed) sandbox.
+#[derive(Debug)]
+pub struct Sandbox {
+    /// Id.
+    pub id: String,
+    /// Owning agent.
+    pub agent: String,
+    /// Creation time, unix ms.
+    pub created_ms: i64,
+    /// Hostname.
+    pub hostname: String,
+    /// Default exec user name.
+    pub user: String,
+    /// (uid, gid) inside for the default user.
+    pub user_ids: (u32, u32),
+    /// Host dir behind /workspace.
+    pub workspace: PathBuf,
+    /// Base dir if not the host.
+    pub rootfs: Option<PathBuf>,
+    /// Limits.
+    pub limits: AppliedLimits,
+    /// Host uid of sandbox root.
+    pub host_uid_base: u32,
+    /// Default environment of execs.
+    pub env: Vec<String>,
+    /// cgroup version.
+    pub cgroup_version: airlock_shim::cgroup::CgroupVersion,
+    pub(crate) ctrl: Channel,
+    pub(crate) shim_pid: Pid,
+    pub(crate) init_pid: OnceLock<i32>,
+    pub(crate) ready: OnceLock<ReadyInfo>,
+    pub(crate) pending: Mutex<HashMap<u64, oneshot::Sender<ExecOutcome>>>,
+    pub(crate) next_exec: AtomicU64,
+    pub(crate) resources: Mutex<Option<Resources>>,
+    pub(crate) dead: AtomicBool,
+    pub(crate) timed_out: AtomicBool,
+    pub(crate) ended: (Mutex<bool>, Condvar),
+    pub(crate) audit: AuditStore,
+    pub(crate) counters: Mutex<LimitCounters>,
+}
+
+impl Sandbox {
+    /// Whether it still runs.
+    pub fn is_running(&self) -> bool {
+        !self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Snapshot for the API.
+    pub fn info(&self) -> SandboxInfo {
+        let ready = self.ready.get().cloned();
+        let counters = self.current_counters();
+        SandboxInfo {
+            id: self.id.clone(),
+            agent: self.agent.clone(),
+            state: if self.is_running() { "running" } else { "dead" }.to_string(),
+            created_ms: self.created_ms,
+            hostname: self.hostname.clone(),
+            user: self.user.clone(),
+            workspace: self.workspace.clone(),
+            rootfs: self.rootfs.clone(),
+            limits: self.limits,
+            host_uid_base: self.host_uid_base,
+            cgroup_version: self.cgroup_version,
+            counters,
+            landlock_abi: ready.as_ref().map(|r| r.landlock_abi).unwrap_or(0),
+            seccomp_profile: ready
+                .as_ref()
+                .map(|r| r.seccomp_profile.clone())
+                .unwrap_or_default(),
+            selftest: ready.map(|r| r.selftest),
+            execs_running: lock_or_recover(&self.pending).len(),
+        }
+    }
+
+    /// Live counters (the last seen ones once dead).
+    pub fn current_counters(&self) -> LimitCounters {
+        let res = lock_or_recover(&self.resources);
+        let mut last = lock_or_recover(&self.counters);
+        if let Some(r) = res.as_ref() {
+            *last = r.cgroup.counters();
+        }
+        *last
+    }
+
+    fn record(&self, kind: AuditKind, action: &str, detail: serde_json::Value) {
+        self.audit.record(AuditRecord {
+            kind,
+            action: action.to_string(),
+            sandbox_id: Some(self.id.clone()),
+            agent: Some(self.agent.clone()),
+            detail,
+        });
+    }
+
+    /// Audits limit counters that moved since the last look.
+    pub fn audit_limit_hits(&self, before: LimitCounters, after: LimitCounters, exec: Option<u64>) {
+        if after.oom_kills > before.oom_kills {
+            self.record(
+                AuditKind::Limit,
+                "oom",
+                json!({"oom_kills": after.oom_kills - before.oom_kills, "exec_id": exec,
+                       "memory_bytes": self.limits.memory_bytes}),
+            );
+        }
+        if after.pids_max_hits > before.pids_max_hits {
+            self.record(
+                AuditKind::Limit,
+                "pids_max",
+                json!({"refused_forks": after.pids_max_hits - before.pids_max_hits,
+                       "exec_id": exec, "pids": self.limits.pids}),
+            );
+        }
+    }
+
+    /// Sends an exec request with its stdio; the outcome arrives on the
+    /// returned receiver.
+    pub fn send_exec(
+        &self,
+        mut req: airlock_shim::spec::ExecRequest,
+        stdio: [OwnedFd; 3],
+    ) -> Result<(u64, oneshot::Receiver<ExecOutcome>), String> {
+        if !self.is_running() {
+            return Err(format!("sandbox {} is not running", self.id));
+        }
+        let exec_id = self.next_exec.fetch_add(1, Ordering::SeqCst);
+        req.exec_id = exec_id;
+        let (tx, rx) = oneshot::channel();
+        lock_or_recover(&self.pending).insert(exec_id, tx);
+        let fds = [stdio[0].as_fd(), stdio[1].as_fd(), stdio[2].as_fd()];
+        if let Err(e) = self.ctrl.send(&ToShim::Exec(req), &fds) {
+            lock_or_recover(&self.pending).remove(&exec_id);
+            return Err(format!("sandbox {} did not take the command: {e}", self.id));
+        }
+        Ok((exec_id, rx))
+    }
+
+    /// Delivers a signal to an exec's process group.
+    pub fn signal(&self, exec_id: u64, signal: i32) {
+        let _ = self.ctrl.send(&ToShim::Signal { exec_id, signal }, &[]);
+    }
+
+    /// Serves the shim's messages until its channel closes; then tears down.
+    pub(crate) fn reader_loop(
+        self: &Arc<Self>,
+        ready_tx: std::sync::mpsc::Sender<Result<ReadyInfo, String>>,
+    ) {
+        let mut ready_tx = Some(ready_tx);
+        loop {
+            match self.ctrl.recv::<FromShim>() {
+                Ok((FromShim::Launched { init_pid }, _)) => {
+                    let _ = self.init_pid.set(init_pid);
+                }
+                Ok((
+                    FromShim::Ready {
+                        selftest,
+                        landlock_abi,
+                        seccomp_profile,
+                    },
+                    _,
+                )) => {
+                    let info = ReadyInfo {
+                        selftest: *selftest,
+                        landlock_abi,
+                        seccomp_profile,
+                    };
+                    let _ = self.ready.set(info.clone());
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(Ok(info));
+                    }
+                }
+                Ok((FromShim::SetupFailed { stage, error }, _)) => {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(Err(format!("sandbox setup failed at {stage}: {error}")));
+                    }
+                }
+                Ok((FromShim::Started { .. }, _)) => {}
+                Ok((
+                    FromShim::ExecFailed {
+                        exec_id,
+                        error,
+                        code,
+                    },
+                    _,
+                )) => {
+                    if let Some(tx) = lock_or_recover(&self.pending).remove(&exec_id) {
+                        let _ = tx.send(ExecOutcome::Failed { error, code });
+                    }
+                }
+                Ok((FromShim::Exited { exec_id, status }, _)) => {
+                    if let Some(tx) = lock_or_recover(&self.pending).remove(&exec_id) {
+                        let _ = tx.send(ExecOutcome::Exited(status));
+                    }
+                }
+                Err(ChannelError::Malformed(_)) | Err(ChannelError::TooLarge(_)) => continue,
+                Err(_) => break,
+            }
+        }
+        if let Some(tx) = ready_tx.take() {
+            let _ = tx.send(Err("sandbox shim exited during setup".to_string()));
+        }
+        let reason = if self.timed_out.load(Ordering::SeqCst) {
+            "timeout"
+        } else {
+            "ended"
+        };
+        self.teardown(reason);
+        // Reap the launcher.
+        let _ = nix::sys::wait::waitpid(self.shim_pid, None);
+    }
+
+    /// Kills everything and releases every resource; safe to call twice.
+    pub fn teardown(&self, reason: &str) {
+        let taken = lock_or_recover(&self.resources).take();
+        let Some(mut res) = taken else {
+            return;
+        };
+        self.dead.store(true, Ordering::SeqCst);
+        let _ = self.ctrl.send(&ToShim::Shutdown, &[]);
+        let before = *lock_or_recover(&self.counters);
+        let after = res.cgroup.counters();
+        *lock_or_recover(&self.counters) = after;
+        let mut problems = Vec::new();
+        if let Err(e) = res.cgroup.remove() {
+            problems.push(format!("{e}"));
+        }
+        for (_, tx) in lock_or_recover(&self.pending).drain() {
+            let _ = tx.send(ExecOutcome::SandboxGone);
+        }
+        if let Some(m) = res.mount.take() {
+            if let Err(e) = m.unmount() {
+                problems.push(format!("{e}"));
+            }
+        }
+        for d in &res.dirs {
+            if let Err(e) = std::fs::remove_dir_all(d) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    problems.push(format!("remove {}: {e}", d.display()));
+                }
+            }
+        }
+        drop(res.slot.take());
+        self.audit_limit_hits(before, after, None);
+        self.record(
+            AuditKind::Sandbox,
+            "destroy",
+            json!({"reason": reason, "problems": problems}),
+        );
+        let (lock, cv) = &self.ended;
+        *lock_or_recover(lock) = true;
+        cv.notify_all();
+    }
+
+    /// Blocks until teardown or `d` passes; true if torn down.
+    pub fn wait_ended(&self, d: Duration) -> bool {
+        let (lock, cv) = &self.ended;
+        let deadline = Instant::now() + d;
+        let mut ended = lock_or_recover(lock);
+        while !*ended {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            ended = match cv.wait_timeout(ended, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        true
+    }
+
+    /// Outcome to API exit.
+    pub fn exit_of(&self, outcome: ExecOutcome, started: Instant, timed_out: bool) -> ExecExit {
+        let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let timed_out = timed_out || self.timed_out.load(Ordering::SeqCst);
+        match outcome {
+            ExecOutcome::Exited(s) => ExecExit {
+                code: s.code,
+                signal: s.signal,
+                timed_out,
+                duration_ms,
+                ..ExecExit::default()
+            },
+            ExecOutcome::Failed { error, code } => ExecExit {
+                code: Some(code),
+                error: Some(error),
+                duration_ms,
+                ..ExecExit::default()
+            },
+            ExecOutcome::SandboxGone => ExecExit {
+                signal: Some(libc::SIGKILL),
+                timed_out,
+                error: Some(if timed_out {
+                    format!("sandbox {} reached its timeout and was killed", self.id)
+                } else {
+                    format!("sandbox {} ended", self.id)
+                }),
+                duration_ms,
+                ..ExecExit::default()
+            },
+        }
+    }
+}

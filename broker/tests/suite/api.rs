@@ -1,0 +1,88 @@
+//! The HTTP API on the Unix socket: errors, authz by SO_PEERCRED.
+
+use super::harness::{Env, text};
+
+#[test]
+fn bad_requests_get_4xx_with_a_named_error_and_create_nothing() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let (code, body) = env.http("POST", "/v1/sandboxes", r#"{"agnet": "x"}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("agnet"), "{body}");
+    let (code, body) = env.http("POST", "/v1/sandboxes", r#"{"limits": {"pids": 1}}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("pids"), "{body}");
+    let (code, body) = env.http("POST", "/v1/sandboxes/nope/exec", r#"{"argv": ["true"]}"#);
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = env.http("GET", "/v1/audit?kind=bogus", "");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("bogus"), "{body}");
+    let (code, body) = env.http("GET", "/v1/sandboxes", "");
+    assert_eq!((code, body.trim()), (200, "[]"));
+    env.assert_no_leftovers(None);
+}
+
+#[test]
+fn exec_streams_ndjson_over_the_socket() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let (code, body) = env.http("POST", "/v1/sandboxes", "{}");
+    assert_eq!(code, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, body) = env.http(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"argv": ["sh", "-c", "echo out; echo err >&2; exit 4"], "stdin": "ignored"}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    // chunked transfer encoding wraps the lines; look for the events.
+    assert!(body.contains(r#""type":"stdout","data":"out\n""#), "{body}");
+    assert!(body.contains(r#""type":"stderr","data":"err\n""#), "{body}");
+    assert!(body.contains(r#""type":"exit","code":4"#), "{body}");
+    let (code, _) = env.http("DELETE", &format!("/v1/sandboxes/{id}"), "");
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn unmapped_peer_uid_is_refused_and_audited() {
+    let env = Env::with_extra("[[agents]]\nname = \"alice\"\nuids = [4001]\n");
+    let _b = env.start_brokerd();
+    // A caller with an unmapped uid (the socket is 0666 in this config so
+    // the refusal comes from SO_PEERCRED, not file permissions).
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "4242", "--regid", "4242", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .arg("ls")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("uid 4242 is not mapped"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A mapped user sees only their agent; another agent's name is refused.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["create", "--agent", "bob"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("may not act for agent \"bob\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let rows = env.audit(&["--kind", "auth"]);
+    assert!(rows.iter().any(|r| r["detail"]["uid"] == 4242), "{rows:?}");
+}

@@ -1,0 +1,103 @@
+//! The sandbox's filesystem: copy-on-write outside /workspace, persistence
+//! and isolation of workspaces, ownership translation.
+
+use std::os::unix::fs::MetadataExt;
+
+use super::harness::{Env, ok, text};
+
+#[test]
+fn writes_outside_workspace_vanish_and_workspace_persists_per_agent() {
+    let env = Env::new();
+    let out = env.run(&[
+        "--agent",
+        "a1",
+        "--user",
+        "root",
+        "--",
+        "sh",
+        "-c",
+        "echo cow > /usr/local/airlock-cow && echo tmp > /tmp/t && echo keep > /workspace/keep && cat /usr/local/airlock-cow",
+    ]);
+    assert_eq!(ok(&out), "cow\n");
+    assert!(
+        !std::path::Path::new("/usr/local/airlock-cow").exists(),
+        "write reached the host"
+    );
+    let out = env.run(&[
+        "--agent",
+        "a1",
+        "--",
+        "sh",
+        "-c",
+        "cat /workspace/keep; ls /usr/local/airlock-cow /tmp/t 2>&1 | grep -c 'No such'",
+    ]);
+    assert_eq!(ok(&out), "keep\n2\n");
+    let out = env.run(&[
+        "--agent",
+        "a2",
+        "--",
+        "sh",
+        "-c",
+        "ls -A /workspace | wc -l",
+    ]);
+    assert_eq!(ok(&out).trim(), "0", "another agent sees a1's workspace");
+}
+
+#[test]
+fn host_workspace_ownership_is_translated_both_ways() {
+    let env = Env::new();
+    let ws = tempfile::Builder::new().prefix("ws-").tempdir().unwrap();
+    std::os::unix::fs::chown(ws.path(), Some(4242), Some(4343)).unwrap();
+    std::fs::write(ws.path().join("given"), "hi").unwrap();
+    std::os::unix::fs::chown(ws.path().join("given"), Some(0), Some(0)).unwrap();
+    let wsp = ws.path().display().to_string();
+    let out = env.run(&[
+        "--workspace",
+        &wsp,
+        "--",
+        "sh",
+        "-c",
+        "stat -c '%u:%g' /workspace/given; echo made > /workspace/made; mkdir /workspace/d; cat /workspace/given",
+    ]);
+    assert_eq!(ok(&out), "1000:1000\nhi");
+    for name in ["made", "d"] {
+        let md = std::fs::metadata(ws.path().join(name)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (4242, 4343), "{name}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(ws.path().join("made")).unwrap(),
+        "made\n"
+    );
+    // Mutations in /workspace are audited.
+    let rows = env.audit(&["--kind", "fs"]);
+    assert!(
+        rows.iter()
+            .any(|r| r["detail"].to_string().contains("/workspace/made")),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn daily_posix_operations_work() {
+    let env = Env::new();
+    let script = r#"
+set -e
+cd /workspace
+mkdir -p a/b && echo 1 > a/b/f && mv a/b/f a/g && ln a/g a/h && ln -s g a/s
+test "$(cat a/s)" = 1 && chmod 600 a/g && test "$(stat -c %a a/g)" = 600
+truncate -s 3 a/h && test "$(stat -c %s a/g)" = 3
+for i in $(seq 1 2000); do : > many_$i; done; test "$(ls | grep -c many_)" = 2000
+python3 -c "
+import mmap, os
+f = open('/workspace/m', 'w+b'); f.write(b'x' * 4096); f.flush()
+m = mmap.mmap(f.fileno(), 4096); m[0:5] = b'hello'; m.flush(); m.close(); f.close()
+assert open('/workspace/m', 'rb').read(5) == b'hello'
+os.fsync(os.open('/workspace/m', os.O_RDONLY))
+"
+rm -r a && test ! -e a
+cd /tmp && echo t > t && mv t u && test "$(cat u)" = t
+echo ok
+"#;
+    let out = env.run(&["--", "sh", "-c", script]);
+    assert_eq!(ok(&out).trim(), "ok", "{}", text(&out.stderr));
+}

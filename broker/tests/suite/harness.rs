@@ -1,0 +1,249 @@
+//! Shared set-up: a private state directory, config and uid range per test.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One isolated broker environment.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env::with_extra("")
+    }
+
+    pub fn with_extra(extra: &str) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("airlock-e2e-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let state = dir.path().join("state");
+        let socket = dir.path().join("brokerd.sock");
+        // Distinct uid ranges per test process and test, so parallel tests
+        // never share ids.
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let start = 0x2000_0000u32 + ((std::process::id() % 512) * 64 + n) * 8 * 65536;
+        let config = dir.path().join("brokerd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "socket = \"{}\"\nsocket_mode = \"0666\"\nstate_dir = \"{}\"\nid_range_start = {start}\nmax_sandboxes = 8\n{extra}",
+                socket.display(),
+                state.display()
+            ),
+        )
+        .unwrap();
+        Env {
+            dir,
+            config,
+            state,
+            socket,
+        }
+    }
+
+    /// `airlock --embedded --config ...` + args.
+    pub fn airlock(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
+        c.arg("--config").arg(&self.config);
+        c.env_clear();
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut c = self.airlock();
+        c.arg("--embedded").arg("run");
+        c.args(args);
+        c.output().unwrap()
+    }
+
+    /// `airlock --socket S` + args, against a running brokerd.
+    pub fn remote(&self, args: &[&str]) -> Output {
+        let mut c = self.airlock();
+        c.arg("--socket").arg(&self.socket);
+        c.args(args);
+        c.output().unwrap()
+    }
+
+    pub fn start_brokerd(&self) -> Broker {
+        let child = Command::new(env!("CARGO_BIN_EXE_brokerd"))
+            .arg("--config")
+            .arg(&self.config)
+            .env_clear()
+            .env("AIRLOCK_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Broker(Some(child));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "brokerd did not start listening on {}",
+            self.socket.display()
+        );
+    }
+
+    /// Audit rows as JSON, via the embedded broker's store.
+    pub fn audit(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut c = self.airlock();
+        c.arg("--embedded").arg("--json").arg("audit").args(args);
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "audit failed: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// A raw HTTP request on the API socket: (status, body).
+    pub fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        http_on(&self.socket, method, path, body)
+    }
+
+    /// Asserts nothing of any sandbox is left: mounts, cgroups, dirs, processes.
+    pub fn assert_no_leftovers(&self, uid_base: Option<u32>) {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let st = self.state.display().to_string();
+        assert!(
+            !mounts.contains(&st),
+            "mounts left under {st}:\n{}",
+            mounts
+                .lines()
+                .filter(|l| l.contains(&st))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        for sub in ["sandboxes", "layers"] {
+            let d = self.state.join(sub);
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                let left: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+                assert!(left.is_empty(), "{} not empty: {left:?}", d.display());
+            }
+        }
+        if let Some(base) = uid_base {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let procs = procs_in_range(base);
+                if procs.is_empty() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "processes left: {procs:?}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// cgroup directories named `id` under any hierarchy.
+    pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+        let mut out = vec![];
+        for h in ["memory", "pids", "cpu", "unified", ""] {
+            let p = Path::new("/sys/fs/cgroup").join(h).join("airlock").join(id);
+            if p.exists() {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// Host processes whose real uid falls in a sandbox's range.
+pub fn procs_in_range(base: u32) -> Vec<(i32, u32)> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        if let Some(uid) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|u| u.parse::<u32>().ok())
+        {
+            if uid >= base && uid < base + 65536 {
+                out.push((pid, uid));
+            }
+        }
+    }
+    out
+}
+
+pub fn http_on(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: airlock\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+pub struct Broker(pub Option<Child>);
+
+impl Broker {
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}

@@ -1,0 +1,104 @@
+//! Lifecycle through brokerd: create, concurrent execs, destroy, crash
+//! recovery — and nothing left behind.
+
+use std::time::{Duration, Instant};
+
+use super::harness::{Env, ok, procs_in_range, text};
+
+fn create(env: &Env, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--json", "create"];
+    args.extend_from_slice(extra);
+    let out = env.remote(&args);
+    serde_json::from_str(&ok(&out)).unwrap()
+}
+
+#[test]
+fn concurrent_execs_share_one_sandbox() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let info = create(&env, &[]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let mut waiter = env.airlock();
+    waiter.arg("--socket").arg(&env.socket).args([
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "while [ ! -f /tmp/go ]; do sleep 0.05; done; echo waited",
+    ]);
+    let waiter = waiter.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&env.remote(&["exec", &id, "--", "touch", "/tmp/go"]));
+    let out = waiter.wait_with_output().unwrap();
+    assert_eq!(ok(&out), "waited\n");
+    let ls = ok(&env.remote(&["ls"]));
+    assert!(ls.contains(&id), "{ls}");
+    let insp = ok(&env.remote(&["inspect", &id]));
+    assert!(insp.contains("self-test:   passed"), "{insp}");
+    ok(&env.remote(&["rm", &id]));
+    assert!(Env::cgroup_dirs(&id).is_empty());
+    env.assert_no_leftovers(info["host_uid_base"].as_u64().map(|b| b as u32));
+}
+
+#[test]
+fn destroy_leaves_nothing_behind() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let info = create(&env, &[]);
+    let id = info["id"].as_str().unwrap();
+    let base = info["host_uid_base"].as_u64().unwrap() as u32;
+    // A background process that would outlive a careless teardown.
+    let mut bg = env.airlock();
+    bg.arg("--socket")
+        .arg(&env.socket)
+        .args(["exec", id, "--", "sh", "-c", "sleep 300"]);
+    let bg = bg.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!procs_in_range(base).is_empty());
+    ok(&env.remote(&["rm", id]));
+    let _ = bg.wait_with_output();
+    assert!(Env::cgroup_dirs(id).is_empty(), "cgroup left");
+    env.assert_no_leftovers(Some(base));
+    let rows = env.audit(&["--sandbox", id]);
+    let actions: Vec<_> = rows
+        .iter()
+        .map(|r| r["action"].as_str().unwrap().to_string())
+        .collect();
+    assert!(actions.contains(&"create".to_string()), "{actions:?}");
+    assert!(actions.contains(&"destroy".to_string()), "{actions:?}");
+}
+
+#[test]
+fn brokerd_crash_is_cleaned_up_by_the_next_start() {
+    let env = Env::new();
+    let mut b = env.start_brokerd();
+    let info = create(&env, &["--agent", "crashy"]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let base = info["host_uid_base"].as_u64().unwrap() as u32;
+    ok(&env.remote(&["exec", &id, "--", "sh", "-c", "echo kept > /workspace/f"]));
+    b.kill9();
+    // Sandbox processes notice the broker is gone and die with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !procs_in_range(base).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        procs_in_range(base).is_empty(),
+        "sandbox outlived its broker"
+    );
+    let _b2 = env.start_brokerd();
+    assert!(
+        Env::cgroup_dirs(&id).is_empty(),
+        "cgroup left after recovery"
+    );
+    env.assert_no_leftovers(Some(base));
+    let out = env.remote(&["exec", "nope", "--", "true"]);
+    assert!(!out.status.success());
+    // The workspace and the audit log survived.
+    let ws = env.state.join("workspaces/crashy/f");
+    assert_eq!(std::fs::read_to_string(ws).unwrap(), "kept\n");
+    let rows = env.audit(&["--sandbox", &id]);
+    assert!(rows.iter().any(|r| r["action"] == "recovered"), "{rows:?}");
+    let _ = text(&[]);
+}

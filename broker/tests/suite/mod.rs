@@ -1,0 +1,8 @@
+pub mod harness;
+
+mod api;
+mod escape;
+mod fs;
+mod lifecycle;
+mod limits;
+mod run;

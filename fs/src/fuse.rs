@@ -1,0 +1,1704 @@
+//! `fuser::Filesystem` for the merged tree: thin translation from requests
+//! to layer operations, replies, and events.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+use fuser::{
+    AccessFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+
+use crate::error::{FsError, OpError, OpResult};
+use crate::inode::{Inodes, ROOT};
+use crate::layers::{
+    Found, Meta, Src, Store, chown_at, is_whiteout, make_whiteout, set_opaque, unlink_whiteout,
+};
+use crate::policy::Name;
+use crate::resolve::{open_dir, open_file, open_path, stat_at, walk_dirs};
+use crate::synth::{Synth, SynthEntry, SynthSpec};
+use crate::{BaseSpec, EventSink, FsEvent, IdMap, MountSpec, MutationOp};
+
+/// Base and synthesized entries: the kernel may cache them for long.
+const TTL_BASE: Duration = Duration::from_secs(3600);
+/// Upper-layer entries only change through this mount.
+const TTL_UPPER: Duration = Duration::from_secs(60);
+/// The workspace may be changed live by other sandboxes.
+const TTL_WORKSPACE: Duration = Duration::from_secs(1);
+
+/// Largest xattr value or list we fetch.
+const XATTR_MAX: usize = 64 * 1024;
+
+const WORKSPACE: &str = "workspace";
+
+/// Where an entry is served from, for ownership, caching and events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Area {
+    Base,
+    Synth,
+    Upper,
+    Workspace,
+}
+
+/// A node's place: in the merged stack or in the workspace subtree.
+#[derive(Debug, Clone)]
+enum Loc {
+    Merged(Vec<Name>),
+    /// Components relative to the workspace root.
+    Ws(Vec<Name>),
+}
+
+#[derive(Debug)]
+enum HandleKind {
+    File { file: File, writable: bool },
+    Synth(Vec<u8>),
+    Dir(Vec<(u64, FileType, Name)>),
+}
+
+#[derive(Debug)]
+struct Handle {
+    kind: HandleKind,
+    area: Area,
+    /// Sandbox path for workspace write events.
+    ws_path: Option<String>,
+    written: AtomicBool,
+}
+
+/// The filesystem state shared by all session threads.
+pub(crate) struct AirlockFs {
+    store: Store,
+    ws: Arc<Dir>,
+    ws_owner: (u32, u32),
+    ids: IdMap,
+    /// Host ids of the sandbox user.
+    user: (u32, u32),
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    events: EventSink,
+}
+
+impl std::fmt::Debug for AirlockFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AirlockFs").finish_non_exhaustive()
+    }
+}
+
+fn open_root(path: &Path) -> Result<Dir, FsError> {
+    Dir::open_ambient_dir(path, ambient_authority()).map_err(|source| FsError::OpenLayer {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn sandbox_path(comps: &[Name]) -> String {
+    let mut s = String::new();
+    for c in comps {
+        s.push('/');
+        s.push_str(&String::from_utf8_lossy(c.as_bytes()));
+    }
+    if s.is_empty() { "/".to_owned() } else { s }
+}
+
+fn ws_path(rel: &[Name]) -> String {
+    let mut s = String::from("/workspace");
+    for c in rel {
+        s.push('/');
+        s.push_str(&String::from_utf8_lossy(c.as_bytes()));
+    }
+    s
+}
+
+fn to_ts(t: Option<TimeOrNow>) -> Timespec {
+    match t {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(d.subsec_nanos()),
+            },
+            Err(e) => {
+                let d = e.duration();
+                Timespec {
+                    tv_sec: -i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                    tv_nsec: 0,
+                }
+            }
+        },
+    }
+}
+
+impl AirlockFs {
+    pub(crate) fn new(spec: &MountSpec, events: EventSink) -> Result<Self, FsError> {
+        let ids = spec.ids;
+        if ids.count == 0 || spec.sandbox_uid >= ids.count || spec.sandbox_gid >= ids.count {
+            return Err(FsError::InvalidSpec {
+                what: format!(
+                    "sandbox uid {} / gid {} outside an id map of {}",
+                    spec.sandbox_uid, spec.sandbox_gid, ids.count
+                ),
+            });
+        }
+        let (base, host_filter) = match &spec.base {
+            BaseSpec::Host => (open_root(Path::new("/"))?, true),
+            BaseSpec::Rootfs(dir) => (open_root(dir)?, false),
+        };
+        let upper = open_root(&spec.upper)?;
+        let ws = open_root(&spec.workspace)?;
+        let st = rustix::fs::fstat(&ws).map_err(|e| FsError::OpenLayer {
+            path: spec.workspace.clone(),
+            source: e.into(),
+        })?;
+        let synth = Synth::new(&SynthSpec {
+            hostname: &spec.hostname,
+            user: &spec.sandbox_user,
+            uid: spec.sandbox_uid,
+            gid: spec.sandbox_gid,
+        });
+        Ok(Self {
+            store: Store::new(base, upper, host_filter, synth, ids),
+            ws: Arc::new(ws),
+            ws_owner: (st.st_uid, st.st_gid),
+            ids,
+            user: (
+                ids.host_uid_base + spec.sandbox_uid,
+                ids.host_gid_base + spec.sandbox_gid,
+            ),
+            inodes: Mutex::new(Inodes::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            events,
+        })
+    }
+
+    // ---- events -------------------------------------------------------
+
+    fn mutation(&self, op: MutationOp, path: String, to: Option<String>) {
+        (self.events)(FsEvent::Mutation { op, path, to });
+    }
+
+    fn deny(&self, op: &str, path: String, reason: &str) {
+        tracing::debug!(op, path, reason, "denied");
+        (self.events)(FsEvent::Denied {
+            op: op.to_owned(),
+            path,
+            reason: reason.to_owned(),
+        });
+    }
+
+    // ---- locations ------------------------------------------------------
+
+    fn loc(&self, ino: u64) -> OpResult<Loc> {
+        let comps = lock(&self.inodes).path(ino)?;
+        Ok(classify(comps))
+    }
+
+    fn child_loc(&self, parent: u64, name: &Name) -> OpResult<Loc> {
+        let mut comps = lock(&self.inodes).path(parent)?;
+        comps.push(name.clone());
+        Ok(classify(comps))
+    }
+
+    fn ws_dir(&self, rel: &[Name]) -> OpResult<Arc<Dir>> {
+        walk_dirs(&self.ws, rel)?.ok_or(OpError::NotFound)
+    }
+
+    /// Metadata and area of a location.
+    fn stat(&self, loc: &Loc) -> OpResult<(Meta, Area)> {
+        match loc {
+            Loc::Ws(rel) => match rel.split_last() {
+                None => Ok((
+                    Meta::from_stat(&rustix::fs::fstat(&*self.ws)?),
+                    Area::Workspace,
+                )),
+                Some((name, dir)) => {
+                    let d = self.ws_dir(dir)?;
+                    let st = stat_at(&*d, name)?.ok_or(OpError::NotFound)?;
+                    Ok((Meta::from_stat(&st), Area::Workspace))
+                }
+            },
+            Loc::Merged(comps) => {
+                let f = self.store.resolve(comps)?;
+                Ok(self.shown(f))
+            }
+        }
+    }
+
+    fn area_of(&self, src: &Src) -> Area {
+        match src {
+            Src::Synth(_) => Area::Synth,
+            Src::Layer(0) => Area::Base,
+            Src::Layer(_) => Area::Upper,
+        }
+    }
+
+    /// Metadata with the owner the kernel is shown.
+    fn shown(&self, f: Found) -> (Meta, Area) {
+        let area = self.area_of(&f.src);
+        let (uid, gid) = self.store.owner(&f.src, &f.meta);
+        let mut m = f.meta;
+        m.uid = uid;
+        m.gid = gid;
+        (m, area)
+    }
+
+    fn attr(&self, ino: u64, meta: &Meta, area: Area) -> FileAttr {
+        let (uid, gid) = if area == Area::Workspace {
+            self.user
+        } else {
+            (meta.uid, meta.gid)
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size: meta.size,
+            blocks: meta.blocks,
+            atime: meta.atime,
+            mtime: meta.mtime,
+            ctime: meta.ctime,
+            crtime: meta.ctime,
+            kind: meta.kind,
+            perm: meta.perm,
+            nlink: meta.nlink,
+            uid,
+            gid,
+            rdev: meta.rdev,
+            blksize: meta.blksize,
+            flags: 0,
+        }
+    }
+
+    fn ttl(area: Area) -> Duration {
+        match area {
+            Area::Base | Area::Synth => TTL_BASE,
+            Area::Upper => TTL_UPPER,
+            Area::Workspace => TTL_WORKSPACE,
+        }
+    }
+
+    /// The host directory and name to modify `loc` in place: the workspace
+    /// entry, or the writable-layer copy (copied up first).
+    fn writable(&self, loc: &Loc, truncate: bool) -> OpResult<(Arc<Dir>, Name)> {
+        match loc {
+            Loc::Ws(rel) => {
+                let (name, dir) = rel.split_last().ok_or(OpError::Perm)?;
+                Ok((self.ws_dir(dir)?, name.clone()))
+            }
+            Loc::Merged(comps) => {
+                let (name, dir) = comps.split_last().ok_or(OpError::Perm)?;
+                let found = self.store.resolve(comps)?;
+                self.store.copy_up(comps, &found, truncate)?;
+                Ok((self.store.upper_dir(dir)?, name.clone()))
+            }
+        }
+    }
+
+    fn handle(&self, fh: u64) -> OpResult<Arc<Handle>> {
+        lock(&self.handles)
+            .get(&fh)
+            .cloned()
+            .ok_or(OpError::BadHandle(fh))
+    }
+
+    fn add_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn entry(&self, parent: u64, name: &Name, meta: &Meta, area: Area) -> (FileAttr, Duration) {
+        let ino = lock(&self.inodes).get_or_insert(parent, name, 1);
+        (self.attr(ino, meta, area), Self::ttl(area))
+    }
+
+    // ---- operations -------------------------------------------------------
+
+    fn do_lookup(&self, parent: u64, name: &OsStr) -> OpResult<(FileAttr, Duration)> {
+        let name = Name::new(name)?;
+        let loc = self.child_loc(parent, &name)?;
+        let (meta, area) = match &loc {
+            Loc::Ws(_) => self.stat(&loc)?,
+            Loc::Merged(comps) => {
+                let dir = parent_of(comps)?;
+                let parts = self.store.dir_parts(dir)?;
+                let l = self.store.lookup(&parts, dir, &name, false)?;
+                match l.found {
+                    Some(f) => self.shown(f),
+                    None => {
+                        if let Some(reason) = l.hidden
+                            && dir.first().is_some_and(|d| d.as_bytes() == b"etc")
+                        {
+                            self.deny("lookup", sandbox_path(comps), reason);
+                        }
+                        return Err(OpError::NotFound);
+                    }
+                }
+            }
+        };
+        Ok(self.entry(parent, &name, &meta, area))
+    }
+
+    fn do_getattr(&self, ino: u64, fh: Option<FileHandle>) -> OpResult<(FileAttr, Duration)> {
+        if ino == ROOT {
+            return Ok((
+                self.attr(ROOT, &self.store.root_meta(), Area::Synth),
+                TTL_BASE,
+            ));
+        }
+        if let Some(fh) = fh
+            && let Ok(h) = self.handle(fh.0)
+            && let HandleKind::File { file, .. } = &h.kind
+            && h.area != Area::Base
+        {
+            let mut meta = Meta::from_stat(&rustix::fs::fstat(file)?);
+            if h.area == Area::Upper {
+                meta.uid = self.ids.clamp_uid(meta.uid);
+                meta.gid = self.ids.clamp_gid(meta.gid);
+            }
+            return Ok((self.attr(ino, &meta, h.area), Self::ttl(h.area)));
+        }
+        let (meta, area) = self.stat(&self.loc(ino)?)?;
+        Ok((self.attr(ino, &meta, area), Self::ttl(area)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn do_setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> OpResult<(FileAttr, Duration)> {
+        let loc = self.loc(ino)?;
+        let (is_ws, path) = match &loc {
+            Loc::Ws(rel) => (true, ws_path(rel)),
+            Loc::Merged(c) => (false, sandbox_path(c)),
+        };
+        if uid.is_some() || gid.is_some() {
+            if is_ws {
+                if uid.is_some_and(|u| u != self.user.0) || gid.is_some_and(|g| g != self.user.1) {
+                    self.deny("chown", path, "workspace files belong to the sandbox user");
+                    return Err(OpError::Perm);
+                }
+            } else {
+                if uid.is_some_and(|u| !self.ids.uid_mapped(u))
+                    || gid.is_some_and(|g| !self.ids.gid_mapped(g))
+                {
+                    self.deny("chown", path, "id outside the sandbox's id map");
+                    return Err(OpError::Perm);
+                }
+                let (d, name) = self.writable(&loc, false)?;
+                rustix::fs::chownat(
+                    &*d,
+                    name.as_os_str(),
+                    uid.map(rustix::fs::Uid::from_raw),
+                    gid.map(rustix::fs::Gid::from_raw),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )?;
+            }
+        }
+        if let Some(mode) = mode {
+            let (d, name) = self.writable(&loc, false)?;
+            let p = open_path(&*d, &name)?;
+            crate::sys::chmod_fd(p.as_fd(), mode & 0o7777)?;
+            if is_ws {
+                self.mutation(MutationOp::Chmod, path.clone(), None);
+            }
+        }
+        if let Some(size) = size {
+            let via_fh = fh
+                .and_then(|fh| self.handle(fh.0).ok())
+                .filter(|h| matches!(h.kind, HandleKind::File { writable: true, .. }));
+            if let Some(h) = via_fh
+                && let HandleKind::File { file, .. } = &h.kind
+            {
+                file.set_len(size)?;
+            } else {
+                let (d, name) = self.writable(&loc, size == 0)?;
+                let f = open_file(&*d, &name, OFlags::WRONLY | OFlags::NONBLOCK, 0)?;
+                f.set_len(size)?;
+            }
+            if is_ws {
+                self.mutation(MutationOp::Truncate, path.clone(), None);
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            let (d, name) = self.writable(&loc, false)?;
+            rustix::fs::utimensat(
+                &*d,
+                name.as_os_str(),
+                &Timestamps {
+                    last_access: to_ts(atime),
+                    last_modification: to_ts(mtime),
+                },
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+            if is_ws {
+                self.mutation(MutationOp::Utimes, path, None);
+            }
+        }
+        self.do_getattr(ino, None)
+    }
+
+    fn do_readlink(&self, ino: u64) -> OpResult<Vec<u8>> {
+        match self.loc(ino)? {
+            Loc::Ws(rel) => {
+                let (name, dir) = rel.split_last().ok_or(OpError::Invalid)?;
+                let d = self.ws_dir(dir)?;
+                Ok(rustix::fs::readlinkat(&*d, name.as_os_str(), Vec::new())?.into_bytes())
+            }
+            Loc::Merged(comps) => match self.store.resolve(&comps)?.src {
+                Src::Layer(idx) => self.store.readlink(&comps, idx),
+                Src::Synth(_) => Err(OpError::Invalid),
+            },
+        }
+    }
+
+    /// Create an entry with `make(dir, name)`, owned per area; returns
+    /// the new entry's attributes.
+    fn create_entry(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        op: MutationOp,
+        make: &dyn Fn(&Dir, &Name) -> OpResult<()>,
+    ) -> OpResult<(FileAttr, Duration)> {
+        let name = Name::new(name)?;
+        let loc = self.child_loc(parent, &name)?;
+        match &loc {
+            Loc::Ws(rel) => {
+                let dir = parent_of(rel)?;
+                let d = self.ws_dir(dir)?;
+                make(&d, &name)?;
+                chown_at(&d, &name, self.ws_owner.0, self.ws_owner.1)?;
+                self.mutation(op, ws_path(rel), None);
+                let st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
+                Ok(self.entry(parent, &name, &Meta::from_stat(&st), Area::Workspace))
+            }
+            Loc::Merged(comps) => {
+                let dir = parent_of(comps)?;
+                if dir.is_empty() && name.as_bytes() == WORKSPACE.as_bytes() {
+                    return Err(OpError::Exists);
+                }
+                let parts = self.store.dir_parts(dir)?;
+                if self
+                    .store
+                    .lookup(&parts, dir, &name, false)?
+                    .found
+                    .is_some()
+                {
+                    return Err(OpError::Exists);
+                }
+                let d = self.store.upper_dir(dir)?;
+                let had_whiteout = unlink_whiteout(&d, &name)?;
+                make(&d, &name)?;
+                chown_at(
+                    &d,
+                    &name,
+                    self.ids.req_uid(req.uid()),
+                    self.ids.req_gid(req.gid()),
+                )?;
+                if op == MutationOp::Mkdir && had_whiteout {
+                    set_opaque(&*open_dir(&*d, &name)?)?;
+                }
+                let st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
+                let (meta, area) = self.shown(Found {
+                    meta: Meta::from_stat(&st),
+                    src: Src::Layer(self.store.top().0),
+                });
+                Ok(self.entry(parent, &name, &meta, area))
+            }
+        }
+    }
+
+    fn do_mknod(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> OpResult<(FileAttr, Duration)> {
+        let ft = rustix::fs::FileType::from_raw_mode(mode);
+        let perm = mode & !umask & 0o7777;
+        match ft {
+            rustix::fs::FileType::RegularFile
+            | rustix::fs::FileType::Fifo
+            | rustix::fs::FileType::Socket => {}
+            rustix::fs::FileType::CharacterDevice | rustix::fs::FileType::BlockDevice => {
+                let mut comps = lock(&self.inodes).path(parent).unwrap_or_default();
+                if let Ok(n) = Name::new(name) {
+                    comps.push(n);
+                }
+                self.deny(
+                    "mknod",
+                    sandbox_path(&comps),
+                    "device nodes are not allowed",
+                );
+                return Err(OpError::Perm);
+            }
+            _ => return Err(OpError::Invalid),
+        }
+        self.create_entry(req, parent, name, MutationOp::Create, &|d, n| {
+            rustix::fs::mknodat(d, n.as_os_str(), ft, Mode::from_raw_mode(0o600), 0)?;
+            let p = open_path(d, n)?;
+            crate::sys::chmod_fd(p.as_fd(), perm)?;
+            Ok(())
+        })
+    }
+
+    fn do_mkdir(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> OpResult<(FileAttr, Duration)> {
+        let perm = mode & !umask & 0o7777;
+        self.create_entry(req, parent, name, MutationOp::Mkdir, &|d, n| {
+            rustix::fs::mkdirat(d, n.as_os_str(), Mode::from_raw_mode(0o700))?;
+            let sub = open_dir(d, n)?;
+            rustix::fs::fchmod(&*sub, Mode::from_raw_mode(perm))?;
+            Ok(())
+        })
+    }
+
+    fn do_symlink(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+    ) -> OpResult<(FileAttr, Duration)> {
+        let target = target.as_os_str().as_bytes();
+        if target.is_empty() || target.len() > 4095 {
+            return Err(OpError::Invalid);
+        }
+        self.create_entry(req, parent, name, MutationOp::Symlink, &|d, n| {
+            rustix::fs::symlinkat(target, d, n.as_os_str())?;
+            Ok(())
+        })
+    }
+
+    fn do_create(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> OpResult<(FileAttr, Duration, u64, FopenFlags)> {
+        let perm = mode & !umask & 0o7777;
+        let created = self.create_entry(req, parent, name, MutationOp::Create, &|d, n| {
+            let f = open_file(d, n, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, 0o600)?;
+            rustix::fs::fchmod(&f, Mode::from_raw_mode(perm))?;
+            Ok(())
+        });
+        let (attr, ttl) = match created {
+            Ok(a) => a,
+            Err(OpError::Exists) | Err(OpError::Sys(rustix::io::Errno::EXIST))
+                if flags & libc::O_EXCL == 0 =>
+            {
+                self.do_lookup(parent, name)?
+            }
+            Err(e) => return Err(e),
+        };
+        let (fh, fflags) = self.do_open(attr.ino.0, flags & !libc::O_TRUNC)?;
+        Ok((attr, ttl, fh, fflags))
+    }
+
+    fn do_open(&self, ino: u64, flags: i32) -> OpResult<(u64, FopenFlags)> {
+        let acc = flags & libc::O_ACCMODE;
+        let write = acc != libc::O_RDONLY;
+        let trunc = flags & libc::O_TRUNC != 0;
+        let mut oflags = match acc {
+            libc::O_WRONLY => OFlags::WRONLY,
+            libc::O_RDWR => OFlags::RDWR,
+            _ => OFlags::RDONLY,
+        };
+        if trunc {
+            oflags |= OFlags::TRUNC;
+        }
+        // Never block on (or take a controlling tty from) an entry swapped
+        // for a fifo or device under us; only regular files are served.
+        oflags |= OFlags::NONBLOCK | OFlags::NOCTTY;
+        let loc = self.loc(ino)?;
+        match &loc {
+            Loc::Ws(rel) => {
+                let (d, name) = self.writable(&loc, false)?;
+                let file = regular(open_file(&*d, &name, oflags, 0)?)?;
+                if trunc {
+                    self.mutation(MutationOp::Truncate, ws_path(rel), None);
+                }
+                let fh = self.add_handle(Handle {
+                    kind: HandleKind::File {
+                        file,
+                        writable: write,
+                    },
+                    area: Area::Workspace,
+                    ws_path: Some(ws_path(rel)),
+                    written: AtomicBool::new(false),
+                });
+                Ok((fh, FopenFlags::empty()))
+            }
+            Loc::Merged(comps) => {
+                let (name, dir) = comps.split_last().ok_or(OpError::IsDir)?;
+                let found = self.store.resolve(comps)?;
+                if found.meta.is_dir() {
+                    return Err(OpError::IsDir);
+                }
+                let (kind, area) = if write || trunc {
+                    self.store.copy_up(comps, &found, trunc)?;
+                    let d = self.store.upper_dir(dir)?;
+                    let file = regular(open_file(&*d, name, oflags, 0)?)?;
+                    (
+                        HandleKind::File {
+                            file,
+                            writable: write,
+                        },
+                        Area::Upper,
+                    )
+                } else {
+                    match &found.src {
+                        Src::Synth(path) => match self.store.synth.get(path) {
+                            Some(SynthEntry::File { content }) => {
+                                (HandleKind::Synth(content.clone()), Area::Synth)
+                            }
+                            _ => return Err(OpError::NotFound),
+                        },
+                        Src::Layer(idx) => {
+                            let d = self.store.layer_dir(dir, *idx)?;
+                            let file = regular(open_file(&*d, name, oflags, 0)?)?;
+                            (
+                                HandleKind::File {
+                                    file,
+                                    writable: false,
+                                },
+                                self.area_of(&found.src),
+                            )
+                        }
+                    }
+                };
+                let fh = self.add_handle(Handle {
+                    kind,
+                    area,
+                    ws_path: None,
+                    written: AtomicBool::new(false),
+                });
+                Ok((fh, FopenFlags::FOPEN_KEEP_CACHE))
+            }
+        }
+    }
+
+    fn do_read(&self, fh: u64, offset: u64, size: u32) -> OpResult<Vec<u8>> {
+        let h = self.handle(fh)?;
+        let size = size as usize;
+        match &h.kind {
+            HandleKind::File { file, .. } => {
+                let mut buf = vec![0u8; size];
+                let mut got = 0;
+                while got < size {
+                    match file.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                buf.truncate(got);
+                Ok(buf)
+            }
+            HandleKind::Synth(content) => {
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(content.len());
+                let end = start.saturating_add(size).min(content.len());
+                Ok(content[start..end].to_vec())
+            }
+            HandleKind::Dir(_) => Err(OpError::IsDir),
+        }
+    }
+
+    fn do_write(&self, fh: u64, offset: u64, data: &[u8]) -> OpResult<u32> {
+        let h = self.handle(fh)?;
+        match &h.kind {
+            HandleKind::File {
+                file,
+                writable: true,
+            } => {
+                file.write_all_at(data, offset)?;
+                h.written.store(true, Ordering::Relaxed);
+                Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
+            }
+            _ => Err(OpError::BadHandle(fh)),
+        }
+    }
+
+    fn report_written(&self, h: &Handle) {
+        if h.written.swap(false, Ordering::Relaxed)
+            && let Some(path) = &h.ws_path
+        {
+            self.mutation(MutationOp::Write, path.clone(), None);
+        }
+    }
+
+    fn do_unlink(&self, parent: u64, name: &OsStr, dir_op: bool) -> OpResult<()> {
+        let name = Name::new(name)?;
+        let loc = self.child_loc(parent, &name)?;
+        match &loc {
+            Loc::Ws(rel) => {
+                if rel.is_empty() {
+                    return Err(OpError::Busy);
+                }
+                let d = self.ws_dir(parent_of(rel)?)?;
+                let flags = if dir_op {
+                    AtFlags::REMOVEDIR
+                } else {
+                    AtFlags::empty()
+                };
+                rustix::fs::unlinkat(&*d, name.as_os_str(), flags)?;
+                let op = if dir_op {
+                    MutationOp::Rmdir
+                } else {
+                    MutationOp::Unlink
+                };
+                self.mutation(op, ws_path(rel), None);
+            }
+            Loc::Merged(comps) => {
+                let dir = parent_of(comps)?;
+                let parts = self.store.dir_parts(dir)?;
+                let l = self.store.lookup(&parts, dir, &name, dir_op)?;
+                let found = l.found.ok_or(OpError::NotFound)?;
+                match (dir_op, found.meta.is_dir()) {
+                    (true, false) => return Err(OpError::NotDir),
+                    (false, true) => return Err(OpError::IsDir),
+                    _ => {}
+                }
+                if dir_op && !self.store.list(&l.parts, comps)?.is_empty() {
+                    return Err(OpError::NotEmpty);
+                }
+                let (top, _) = self.store.top();
+                let lower = self.store.lower_has(&parts, dir, &name)?;
+                if found.src == Src::Layer(top) {
+                    let d = self.store.upper_dir(dir)?;
+                    if dir_op {
+                        clear_whiteouts(&*open_dir(&*d, &name)?)?;
+                        rustix::fs::unlinkat(&*d, name.as_os_str(), AtFlags::REMOVEDIR)?;
+                    } else {
+                        rustix::fs::unlinkat(&*d, name.as_os_str(), AtFlags::empty())?;
+                    }
+                }
+                if lower {
+                    let d = self.store.upper_dir(dir)?;
+                    make_whiteout(&d, &name)?;
+                }
+            }
+        }
+        lock(&self.inodes).unlink(parent, &name);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_lines)]
+    fn do_rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: RenameFlags,
+    ) -> OpResult<()> {
+        let name = Name::new(name)?;
+        let new_name = Name::new(new_name)?;
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return Err(OpError::Invalid);
+        }
+        let from = self.child_loc(parent, &name)?;
+        let to = self.child_loc(new_parent, &new_name)?;
+        match (&from, &to) {
+            (Loc::Ws(a), Loc::Ws(b)) => {
+                if a.is_empty() || b.is_empty() {
+                    return Err(OpError::Busy);
+                }
+                let da = self.ws_dir(parent_of(a)?)?;
+                let db = self.ws_dir(parent_of(b)?)?;
+                let rflags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
+                rustix::fs::renameat_with(
+                    &*da,
+                    name.as_os_str(),
+                    &*db,
+                    new_name.as_os_str(),
+                    rflags,
+                )?;
+                self.mutation(MutationOp::Rename, ws_path(a), Some(ws_path(b)));
+                let mut t = lock(&self.inodes);
+                if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    t.exchange(parent, &name, new_parent, &new_name);
+                } else {
+                    t.rename(parent, &name, new_parent, &new_name);
+                }
+                Ok(())
+            }
+            (Loc::Merged(a), Loc::Merged(b)) => {
+                if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    return Err(OpError::Invalid);
+                }
+                let (dir_a, dir_b) = (parent_of(a)?, parent_of(b)?);
+                let parts_a = self.store.dir_parts(dir_a)?;
+                let parts_b = self.store.dir_parts(dir_b)?;
+                let src = self.store.lookup(&parts_a, dir_a, &name, true)?;
+                let src_found = src.found.ok_or(OpError::NotFound)?;
+                let (top, _) = self.store.top();
+                let src_dir = src_found.meta.is_dir();
+                if src_dir && (src_found.src != Src::Layer(top) || src.parts.len() > 1) {
+                    // Like overlayfs: let `mv` fall back to copying.
+                    return Err(OpError::CrossDevice);
+                }
+                let dst = self.store.lookup(&parts_b, dir_b, &new_name, true)?;
+                if let Some(d) = &dst.found {
+                    if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                        return Err(OpError::Exists);
+                    }
+                    match (src_dir, d.meta.is_dir()) {
+                        (false, true) => return Err(OpError::IsDir),
+                        (true, false) => return Err(OpError::NotDir),
+                        (true, true) => {
+                            if !self.store.list(&dst.parts, b)?.is_empty() {
+                                return Err(OpError::NotEmpty);
+                            }
+                        }
+                        (false, false) => {}
+                    }
+                }
+                if a == b {
+                    return Ok(());
+                }
+                self.store.copy_up(a, &src_found, false)?;
+                let ua = self.store.upper_dir(dir_a)?;
+                let ub = self.store.upper_dir(dir_b)?;
+                let dst_lower = self.store.lower_has(&parts_b, dir_b, &new_name)?;
+                let src_lower = self.store.lower_has(&parts_a, dir_a, &name)?;
+                unlink_whiteout(&ub, &new_name)?;
+                if let Some(st) = stat_at(&*ub, &new_name)?
+                    && rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory
+                {
+                    clear_whiteouts(&*open_dir(&*ub, &new_name)?)?;
+                }
+                rustix::fs::renameat(&*ua, name.as_os_str(), &*ub, new_name.as_os_str())?;
+                if src_lower {
+                    make_whiteout(&ua, &name)?;
+                }
+                if src_dir && dst_lower {
+                    set_opaque(&*open_dir(&*ub, &new_name)?)?;
+                }
+                lock(&self.inodes).rename(parent, &name, new_parent, &new_name);
+                Ok(())
+            }
+            _ => {
+                let busy = |l: &Loc| matches!(l, Loc::Ws(r) if r.is_empty());
+                if busy(&from) || busy(&to) {
+                    Err(OpError::Busy)
+                } else {
+                    Err(OpError::CrossDevice)
+                }
+            }
+        }
+    }
+
+    fn do_link(
+        &self,
+        ino: u64,
+        new_parent: u64,
+        new_name: &OsStr,
+    ) -> OpResult<(FileAttr, Duration)> {
+        let new_name = Name::new(new_name)?;
+        let from = self.loc(ino)?;
+        let to = self.child_loc(new_parent, &new_name)?;
+        match (&from, &to) {
+            (Loc::Ws(a), Loc::Ws(b)) => {
+                let (an, ad) = a.split_last().ok_or(OpError::Perm)?;
+                let da = self.ws_dir(ad)?;
+                let db = self.ws_dir(parent_of(b)?)?;
+                rustix::fs::linkat(
+                    &*da,
+                    an.as_os_str(),
+                    &*db,
+                    new_name.as_os_str(),
+                    AtFlags::empty(),
+                )?;
+                self.mutation(MutationOp::Link, ws_path(a), Some(ws_path(b)));
+                let st = stat_at(&*db, &new_name)?.ok_or(OpError::NotFound)?;
+                Ok(self.entry(
+                    new_parent,
+                    &new_name,
+                    &Meta::from_stat(&st),
+                    Area::Workspace,
+                ))
+            }
+            (Loc::Merged(a), Loc::Merged(b)) => {
+                let (an, ad) = a.split_last().ok_or(OpError::Perm)?;
+                let dir_b = parent_of(b)?;
+                let found = self.store.resolve(a)?;
+                if found.meta.is_dir() {
+                    return Err(OpError::Perm);
+                }
+                let parts_b = self.store.dir_parts(dir_b)?;
+                if self
+                    .store
+                    .lookup(&parts_b, dir_b, &new_name, false)?
+                    .found
+                    .is_some()
+                {
+                    return Err(OpError::Exists);
+                }
+                self.store.copy_up(a, &found, false)?;
+                let ua = self.store.upper_dir(ad)?;
+                let ub = self.store.upper_dir(dir_b)?;
+                unlink_whiteout(&ub, &new_name)?;
+                rustix::fs::linkat(
+                    &*ua,
+                    an.as_os_str(),
+                    &*ub,
+                    new_name.as_os_str(),
+                    AtFlags::empty(),
+                )?;
+                let st = stat_at(&*ub, &new_name)?.ok_or(OpError::NotFound)?;
+                let (meta, area) = self.shown(Found {
+                    meta: Meta::from_stat(&st),
+                    src: Src::Layer(self.store.top().0),
+                });
+                Ok(self.entry(new_parent, &new_name, &meta, area))
+            }
+            _ => Err(OpError::CrossDevice),
+        }
+    }
+
+    fn do_opendir(&self, ino: u64) -> OpResult<u64> {
+        let loc = self.loc(ino)?;
+        let (listing, area) = match &loc {
+            Loc::Ws(rel) => {
+                let d = self.ws_dir(rel)?;
+                let mut out = Vec::new();
+                for e in d.entries()? {
+                    let e = e?;
+                    let Ok(name) = Name::new(&e.file_name()) else {
+                        continue;
+                    };
+                    let ft = e.file_type()?;
+                    let kind = if ft.is_dir() {
+                        FileType::Directory
+                    } else if ft.is_symlink() {
+                        FileType::Symlink
+                    } else if ft.is_file() {
+                        FileType::RegularFile
+                    } else {
+                        match stat_at(&*d, &name)? {
+                            Some(st) => crate::layers::kind_of(st.st_mode),
+                            None => continue,
+                        }
+                    };
+                    out.push((name, kind));
+                }
+                (out, Area::Workspace)
+            }
+            Loc::Merged(comps) => {
+                let parts = self.store.dir_parts(comps)?;
+                (self.store.list(&parts, comps)?, Area::Upper)
+            }
+        };
+        let mut entries = Vec::with_capacity(listing.len() + 2);
+        {
+            let mut t = lock(&self.inodes);
+            for (name, kind) in listing {
+                let child = t
+                    .find(ino, &name)
+                    .unwrap_or_else(|| t.get_or_insert(ino, &name, 0));
+                entries.push((child, kind, name));
+            }
+        }
+        let fh = self.add_handle(Handle {
+            kind: HandleKind::Dir(entries),
+            area,
+            ws_path: None,
+            written: AtomicBool::new(false),
+        });
+        Ok(fh)
+    }
+
+    fn do_statfs(&self, ino: u64) -> OpResult<rustix::fs::StatFs> {
+        let st = match self.loc(ino) {
+            Ok(Loc::Ws(_)) => rustix::fs::fstatfs(&*self.ws)?,
+            _ => rustix::fs::fstatfs(&*self.store.upper_root())?,
+        };
+        Ok(st)
+    }
+
+    /// A readable fd on the entry for xattr reads, from whichever layer
+    /// shows it; `None` for synthesized entries and symlinks.
+    fn xattr_fd(&self, loc: &Loc) -> OpResult<Option<File>> {
+        let (d, name, kind) = match loc {
+            Loc::Ws(rel) => match rel.split_last() {
+                None => return Ok(Some(File::from(rustix::io::dup(&*self.ws)?))),
+                Some((n, dir)) => {
+                    let d = self.ws_dir(dir)?;
+                    let st = stat_at(&*d, n)?.ok_or(OpError::NotFound)?;
+                    (d, n.clone(), crate::layers::kind_of(st.st_mode))
+                }
+            },
+            Loc::Merged(comps) => {
+                let Some((n, dir)) = comps.split_last() else {
+                    return Ok(None);
+                };
+                let f = self.store.resolve(comps)?;
+                let Src::Layer(idx) = f.src else {
+                    return Ok(None);
+                };
+                (self.store.layer_dir(dir, idx)?, n.clone(), f.meta.kind)
+            }
+        };
+        match kind {
+            FileType::RegularFile | FileType::Directory => Ok(Some(open_file(
+                &*d,
+                &name,
+                OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+                0,
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn xattr_name(&self, op: &str, loc: &Loc, name: &OsStr, write: bool) -> OpResult<()> {
+        let b = name.as_bytes();
+        if b.starts_with(b"user.") && b.len() > 5 && b.len() <= 255 {
+            return Ok(());
+        }
+        if write {
+            if b.starts_with(b"trusted.") || b.starts_with(b"security.") {
+                let path = match loc {
+                    Loc::Ws(rel) => ws_path(rel),
+                    Loc::Merged(c) => sandbox_path(c),
+                };
+                self.deny(op, path, "only user.* xattrs are allowed");
+                return Err(OpError::Perm);
+            }
+            return Err(OpError::NotSupported);
+        }
+        Err(OpError::NoData)
+    }
+
+    fn do_setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OpResult<()> {
+        let loc = self.loc(ino)?;
+        self.xattr_name("setxattr", &loc, name, true)?;
+        let (d, n) = self.writable(&loc, false)?;
+        let f = open_file(
+            &*d,
+            &n,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+            0,
+        )
+        .map_err(|e| {
+            if crate::resolve::is_loop(&e) {
+                OpError::Perm
+            } else {
+                e
+            }
+        })?;
+        let xflags = rustix::fs::XattrFlags::from_bits_retain(flags as u32 & 0x3);
+        rustix::fs::fsetxattr(&f, name, value, xflags)?;
+        if let Loc::Ws(rel) = &loc {
+            self.mutation(MutationOp::SetXattr, ws_path(rel), None);
+        }
+        Ok(())
+    }
+
+    fn do_removexattr(&self, ino: u64, name: &OsStr) -> OpResult<()> {
+        let loc = self.loc(ino)?;
+        self.xattr_name("removexattr", &loc, name, true)?;
+        let (d, n) = self.writable(&loc, false)?;
+        let f = open_file(
+            &*d,
+            &n,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+            0,
+        )
+        .map_err(|e| {
+            if crate::resolve::is_loop(&e) {
+                OpError::NoData
+            } else {
+                e
+            }
+        })?;
+        rustix::fs::fremovexattr(&f, name)?;
+        if let Loc::Ws(rel) = &loc {
+            self.mutation(MutationOp::RemoveXattr, ws_path(rel), None);
+        }
+        Ok(())
+    }
+
+    fn do_getxattr(&self, ino: u64, name: &OsStr) -> OpResult<Vec<u8>> {
+        let loc = self.loc(ino)?;
+        self.xattr_name("getxattr", &loc, name, false)?;
+        let Some(f) = self.xattr_fd(&loc)? else {
+            return Err(OpError::NoData);
+        };
+        let mut buf = vec![0u8; XATTR_MAX];
+        let n = rustix::fs::fgetxattr(&f, name, &mut buf[..])?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn do_listxattr(&self, ino: u64) -> OpResult<Vec<u8>> {
+        let loc = self.loc(ino)?;
+        let Some(f) = self.xattr_fd(&loc)? else {
+            return Ok(Vec::new());
+        };
+        let mut buf = vec![0u8; XATTR_MAX];
+        let n = rustix::fs::flistxattr(&f, &mut buf[..])?;
+        buf.truncate(n);
+        let mut out = Vec::new();
+        for name in buf.split(|&c| c == 0).filter(|n| n.starts_with(b"user.")) {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+}
+
+/// Only regular files get file handles.
+fn regular(f: File) -> OpResult<File> {
+    let st = rustix::fs::fstat(&f)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile {
+        Ok(f)
+    } else {
+        Err(OpError::Invalid)
+    }
+}
+
+/// All components but the last; an empty path has no parent (EBUSY: it is
+/// the root or the workspace mount point).
+fn parent_of(comps: &[Name]) -> OpResult<&[Name]> {
+    comps.split_last().map(|(_, d)| d).ok_or(OpError::Busy)
+}
+
+fn classify(comps: Vec<Name>) -> Loc {
+    if comps
+        .first()
+        .is_some_and(|c| c.as_bytes() == WORKSPACE.as_bytes())
+    {
+        Loc::Ws(comps[1..].to_vec())
+    } else {
+        Loc::Merged(comps)
+    }
+}
+
+/// Remove the whiteouts of an upper directory that is empty when merged.
+fn clear_whiteouts(dir: &Dir) -> OpResult<()> {
+    for e in dir.entries()? {
+        let e = e?;
+        let Ok(name) = Name::new(&e.file_name()) else {
+            continue;
+        };
+        if let Some(st) = stat_at(dir, &name)?
+            && is_whiteout(&st)
+        {
+            rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::empty())?;
+        } else {
+            return Err(OpError::NotEmpty);
+        }
+    }
+    Ok(())
+}
+
+fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
+    let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    if size == 0 {
+        reply.size(len);
+    } else if len > size {
+        reply.error(fuser::Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for AirlockFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(parent.0, name) {
+            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.inodes).forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.do_getattr(ino.0, fh) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.do_readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.do_mknod(req, parent.0, name, mode, umask) {
+            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        match self.do_mkdir(req, parent.0, name, mode, umask) {
+            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_unlink(parent.0, name, false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_unlink(parent.0, name, true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        match self.do_symlink(req, parent.0, link_name, target) {
+            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_rename(parent.0, name, newparent.0, newname, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        match self.do_link(ino.0, newparent.0, newname) {
+            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_open(ino.0, flags.0) {
+            Ok((fh, f)) => reply.opened(FileHandle(fh), f),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.do_read(fh.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.do_write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        if let Ok(h) = self.handle(fh.0) {
+            self.report_written(&h);
+        }
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = lock(&self.handles).remove(&fh.0);
+        if let Some(h) = h {
+            self.report_written(&h);
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.handle(fh.0).and_then(|h| match &h.kind {
+            HandleKind::File { file, .. } => {
+                if datasync {
+                    file.sync_data()?;
+                } else {
+                    file.sync_all()?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let h = match self.handle(fh.0) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let HandleKind::Dir(entries) = &h.kind else {
+            return reply.error(fuser::Errno::ENOTDIR);
+        };
+        let parent = lock(&self.inodes)
+            .path(ino.0)
+            .ok()
+            .and_then(|p| {
+                p.len().checked_sub(1).map(|_| ROOT) // the kernel fills in ".." itself; any ino will do
+            })
+            .unwrap_or(ROOT);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let total = entries.len() + 2;
+        for i in start..total {
+            let next = (i + 1) as u64;
+            let full = match i {
+                0 => reply.add(ino, next, FileType::Directory, "."),
+                1 => reply.add(INodeNo(parent), next, FileType::Directory, ".."),
+                _ => {
+                    let (child, kind, name) = &entries[i - 2];
+                    reply.add(INodeNo(*child), next, *kind, name.as_os_str())
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.handles).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.do_statfs(ino.0) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                u32::try_from(s.f_bsize).unwrap_or(4096),
+                255,
+                u32::try_from(s.f_frsize).unwrap_or(4096),
+            ),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_setxattr(ino.0, name, value, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.do_getxattr(ino.0, name) {
+            Ok(v) => xattr_reply(&v, size, reply),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.do_listxattr(ino.0) {
+            Ok(v) => xattr_reply(&v, size, reply),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_removexattr(ino.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks modes; we only confirm existence.
+        match self.loc(ino.0).and_then(|l| self.stat(&l)) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.do_create(req, parent.0, name, mode, umask, flags) {
+            Ok((attr, ttl, fh, f)) => reply.created(&ttl, &attr, Generation(0), FileHandle(fh), f),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.handle(fh.0).and_then(|h| match &h.kind {
+            HandleKind::File {
+                file,
+                writable: true,
+            } => {
+                rustix::fs::fallocate(
+                    file,
+                    rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+                    offset,
+                    length,
+                )?;
+                h.written.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(OpError::BadHandle(fh.0)),
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let res = self.handle(fh.0).and_then(|h| match &h.kind {
+            HandleKind::File { file, .. } => {
+                let off = u64::try_from(offset).map_err(|_| OpError::Invalid)?;
+                let pos = match whence {
+                    libc::SEEK_DATA => rustix::fs::seek(file, rustix::fs::SeekFrom::Data(off))?,
+                    libc::SEEK_HOLE => rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(off))?,
+                    _ => return Err(OpError::Invalid),
+                };
+                Ok(i64::try_from(pos).unwrap_or(i64::MAX))
+            }
+            _ => Err(OpError::Invalid),
+        });
+        match res {
+            Ok(p) => reply.offset(p),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+}

@@ -1,0 +1,650 @@
+//! The layer stack: a read-only base at the bottom, synthesized entries
+//! above it, then zero or more frozen layers and one writable layer on top.
+//!
+//! Format (overlayfs conventions, so a layer can be inspected with `ls`):
+//! a whiteout is a character device 0:0, an opaque directory carries the
+//! xattr `trusted.overlay.opaque = "y"`.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cap_std::fs::Dir;
+use fuser::FileType;
+use rustix::fs::{AtFlags, FileType as RFileType, Mode, OFlags, Stat, Timespec, Timestamps};
+
+use crate::error::{OpError, OpResult};
+use crate::policy::{Name, host_visible};
+use crate::resolve::{is_loop, open_dir, open_file, stat_at};
+use crate::synth::{Synth, SynthEntry};
+
+pub(crate) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Metadata of one entry, as stored (before ownership translation).
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    pub kind: FileType,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+fn ts(sec: i64, nsec: i64) -> SystemTime {
+    let nsec = u32::try_from(nsec.clamp(0, 999_999_999)).unwrap_or(0);
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec.unsigned_abs(), nsec)
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::new(sec.unsigned_abs(), 0))
+            .unwrap_or(UNIX_EPOCH)
+            + Duration::new(0, nsec)
+    }
+}
+
+pub(crate) fn kind_of(mode: u32) -> FileType {
+    match RFileType::from_raw_mode(mode) {
+        RFileType::Directory => FileType::Directory,
+        RFileType::Symlink => FileType::Symlink,
+        RFileType::Fifo => FileType::NamedPipe,
+        RFileType::Socket => FileType::Socket,
+        RFileType::CharacterDevice => FileType::CharDevice,
+        RFileType::BlockDevice => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl Meta {
+    pub(crate) fn from_stat(st: &Stat) -> Self {
+        Self {
+            kind: kind_of(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            blocks: u64::try_from(st.st_blocks).unwrap_or(0),
+            atime: ts(st.st_atime, st.st_atime_nsec as i64),
+            mtime: ts(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: ts(st.st_ctime, st.st_ctime_nsec as i64),
+            nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
+            rdev: u32::try_from(st.st_rdev).unwrap_or(0),
+            blksize: u32::try_from(st.st_blksize).unwrap_or(4096),
+        }
+    }
+
+    pub(crate) fn synth(e: &SynthEntry, epoch: SystemTime) -> Self {
+        let (kind, perm, size, nlink) = match e {
+            SynthEntry::Dir { mode } => (FileType::Directory, *mode as u16, 0, 2),
+            SynthEntry::File { content } => (FileType::RegularFile, 0o644, content.len() as u64, 1),
+        };
+        Self {
+            kind,
+            perm,
+            uid: 0,
+            gid: 0,
+            size,
+            blocks: size.div_ceil(512),
+            atime: epoch,
+            mtime: epoch,
+            ctime: epoch,
+            nlink,
+            rdev: 0,
+            blksize: 4096,
+        }
+    }
+
+    pub(crate) fn is_dir(&self) -> bool {
+        self.kind == FileType::Directory
+    }
+}
+
+pub(crate) fn is_whiteout(st: &Stat) -> bool {
+    RFileType::from_raw_mode(st.st_mode) == RFileType::CharacterDevice && st.st_rdev == 0
+}
+
+/// Where an entry's topmost version lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Src {
+    /// Layer index in the stack (0 = base).
+    Layer(usize),
+    /// The synthesized tree, at this path.
+    Synth(String),
+}
+
+/// One layer's contribution to a merged directory.
+#[derive(Debug, Clone)]
+pub(crate) enum Part {
+    Layer(usize, Arc<Dir>),
+    Synth(String),
+}
+
+/// A resolved merged entry.
+#[derive(Debug, Clone)]
+pub(crate) struct Found {
+    pub meta: Meta,
+    pub src: Src,
+}
+
+/// Result of looking a name up in a merged directory.
+#[derive(Debug, Default)]
+pub(crate) struct Lookup {
+    pub found: Option<Found>,
+    /// Set when the host filter hid a base entry of this name.
+    pub hidden: Option<&'static str>,
+    /// The directory's own parts, when it is one and they were asked for.
+    pub parts: Vec<Part>,
+}
+
+fn join(dir: &str, name: &Name) -> String {
+    let n = String::from_utf8_lossy(name.as_bytes());
+    if dir.is_empty() {
+        n.into_owned()
+    } else {
+        format!("{dir}/{n}")
+    }
+}
+
+/// The stack of layers.
+#[derive(Debug)]
+pub(crate) struct Store {
+    /// Bottom (base, index 0) to top (the writable layer). A snapshot would
+    /// freeze the top and push a fresh empty layer under the write lock.
+    layers: RwLock<Vec<Arc<Dir>>>,
+    /// Whether the base is the host root, shown through [`host_visible`].
+    host_filter: bool,
+    pub(crate) synth: Synth,
+    ids: crate::IdMap,
+    epoch: SystemTime,
+    /// Serializes copy-ups so two threads never copy the same file at once.
+    copy_lock: std::sync::Mutex<()>,
+}
+
+impl Store {
+    pub(crate) fn new(
+        base: Dir,
+        upper: Dir,
+        host_filter: bool,
+        synth: Synth,
+        ids: crate::IdMap,
+    ) -> Self {
+        Self {
+            layers: RwLock::new(vec![Arc::new(base), Arc::new(upper)]),
+            host_filter,
+            synth,
+            ids,
+            epoch: SystemTime::now(),
+            copy_lock: std::sync::Mutex::new(()),
+        }
+    }
+
+    fn layers(&self) -> Vec<Arc<Dir>> {
+        match self.layers.read() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The writable layer's index and root.
+    pub(crate) fn top(&self) -> (usize, Arc<Dir>) {
+        let l = self.layers();
+        let idx = l.len().saturating_sub(1);
+        (idx, Arc::clone(&l[idx]))
+    }
+
+    pub(crate) fn upper_root(&self) -> Arc<Dir> {
+        self.top().1
+    }
+
+    /// The owner the kernel is shown for an entry of this source (host ids).
+    pub(crate) fn owner(&self, src: &Src, meta: &Meta) -> (u32, u32) {
+        let ids = &self.ids;
+        match src {
+            Src::Synth(_) => (ids.host_uid_base, ids.host_gid_base),
+            Src::Layer(0) => (ids.base_uid(meta.uid), ids.base_gid(meta.gid)),
+            Src::Layer(_) => (ids.clamp_uid(meta.uid), ids.clamp_gid(meta.gid)),
+        }
+    }
+
+    /// `found`'s metadata with the owner the kernel sees, for copy-up.
+    fn shown(&self, found: &Found) -> Meta {
+        let mut m = found.meta.clone();
+        (m.uid, m.gid) = self.owner(&found.src, &found.meta);
+        m
+    }
+
+    pub(crate) fn root_meta(&self) -> Meta {
+        Meta::synth(&SynthEntry::Dir { mode: 0o755 }, self.epoch)
+    }
+
+    /// Parts of the merged root, top-down.
+    pub(crate) fn root_parts(&self) -> Vec<Part> {
+        let l = self.layers();
+        let mut parts: Vec<Part> = l
+            .iter()
+            .enumerate()
+            .skip(1)
+            .rev()
+            .map(|(i, d)| Part::Layer(i, Arc::clone(d)))
+            .collect();
+        parts.push(Part::Synth(String::new()));
+        if let Some(base) = l.first() {
+            parts.push(Part::Layer(0, Arc::clone(base)));
+        }
+        parts
+    }
+
+    fn filtered(&self, idx: usize, dir: &[Name], name: &Name) -> Option<&'static str> {
+        if idx != 0 || !self.host_filter {
+            return None;
+        }
+        let mut comps: Vec<&[u8]> = dir.iter().map(Name::as_bytes).collect();
+        comps.push(name.as_bytes());
+        host_visible(&comps).err()
+    }
+
+    /// Look `name` up in the merged directory `dir` (given by its parts).
+    pub(crate) fn lookup(
+        &self,
+        parts: &[Part],
+        dir: &[Name],
+        name: &Name,
+        want_parts: bool,
+    ) -> OpResult<Lookup> {
+        let mut out = Lookup::default();
+        for part in parts {
+            match part {
+                Part::Layer(idx, d) => {
+                    if let Some(reason) = self.filtered(*idx, dir, name) {
+                        if out.found.is_none() {
+                            out.hidden = Some(reason);
+                        }
+                        continue;
+                    }
+                    let Some(st) = stat_at(&**d, name)? else {
+                        continue;
+                    };
+                    if is_whiteout(&st) {
+                        break;
+                    }
+                    let meta = Meta::from_stat(&st);
+                    let is_dir = meta.is_dir();
+                    if out.found.is_none() {
+                        out.found = Some(Found {
+                            meta,
+                            src: Src::Layer(*idx),
+                        });
+                        if !is_dir || !want_parts {
+                            break;
+                        }
+                    } else if !is_dir {
+                        break;
+                    }
+                    let child = match open_dir(&**d, name) {
+                        Ok(c) => c,
+                        Err(e) if e.is_absent() || is_loop(&e) => break,
+                        Err(e) => return Err(e),
+                    };
+                    let opaque = is_opaque(&child);
+                    out.parts.push(Part::Layer(*idx, child));
+                    if opaque {
+                        break;
+                    }
+                }
+                Part::Synth(p) => {
+                    let path = join(p, name);
+                    let Some(e) = self.synth.get(&path) else {
+                        continue;
+                    };
+                    let meta = Meta::synth(e, self.epoch);
+                    let is_dir = meta.is_dir();
+                    if out.found.is_none() {
+                        out.found = Some(Found {
+                            meta,
+                            src: Src::Synth(path.clone()),
+                        });
+                        if !is_dir || !want_parts {
+                            break;
+                        }
+                    } else if !is_dir {
+                        break;
+                    }
+                    out.parts.push(Part::Synth(path));
+                }
+            }
+        }
+        if out.found.is_some() {
+            out.hidden = None;
+        }
+        Ok(out)
+    }
+
+    /// Parts of the merged directory at `comps`.
+    pub(crate) fn dir_parts(&self, comps: &[Name]) -> OpResult<Vec<Part>> {
+        let mut parts = self.root_parts();
+        for (i, c) in comps.iter().enumerate() {
+            let l = self.lookup(&parts, &comps[..i], c, true)?;
+            match l.found {
+                None => return Err(OpError::NotFound),
+                Some(f) if !f.meta.is_dir() => return Err(OpError::NotDir),
+                Some(_) => parts = l.parts,
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Resolve the merged entry at `comps`.
+    pub(crate) fn resolve(&self, comps: &[Name]) -> OpResult<Found> {
+        let Some((name, dir)) = comps.split_last() else {
+            return Ok(Found {
+                meta: self.root_meta(),
+                src: Src::Synth(String::new()),
+            });
+        };
+        let parts = self.dir_parts(dir)?;
+        self.lookup(&parts, dir, name, false)?
+            .found
+            .ok_or(OpError::NotFound)
+    }
+
+    /// Whether anything below the writable layer shows `name` in `dir`.
+    pub(crate) fn lower_has(&self, parts: &[Part], dir: &[Name], name: &Name) -> OpResult<bool> {
+        let (top, _) = self.top();
+        let lower: Vec<Part> = parts
+            .iter()
+            .filter(|p| !matches!(p, Part::Layer(i, _) if *i == top))
+            .cloned()
+            .collect();
+        // A whiteout in the top layer does not matter here: we ask what the
+        // lower layers would show without it.
+        Ok(self.lookup(&lower, dir, name, false)?.found.is_some())
+    }
+
+    /// The merged listing of a directory: (name, kind), whiteouts and
+    /// filtered entries left out, upper versions shadowing lower ones.
+    pub(crate) fn list(&self, parts: &[Part], dir: &[Name]) -> OpResult<Vec<(Name, FileType)>> {
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut out = Vec::new();
+        for part in parts {
+            match part {
+                Part::Layer(idx, d) => {
+                    for entry in d.entries()? {
+                        let entry = entry?;
+                        let raw = entry.file_name();
+                        let Ok(name) = Name::new(&raw) else {
+                            continue;
+                        };
+                        if !seen.insert(name.as_bytes().to_vec()) {
+                            continue;
+                        }
+                        if self.filtered(*idx, dir, &name).is_some() {
+                            continue;
+                        }
+                        let ft = entry.file_type()?;
+                        let kind = if ft.is_dir() {
+                            FileType::Directory
+                        } else if ft.is_symlink() {
+                            FileType::Symlink
+                        } else if ft.is_file() {
+                            FileType::RegularFile
+                        } else {
+                            let Some(st) = stat_at(&**d, &name)? else {
+                                continue;
+                            };
+                            if is_whiteout(&st) {
+                                continue;
+                            }
+                            kind_of(st.st_mode)
+                        };
+                        out.push((name, kind));
+                    }
+                }
+                Part::Synth(p) => {
+                    for (n, e) in self.synth.children(p) {
+                        let Ok(name) = Name::new(std::ffi::OsStr::new(n)) else {
+                            continue;
+                        };
+                        if !seen.insert(name.as_bytes().to_vec()) {
+                            continue;
+                        }
+                        let kind = match e {
+                            SynthEntry::Dir { .. } => FileType::Directory,
+                            SynthEntry::File { .. } => FileType::RegularFile,
+                        };
+                        out.push((name, kind));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The writable layer's directory for merged directory `comps`, copying
+    /// up the directory chain (mode, owner, times) as needed.
+    pub(crate) fn upper_dir(&self, comps: &[Name]) -> OpResult<Arc<Dir>> {
+        let mut cur = self.upper_root();
+        for (i, c) in comps.iter().enumerate() {
+            match open_dir(&*cur, c) {
+                Ok(d) => {
+                    cur = d;
+                    continue;
+                }
+                Err(e) if e.is_absent() => {}
+                Err(e) => return Err(e),
+            }
+            // Missing in the writable layer: copy the merged directory up.
+            let found = self.resolve(&comps[..=i])?;
+            if !found.meta.is_dir() {
+                return Err(OpError::NotDir);
+            }
+            let _guard = self.copy_lock.lock();
+            match rustix::fs::mkdirat(&*cur, c.as_os_str(), Mode::from_raw_mode(0o700)) {
+                Ok(()) => {
+                    let d = open_dir(&*cur, c)?;
+                    apply_meta(&*d, &self.shown(&found))?;
+                    cur = d;
+                }
+                Err(e) if e == rustix::io::Errno::EXIST => cur = open_dir(&*cur, c)?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(cur)
+    }
+
+    /// Make sure the entry at `comps` (resolved as `found`) exists in the
+    /// writable layer. With `truncate`, regular file contents are not copied.
+    pub(crate) fn copy_up(&self, comps: &[Name], found: &Found, truncate: bool) -> OpResult<()> {
+        let (top, _) = self.top();
+        if found.src == Src::Layer(top) {
+            return Ok(());
+        }
+        let Some((name, dir)) = comps.split_last() else {
+            return Err(OpError::Perm);
+        };
+        if found.meta.is_dir() {
+            self.upper_dir(comps)?;
+            return Ok(());
+        }
+        let udir = self.upper_dir(dir)?;
+        let _guard = self.copy_lock.lock();
+        if stat_at(&*udir, name)?.is_some_and(|st| !is_whiteout(&st)) {
+            return Ok(()); // another thread won the race
+        }
+        let shown = self.shown(found);
+        let meta = &shown;
+        match (&found.src, meta.kind) {
+            (Src::Synth(path), _) => {
+                let content = match self.synth.get(path) {
+                    Some(SynthEntry::File { content }) => content.clone(),
+                    _ => return Err(OpError::NotFound),
+                };
+                let mut f = create_excl(&udir, name)?;
+                if !truncate {
+                    f.write_all(&content)?;
+                }
+                apply_meta(&f, meta)?;
+            }
+            (Src::Layer(idx), FileType::RegularFile) => {
+                let parts = self.dir_parts(dir)?;
+                let Some(src_dir) = parts.iter().find_map(|p| match p {
+                    Part::Layer(i, d) if i == idx => Some(Arc::clone(d)),
+                    _ => None,
+                }) else {
+                    return Err(OpError::NotFound);
+                };
+                let mut f = create_excl(&udir, name)?;
+                if !truncate {
+                    let mut src = open_file(&*src_dir, name, OFlags::RDONLY | OFlags::NONBLOCK, 0)?;
+                    std::io::copy(&mut src, &mut f)?;
+                }
+                apply_meta(&f, meta)?;
+            }
+            (Src::Layer(idx), FileType::Symlink) => {
+                let target = self.readlink(comps, *idx)?;
+                rustix::fs::symlinkat(target.as_slice(), &*udir, name.as_os_str())?;
+                chown_at(&udir, name, meta.uid, meta.gid)?;
+            }
+            (Src::Layer(_), FileType::NamedPipe | FileType::Socket) => {
+                let ft = if meta.kind == FileType::NamedPipe {
+                    RFileType::Fifo
+                } else {
+                    RFileType::Socket
+                };
+                unlink_whiteout(&udir, name)?;
+                rustix::fs::mknodat(&*udir, name.as_os_str(), ft, Mode::from_raw_mode(0o600), 0)?;
+                chown_at(&udir, name, meta.uid, meta.gid)?;
+                let p = crate::resolve::open_path(&*udir, name)?;
+                crate::sys::chmod_fd(p.as_fd(), u32::from(meta.perm))?;
+            }
+            _ => return Err(OpError::Perm),
+        }
+        Ok(())
+    }
+
+    /// Read a symlink's target from layer `idx`, verbatim.
+    pub(crate) fn readlink(&self, comps: &[Name], idx: usize) -> OpResult<Vec<u8>> {
+        let Some((name, dir)) = comps.split_last() else {
+            return Err(OpError::Invalid);
+        };
+        let parts = self.dir_parts(dir)?;
+        let d = parts
+            .iter()
+            .find_map(|p| match p {
+                Part::Layer(i, d) if *i == idx => Some(Arc::clone(d)),
+                _ => None,
+            })
+            .ok_or(OpError::NotFound)?;
+        Ok(rustix::fs::readlinkat(&*d, name.as_os_str(), Vec::new())?.into_bytes())
+    }
+
+    /// The host directory of layer `idx` for merged directory `comps`.
+    pub(crate) fn layer_dir(&self, comps: &[Name], idx: usize) -> OpResult<Arc<Dir>> {
+        let parts = self.dir_parts(comps)?;
+        parts
+            .iter()
+            .find_map(|p| match p {
+                Part::Layer(i, d) if *i == idx => Some(Arc::clone(d)),
+                _ => None,
+            })
+            .ok_or(OpError::NotFound)
+    }
+}
+
+/// Create a fresh file in the writable layer, replacing a whiteout.
+fn create_excl(dir: &Dir, name: &Name) -> OpResult<File> {
+    unlink_whiteout(dir, name)?;
+    open_file(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
+        0o600,
+    )
+}
+
+/// Remove a whiteout of `name` if there is one.
+pub(crate) fn unlink_whiteout(dir: &Dir, name: &Name) -> OpResult<bool> {
+    if let Some(st) = stat_at(dir, name)?
+        && is_whiteout(&st)
+    {
+        rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::empty())?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Record that `name` is deleted for everything below the writable layer.
+pub(crate) fn make_whiteout(dir: &Dir, name: &Name) -> OpResult<()> {
+    rustix::fs::mknodat(
+        dir,
+        name.as_os_str(),
+        RFileType::CharacterDevice,
+        Mode::empty(),
+        0,
+    )?;
+    Ok(())
+}
+
+pub(crate) fn is_opaque(dir: &Dir) -> bool {
+    let mut buf = [0u8; 4];
+    matches!(
+        rustix::fs::fgetxattr(dir, OPAQUE_XATTR, &mut buf[..]),
+        Ok(1) if buf[0] == b'y'
+    )
+}
+
+pub(crate) fn set_opaque(dir: &Dir) -> OpResult<()> {
+    rustix::fs::fsetxattr(dir, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())?;
+    Ok(())
+}
+
+pub(crate) fn chown_at(dir: &Dir, name: &Name, uid: u32, gid: u32) -> OpResult<()> {
+    rustix::fs::chownat(
+        dir,
+        name.as_os_str(),
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}
+
+fn to_timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(d.subsec_nanos()),
+        },
+        Err(_) => Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+    }
+}
+
+/// Owner, mode and times of `meta` onto an open file or directory.
+fn apply_meta(fd: impl AsFd, meta: &Meta) -> OpResult<()> {
+    let fd = fd.as_fd();
+    rustix::fs::fchown(
+        fd,
+        Some(rustix::fs::Uid::from_raw(meta.uid)),
+        Some(rustix::fs::Gid::from_raw(meta.gid)),
+    )?;
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(u32::from(meta.perm)))?;
+    rustix::fs::futimens(
+        fd,
+        &Timestamps {
+            last_access: to_timespec(meta.atime),
+            last_modification: to_timespec(meta.mtime),
+        },
+    )?;
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! airlock-fs: the FUSE filesystem that is a sandbox's entire root.
+//!
+//! # Layers
+//! A request names an inode; the [`inode`] table turns it into a list of
+//! validated components from the sandbox root. `/workspace` and everything
+//! under it is its own subtree (like a mount), served only from
+//! [`MountSpec::workspace`]. Everything else is the merge of a stack, top
+//! first:
+//!
+//! 1. the writable upper layer (per sandbox, copy-on-write);
+//! 2. frozen layers (none yet: a snapshot will push a fresh writable layer);
+//! 3. synthesized entries ([`synth`]): `/etc/hostname`, `hosts`,
+//!    `resolv.conf`, `passwd`, `group`, and empty directories such as `/tmp`;
+//! 4. the read-only base: the host's `usr`, `bin`, `lib*` and a filtered
+//!    `etc` ([`policy::ETC_DENY`]), or a rootfs directory.
+//!
+//! Lookups and listings walk that order and stop at whiteouts (character
+//! device 0:0) and opaque directories (`trusted.overlay.opaque = "y"`), the
+//! overlayfs format. Writes copy the entry (and its directory chain) up into
+//! the writable layer first.
+//!
+//! # Resolution
+//! Each layer root is opened once at mount time; afterwards every host
+//! access is a single validated component relative to a directory handle
+//! ([`resolve`]), opened with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, so no
+//! symlink is ever followed by this server and no host path is built from
+//! sandbox input. The sandbox's kernel resolves `..` and symlinks itself.
+//!
+//! # Ownership
+//! Requests carry host ids (`host_base + sandbox id`). Base files owned by
+//! host id `u < count` are shown as `host_base + u`, others as nobody;
+//! workspace files are all shown as the sandbox user and are created on the
+//! host as the owner of the workspace directory.
+
+mod error;
+mod fuse;
+mod inode;
+mod layers;
+mod policy;
+mod resolve;
+mod synth;
+mod sys;
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use error::FsError;
+
+/// Sandbox id `u` is host id `base + u`, for `u < count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IdMap {
+    /// Host uid of sandbox uid 0.
+    pub host_uid_base: u32,
+    /// Host gid of sandbox gid 0.
+    pub host_gid_base: u32,
+    /// Number of mapped ids.
+    pub count: u32,
+}
+
+/// The sandbox-visible nobody id.
+const NOBODY: u32 = 65534;
+
+impl IdMap {
+    fn base_id(base: u32, count: u32, id: u32) -> u32 {
+        if id < count {
+            base.saturating_add(id)
+        } else {
+            base.saturating_add(NOBODY.min(count.saturating_sub(1)))
+        }
+    }
+
+    fn clamp_id(base: u32, count: u32, id: u32) -> u32 {
+        if id >= base && id - base < count {
+            id
+        } else {
+            Self::base_id(base, count, NOBODY)
+        }
+    }
+
+    /// Host uid shown for a base file owned by host uid `uid`.
+    pub(crate) fn base_uid(&self, uid: u32) -> u32 {
+        Self::base_id(self.host_uid_base, self.count, uid)
+    }
+
+    pub(crate) fn base_gid(&self, gid: u32) -> u32 {
+        Self::base_id(self.host_gid_base, self.count, gid)
+    }
+
+    /// A stored upper-layer owner, or nobody when outside the map.
+    pub(crate) fn clamp_uid(&self, uid: u32) -> u32 {
+        Self::clamp_id(self.host_uid_base, self.count, uid)
+    }
+
+    pub(crate) fn clamp_gid(&self, gid: u32) -> u32 {
+        Self::clamp_id(self.host_gid_base, self.count, gid)
+    }
+
+    pub(crate) fn uid_mapped(&self, uid: u32) -> bool {
+        uid >= self.host_uid_base && uid - self.host_uid_base < self.count
+    }
+
+    pub(crate) fn gid_mapped(&self, gid: u32) -> bool {
+        gid >= self.host_gid_base && gid - self.host_gid_base < self.count
+    }
+
+    /// The owner a request's new files get: its id when mapped, sandbox
+    /// root for host root (the broker, tests), nobody otherwise.
+    pub(crate) fn req_uid(&self, uid: u32) -> u32 {
+        if uid == 0 {
+            self.host_uid_base
+        } else {
+            self.clamp_uid(uid)
+        }
+    }
+
+    pub(crate) fn req_gid(&self, gid: u32) -> u32 {
+        if gid == 0 {
+            self.host_gid_base
+        } else {
+            self.clamp_gid(gid)
+        }
+    }
+}
+
+/// What the read-only base layer is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseSpec {
+    /// The host's `usr`, `bin`, `sbin`, `lib*` and a filtered `etc`.
+    Host,
+    /// This directory, entirely.
+    Rootfs(PathBuf),
+}
+
+/// Everything needed to serve one sandbox's tree.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    /// The read-only base.
+    pub base: BaseSpec,
+    /// Existing empty host dir (root-owned, 0700) for the copy-on-write layer.
+    pub upper: PathBuf,
+    /// Existing host dir shown at /workspace (may be shared live).
+    pub workspace: PathBuf,
+    /// The sandbox's id map.
+    pub ids: IdMap,
+    /// In-sandbox uid of the sandbox user.
+    pub sandbox_uid: u32,
+    /// In-sandbox gid of the sandbox user.
+    pub sandbox_gid: u32,
+    /// Its name, for the synthesized passwd/group.
+    pub sandbox_user: String,
+    /// For /etc/hostname and /etc/hosts.
+    pub hostname: String,
+}
+
+/// Kinds of change reported for /workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum MutationOp {
+    /// A file, fifo or socket was created.
+    Create,
+    /// A handle that was written to was flushed or released.
+    Write,
+    /// A file was truncated.
+    Truncate,
+    /// A non-directory was removed.
+    Unlink,
+    /// A directory was created.
+    Mkdir,
+    /// A directory was removed.
+    Rmdir,
+    /// An entry was renamed (`to` holds the new path).
+    Rename,
+    /// A symlink was created.
+    Symlink,
+    /// A hard link was created (`to` holds the new path).
+    Link,
+    /// The mode changed.
+    Chmod,
+    /// An xattr was set.
+    SetXattr,
+    /// An xattr was removed.
+    RemoveXattr,
+    /// Times changed.
+    Utimes,
+}
+
+/// What the filesystem reports to the broker's audit log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub enum FsEvent {
+    /// A change under /workspace.
+    Mutation {
+        /// What changed.
+        op: MutationOp,
+        /// Sandbox path, e.g. "/workspace/a.txt".
+        path: String,
+        /// Rename/link target.
+        to: Option<String>,
+    },
+    /// A request this server refused by policy.
+    Denied {
+        /// The operation, e.g. "lookup", "mknod", "setxattr".
+        op: String,
+        /// Sandbox path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Receives events on FUSE threads; must be cheap and never block.
+pub type EventSink = Arc<dyn Fn(FsEvent) + Send + Sync>;
+
+/// Worker threads of a session.
+const THREADS: usize = 4;
+
+/// How long unmount waits for the session threads after detaching.
+const JOIN_WAIT: Duration = Duration::from_secs(2);
+
+/// Mount `spec` at `mountpoint` and serve it on background threads.
+///
+/// # Errors
+/// When a layer root cannot be opened, /dev/fuse cannot be opened, or the
+/// mount or the FUSE handshake fails.
+pub fn mount(spec: MountSpec, mountpoint: &Path, events: EventSink) -> Result<Mount, FsError> {
+    let fs = fuse::AirlockFs::new(&spec, events)?;
+
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(FsError::OpenFuseDevice)?;
+    let data = std::ffi::CString::new(format!(
+        "fd={},rootmode=40755,user_id=0,group_id=0,allow_other,default_permissions",
+        dev.as_raw_fd()
+    ))
+    .map_err(|_| FsError::InvalidSpec {
+        what: "mount data contains NUL".to_owned(),
+    })?;
+    rustix::mount::mount(
+        "airlock",
+        mountpoint,
+        "fuse.airlock",
+        rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV,
+        Some(data.as_c_str()),
+    )
+    .map_err(|e| FsError::Mount {
+        path: mountpoint.to_path_buf(),
+        source: e.into(),
+    })?;
+
+    let mut config = fuser::Config::default();
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(THREADS);
+    config.clone_fd = true;
+    let session = fuser::Session::from_fd(fs, dev.into(), fuser::SessionACL::All, config)
+        .and_then(fuser::Session::spawn);
+    let session = match session {
+        Ok(s) => s,
+        Err(source) => {
+            let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            return Err(FsError::Session {
+                path: mountpoint.to_path_buf(),
+                source,
+            });
+        }
+    };
+    Ok(Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        thread: Some(session.guard),
+    })
+}
+
+/// A live mount. Unmounting (explicitly or on drop) detaches it lazily and
+/// stops the session threads.
+#[derive(Debug)]
+pub struct Mount {
+    mountpoint: PathBuf,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Mount {
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Detach the mount and stop serving it.
+    ///
+    /// # Errors
+    /// When umount2 fails for another reason than "not mounted".
+    pub fn unmount(mut self) -> Result<(), FsError> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<(), FsError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let res = force_unmount(&self.mountpoint);
+        // Without users the kernel ends the connection once detached; wait a
+        // little for the threads, but never hang on a busy mount.
+        let start = Instant::now();
+        while !thread.is_finished() && start.elapsed() < JOIN_WAIT {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
+            if let Ok(Err(e)) = thread.join() {
+                tracing::debug!(error = %e, "fuse session ended with an error");
+            }
+        } else {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), "fuse session still busy after unmount; leaving its threads");
+        }
+        res
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::warn!(error = %e, "unmount on drop failed");
+        }
+    }
+}
+
+/// Recover a mount left by a dead process: abort its FUSE connection if
+/// fusectl is mounted, then detach it. "Not mounted" is success.
+///
+/// # Errors
+/// When aborting or umount2 fails for another reason.
+pub fn force_unmount(mountpoint: &Path) -> Result<(), FsError> {
+    if let Some(dev) = fuse_conn_of(mountpoint) {
+        let abort = PathBuf::from(format!("/sys/fs/fuse/connections/{dev}/abort"));
+        if abort.exists() {
+            std::fs::write(&abort, b"1").map_err(|source| FsError::Abort {
+                path: mountpoint.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOENT => Ok(()),
+        Err(e) => Err(FsError::Unmount {
+            path: mountpoint.to_path_buf(),
+            source: e.into(),
+        }),
+    }
+}
+
+/// The fusectl connection number (the mount's minor device) of a FUSE mount
+/// at exactly `mountpoint`, read from mountinfo so a dead server is never
+/// waited on.
+fn fuse_conn_of(mountpoint: &Path) -> Option<u32> {
+    let want = mountpoint.to_str()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|line| {
+        let mut f = line.split(' ');
+        let dev = f.nth(2)?;
+        let point = f.nth(1)?;
+        let fstype = line.split(" - ").nth(1)?.split(' ').next()?;
+        (point == want && fstype.starts_with("fuse"))
+            .then(|| dev.split(':').nth(1)?.parse().ok())
+            .flatten()
+    })
+}

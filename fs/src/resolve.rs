@@ -1,0 +1,74 @@
+//! The only way this crate touches host files: single validated components
+//! opened relative to a directory handle, with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)` or `*at(AT_SYMLINK_NOFOLLOW)`.
+//! No symlink is ever followed and no host path is ever built from sandbox
+//! input.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use cap_std::fs::Dir;
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat};
+
+use crate::error::{OpError, OpResult};
+use crate::policy::Name;
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+/// openat2 of one component; never follows a symlink (ELOOP instead).
+pub(crate) fn open_at(dir: impl AsFd, name: &Name, flags: OFlags, mode: u32) -> OpResult<OwnedFd> {
+    let flags = flags | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+    Ok(rustix::fs::openat2(
+        dir,
+        name.as_os_str(),
+        flags,
+        Mode::from_raw_mode(mode),
+        RESOLVE,
+    )?)
+}
+
+pub(crate) fn open_file(dir: impl AsFd, name: &Name, flags: OFlags, mode: u32) -> OpResult<File> {
+    Ok(File::from(open_at(dir, name, flags, mode)?))
+}
+
+/// Open a child directory.
+pub(crate) fn open_dir(dir: impl AsFd, name: &Name) -> OpResult<Arc<Dir>> {
+    let fd = open_at(dir, name, OFlags::DIRECTORY | OFlags::RDONLY, 0)?;
+    Ok(Arc::new(Dir::from_std_file(File::from(fd))))
+}
+
+/// An `O_PATH` handle on a child, for fd-based metadata changes.
+pub(crate) fn open_path(dir: impl AsFd, name: &Name) -> OpResult<OwnedFd> {
+    open_at(dir, name, OFlags::PATH, 0)
+}
+
+/// lstat of one component; `None` when absent.
+pub(crate) fn stat_at(dir: impl AsFd, name: &Name) -> OpResult<Option<Stat>> {
+    match rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(e) if e == rustix::io::Errno::NOENT || e == rustix::io::Errno::NOTDIR => Ok(None),
+        Err(e) => Err(OpError::Sys(e)),
+    }
+}
+
+/// Walk `comps` from `root` as directories; `None` if any is missing or not
+/// a directory.
+pub(crate) fn walk_dirs(root: &Arc<Dir>, comps: &[Name]) -> OpResult<Option<Arc<Dir>>> {
+    let mut cur = Arc::clone(root);
+    for c in comps {
+        match open_dir(&*cur, c) {
+            Ok(d) => cur = d,
+            Err(e) if e.is_absent() || is_loop(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(cur))
+}
+
+/// ELOOP: the component is a symlink (which we refuse to follow).
+pub(crate) fn is_loop(e: &OpError) -> bool {
+    matches!(e, OpError::Sys(e) if *e == rustix::io::Errno::LOOP)
+}

@@ -1,0 +1,4 @@
+pub mod common;
+mod host;
+mod layers;
+mod workspace;

@@ -1,0 +1,429 @@
+//! pid 1 of a sandbox.
+//!
+//! Theory of operation:
+//! 1. wait until the launcher has written our id maps, then become uid/gid 0
+//!    of the new user namespace (unprivileged on the host);
+//! 2. build the view: run the mount [`plan`](crate::plan) (private
+//!    propagation, fresh /proc, a minimal read-only /dev, pivot_root into the
+//!    FUSE root, old root detached), set the hostname, bring up loopback;
+//! 3. prepare the jail once: the landlock ruleset and the compiled seccomp
+//!    program;
+//! 4. self-test: fork a probe that jails itself exactly as a command would and
+//!    checks from inside that the jail holds; report [`FromShim::Ready`] (or
+//!    refuse to run anything);
+//! 5. serve: for each exec request fork a child that takes its stdio, jails
+//!    itself (capabilities, user, no_new_privs, landlock, seccomp), re-runs the
+//!    self-test and only then execs. Reap every zombie, report exits, forward
+//!    signals. When the broker's end of the channel closes, kill everything.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::SignalFd;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Gid, Pid, Uid};
+
+use crate::channel::{Channel, ExitStatus, FromShim, ToShim};
+use crate::landlock::PreparedLandlock;
+use crate::selftest::{self, Expect, SelfTestReport};
+use crate::spec::{DEFAULT_PATH, ExecRequest, SandboxSpec};
+use crate::sys::{self, Forked};
+use crate::{caps, landlock, mount, plan, seccomp};
+
+/// What every exec child needs, prepared once.
+struct Jail {
+    landlock: PreparedLandlock,
+    bpf: seccompiler::BpfProgram,
+    floor: u8,
+    rlimits: crate::spec::Rlimits,
+}
+
+/// Runs pid 1; returns its exit code.
+pub fn run(spec: &SandboxSpec, ctrl: Channel, go: OwnedFd) -> i32 {
+    let mut b = [0u8; 1];
+    let mut go = std::fs::File::from(go);
+    if !matches!(go.read(&mut b), Ok(1)) {
+        return 1;
+    }
+    drop(go);
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let jail = match setup(spec) {
+        Ok(j) => j,
+        Err((stage, error)) => {
+            let _ = ctrl.send(&FromShim::SetupFailed { stage, error }, &[]);
+            return 1;
+        }
+    };
+    let report = probe(&jail, spec.probe_user);
+    let passed = report.passed;
+    let ready = FromShim::Ready {
+        selftest: Box::new(report),
+        landlock_abi: jail.landlock.abi(),
+        seccomp_profile: seccomp::PROFILE_VERSION.to_string(),
+    };
+    if ctrl.send(&ready, &[]).is_err() || !passed {
+        return 1;
+    }
+    serve(&ctrl, &jail)
+}
+
+type StageError = (String, String);
+
+fn stage<E: std::fmt::Display>(name: &str) -> impl FnOnce(E) -> StageError + '_ {
+    move |e| (name.to_string(), e.to_string())
+}
+
+fn setup(spec: &SandboxSpec) -> Result<Jail, StageError> {
+    nix::unistd::setgroups(&[]).map_err(stage("setgroups"))?;
+    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
+        .map_err(stage("become gid 0 in the user namespace"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
+        .map_err(stage("become uid 0 in the user namespace"))?;
+    mount::apply(&plan::plan(spec)).map_err(stage("mount"))?;
+    nix::unistd::sethostname(&spec.hostname).map_err(stage("sethostname"))?;
+    sys::bring_up_loopback().map_err(stage("bring up loopback"))?;
+    let landlock = landlock::prepare(spec.landlock_floor).map_err(stage("landlock"))?;
+    let bpf = seccomp::compile_sandbox_profile().map_err(stage("seccomp"))?;
+    // Keep signals for the event loop; children restore the mask.
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(stage("sigprocmask"))?;
+    // Nothing in the sandbox may ptrace or read the memory of pid 1.
+    let _ = nix::sys::prctl::set_dumpable(false);
+    Ok(Jail {
+        landlock,
+        bpf,
+        floor: spec.landlock_floor,
+        rlimits: spec.rlimits,
+    })
+}
+
+/// Applies the whole jail to the calling (forked) process and self-tests it.
+fn jail_self(jail: &Jail, uid: u32, gid: u32) -> Result<SelfTestReport, String> {
+    caps::drop_bounding_and_ambient().map_err(|e| format!("drop capabilities: {e}"))?;
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    nix::unistd::setresgid(g, g, g).map_err(|e| format!("setresgid {gid}: {e}"))?;
+    nix::unistd::setresuid(u, u, u).map_err(|e| format!("setresuid {uid}: {e}"))?;
+    caps::clear_all_capability_sets().map_err(|e| format!("clear capabilities: {e}"))?;
+    caps::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
+    let status = jail
+        .landlock
+        .restrict_self()
+        .map_err(|e| format!("landlock: {e}"))?;
+    seccomp::install_on_current_thread(&jail.bpf).map_err(|e| format!("seccomp: {e}"))?;
+    let report = selftest::run(
+        &Expect {
+            fuse_root: true,
+            landlock_floor: jail.floor,
+        },
+        Some(status),
+    );
+    if report.passed {
+        Ok(report)
+    } else {
+        Err(format!(
+            "jail self-test failed: {}",
+            report.failures.join("; ")
+        ))
+    }
+}
+
+/// A report for a probe that could not even run: failed, with the reason
+/// first and whatever the current process can still observe after it.
+fn failed_report(why: String) -> SelfTestReport {
+    let mut rep = selftest::run(
+        &Expect {
+            fuse_root: true,
+            landlock_floor: 0,
+        },
+        None,
+    );
+    rep.passed = false;
+    rep.failures.insert(0, why);
+    rep
+}
+
+/// Forks a probe that jails itself as `user` and reports what it sees.
+fn probe(jail: &Jail, user: (u32, u32)) -> SelfTestReport {
+    let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return failed_report(format!("probe pipe: {e}")),
+    };
+    match sys::fork_single_threaded() {
+        Err(e) => failed_report(format!("probe fork: {e}")),
+        Ok(Forked::Child) => {
+            drop(r);
+            let report = match jail_self(jail, user.0, user.1) {
+                Ok(rep) => rep,
+                Err(why) => failed_report(why),
+            };
+            let mut f = std::fs::File::from(w);
+            let _ = serde_json::to_writer(&mut f, &report);
+            drop(f);
+            sys::exit_now(0)
+        }
+        Ok(Forked::Parent(pid)) => {
+            drop(w);
+            let mut buf = Vec::new();
+            let _ = std::fs::File::from(r).read_to_end(&mut buf);
+            let _ = waitpid(pid, None);
+            serde_json::from_slice(&buf)
+                .unwrap_or_else(|e| failed_report(format!("probe report unreadable: {e}")))
+        }
+    }
+}
+
+struct Running {
+    exec_id: u64,
+}
+
+fn serve(ctrl: &Channel, jail: &Jail) -> i32 {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    let sfd = match SignalFd::with_flags(
+        &mask,
+        nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    ) {
+        Ok(s) => s,
+        Err(_) => return 1,
+    };
+    let mut running: HashMap<Pid, Running> = HashMap::new();
+    loop {
+        let (ctrl_ready, sig_ready) = {
+            let mut fds = [
+                PollFd::new(ctrl.fd(), PollFlags::POLLIN),
+                PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => return shutdown(1),
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
+        };
+        if sig_ready {
+            while let Ok(Some(info)) = sfd.read_signal() {
+                let signo = i32::try_from(info.ssi_signo).unwrap_or(0);
+                if signo == Signal::SIGTERM as i32
+                    || signo == Signal::SIGINT as i32
+                    || signo == Signal::SIGHUP as i32
+                {
+                    return shutdown(0);
+                }
+            }
+            reap(ctrl, &mut running);
+        }
+        if ctrl_ready {
+            match ctrl.recv::<ToShim>() {
+                Ok((ToShim::Exec(req), fds)) => start_exec(ctrl, jail, req, fds, &mut running),
+                Ok((ToShim::Signal { exec_id, signal }, _)) => {
+                    if let Ok(sig) = Signal::try_from(signal) {
+                        for (pid, r) in &running {
+                            if r.exec_id == exec_id {
+                                // The exec leads its own process group.
+                                if kill(Pid::from_raw(-pid.as_raw()), sig).is_err() {
+                                    let _ = kill(*pid, sig);
+                                }
+                            }
+                        }
+                    }
+                }
+                Ok((ToShim::Shutdown, _)) => return shutdown(0),
+                Ok((ToShim::Spec(_), _)) => {}
+                // The broker is gone: nothing may outlive it.
+                Err(crate::channel::ChannelError::Closed) => return shutdown(0),
+                Err(crate::channel::ChannelError::Malformed(_)) => {}
+                Err(_) => return shutdown(1),
+            }
+        }
+    }
+}
+
+fn reap(ctrl: &Channel, running: &mut HashMap<Pid, Running>) {
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => report_exit(ctrl, running, pid, Some(code), None),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                report_exit(ctrl, running, pid, None, Some(sig as i32))
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn report_exit(
+    ctrl: &Channel,
+    running: &mut HashMap<Pid, Running>,
+    pid: Pid,
+    code: Option<i32>,
+    signal: Option<i32>,
+) {
+    if let Some(r) = running.remove(&pid) {
+        let _ = ctrl.send(
+            &FromShim::Exited {
+                exec_id: r.exec_id,
+                status: ExitStatus { code, signal },
+            },
+            &[],
+        );
+    }
+}
+
+fn shutdown(code: i32) -> i32 {
+    // pid 1 is immune to its own kill(-1); every other process in the pid
+    // namespace dies, and with pid 1's exit the kernel reaps the rest.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    code
+}
+
+fn start_exec(
+    ctrl: &Channel,
+    jail: &Jail,
+    req: ExecRequest,
+    fds: Vec<OwnedFd>,
+    running: &mut HashMap<Pid, Running>,
+) {
+    let exec_id = req.exec_id;
+    let fail = |error: String, code: i32| {
+        let _ = ctrl.send(
+            &FromShim::ExecFailed {
+                exec_id,
+                error,
+                code,
+            },
+            &[],
+        );
+    };
+    if fds.len() != 3 {
+        return fail(
+            format!("expected 3 stdio descriptors, got {}", fds.len()),
+            126,
+        );
+    }
+    if req.argv.is_empty() {
+        return fail("empty argv".into(), 126);
+    }
+    let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("pipe: {e}"), 126),
+    };
+    match sys::fork_single_threaded() {
+        Err(e) => fail(format!("fork: {e}"), 126),
+        Ok(Forked::Child) => {
+            drop(r);
+            exec_child(jail, &req, fds, w)
+        }
+        Ok(Forked::Parent(pid)) => {
+            drop(w);
+            drop(fds);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(r).read_to_string(&mut msg);
+            if msg.is_empty() {
+                running.insert(pid, Running { exec_id });
+                let _ = ctrl.send(
+                    &FromShim::Started {
+                        exec_id,
+                        pid: pid.as_raw(),
+                    },
+                    &[],
+                );
+            } else {
+                let (code, text) = match msg.split_once(' ') {
+                    Some((c, t)) => (c.parse().unwrap_or(126), t.to_string()),
+                    None => (126, msg),
+                };
+                fail(text, code);
+            }
+        }
+    }
+}
+
+/// In the forked child: take stdio, jail, self-test, exec. Never returns.
+fn exec_child(jail: &Jail, req: &ExecRequest, fds: Vec<OwnedFd>, status: OwnedFd) -> ! {
+    let mut status = std::fs::File::from(status);
+    let mut die = |code: i32, why: String| -> ! {
+        let _ = write!(status, "{code} {why}");
+        sys::exit_now(code)
+    };
+    // Stdio first, then mark everything else close-on-exec.
+    for (i, fd) in fds.iter().enumerate() {
+        let target = i32::try_from(i).unwrap_or(0);
+        if let Err(e) = sys::dup_onto(fd, target) {
+            die(126, format!("dup2 stdio {i}: {e}"));
+        }
+    }
+    drop(fds);
+    if let Err(e) = sys::cloexec_from(3) {
+        die(126, format!("close_range: {e}"));
+    }
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    sys::reset_signal_dispositions();
+    let _ = nix::unistd::setsid();
+    use nix::sys::resource::{Resource, setrlimit};
+    let _ = setrlimit(
+        Resource::RLIMIT_NOFILE,
+        jail.rlimits.nofile,
+        jail.rlimits.nofile,
+    );
+    let _ = setrlimit(Resource::RLIMIT_CORE, jail.rlimits.core, jail.rlimits.core);
+    if let Err(why) = jail_self(jail, req.uid, req.gid) {
+        die(126, why);
+    }
+    if let Err(e) = nix::unistd::chdir(req.cwd.as_str()) {
+        die(126, format!("chdir {}: {e}", req.cwd));
+    }
+    let to_c = |s: &str| std::ffi::CString::new(s).ok();
+    let argv: Option<Vec<_>> = req.argv.iter().map(|a| to_c(a)).collect();
+    let env: Option<Vec<_>> = req.env.iter().map(|a| to_c(a)).collect();
+    let (Some(argv), Some(env)) = (argv, env) else {
+        die(126, "argument or environment contains a NUL byte".into())
+    };
+    let prog = &req.argv[0];
+    let candidates: Vec<String> = if prog.contains('/') {
+        vec![prog.clone()]
+    } else {
+        let path = req
+            .env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or(DEFAULT_PATH);
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| format!("{d}/{prog}"))
+            .collect()
+    };
+    let mut last = nix::Error::ENOENT;
+    for c in candidates {
+        let Some(cpath) = to_c(&c) else { continue };
+        // Only returns on failure.
+        let Err(e) = nix::unistd::execve(&cpath, &argv, &env);
+        if e != nix::Error::ENOENT && e != nix::Error::ENOTDIR {
+            last = e;
+        }
+    }
+    if last == nix::Error::ENOENT {
+        die(127, format!("command not found: {prog}"))
+    } else {
+        die(126, format!("cannot execute {prog}: {last}"))
+    }
+}

@@ -1,0 +1,128 @@
+//! The launcher: the first shim process, started by the broker as host root.
+//!
+//! Theory of operation, in stages:
+//! 1. read the [`SandboxSpec`] from the control channel (fd 3);
+//! 2. join the sandbox's cgroup, so everything after is counted;
+//! 3. `clone` into fresh user, mount, pid, ipc, uts, net and cgroup
+//!    namespaces; the child becomes the sandbox's pid 1 ([`crate::init`]);
+//! 4. write the child's uid/gid maps from here (only a process in the parent
+//!    user namespace holding CAP_SETUID may map a range that is not its own),
+//!    report the child's host pid, and release it;
+//! 5. wait for pid 1 and exit with its status. If the launcher dies, pid 1
+//!    gets SIGKILL (parent-death signal) and the kernel kills the whole pid
+//!    namespace with it.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+
+use nix::sched::CloneFlags;
+use nix::sys::wait::{WaitStatus, waitpid};
+
+use crate::channel::{Channel, FromShim, ToShim};
+use crate::spec::SandboxSpec;
+use crate::sys::{self, Forked};
+
+/// Namespaces every sandbox gets.
+pub fn namespace_flags() -> CloneFlags {
+    CloneFlags::CLONE_NEWUSER
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWCGROUP
+}
+
+fn setup_failed(ctrl: &Channel, stage: &str, error: impl std::fmt::Display) -> i32 {
+    let _ = ctrl.send(
+        &FromShim::SetupFailed {
+            stage: stage.to_string(),
+            error: error.to_string(),
+        },
+        &[],
+    );
+    1
+}
+
+/// Runs the launcher on the inherited control channel; returns the exit code.
+pub fn run(ctrl: Channel) -> i32 {
+    let spec = match ctrl.recv::<ToShim>() {
+        Ok((ToShim::Spec(spec), _)) => *spec,
+        Ok((other, _)) => return setup_failed(&ctrl, "read spec", format!("unexpected {other:?}")),
+        Err(e) => return setup_failed(&ctrl, "read spec", e),
+    };
+    // No core dumps and no ptrace attach while we hold host root.
+    let _ = nix::sys::prctl::set_dumpable(false);
+    let me = std::process::id().to_string();
+    for f in &spec.cgroup_procs {
+        if let Err(e) = std::fs::write(f, &me) {
+            return setup_failed(&ctrl, &format!("join cgroup {}", f.display()), e);
+        }
+    }
+    let (go_r, go_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return setup_failed(&ctrl, "pipe", e),
+    };
+    match sys::clone_fork(namespace_flags().bits()) {
+        Err(e) => setup_failed(&ctrl, "clone namespaces", e),
+        Ok(Forked::Child) => {
+            drop(go_w);
+            let code = crate::init::run(&spec, ctrl, go_r);
+            sys::exit_now(code)
+        }
+        Ok(Forked::Parent(child)) => {
+            drop(go_r);
+            parent(&spec, ctrl, child, go_w)
+        }
+    }
+}
+
+fn write_maps(spec: &SandboxSpec, child: nix::unistd::Pid) -> std::io::Result<()> {
+    let uid = format!("0 {} {}\n", spec.ids.uid_base, spec.ids.count);
+    let gid = format!("0 {} {}\n", spec.ids.gid_base, spec.ids.count);
+    std::fs::write(format!("/proc/{child}/uid_map"), uid)?;
+    std::fs::write(format!("/proc/{child}/gid_map"), gid)
+}
+
+fn parent(spec: &SandboxSpec, ctrl: Channel, child: nix::unistd::Pid, go_w: OwnedFd) -> i32 {
+    if let Err(e) = write_maps(spec, child) {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        return setup_failed(&ctrl, "write id maps", e);
+    }
+    if let Err(e) = ctrl.send(
+        &FromShim::Launched {
+            init_pid: child.as_raw(),
+        },
+        &[],
+    ) {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        return setup_failed(&ctrl, "report launch", e);
+    }
+    // pid 1 owns the channel from here on.
+    drop(ctrl);
+    let mut go = std::fs::File::from(go_w);
+    let _ = go.write_all(b"g");
+    drop(go);
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::Error::EINTR) => continue,
+            Err(_) => return 1,
+        }
+    }
+}
+
+/// Entry point for the `__shim` role: fd 3 is the control channel.
+pub fn main_with_fd3() -> i32 {
+    match sys::own_inherited_fd(3) {
+        Some(fd) => run(Channel::from_fd(fd)),
+        None => {
+            eprintln!("airlock shim: fd 3 (control channel) is not open");
+            1
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The shim's raw system calls: each is a small function whose `SAFETY`
+//! comment names the invariant it relies on. Everything else in the crate uses
+//! safe `nix` wrappers.
+#![allow(unsafe_code)]
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+
+/// Takes ownership of a descriptor that `recvmsg` just installed via
+/// `SCM_RIGHTS`.
+pub fn own_received_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: the kernel installed `fd` into our table for this message and
+    // nothing else holds it; we are its only owner from here on.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// What a fork-like call returned.
+#[derive(Debug, Clone, Copy)]
+pub enum Forked {
+    /// We are the new process.
+    Child,
+    /// We are the caller; the child's pid.
+    Parent(Pid),
+}
+
+/// `clone(flags | SIGCHLD)` with fork semantics: the child continues on a
+/// copy of our stack. Used to enter new namespaces (a new pid namespace only
+/// takes effect for children).
+///
+/// Callers must be single-threaded: the child holds a copy of every lock.
+pub fn clone_fork(flags: libc::c_int) -> Result<Forked, Errno> {
+    let flags = libc::c_ulong::try_from(flags | libc::SIGCHLD).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: raw clone with a null stack behaves as fork(2): the child gets a
+    // copy-on-write copy of the address space including the stack. The shim is
+    // single-threaded (no runtime, no helper threads), so no lock is held by a
+    // thread that does not exist in the child.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    match ret {
+        -1 => Err(Errno::last()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(Pid::from_raw(
+            i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?,
+        ))),
+    }
+}
+
+/// fork(2) for the single-threaded shim.
+pub fn fork_single_threaded() -> Result<Forked, Errno> {
+    // SAFETY: the shim never starts threads, so the child cannot inherit a
+    // lock held by another thread; after fork the child only runs our jail
+    // code and then execve or _exit.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+    }
+}
+
+/// Marks every descriptor from `first` up close-on-exec, so nothing but
+/// stdio crosses into the sandboxed program.
+pub fn cloexec_from(first: u32) -> Result<(), Errno> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on
+    // descriptors; it touches no memory.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    Errno::result(ret).map(drop)
+}
+
+/// Ends the process at once without running destructors or atexit handlers
+/// (a forked child must not flush buffers it shares with its parent).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is always safe to call; it never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// Sets IFF_UP on the loopback interface of the current network namespace.
+pub fn bring_up_loopback() -> Result<(), Errno> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    use std::os::fd::AsRawFd;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes ifru_flags inside `req`,
+    // which lives for the whole call.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    Errno::result(ret)?;
+    // SAFETY: the union was just filled as flags by SIOCGIFFLAGS.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+    // SAFETY: SIOCSIFFLAGS reads `req`, which lives for the whole call.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    Errno::result(ret).map(drop)
+}
+
+/// Takes ownership of a descriptor inherited at exec (the control channel on
+/// fd 3), marking it close-on-exec. `None` if it is not open.
+pub fn own_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD/F_SETFD only read and set the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open (F_GETFD succeeded) and was handed to this
+    // process at exec for the shim's exclusive use; nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Restores default dispositions of signals the Rust runtime changes
+/// (SIGPIPE is ignored by std at start-up; ignored dispositions survive exec).
+pub fn reset_signal_dispositions() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    for s in [Signal::SIGPIPE, Signal::SIGXFSZ] {
+        // SAFETY: installing SIG_DFL runs no code of ours in signal context.
+        let _ = unsafe { signal(s, SigHandler::SigDfl) };
+    }
+}
+
+/// prctl with two integer arguments.
+pub fn prctl(option: libc::c_int, arg2: u64, arg3: u64) -> Result<(), Errno> {
+    // SAFETY: the options used here (PR_CAPBSET_DROP, PR_CAP_AMBIENT) take
+    // plain integers and touch no memory of ours.
+    let ret = unsafe { libc::prctl(option, arg2, arg3, 0u64, 0u64) };
+    Errno::result(ret).map(drop)
+}
+
+/// capset(2) with all three sets empty for the calling thread.
+pub fn capset_zero() -> Result<(), Errno> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and data match the kernel's v3 layout (two data
+    // structs) and outlive the call; capset only reads them.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    Errno::result(ret).map(drop)
+}
+
+/// The kernel's landlock ABI version (0 when landlock is unavailable).
+pub fn landlock_abi_version() -> u8 {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: with a null attr and size 0 and the VERSION flag the call only
+    // returns the ABI number; no memory is read or written.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u8::try_from(ret).unwrap_or(0)
+}
+
+/// dup2(fd, target): makes `target` (0, 1 or 2) a copy of `fd`, without
+/// close-on-exec.
+pub fn dup_onto(fd: &OwnedFd, target: RawFd) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup2 only manipulates the descriptor table; `target` is one of
+    // the stdio slots this forked child is about to hand to the program, and
+    // nothing in this process holds an owned handle to it.
+    let ret = unsafe { libc::dup2(fd.as_raw_fd(), target) };
+    Errno::result(ret).map(drop)
+}
