@@ -88,10 +88,8 @@ impl CapSets {
 /// `PR_CAPBSET_READ`, which fails with EINVAL past the last capability.
 pub fn last_cap() -> Result<u32, CapsError> {
     let text = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap");
-    if let Ok(n) = text.as_deref().map(str::trim).map(str::parse::<u32>) {
-        if let Ok(n) = n {
-            return Ok(n);
-        }
+    if let Ok(Ok(n)) = text.as_deref().map(|t| t.trim().parse::<u32>()) {
+        return Ok(n);
     }
     let mut last = None;
     for cap in 0..64u32 {

@@ -256,14 +256,22 @@ pub fn profile() -> Result<SeccompProfile, SeccompError> {
     parse_profile(PROFILE_JSON)
 }
 
-/// Parses and checks a profile: version, errnos, architectures, numbers,
-/// masks and duplicates. Syscall names are checked when compiling, for the
-/// architecture compiled for.
+/// Parses a profile and checks it with [`validate`]. Syscall names are
+/// checked when compiling, for the architecture compiled for.
 pub fn parse_profile(json: &str) -> Result<SeccompProfile, SeccompError> {
     let p: SeccompProfile = serde_json::from_str(json).map_err(SeccompError::Parse)?;
+    validate(&p)?;
+    Ok(p)
+}
+
+/// Checks a profile: version, errnos, architectures, numbers, masks,
+/// duplicate rules (same syscall and arguments twice), and rule sets that
+/// cannot be combined (an unconditional rule next to conditional ones, or two
+/// errnos for one syscall).
+pub fn validate(p: &SeccompProfile) -> Result<(), SeccompError> {
     if p.version != PROFILE_VERSION {
         return Err(SeccompError::Version {
-            found: p.version,
+            found: p.version.clone(),
             expected: PROFILE_VERSION,
         });
     }
@@ -272,7 +280,7 @@ pub fn parse_profile(json: &str) -> Result<SeccompProfile, SeccompError> {
     // Per syscall: (has an unconditional rule, has a conditional rule, errnos).
     let mut shape: BTreeMap<&str, (bool, bool, BTreeSet<u32>)> = BTreeMap::new();
     for rule in &p.rules {
-        let errno = rule_errno(&p, rule)?;
+        let errno = rule_errno(p, rule)?;
         for arch in rule.arches.iter().flatten() {
             if !matches!(arch.as_str(), "x86_64" | "aarch64") {
                 return Err(SeccompError::UnknownArch {
@@ -322,7 +330,7 @@ pub fn parse_profile(json: &str) -> Result<SeccompProfile, SeccompError> {
             });
         }
     }
-    Ok(p)
+    Ok(())
 }
 
 /// Compiles the compiled-in profile for the running architecture into one
@@ -331,8 +339,10 @@ pub fn compile_sandbox_profile() -> Result<BpfProgram, SeccompError> {
     compile(&profile()?)
 }
 
-/// Compiles a checked profile for the running architecture.
+/// Checks ([`validate`]) and compiles a profile for the running
+/// architecture.
 pub fn compile(profile: &SeccompProfile) -> Result<BpfProgram, SeccompError> {
+    validate(profile)?;
     let arch = target_arch()?;
     // errno -> syscall number -> rules
     let mut groups: BTreeMap<u32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
@@ -708,6 +718,14 @@ mod tests {
     }
 
     #[test]
+    fn compile_refuses_an_unchecked_profile() {
+        let mut p = profile().unwrap();
+        let dup = p.rules[0].clone();
+        p.rules.push(dup);
+        assert!(matches!(compile(&p), Err(SeccompError::DuplicateRule(_))));
+    }
+
+    #[test]
     fn program_compiles_within_limits() {
         let prog = compile_sandbox_profile().unwrap();
         assert!(prog.len() < BPF_MAXINSNS);
@@ -715,9 +733,12 @@ mod tests {
         assert_eq!(prog.last().unwrap().k, libc::SECCOMP_RET_ALLOW);
     }
 
+    /// A named probe: a syscall to try under the filter.
+    type Probe = (&'static str, fn() -> libc::c_long);
+
     /// Runs each probe in a forked child under the filter; returns
     /// `name=result` lines, where result is the return value or `-errno`.
-    fn probe_under_filter(probes: &[(&str, fn() -> libc::c_long)]) -> BTreeMap<String, i64> {
+    fn probe_under_filter(probes: &[Probe]) -> BTreeMap<String, i64> {
         let prog = compile_sandbox_profile().unwrap();
         let out = run_in_child(move || {
             crate::caps::set_no_new_privs().unwrap();
@@ -760,7 +781,7 @@ mod tests {
     #[test]
     fn filter_denies_and_allows_in_child() {
         let eperm = -i64::from(libc::EPERM);
-        let probes: &[(&str, fn() -> libc::c_long)] = &[
+        let probes: &[Probe] = &[
             ("mount", || sys6(libc::SYS_mount, [0; 6])),
             ("unshare_newuser", || {
                 sys6(

@@ -143,60 +143,6 @@ pub fn reset_signal_dispositions() {
     }
 }
 
-/// prctl with two integer arguments.
-pub fn prctl(option: libc::c_int, arg2: u64, arg3: u64) -> Result<(), Errno> {
-    // SAFETY: the options used here (PR_CAPBSET_DROP, PR_CAP_AMBIENT) take
-    // plain integers and touch no memory of ours.
-    let ret = unsafe { libc::prctl(option, arg2, arg3, 0u64, 0u64) };
-    Errno::result(ret).map(drop)
-}
-
-/// capset(2) with all three sets empty for the calling thread.
-pub fn capset_zero() -> Result<(), Errno> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: header and data match the kernel's v3 layout (two data
-    // structs) and outlive the call; capset only reads them.
-    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    Errno::result(ret).map(drop)
-}
-
-/// The kernel's landlock ABI version (0 when landlock is unavailable).
-pub fn landlock_abi_version() -> u8 {
-    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
-    // SAFETY: with a null attr and size 0 and the VERSION flag the call only
-    // returns the ABI number; no memory is read or written.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<libc::c_void>(),
-            0usize,
-            LANDLOCK_CREATE_RULESET_VERSION,
-        )
-    };
-    u8::try_from(ret).unwrap_or(0)
-}
-
 /// dup2(fd, target): makes `target` (0, 1 or 2) a copy of `fd`, without
 /// close-on-exec.
 pub fn dup_onto(fd: &OwnedFd, target: RawFd) -> Result<(), Errno> {
