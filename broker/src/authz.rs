@@ -69,10 +69,10 @@ impl Principal {
         cfg: &BrokerConfig,
         asked: Option<&str>,
     ) -> Result<String, AuthzError> {
-        if let Some(a) = asked {
-            if !valid_agent_name(a) {
-                return Err(AuthzError::BadName(a.to_string()));
-            }
+        if let Some(a) = asked
+            && !valid_agent_name(a)
+        {
+            return Err(AuthzError::BadName(a.to_string()));
         }
         match (self.agents(cfg), asked) {
             (None, Some(a)) => Ok(a.to_string()),

@@ -184,11 +184,12 @@ impl Broker {
                 )
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
-                if let Some(o) = &owner {
-                    if Self::owner_alive(o) && (o.pid, o.start_ticks) != self.me {
-                        live_elsewhere.insert(id);
-                        continue;
-                    }
+                if let Some(o) = &owner
+                    && Self::owner_alive(o)
+                    && (o.pid, o.start_ticks) != self.me
+                {
+                    live_elsewhere.insert(id);
+                    continue;
                 }
                 self.remove_leftover(&id, owner.map(|o| o.agent));
             }
@@ -209,10 +210,10 @@ impl Broker {
 
     fn remove_leftover(&self, id: &str, agent: Option<String>) {
         let mut problems = Vec::new();
-        if let Ok(cg) = self.cgroups.open(id) {
-            if let Err(e) = cg.remove() {
-                problems.push(e.to_string());
-            }
+        if let Ok(cg) = self.cgroups.open(id)
+            && let Err(e) = cg.remove()
+        {
+            problems.push(e.to_string());
         }
         let mp = self.cfg.state_dir.join("sandboxes").join(id).join("root");
         if let Err(e) = airlock_fs::force_unmount(&mp) {
@@ -222,10 +223,10 @@ impl Broker {
             self.cfg.state_dir.join("sandboxes").join(id),
             self.cfg.state_dir.join("layers").join(id),
         ] {
-            if let Err(e) = std::fs::remove_dir_all(&d) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    problems.push(format!("remove {}: {e}", d.display()));
-                }
+            if let Err(e) = std::fs::remove_dir_all(&d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                problems.push(format!("remove {}: {e}", d.display()));
             }
         }
         self.audit.record(AuditRecord {

@@ -151,6 +151,10 @@ enum Cmd {
     },
 }
 
+/// The embedded broker of this process, if one was started: its audit rows
+/// are flushed before the process exits.
+static EMBEDDED: std::sync::OnceLock<Arc<Broker>> = std::sync::OnceLock::new();
+
 /// Where requests go.
 enum Backend {
     Embedded(Arc<Broker>, Principal),
@@ -193,13 +197,14 @@ fn build_create(opts: &CreateOpts) -> Result<CreateSandbox, CliError> {
         .map(|t| parse_duration(t).map(|d| d.as_secs().max(1)))
         .transpose()
         .map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
-    let limits =
-        (memory.is_some() || opts.pids.is_some() || cpu_millis.is_some()).then(|| LimitsRequest {
+    let limits = (memory.is_some() || opts.pids.is_some() || cpu_millis.is_some()).then_some(
+        LimitsRequest {
             memory_bytes: memory,
             pids: opts.pids,
             cpu_millis,
             nofile: None,
-        });
+        },
+    );
     let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
     Ok(CreateSandbox {
         agent: opts.agent.clone(),
@@ -250,6 +255,9 @@ pub fn main() -> i32 {
             }
         }
     });
+    if let Some(b) = EMBEDDED.get() {
+        b.audit_store().flush();
+    }
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
     code
 }
@@ -287,6 +295,7 @@ async fn backend(cli: &Cli, needs_daemon: Option<&str>) -> Result<Backend, CliEr
     let broker = tokio::task::spawn_blocking(move || Broker::start(cfg, exe))
         .await
         .map_err(|e| CliError::Usage(e.to_string()))??;
+    let _ = EMBEDDED.set(Arc::clone(&broker));
     let p = Principal {
         uid: nix::unistd::getuid().as_raw(),
         gid: nix::unistd::getgid().as_raw(),

@@ -176,10 +176,10 @@ impl RemoteClient {
                 buf.extend_from_slice(&data);
                 while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if let Ok(ev) = serde_json::from_slice::<ExecEvent>(&line) {
-                        if tx.send(ev).await.is_err() {
-                            return;
-                        }
+                    if let Ok(ev) = serde_json::from_slice::<ExecEvent>(&line)
+                        && tx.send(ev).await.is_err()
+                    {
+                        return;
                     }
                 }
             }

@@ -279,6 +279,9 @@ impl Sandbox {
     pub fn teardown(&self, reason: &str) {
         let taken = lock_or_recover(&self.resources).take();
         let Some(mut res) = taken else {
+            // Someone else is tearing down (timeout, shim exit): return only
+            // once everything is gone, so "destroyed" means destroyed.
+            self.wait_ended(Duration::from_secs(30));
             return;
         };
         self.dead.store(true, Ordering::SeqCst);
@@ -293,16 +296,16 @@ impl Sandbox {
         for (_, tx) in lock_or_recover(&self.pending).drain() {
             let _ = tx.send(ExecOutcome::SandboxGone);
         }
-        if let Some(m) = res.mount.take() {
-            if let Err(e) = m.unmount() {
-                problems.push(format!("{e}"));
-            }
+        if let Some(m) = res.mount.take()
+            && let Err(e) = m.unmount()
+        {
+            problems.push(format!("{e}"));
         }
         for d in &res.dirs {
-            if let Err(e) = std::fs::remove_dir_all(d) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    problems.push(format!("remove {}: {e}", d.display()));
-                }
+            if let Err(e) = std::fs::remove_dir_all(d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                problems.push(format!("remove {}: {e}", d.display()));
             }
         }
         drop(res.slot.take());

@@ -45,7 +45,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(format!("invalid size unit in {s:?}: use K, M or G")),
     };
     let v = n * mult;
-    if !(v.is_finite() && v >= 0.0 && v < 1.8e19) {
+    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) {
         return Err(format!("invalid size {s:?}"));
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]

@@ -371,10 +371,8 @@ impl Cgroup {
 
     /// SIGKILLs every process in the group until it is empty.
     pub fn kill_all(&self) -> Result<(), CgroupError> {
-        if let CgroupManager::V2 { .. } = self.manager {
-            if let Some(d) = self.dirs.first() {
-                let _ = fs::write(d.join("cgroup.kill"), "1");
-            }
+        if let (CgroupManager::V2 { .. }, Some(d)) = (&self.manager, self.dirs.first()) {
+            let _ = fs::write(d.join("cgroup.kill"), "1");
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

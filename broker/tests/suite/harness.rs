@@ -11,7 +11,8 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// One isolated broker environment.
 pub struct Env {
-    pub dir: tempfile::TempDir,
+    /// Keeps the directory alive for the test's duration.
+    pub _dir: tempfile::TempDir,
     pub config: PathBuf,
     pub state: PathBuf,
     pub socket: PathBuf,
@@ -33,7 +34,7 @@ impl Env {
         // Distinct uid ranges per test process and test, so parallel tests
         // never share ids.
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let start = 0x2000_0000u32 + ((std::process::id() % 512) * 64 + n) * 8 * 65536;
+        let start = 0x2000_0000u32 + (((std::process::id() % 100) * 64 + n) % 6400) * 8 * 65536;
         let config = dir.path().join("brokerd.toml");
         std::fs::write(
             &config,
@@ -45,7 +46,7 @@ impl Env {
         )
         .unwrap();
         Env {
-            dir,
+            _dir: dir,
             config,
             state,
             socket,
@@ -77,18 +78,21 @@ impl Env {
     }
 
     pub fn start_brokerd(&self) -> Broker {
-        let child = Command::new(env!("CARGO_BIN_EXE_brokerd"))
-            .arg("--config")
-            .arg(&self.config)
-            .env_clear()
-            .env("AIRLOCK_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        // Owned by the guard from the start, so a failed start is reaped too.
+        let broker = Broker(Some(
+            Command::new(env!("CARGO_BIN_EXE_brokerd"))
+                .arg("--config")
+                .arg(&self.config)
+                .env_clear()
+                .env("AIRLOCK_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
-                return Broker(Some(child));
+                return broker;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -173,10 +177,10 @@ pub fn procs_in_range(base: u32) -> Vec<(i32, u32)> {
             .find_map(|l| l.strip_prefix("Uid:"))
             .and_then(|r| r.split_whitespace().next())
             .and_then(|u| u.parse::<u32>().ok())
+            && uid >= base
+            && uid < base + 65536
         {
-            if uid >= base && uid < base + 65536 {
-                out.push((pid, uid));
-            }
+            out.push((pid, uid));
         }
     }
     out
