@@ -112,6 +112,18 @@ impl Sandbox {
         !self.dead.load(Ordering::SeqCst)
     }
 
+    /// "running"; "stopping" while teardown is under way; "dead" once every
+    /// resource is released.
+    pub fn state(&self) -> &'static str {
+        if self.is_running() {
+            "running"
+        } else if *lock_or_recover(&self.ended.0) {
+            "dead"
+        } else {
+            "stopping"
+        }
+    }
+
     /// Snapshot for the API.
     pub fn info(&self) -> SandboxInfo {
         let ready = self.ready.get().cloned();
@@ -119,7 +131,7 @@ impl Sandbox {
         SandboxInfo {
             id: self.id.clone(),
             agent: self.agent.clone(),
-            state: if self.is_running() { "running" } else { "dead" }.to_string(),
+            state: self.state().to_string(),
             created_ms: self.created_ms,
             hostname: self.hostname.clone(),
             user: self.user.clone(),

@@ -82,7 +82,7 @@ pub struct SandboxInfo {
     pub id: String,
     /// Owning agent.
     pub agent: String,
-    /// "running" or "dead".
+    /// "running", "stopping" (teardown under way) or "dead".
     pub state: String,
     /// Creation time, unix ms.
     pub created_ms: i64,

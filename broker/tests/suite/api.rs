@@ -83,6 +83,17 @@ fn unmapped_peer_uid_is_refused_and_audited() {
         "{}",
         text(&out.stderr)
     );
-    let rows = env.audit(&["--kind", "auth"]);
-    assert!(rows.iter().any(|r| r["detail"]["uid"] == 4242), "{rows:?}");
+    // brokerd commits in batches; another process sees the rows shortly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let rows = env.audit(&["--kind", "auth"]);
+        if rows.iter().any(|r| r["detail"]["uid"] == 4242) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no auth row: {rows:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -44,6 +44,13 @@ echo done
         assert!(!s.contains("LEAK"), "as {user}: {s}");
         assert!(s.contains("done"), "{s}");
     }
+    // The hidden /etc entries were refused by the filesystem and audited.
+    let rows = env.audit(&["--kind", "denial"]);
+    assert!(
+        rows.iter()
+            .any(|r| r["detail"].to_string().contains("/etc/shadow")),
+        "{rows:?}"
+    );
 }
 
 #[test]

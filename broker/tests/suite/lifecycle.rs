@@ -102,3 +102,48 @@ fn brokerd_crash_is_cleaned_up_by_the_next_start() {
     assert!(rows.iter().any(|r| r["action"] == "recovered"), "{rows:?}");
     let _ = text(&[]);
 }
+
+#[test]
+fn killing_the_sandbox_from_outside_cleans_up_and_spares_the_broker() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let victim = create(&env, &[]);
+    let other = create(&env, &[]);
+    let id = victim["id"].as_str().unwrap().to_string();
+    let base = victim["host_uid_base"].as_u64().unwrap() as u32;
+    // Every process of the sandbox, pid 1 included, gets SIGKILL from the host.
+    for (pid, _) in procs_in_range(base) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let insp = env.remote(&["--json", "inspect", &id]);
+        let state: serde_json::Value = serde_json::from_str(&ok(&insp)).unwrap();
+        if state["state"] == "dead" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sandbox still running: {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(Env::cgroup_dirs(&id).is_empty(), "cgroup left");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&id), "mount left");
+    // The broker and the other sandbox carry on.
+    let other_id = other["id"].as_str().unwrap();
+    assert_eq!(
+        ok(&env.remote(&["exec", other_id, "--", "echo", "alive"])),
+        "alive\n"
+    );
+    let out = env.remote(&["exec", &id, "--", "true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not running"),
+        "{}",
+        text(&out.stderr)
+    );
+    ok(&env.remote(&["rm", &id, other_id]));
+    env.assert_no_leftovers(Some(base));
+}
