@@ -206,6 +206,8 @@ impl Broker {
                 }
             }
         }
+        // What recovery found is worth having on disk before anything else.
+        self.audit.flush();
     }
 
     fn remove_leftover(&self, id: &str, agent: Option<String>) {
@@ -364,6 +366,7 @@ impl Broker {
                 w
             }
         };
+        let t0 = Instant::now();
         let id = random_hex(6).map_err(internal("random id"))?;
         let (slot, slot_lock) = self.take_slot()?;
         let base = self.cfg.id_range_start + slot * IDS_PER_SANDBOX;
@@ -422,7 +425,8 @@ impl Broker {
                 return Err(e);
             }
         };
-        let cg_procs = res.cgroup.procs_files();
+        let t_mounted = t0.elapsed();
+        let cg_procs = res.cgroup.join_files();
         let cgroup_version = self.cgroups.version();
         let (mine, theirs) = match Channel::pair() {
             Ok(p) => p,
@@ -501,6 +505,7 @@ impl Broker {
             sandbox.teardown("create failed");
             return Err(BrokerError::Internal(format!("send spec to shim: {e}")));
         }
+        let t_spawned = t0.elapsed();
         let ready = match ready_rx.recv_timeout(SETUP_TIMEOUT) {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -515,6 +520,13 @@ impl Broker {
                 )));
             }
         };
+        tracing::debug!(
+            sandbox = %id,
+            mounted_ms = t_mounted.as_secs_f64() * 1e3,
+            spawned_ms = t_spawned.as_secs_f64() * 1e3,
+            ready_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "create"
+        );
         self.audit.record(AuditRecord {
             kind: AuditKind::Sandbox,
             action: "create".into(),

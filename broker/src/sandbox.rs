@@ -297,6 +297,7 @@ impl Sandbox {
             return;
         };
         self.dead.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
         let _ = self.ctrl.send(&ToShim::Shutdown, &[]);
         let before = *lock_or_recover(&self.counters);
         let after = res.cgroup.counters();
@@ -305,6 +306,7 @@ impl Sandbox {
         if let Err(e) = res.cgroup.remove() {
             problems.push(format!("{e}"));
         }
+        let t_cgroup = t0.elapsed();
         for (_, tx) in lock_or_recover(&self.pending).drain() {
             let _ = tx.send(ExecOutcome::SandboxGone);
         }
@@ -313,6 +315,7 @@ impl Sandbox {
         {
             problems.push(format!("{e}"));
         }
+        let t_unmount = t0.elapsed();
         for d in &res.dirs {
             if let Err(e) = std::fs::remove_dir_all(d)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -321,6 +324,13 @@ impl Sandbox {
             }
         }
         drop(res.slot.take());
+        tracing::debug!(
+            sandbox = %self.id,
+            cgroup_ms = t_cgroup.as_secs_f64() * 1e3,
+            unmount_ms = t_unmount.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "teardown"
+        );
         self.audit_limit_hits(before, after, None);
         self.record(
             AuditKind::Sandbox,

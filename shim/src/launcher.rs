@@ -53,9 +53,10 @@ pub fn run(ctrl: Channel) -> i32 {
     };
     // No core dumps and no ptrace attach while we hold host root.
     let _ = nix::sys::prctl::set_dumpable(false);
-    let me = std::process::id().to_string();
+    // "0" moves the calling thread; the launcher is single-threaded, so
+    // that is the whole process (see Cgroup::join_files).
     for f in &spec.cgroup_procs {
-        if let Err(e) = std::fs::write(f, &me) {
+        if let Err(e) = std::fs::write(f, "0") {
             return setup_failed(&ctrl, &format!("join cgroup {}", f.display()), e);
         }
     }

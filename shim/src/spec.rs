@@ -36,7 +36,7 @@ pub struct SandboxSpec {
     pub root: PathBuf,
     /// The id maps written for the user namespace.
     pub ids: IdRange,
-    /// `cgroup.procs` files the launcher joins before cloning.
+    /// Files the launcher writes "0" to, joining the cgroup before cloning.
     pub cgroup_procs: Vec<PathBuf>,
     /// Limits for every exec.
     pub rlimits: Rlimits,

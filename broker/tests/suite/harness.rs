@@ -111,6 +111,27 @@ impl Env {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Audit rows once `pred` holds for one of them: brokerd commits in
+    /// batches, so another process sees its rows a few ms later.
+    pub fn audit_wait(
+        &self,
+        args: &[&str],
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let rows = self.audit(args);
+            if rows.iter().any(&pred) {
+                return rows;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching audit row in {rows:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A raw HTTP request on the API socket: (status, body).
     pub fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         http_on(&self.socket, method, path, body)

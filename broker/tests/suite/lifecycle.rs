@@ -60,7 +60,7 @@ fn destroy_leaves_nothing_behind() {
     let _ = bg.wait_with_output();
     assert!(Env::cgroup_dirs(id).is_empty(), "cgroup left");
     env.assert_no_leftovers(Some(base));
-    let rows = env.audit(&["--sandbox", id]);
+    let rows = env.audit_wait(&["--sandbox", id], |r| r["action"] == "destroy");
     let actions: Vec<_> = rows
         .iter()
         .map(|r| r["action"].as_str().unwrap().to_string())
@@ -98,9 +98,7 @@ fn brokerd_crash_is_cleaned_up_by_the_next_start() {
     // The workspace and the audit log survived.
     let ws = env.state.join("workspaces/crashy/f");
     assert_eq!(std::fs::read_to_string(ws).unwrap(), "kept\n");
-    let rows = env.audit(&["--sandbox", &id]);
-    assert!(rows.iter().any(|r| r["action"] == "recovered"), "{rows:?}");
-    let _ = text(&[]);
+    env.audit_wait(&["--sandbox", &id], |r| r["action"] == "recovered");
 }
 
 #[test]
