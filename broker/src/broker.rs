@@ -549,6 +549,7 @@ impl Broker {
                 "landlock_abi": ready.landlock_abi,
                 "seccomp_profile": ready.seccomp_profile,
                 "report": ready.selftest,
+                "setup_us": ready.stages_us,
             }),
         });
         if !ready.selftest.passed {

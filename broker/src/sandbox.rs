@@ -34,6 +34,8 @@ pub struct ReadyInfo {
     pub landlock_abi: u8,
     /// Seccomp profile version.
     pub seccomp_profile: String,
+    /// Setup stage timings inside the sandbox, µs.
+    pub stages_us: Vec<(String, u64)>,
 }
 
 /// How an exec ended, as the shim said.
@@ -234,13 +236,16 @@ impl Sandbox {
                         selftest,
                         landlock_abi,
                         seccomp_profile,
+                        stages_us,
                     },
                     _,
                 )) => {
+                    tracing::debug!(sandbox = %self.id, ?stages_us, "shim setup stages");
                     let info = ReadyInfo {
                         selftest: *selftest,
                         landlock_abi,
                         seccomp_profile,
+                        stages_us,
                     };
                     let _ = self.ready.set(info.clone());
                     if let Some(tx) = ready_tx.take() {

@@ -79,6 +79,9 @@ pub enum FromShim {
         landlock_abi: u8,
         /// Version of the seccomp profile installed.
         seccomp_profile: String,
+        /// How long each setup stage took inside the sandbox, µs.
+        #[serde(default)]
+        stages_us: Vec<(String, u64)>,
     },
     /// Setup failed; nothing will run.
     SetupFailed {

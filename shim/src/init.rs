@@ -50,7 +50,8 @@ pub fn run(spec: &SandboxSpec, ctrl: Channel, go: OwnedFd) -> i32 {
     }
     drop(go);
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    let jail = match setup(spec) {
+    let mut clock = Stages::new();
+    let jail = match setup(spec, &mut clock) {
         Ok(j) => j,
         Err((stage, error)) => {
             let _ = ctrl.send(&FromShim::SetupFailed { stage, error }, &[]);
@@ -58,16 +59,40 @@ pub fn run(spec: &SandboxSpec, ctrl: Channel, go: OwnedFd) -> i32 {
         }
     };
     let report = probe(&jail, spec.probe_user);
+    clock.mark("probe");
     let passed = report.passed;
     let ready = FromShim::Ready {
         selftest: Box::new(report),
         landlock_abi: jail.landlock.abi(),
         seccomp_profile: seccomp::PROFILE_VERSION.to_string(),
+        stages_us: clock.done,
     };
     if ctrl.send(&ready, &[]).is_err() || !passed {
         return 1;
     }
     serve(&ctrl, &jail)
+}
+
+/// Times setup stages for the Ready report.
+struct Stages {
+    last: std::time::Instant,
+    done: Vec<(String, u64)>,
+}
+
+impl Stages {
+    fn new() -> Stages {
+        Stages {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, name: &str) {
+        let now = std::time::Instant::now();
+        let us = u64::try_from((now - self.last).as_micros()).unwrap_or(u64::MAX);
+        self.done.push((name.to_string(), us));
+        self.last = now;
+    }
 }
 
 type StageError = (String, String);
@@ -76,17 +101,21 @@ fn stage<E: std::fmt::Display>(name: &str) -> impl FnOnce(E) -> StageError + '_ 
     move |e| (name.to_string(), e.to_string())
 }
 
-fn setup(spec: &SandboxSpec) -> Result<Jail, StageError> {
+fn setup(spec: &SandboxSpec, clock: &mut Stages) -> Result<Jail, StageError> {
     nix::unistd::setgroups(&[]).map_err(stage("setgroups"))?;
     nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
         .map_err(stage("become gid 0 in the user namespace"))?;
     nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
         .map_err(stage("become uid 0 in the user namespace"))?;
     mount::apply(&plan::plan(spec)).map_err(stage("mount"))?;
+    clock.mark("mounts");
     nix::unistd::sethostname(&spec.hostname).map_err(stage("sethostname"))?;
     sys::bring_up_loopback().map_err(stage("bring up loopback"))?;
+    clock.mark("uts+net");
     let landlock = landlock::prepare(spec.landlock_floor).map_err(stage("landlock"))?;
+    clock.mark("landlock");
     let bpf = seccomp::compile_sandbox_profile().map_err(stage("seccomp"))?;
+    clock.mark("seccomp");
     // Keep signals for the event loop; children restore the mask.
     let mut set = SigSet::empty();
     for s in [
