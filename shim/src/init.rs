@@ -117,15 +117,7 @@ fn setup(spec: &SandboxSpec, clock: &mut Stages) -> Result<Jail, StageError> {
     let bpf = seccomp::compile_sandbox_profile().map_err(stage("seccomp"))?;
     clock.mark("seccomp");
     // Keep signals for the event loop; children restore the mask.
-    let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-    ] {
-        set.add(s);
-    }
+    let set = loop_signals();
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(stage("sigprocmask"))?;
     // Nothing in the sandbox may ptrace or read the memory of pid 1.
     let _ = nix::sys::prctl::set_dumpable(false);
@@ -217,16 +209,22 @@ struct Running {
     exec_id: u64,
 }
 
-fn serve(ctrl: &Channel, jail: &Jail) -> i32 {
-    let mut mask = SigSet::empty();
+/// Signals pid 1 takes through its signalfd: children, and requests to end.
+fn loop_signals() -> SigSet {
+    let mut set = SigSet::empty();
     for s in [
         Signal::SIGCHLD,
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGHUP,
     ] {
-        mask.add(s);
+        set.add(s);
     }
+    set
+}
+
+fn serve(ctrl: &Channel, jail: &Jail) -> i32 {
+    let mask = loop_signals();
     let sfd = match SignalFd::with_flags(
         &mask,
         nix::sys::signalfd::SfdFlags::SFD_NONBLOCK | nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,

@@ -134,11 +134,11 @@ pub struct ExecExit {
 impl ExecExit {
     /// What a shell would report: the code, or 128 + signal.
     pub fn shell_code(&self) -> i32 {
-        match (self.code, self.signal) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            (None, None) => 255,
+        airlock_shim::channel::ExitStatus {
+            code: self.code,
+            signal: self.signal,
         }
+        .shell_code()
     }
 }
 
