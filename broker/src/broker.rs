@@ -682,6 +682,30 @@ impl Broker {
         }
     }
 
+    /// Delivers a signal to a running exec's process group.
+    pub fn signal_exec(
+        &self,
+        p: &Principal,
+        id: &str,
+        exec_id: u64,
+        signal: i32,
+    ) -> Result<(), BrokerError> {
+        let sb = self.get(p, id)?;
+        if !sb.is_running() {
+            return Err(BrokerError::NotRunning(id.to_string()));
+        }
+        if nix::sys::signal::Signal::try_from(signal).is_err() {
+            return Err(BrokerError::BadRequest(format!(
+                "signal {signal} is not a valid signal number"
+            )));
+        }
+        if !sb.has_exec(exec_id) {
+            return Err(BrokerError::NotFound(format!("{id}/execs/{exec_id}")));
+        }
+        sb.signal(exec_id, signal);
+        Ok(())
+    }
+
     /// Sandboxes the caller may see.
     pub fn list(&self, p: &Principal) -> Result<Vec<SandboxInfo>, BrokerError> {
         if let Err(e) = p.check_mapped(&self.cfg) {

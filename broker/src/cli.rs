@@ -334,9 +334,7 @@ impl Backend {
         let (mut rx, embedded) = match self {
             Backend::Embedded(b, p) => {
                 let h = b.exec(p, id, body).await?;
-                let sb = Arc::clone(&h.sandbox);
-                let exec_id = h.exec_id;
-                (h.events, Some((sb, exec_id)))
+                (h.events, Some(((), h.exec_id)))
             }
             Backend::Remote(c) => (c.exec(id, &body).await?, None),
         };
@@ -344,13 +342,17 @@ impl Backend {
             .map_err(|e| CliError::Usage(e.to_string()))?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(|e| CliError::Usage(e.to_string()))?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
         let mut out = std::io::stdout();
         let mut err = std::io::stderr();
+        let mut exec_id = embedded.as_ref().map(|(_, e)| *e);
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
-                _ = term.recv() => { forward(&embedded, libc::SIGTERM); continue; }
-                _ = int.recv() => { forward(&embedded, libc::SIGINT); continue; }
+                _ = term.recv() => { self.forward(id, exec_id, libc::SIGTERM).await; continue; }
+                _ = int.recv() => { self.forward(id, exec_id, libc::SIGINT).await; continue; }
+                _ = hup.recv() => { self.forward(id, exec_id, libc::SIGHUP).await; continue; }
             };
             let Some(ev) = ev else {
                 return Err(CliError::Usage(
@@ -362,6 +364,7 @@ impl Backend {
                 let _ = out.flush();
             }
             match ev {
+                ExecEvent::Started { exec_id: e } => exec_id = Some(e),
                 ExecEvent::Stdout(c) if !json => {
                     let _ = out.write_all(&c.bytes());
                     let _ = out.flush();
@@ -375,11 +378,18 @@ impl Backend {
             }
         }
     }
-}
 
-fn forward(embedded: &Option<(Arc<crate::sandbox::Sandbox>, u64)>, sig: i32) {
-    if let Some((sb, id)) = embedded {
-        sb.signal(*id, sig);
+    /// Forwards a signal we received to the running command.
+    async fn forward(&self, id: &str, exec_id: Option<u64>, sig: i32) {
+        let Some(exec_id) = exec_id else { return };
+        match self {
+            Backend::Embedded(b, p) => {
+                let _ = b.signal_exec(p, id, exec_id, sig);
+            }
+            Backend::Remote(c) => {
+                let _ = c.signal(id, exec_id, sig).await;
+            }
+        }
     }
 }
 

@@ -134,6 +134,20 @@ impl RemoteClient {
         Ok(())
     }
 
+    /// `POST /v1/sandboxes/{id}/execs/{exec_id}/signal`.
+    pub async fn signal(&self, id: &str, exec_id: u64, signal: i32) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(&serde_json::json!({ "signal": signal }))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let _: serde_json::Value = self
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/execs/{exec_id}/signal", enc(id)),
+                Some(body),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// `GET /v1/audit?...` with an already-encoded query string.
     pub async fn audit(&self, query: &str) -> Result<Vec<AuditRow>, ClientError> {
         self.call(Method::GET, &format!("/v1/audit?{query}"), None)

@@ -215,6 +215,11 @@ impl Sandbox {
         Ok((exec_id, rx))
     }
 
+    /// Whether the exec is still running.
+    pub fn has_exec(&self, exec_id: u64) -> bool {
+        lock_or_recover(&self.pending).contains_key(&exec_id)
+    }
+
     /// Delivers a signal to an exec's process group.
     pub fn signal(&self, exec_id: u64, signal: i32) {
         let _ = self.ctrl.send(&ToShim::Signal { exec_id, signal }, &[]);

@@ -23,7 +23,7 @@ use fuser::{
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
 use crate::error::{FsError, OpError, OpResult};
-use crate::inode::{Inodes, ROOT};
+use crate::inode::{HostKey, Inodes, Link, ROOT};
 use crate::layers::{
     Found, Meta, Src, Store, chown_at, is_whiteout, make_whiteout, set_opaque, unlink_whiteout,
 };
@@ -70,6 +70,8 @@ enum HandleKind {
 
 #[derive(Debug)]
 struct Handle {
+    /// The inode it was opened on.
+    ino: u64,
     kind: HandleKind,
     area: Area,
     /// Sandbox path for workspace write events.
@@ -215,9 +217,40 @@ impl AirlockFs {
 
     // ---- locations ------------------------------------------------------
 
+    /// Where `ino` is reached. A hard-linked file is reached through the
+    /// first of its known names that still shows the same host file; names
+    /// that no longer do (changed behind our back in the shared workspace)
+    /// are dropped.
     fn loc(&self, ino: u64) -> OpResult<Loc> {
-        let comps = lock(&self.inodes).path(ino)?;
-        Ok(classify(comps))
+        let (paths, key) = lock(&self.inodes).paths(ino)?;
+        let Some(key) = key.filter(|_| paths.len() > 1) else {
+            let comps = paths.into_iter().next().map(|(_, c)| c).unwrap_or_default();
+            return Ok(classify(comps));
+        };
+        for (link, comps) in paths {
+            let loc = classify(comps);
+            if self.host_key(&loc) == Some(key) {
+                return Ok(loc);
+            }
+            lock(&self.inodes).drop_name(ino, &link);
+        }
+        Err(OpError::Stale(ino))
+    }
+
+    /// The identity of the entry at `loc`, when it is one of a writable
+    /// area's non-directories.
+    fn host_key(&self, loc: &Loc) -> Option<HostKey> {
+        let (meta, area) = self.stat(loc).ok()?;
+        Self::key_of(&meta, area)
+    }
+
+    /// Non-directories of the writable areas are identified by their host
+    /// file; everything else by its path.
+    fn key_of(meta: &Meta, area: Area) -> Option<HostKey> {
+        match area {
+            Area::Upper | Area::Workspace if !meta.is_dir() => meta.host,
+            _ => None,
+        }
     }
 
     fn child_loc(&self, parent: u64, name: &Name) -> OpResult<Loc> {
@@ -259,13 +292,18 @@ impl AirlockFs {
         }
     }
 
-    /// Metadata with the owner the kernel is shown.
+    /// Metadata with the owner the kernel is shown. Only the writable
+    /// layer's files keep their host identity (lower ones are read-only and
+    /// change identity on copy-up).
     fn shown(&self, f: Found) -> (Meta, Area) {
         let area = self.area_of(&f.src);
         let (uid, gid) = self.store.owner(&f.src, &f.meta);
         let mut m = f.meta;
         m.uid = uid;
         m.gid = gid;
+        if f.src != Src::Layer(self.store.top().0) {
+            m.host = None;
+        }
         (m, area)
     }
 
@@ -332,9 +370,37 @@ impl AirlockFs {
         fh
     }
 
+    /// Register a kernel reference to `name` in `parent` and build the
+    /// entry reply: one ino per host file for the writable areas'
+    /// non-directories, per path otherwise.
     fn entry(&self, parent: u64, name: &Name, meta: &Meta, area: Area) -> (FileAttr, Duration) {
-        let ino = lock(&self.inodes).get_or_insert(parent, name, 1);
+        let key = Self::key_of(meta, area);
+        if let Some(k) = key {
+            self.check_key_owner(k, parent, name);
+        }
+        let ino = lock(&self.inodes).insert(parent, name, key, 1);
         (self.attr(ino, meta, area), Self::ttl(area))
+    }
+
+    /// Before a new name joins the node holding host file `key`, make sure
+    /// that node's names still show that file: a host inode number can be
+    /// reused after the file is deleted behind our back. Stale names are
+    /// dropped; a node left without names gives up the key.
+    fn check_key_owner(&self, key: HostKey, parent: u64, name: &Name) {
+        let Some((ino, paths)) = lock(&self.inodes).key_owner(key, parent, name) else {
+            return;
+        };
+        let stale: Vec<Link> = paths
+            .into_iter()
+            .filter(|(_, comps)| self.host_key(&classify(comps.clone())) != Some(key))
+            .map(|(link, _)| link)
+            .collect();
+        if !stale.is_empty() {
+            let mut t = lock(&self.inodes);
+            for link in &stale {
+                t.drop_name(ino, link);
+            }
+        }
     }
 
     // ---- operations -------------------------------------------------------
@@ -383,8 +449,26 @@ impl AirlockFs {
             }
             return Ok((self.attr(ino, &meta, h.area), Self::ttl(h.area)));
         }
-        let (meta, area) = self.stat(&self.loc(ino)?)?;
-        Ok((self.attr(ino, &meta, area), Self::ttl(area)))
+        match self.loc(ino) {
+            Ok(loc) => {
+                let (meta, area) = self.stat(&loc)?;
+                Ok((self.attr(ino, &meta, area), Self::ttl(area)))
+            }
+            // Every name is gone (fstat(2) of an unlinked open file asks
+            // without a handle): answer from an open handle of the inode.
+            Err(OpError::Stale(_)) if let Some(fh) = self.open_handle_of(ino) => {
+                self.do_getattr(ino, Some(FileHandle(fh)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Some open (non-base) file handle of `ino`.
+    fn open_handle_of(&self, ino: u64) -> Option<u64> {
+        lock(&self.handles).iter().find_map(|(fh, h)| {
+            (h.ino == ino && h.area != Area::Base && matches!(h.kind, HandleKind::File { .. }))
+                .then_some(*fh)
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -664,6 +748,7 @@ impl AirlockFs {
                     self.mutation(MutationOp::Truncate, ws_path(rel), None);
                 }
                 let fh = self.add_handle(Handle {
+                    ino,
                     kind: HandleKind::File {
                         file,
                         writable: write,
@@ -713,6 +798,7 @@ impl AirlockFs {
                     }
                 };
                 let fh = self.add_handle(Handle {
+                    ino,
                     kind,
                     area,
                     ws_path: None,
@@ -905,6 +991,15 @@ impl AirlockFs {
                 if a == b {
                     return Ok(());
                 }
+                if let Some(d) = &dst.found
+                    && src_found.src == Src::Layer(top)
+                    && d.src == Src::Layer(top)
+                    && src_found.meta.host.is_some()
+                    && src_found.meta.host == d.meta.host
+                {
+                    // Two names of one file: rename(2) does nothing.
+                    return Ok(());
+                }
                 self.store.copy_up(a, &src_found, false)?;
                 let ua = self.store.upper_dir(dir_a)?;
                 let ub = self.store.upper_dir(dir_b)?;
@@ -961,12 +1056,11 @@ impl AirlockFs {
                 )?;
                 self.mutation(MutationOp::Link, ws_path(a), Some(ws_path(b)));
                 let st = stat_at(&*db, &new_name)?.ok_or(OpError::NotFound)?;
-                Ok(self.entry(
-                    new_parent,
-                    &new_name,
-                    &Meta::from_stat(&st),
-                    Area::Workspace,
-                ))
+                let meta = Meta::from_stat(&st);
+                if let Some(k) = Self::key_of(&meta, Area::Workspace) {
+                    lock(&self.inodes).bind_key(ino, k);
+                }
+                Ok(self.entry(new_parent, &new_name, &meta, Area::Workspace))
             }
             (Loc::Merged(a), Loc::Merged(b)) => {
                 let (an, ad) = a.split_last().ok_or(OpError::Perm)?;
@@ -1000,6 +1094,11 @@ impl AirlockFs {
                     meta: Meta::from_stat(&st),
                     src: Src::Layer(self.store.top().0),
                 });
+                // A lower source was just copied up: its ino takes the upper
+                // file's identity, which the new name shares.
+                if let Some(k) = Self::key_of(&meta, area) {
+                    lock(&self.inodes).bind_key(ino, k);
+                }
                 Ok(self.entry(new_parent, &new_name, &meta, area))
             }
             _ => Err(OpError::CrossDevice),
@@ -1043,13 +1142,12 @@ impl AirlockFs {
         {
             let mut t = lock(&self.inodes);
             for (name, kind) in listing {
-                let child = t
-                    .find(ino, &name)
-                    .unwrap_or_else(|| t.get_or_insert(ino, &name, 0));
+                let child = t.register(ino, &name);
                 entries.push((child, kind, name));
             }
         }
         let fh = self.add_handle(Handle {
+            ino,
             kind: HandleKind::Dir(entries),
             area,
             ws_path: None,

@@ -38,6 +38,9 @@ pub(crate) struct Meta {
     pub nlink: u32,
     pub rdev: u32,
     pub blksize: u32,
+    /// The host file's `(st_dev, st_ino)`: its identity when it lives in a
+    /// writable area (see [`crate::inode`]). `None` for synthesized entries.
+    pub host: Option<crate::inode::HostKey>,
 }
 
 fn ts(sec: i64, nsec: i64) -> SystemTime {
@@ -79,6 +82,7 @@ impl Meta {
             nlink: u32::try_from(st.st_nlink).unwrap_or(u32::MAX),
             rdev: u32::try_from(st.st_rdev).unwrap_or(0),
             blksize: u32::try_from(st.st_blksize).unwrap_or(4096),
+            host: Some((st.st_dev, st.st_ino)),
         }
     }
 
@@ -100,6 +104,7 @@ impl Meta {
             nlink,
             rdev: 0,
             blksize: 4096,
+            host: None,
         }
     }
 

@@ -26,6 +26,11 @@
 //! symlink is ever followed by this server and no host path is built from
 //! sandbox input. The sandbox's kernel resolves `..` and symlinks itself.
 //!
+//! # Inodes
+//! Directories and lower-layer entries are identified by their path; the
+//! writable areas' other entries by their host file's `(st_dev, st_ino)`, so
+//! hard links are one inode ([`inode`]). Copy-up keeps the inode number.
+//!
 //! # Ownership
 //! Requests carry host ids (`host_base + sandbox id`). Base files owned by
 //! host id `u < count` are shown as `host_base + u`, others as nobody;

@@ -84,6 +84,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(inspect).delete(destroy))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(signal))
         .route("/v1/audit", get(audit))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1".into()) })
         .with_state(broker)
@@ -148,6 +149,29 @@ async fn exec(
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// `POST /v1/sandboxes/{id}/execs/{exec_id}/signal` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalBody {
+    /// Signal number (e.g. 15).
+    pub signal: i32,
+}
+
+async fn signal(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path((id, exec_id)): Path<(String, u64)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let req: SignalBody = json_body(&body)?;
+    b.signal_exec(&p, &id, exec_id, req.signal)?;
+    Ok(
+        Json(serde_json::json!({"id": id, "exec_id": exec_id, "signal": req.signal}))
+            .into_response(),
+    )
 }
 
 /// Turns exec events into NDJSON lines.

@@ -145,3 +145,60 @@ fn killing_the_sandbox_from_outside_cleans_up_and_spares_the_broker() {
     ok(&env.remote(&["rm", &id, other_id]));
     env.assert_no_leftovers(Some(base));
 }
+
+/// Sends `sig` to an airlock process once its command has started.
+fn signal_when_started(child: &std::process::Child, marker: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "command never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+#[test]
+fn sigterm_to_airlock_reaches_the_command_embedded_and_through_brokerd() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let ws = tempfile::Builder::new().prefix("ws-").tempdir().unwrap();
+    let script = "trap 'echo got-term; exit 7' TERM; touch /workspace/started; sleep 30 & wait";
+    for mode in ["--embedded", "--socket"] {
+        let _ = std::fs::remove_file(ws.path().join("started"));
+        let mut c = env.airlock();
+        c.arg(mode);
+        if mode == "--socket" {
+            c.arg(&env.socket);
+        }
+        c.args(["run", "--workspace"])
+            .arg(ws.path())
+            .args(["--", "sh", "-c", script])
+            .stdout(std::process::Stdio::piped());
+        let child = c.spawn().unwrap();
+        signal_when_started(&child, &ws.path().join("started"));
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(7), "{mode}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "got-term\n", "{mode}");
+    }
+}
+
+#[test]
+fn brokerd_shutdown_destroys_every_sandbox() {
+    let env = Env::new();
+    let mut b = env.start_brokerd();
+    let a = create(&env, &[]);
+    let c = create(&env, &[]);
+    let bases: Vec<u32> = [&a, &c]
+        .iter()
+        .map(|i| i["host_uid_base"].as_u64().unwrap() as u32)
+        .collect();
+    b.stop();
+    for (info, base) in [&a, &c].iter().zip(bases) {
+        assert!(Env::cgroup_dirs(info["id"].as_str().unwrap()).is_empty());
+        env.assert_no_leftovers(Some(base));
+    }
+    assert!(!env.socket.exists(), "socket left behind");
+}

@@ -1,4 +1,5 @@
 pub mod common;
 mod host;
 mod layers;
+mod links;
 mod workspace;
