@@ -8,8 +8,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use airlock_shim::cgroup::{CgroupLimits, CgroupManager};
@@ -26,7 +26,7 @@ use crate::api::types::{
 use crate::audit::{AuditKind, AuditQuery, AuditRecord, AuditRow, AuditStore};
 use crate::authz::{AuthzError, Principal};
 use crate::config::BrokerConfig;
-use crate::sandbox::{ExecOutcome, Resources, Sandbox};
+use crate::sandbox::{ExecOutcome, ReadyInfo, Resources, Sandbox};
 use crate::util::{lock_or_recover, now_ms, random_hex};
 
 /// Sandbox uid of the default (unprivileged) user.
@@ -87,6 +87,31 @@ pub struct Broker {
     exe: PathBuf,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     me: (i32, u64),
+    /// Pre-started sandboxes by (agent, user), not yet handed out.
+    pool: Mutex<HashMap<PoolKey, Vec<PoolEntry>>>,
+    /// Keys with a refill thread running.
+    refilling: Mutex<std::collections::HashSet<PoolKey>>,
+    /// Set at shutdown: no more refills.
+    closing: AtomicBool,
+    /// This broker, for background refills.
+    me_ref: OnceLock<Weak<Broker>>,
+}
+
+/// Pool key: (agent, user).
+type PoolKey = (String, String);
+
+/// A pre-started sandbox and what its jail self-test reported.
+type PoolEntry = (Arc<Sandbox>, ReadyInfo);
+
+/// What a sandbox is built with and cannot change afterwards.
+#[derive(Debug, Clone)]
+struct Shape {
+    agent: String,
+    user: String,
+    user_ids: (u32, u32),
+    workspace: PathBuf,
+    rootfs: Option<PathBuf>,
+    nofile: u64,
 }
 
 /// A running exec: its events, and a way to signal it.
@@ -147,7 +172,12 @@ impl Broker {
             exe,
             sandboxes: Mutex::new(HashMap::new()),
             me,
+            pool: Mutex::new(HashMap::new()),
+            refilling: Mutex::new(std::collections::HashSet::new()),
+            closing: AtomicBool::new(false),
+            me_ref: OnceLock::new(),
         });
+        let _ = broker.me_ref.set(Arc::downgrade(&broker));
         broker.recover();
         Ok(broker)
     }
@@ -296,7 +326,8 @@ impl Broker {
         Ok(canon)
     }
 
-    /// Creates a sandbox and waits until its jail has proved itself.
+    /// Creates a sandbox and waits until its jail has proved itself; hands
+    /// out a pre-started one from the pool when the request allows.
     /// Blocking: call from a blocking context.
     pub fn create(&self, p: &Principal, req: CreateSandbox) -> Result<SandboxInfo, BrokerError> {
         let agent = match p.resolve_agent(&self.cfg, req.agent.as_deref()) {
@@ -315,30 +346,7 @@ impl Broker {
             nofile: l.nofile.unwrap_or(d.nofile),
             timeout_secs: req.timeout_secs.unwrap_or(d.timeout_secs),
         };
-        if limits.memory_bytes < (8 << 20) || limits.memory_bytes > d.max_memory_bytes {
-            return Err(BrokerError::BadRequest(format!(
-                "limits.memory_bytes {} is outside 8 MiB..{} bytes",
-                limits.memory_bytes, d.max_memory_bytes
-            )));
-        }
-        if limits.pids < 4 || limits.pids > d.max_pids {
-            return Err(BrokerError::BadRequest(format!(
-                "limits.pids {} is outside 4..{}",
-                limits.pids, d.max_pids
-            )));
-        }
-        if limits.cpu_millis < 10 || limits.cpu_millis > d.max_cpu_millis {
-            return Err(BrokerError::BadRequest(format!(
-                "limits.cpu_millis {} is outside 10..{}",
-                limits.cpu_millis, d.max_cpu_millis
-            )));
-        }
-        if limits.nofile < 16 || limits.nofile > 1 << 20 {
-            return Err(BrokerError::BadRequest(format!(
-                "limits.nofile {} is outside 16..1048576",
-                limits.nofile
-            )));
-        }
+        check_limits(&limits, d)?;
         let (user, user_ids) = match req.user.as_deref() {
             None | Some("sandbox") => ("sandbox".to_string(), (SANDBOX_UID, SANDBOX_UID)),
             Some("root") => ("root".to_string(), (0, 0)),
@@ -356,16 +364,219 @@ impl Broker {
         };
         let workspace = match &req.workspace {
             Some(w) => self.validate_dir_for(p, "workspace", w)?,
-            None => {
-                let w = self.cfg.state_dir.join("workspaces").join(&agent);
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&w)
-                    .map_err(internal("create agent workspace"))?;
-                w
-            }
+            None => self.agent_workspace(&agent)?,
         };
+        let shape = Shape {
+            agent,
+            user,
+            user_ids,
+            workspace,
+            rootfs,
+            nofile: limits.nofile,
+        };
+        let key = self.pool_key(&shape);
+        let pooled = key.as_ref().and_then(|k| self.claim(k));
+        let was_pooled = pooled.is_some();
+        let (sandbox, ready) = match pooled {
+            Some(x) => x,
+            None => self.spawn(&shape, &limits)?,
+        };
+        if let Some(k) = key {
+            self.refill(k, shape.clone());
+        }
+        self.activate(p, sandbox, ready, limits, env, was_pooled)
+    }
+
+    /// The agent's own persistent workspace directory.
+    fn agent_workspace(&self, agent: &str) -> Result<PathBuf, BrokerError> {
+        let w = self.cfg.state_dir.join("workspaces").join(agent);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&w)
+            .map_err(internal("create agent workspace"))?;
+        Ok(w)
+    }
+
+    /// Requests the pool can serve: the agent's own workspace, the host
+    /// base, the default open-files limit (fixed at start); any user,
+    /// memory, pids, CPU, timeout and environment (applied when handed out).
+    fn pool_key(&self, shape: &Shape) -> Option<PoolKey> {
+        (self.cfg.pool_size > 0
+            && shape.rootfs.is_none()
+            && shape.nofile == self.cfg.limits.nofile
+            && shape.workspace == self.cfg.state_dir.join("workspaces").join(&shape.agent))
+        .then(|| (shape.agent.clone(), shape.user.clone()))
+    }
+
+    /// Takes a live pre-started sandbox for `key`, if any.
+    fn claim(&self, key: &PoolKey) -> Option<(Arc<Sandbox>, ReadyInfo)> {
+        loop {
+            let next = lock_or_recover(&self.pool)
+                .get_mut(key)
+                .and_then(|v| v.pop());
+            match next {
+                Some((sb, ready)) if sb.is_running() => return Some((sb, ready)),
+                Some((sb, _)) => sb.teardown("pool entry died"),
+                None => return None,
+            }
+        }
+    }
+
+    /// Tops the pool for `key` up to `pool_size` in the background.
+    fn refill(&self, key: PoolKey, shape: Shape) {
+        let Some(me) = self.me_ref.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        if !lock_or_recover(&self.refilling).insert(key.clone()) {
+            return;
+        }
+        let key_on_error = key.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pool-refill".into())
+            .spawn(move || {
+                let defaults = AppliedLimits {
+                    memory_bytes: me.cfg.limits.memory_bytes,
+                    pids: me.cfg.limits.pids,
+                    cpu_millis: me.cfg.limits.cpu_millis,
+                    nofile: me.cfg.limits.nofile,
+                    timeout_secs: 0,
+                };
+                loop {
+                    let have = lock_or_recover(&me.pool).get(&key).map_or(0, Vec::len);
+                    if have >= me.cfg.pool_size || me.closing.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match me.spawn(&shape, &defaults) {
+                        Ok(entry) => lock_or_recover(&me.pool)
+                            .entry(key.clone())
+                            .or_default()
+                            .push(entry),
+                        Err(e) => {
+                            tracing::warn!(agent = %key.0, error = %e, "pool refill failed");
+                            break;
+                        }
+                    }
+                }
+                lock_or_recover(&me.refilling).remove(&key);
+                if me.closing.load(Ordering::SeqCst) {
+                    me.drain_pool();
+                }
+            });
+        if spawned.is_err() {
+            lock_or_recover(&self.refilling).remove(&key_on_error);
+        }
+    }
+
+    /// Destroys every pre-started sandbox.
+    fn drain_pool(&self) {
+        let all: Vec<_> = lock_or_recover(&self.pool)
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
+        for (sb, _) in all {
+            sb.teardown("broker shutdown");
+        }
+    }
+
+    /// Hands a ready sandbox to its caller: limits, environment and timeout
+    /// of the request, audit rows, registry.
+    fn activate(
+        &self,
+        p: &Principal,
+        sandbox: Arc<Sandbox>,
+        ready: ReadyInfo,
+        limits: AppliedLimits,
+        env: Vec<String>,
+        pooled: bool,
+    ) -> Result<SandboxInfo, BrokerError> {
+        let id = sandbox.id.clone();
+        let current = *lock_or_recover(&sandbox.limits);
+        if current != limits {
+            let res = lock_or_recover(&sandbox.resources);
+            let applied = match res.as_ref() {
+                Some(r) => r.cgroup.set_limits(&CgroupLimits {
+                    memory_bytes: limits.memory_bytes,
+                    pids: limits.pids,
+                    cpu_millis: limits.cpu_millis,
+                }),
+                None => Ok(()),
+            };
+            drop(res);
+            if let Err(e) = applied {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!("apply limits: {e}")));
+            }
+            *lock_or_recover(&sandbox.limits) = limits;
+        }
+        *lock_or_recover(&sandbox.env) = env;
+        sandbox.created_ms.store(now_ms(), Ordering::SeqCst);
+        self.audit.record(AuditRecord {
+            kind: AuditKind::Sandbox,
+            action: "create".into(),
+            sandbox_id: Some(id.clone()),
+            agent: Some(sandbox.agent.clone()),
+            detail: json!({
+                "caller_uid": p.uid, "caller_pid": p.pid,
+                "user": sandbox.user, "limits": limits, "workspace": sandbox.workspace,
+                "rootfs": sandbox.rootfs, "host_uid_base": sandbox.host_uid_base,
+                "cgroup_version": sandbox.cgroup_version, "hostname": sandbox.hostname,
+                "pre_started": pooled,
+            }),
+        });
+        self.audit.record(AuditRecord {
+            kind: AuditKind::Jail,
+            action: "selftest".into(),
+            sandbox_id: Some(id.clone()),
+            agent: Some(sandbox.agent.clone()),
+            detail: json!({
+                "passed": ready.selftest.passed,
+                "landlock_abi": ready.landlock_abi,
+                "seccomp_profile": ready.seccomp_profile,
+                "report": ready.selftest,
+                "setup_us": ready.stages_us,
+            }),
+        });
+        if limits.timeout_secs > 0 {
+            let sb = Arc::clone(&sandbox);
+            let t = Duration::from_secs(limits.timeout_secs);
+            let _ = std::thread::Builder::new()
+                .name(format!("timeout-{id}"))
+                .spawn(move || {
+                    if !sb.wait_ended(t) {
+                        sb.timed_out.store(true, Ordering::SeqCst);
+                        sb.audit.record(AuditRecord {
+                            kind: AuditKind::Limit,
+                            action: "timeout".into(),
+                            sandbox_id: Some(sb.id.clone()),
+                            agent: Some(sb.agent.clone()),
+                            detail: json!({"timeout_secs": t.as_secs()}),
+                        });
+                        sb.teardown("timeout");
+                    }
+                });
+        }
+        let info = sandbox.info();
+        lock_or_recover(&self.sandboxes).insert(id, sandbox);
+        Ok(info)
+    }
+
+    /// Builds and starts a sandbox of `shape`, and waits for its jail to
+    /// prove itself. Everything is torn down on any failure.
+    fn spawn(
+        &self,
+        shape: &Shape,
+        limits: &AppliedLimits,
+    ) -> Result<(Arc<Sandbox>, ReadyInfo), BrokerError> {
+        let Shape {
+            agent,
+            user,
+            user_ids,
+            workspace,
+            rootfs,
+            ..
+        } = shape;
+        let user_ids = *user_ids;
         let t0 = Instant::now();
         let id = random_hex(6).map_err(internal("random id"))?;
         let (slot, slot_lock) = self.take_slot()?;
@@ -415,8 +626,8 @@ impl Broker {
             slot: Some(slot_lock),
         };
         let built = self.build(
-            &id, &agent, p, base, &sb_dir, &layer_dir, &workspace, &rootfs, &user, user_ids,
-            &hostname, &mut res,
+            &id, agent, base, &sb_dir, &layer_dir, workspace, rootfs, user, user_ids, &hostname,
+            &mut res,
         );
         let mountpoint = match built {
             Ok(x) => x,
@@ -465,15 +676,15 @@ impl Broker {
         let sandbox = Arc::new(Sandbox {
             id: id.clone(),
             agent: agent.clone(),
-            created_ms: now_ms(),
+            created_ms: AtomicI64::new(now_ms()),
             hostname,
-            user,
+            user: user.clone(),
             user_ids,
             workspace: workspace.clone(),
             rootfs: rootfs.clone(),
-            limits,
+            limits: Mutex::new(*limits),
             host_uid_base: base,
-            env,
+            env: Mutex::new(Vec::new()),
             cgroup_version,
             ctrl: mine,
             shim_pid,
@@ -527,61 +738,26 @@ impl Broker {
             ready_ms = t0.elapsed().as_secs_f64() * 1e3,
             "create"
         );
-        self.audit.record(AuditRecord {
-            kind: AuditKind::Sandbox,
-            action: "create".into(),
-            sandbox_id: Some(id.clone()),
-            agent: Some(agent.clone()),
-            detail: json!({
-                "caller_uid": p.uid, "caller_pid": p.pid,
-                "user": sandbox.user, "limits": limits, "workspace": workspace,
-                "rootfs": rootfs, "host_uid_base": base, "cgroup_version": cgroup_version,
-                "hostname": sandbox.hostname,
-            }),
-        });
-        self.audit.record(AuditRecord {
-            kind: AuditKind::Jail,
-            action: "selftest".into(),
-            sandbox_id: Some(id.clone()),
-            agent: Some(agent.clone()),
-            detail: json!({
-                "passed": ready.selftest.passed,
-                "landlock_abi": ready.landlock_abi,
-                "seccomp_profile": ready.seccomp_profile,
-                "report": ready.selftest,
-                "setup_us": ready.stages_us,
-            }),
-        });
         if !ready.selftest.passed {
+            self.audit.record(AuditRecord {
+                kind: AuditKind::Jail,
+                action: "selftest".into(),
+                sandbox_id: Some(id.clone()),
+                agent: Some(agent.clone()),
+                detail: json!({
+                    "passed": false,
+                    "landlock_abi": ready.landlock_abi,
+                    "seccomp_profile": ready.seccomp_profile,
+                    "report": ready.selftest,
+                }),
+            });
             sandbox.teardown("jail self-test failed");
             return Err(BrokerError::Internal(format!(
                 "sandbox {id} refused to start: jail self-test failed: {}",
                 ready.selftest.failures.join("; ")
             )));
         }
-        if limits.timeout_secs > 0 {
-            let sb = Arc::clone(&sandbox);
-            let t = Duration::from_secs(limits.timeout_secs);
-            let _ = std::thread::Builder::new()
-                .name(format!("timeout-{id}"))
-                .spawn(move || {
-                    if !sb.wait_ended(t) {
-                        sb.timed_out
-                            .store(true, std::sync::atomic::Ordering::SeqCst);
-                        sb.audit.record(AuditRecord {
-                            kind: AuditKind::Limit,
-                            action: "timeout".into(),
-                            sandbox_id: Some(sb.id.clone()),
-                            agent: Some(sb.agent.clone()),
-                            detail: json!({"timeout_secs": t.as_secs()}),
-                        });
-                        sb.teardown("timeout");
-                    }
-                });
-        }
-        let info = sandbox.info();
-        lock_or_recover(&self.sandboxes).insert(id, sandbox);
-        Ok(info)
+        Ok((sandbox, ready))
     }
 
     /// Builds the sandbox directory and the FUSE mount; returns the
@@ -591,7 +767,6 @@ impl Broker {
         &self,
         id: &str,
         agent: &str,
-        _p: &Principal,
         base: u32,
         sb_dir: &Path,
         layer_dir: &Path,
@@ -735,8 +910,34 @@ impl Broker {
         Ok(())
     }
 
+    /// Starts destroying a sandbox and returns at once; it shows as
+    /// "stopping" until every resource is released, then disappears.
+    pub fn destroy_detached(&self, p: &Principal, id: &str) -> Result<(), BrokerError> {
+        let sb = self.get(p, id)?;
+        let Some(me) = self.me_ref.get().and_then(Weak::upgrade) else {
+            return self.destroy(p, id);
+        };
+        sb.mark_stopping();
+        let spawned = std::thread::Builder::new()
+            .name(format!("destroy-{id}"))
+            .spawn(move || {
+                sb.teardown("destroyed");
+                lock_or_recover(&me.sandboxes).remove(&sb.id);
+            });
+        spawned
+            .map(drop)
+            .map_err(|e| BrokerError::Internal(format!("destroy thread: {e}")))
+    }
+
     /// Destroys every sandbox (broker shutdown).
     pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        // Let refills in flight finish (they stop at the flag and drain).
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        while !lock_or_recover(&self.refilling).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.drain_pool();
         let all: Vec<Arc<Sandbox>> = lock_or_recover(&self.sandboxes)
             .drain()
             .map(|(_, s)| s)
@@ -795,7 +996,7 @@ impl Broker {
         }
         let extra = body.env.clone().unwrap_or_default();
         check_env(&extra)?;
-        let mut env = sb.env.clone();
+        let mut env = lock_or_recover(&sb.env).clone();
         for e in extra {
             let key = e.split('=').next().unwrap_or_default().to_string();
             env.retain(|x| x.split('=').next() != Some(key.as_str()));
@@ -889,6 +1090,38 @@ impl Broker {
             sandbox: sb,
         })
     }
+}
+
+/// Limits must lie within the configured bounds.
+fn check_limits(
+    limits: &AppliedLimits,
+    d: &crate::config::LimitsConfig,
+) -> Result<(), BrokerError> {
+    if limits.memory_bytes < (8 << 20) || limits.memory_bytes > d.max_memory_bytes {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.memory_bytes {} is outside 8 MiB..{} bytes",
+            limits.memory_bytes, d.max_memory_bytes
+        )));
+    }
+    if limits.pids < 4 || limits.pids > d.max_pids {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.pids {} is outside 4..{}",
+            limits.pids, d.max_pids
+        )));
+    }
+    if limits.cpu_millis < 10 || limits.cpu_millis > d.max_cpu_millis {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.cpu_millis {} is outside 10..{}",
+            limits.cpu_millis, d.max_cpu_millis
+        )));
+    }
+    if limits.nofile < 16 || limits.nofile > 1 << 20 {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.nofile {} is outside 16..1048576",
+            limits.nofile
+        )));
+    }
+    Ok(())
 }
 
 /// Env entries must be KEY=VALUE with a plain key and no NUL.

@@ -230,8 +230,7 @@ fn read_stdin(enabled: bool) -> Result<Option<String>, CliError> {
 /// Entry point; returns the process exit status.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -292,6 +291,9 @@ async fn backend(cli: &Cli, needs_daemon: Option<&str>) -> Result<Backend, CliEr
     }
     let exe = std::env::current_exe()
         .map_err(|e| CliError::Usage(format!("cannot locate own binary: {e}")))?;
+    // An embedded broker lives for one command: nothing to pre-start.
+    let mut cfg = cfg;
+    cfg.pool_size = 0;
     let broker = tokio::task::spawn_blocking(move || Broker::start(cfg, exe))
         .await
         .map_err(|e| CliError::Usage(e.to_string()))??;
@@ -486,7 +488,13 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                 timeout_secs: None,
             };
             let result = be.exec(&info.id, body, json).await;
-            let destroyed = be.destroy(&info.id).await;
+            // brokerd owns the cleanup (and recovers it after a crash), so
+            // `run` returns with the command's status and lets it finish
+            // in the background; an embedded broker must finish first.
+            let destroyed = match &be {
+                Backend::Remote(c) => c.destroy_detached(&info.id).await.map_err(CliError::from),
+                Backend::Embedded(..) => be.destroy(&info.id).await,
+            };
             let x = result?;
             destroyed?;
             if !json {

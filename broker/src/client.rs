@@ -134,6 +134,19 @@ impl RemoteClient {
         Ok(())
     }
 
+    /// `DELETE /v1/sandboxes/{id}?wait=false`: brokerd tears down in the
+    /// background.
+    pub async fn destroy_detached(&self, id: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .call(
+                Method::DELETE,
+                &format!("/v1/sandboxes/{}?wait=false", enc(id)),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// `POST /v1/sandboxes/{id}/execs/{exec_id}/signal`.
     pub async fn signal(&self, id: &str, exec_id: u64, signal: i32) -> Result<(), ClientError> {
         let body = serde_json::to_vec(&serde_json::json!({ "signal": signal }))

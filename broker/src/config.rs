@@ -80,6 +80,10 @@ pub struct BrokerConfig {
     pub max_sandboxes: u32,
     /// Lowest landlock ABI a sandbox may start with (0 = run without landlock).
     pub landlock_floor: u8,
+    /// Sandboxes kept pre-started per (agent, user) that has asked for one,
+    /// handed out by later creates that use the agent's own workspace, the
+    /// host base and the default open-files limit (0: off).
+    pub pool_size: usize,
     /// Default limits.
     pub limits: LimitsConfig,
     /// Agents and who may act for them. root is always admin.
@@ -96,6 +100,7 @@ impl Default for BrokerConfig {
             id_range_start: 0x1000_0000,
             max_sandboxes: 1024,
             landlock_floor: 1,
+            pool_size: 2,
             limits: LimitsConfig::default(),
             agents: Vec::new(),
         }

@@ -74,8 +74,8 @@ pub struct Sandbox {
     pub id: String,
     /// Owning agent.
     pub agent: String,
-    /// Creation time, unix ms.
-    pub created_ms: i64,
+    /// Creation time, unix ms (when handed to its caller).
+    pub created_ms: std::sync::atomic::AtomicI64,
     /// Hostname.
     pub hostname: String,
     /// Default exec user name.
@@ -86,12 +86,12 @@ pub struct Sandbox {
     pub workspace: PathBuf,
     /// Base dir if not the host.
     pub rootfs: Option<PathBuf>,
-    /// Limits.
-    pub limits: AppliedLimits,
+    /// Limits in force (set again when a pre-started sandbox is handed out).
+    pub limits: Mutex<AppliedLimits>,
     /// Host uid of sandbox root.
     pub host_uid_base: u32,
     /// Default environment of execs.
-    pub env: Vec<String>,
+    pub env: Mutex<Vec<String>>,
     /// cgroup version.
     pub cgroup_version: airlock_shim::cgroup::CgroupVersion,
     pub(crate) ctrl: Channel,
@@ -134,12 +134,12 @@ impl Sandbox {
             id: self.id.clone(),
             agent: self.agent.clone(),
             state: self.state().to_string(),
-            created_ms: self.created_ms,
+            created_ms: self.created_ms.load(Ordering::SeqCst),
             hostname: self.hostname.clone(),
             user: self.user.clone(),
             workspace: self.workspace.clone(),
             rootfs: self.rootfs.clone(),
-            limits: self.limits,
+            limits: *lock_or_recover(&self.limits),
             host_uid_base: self.host_uid_base,
             cgroup_version: self.cgroup_version,
             counters,
@@ -180,7 +180,7 @@ impl Sandbox {
                 AuditKind::Limit,
                 "oom",
                 json!({"oom_kills": after.oom_kills - before.oom_kills, "exec_id": exec,
-                       "memory_bytes": self.limits.memory_bytes}),
+                       "memory_bytes": lock_or_recover(&self.limits).memory_bytes}),
             );
         }
         if after.pids_max_hits > before.pids_max_hits {
@@ -188,7 +188,7 @@ impl Sandbox {
                 AuditKind::Limit,
                 "pids_max",
                 json!({"refused_forks": after.pids_max_hits - before.pids_max_hits,
-                       "exec_id": exec, "pids": self.limits.pids}),
+                       "exec_id": exec, "pids": lock_or_recover(&self.limits).pids}),
             );
         }
     }
@@ -213,6 +213,11 @@ impl Sandbox {
             return Err(format!("sandbox {} did not take the command: {e}", self.id));
         }
         Ok((exec_id, rx))
+    }
+
+    /// Refuses new execs from now on (teardown follows).
+    pub fn mark_stopping(&self) {
+        self.dead.store(true, Ordering::SeqCst);
     }
 
     /// Whether the exec is still running.

@@ -268,34 +268,12 @@ const CPU_PERIOD_US: u64 = 100_000;
 impl Cgroup {
     fn setup(&self, m: &CgroupManager, l: &CgroupLimits) -> Result<(), CgroupError> {
         match m {
-            CgroupManager::V1 { memory, pids, cpu } => {
+            CgroupManager::V1 { .. } => {
                 for p in self.manager.parents() {
                     mkdir(&p)?;
                 }
                 for d in &self.dirs {
                     mkdir(d)?;
-                }
-                let mem = memory.join(PARENT).join(self.name());
-                write(
-                    &mem.join("memory.limit_in_bytes"),
-                    &l.memory_bytes.to_string(),
-                )?;
-                let memsw = mem.join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    write(&memsw, &l.memory_bytes.to_string())?;
-                }
-                let _ = fs::write(mem.join("memory.swappiness"), "0");
-                write(
-                    &pids.join(PARENT).join(self.name()).join("pids.max"),
-                    &l.pids.to_string(),
-                )?;
-                if let Some(cpu) = cpu {
-                    let d = cpu.join(PARENT).join(self.name());
-                    write(&d.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                    write(
-                        &d.join("cpu.cfs_quota_us"),
-                        &(l.cpu_millis * CPU_PERIOD_US / 1000).max(1000).to_string(),
-                    )?;
                 }
             }
             CgroupManager::V2 { root } => {
@@ -309,19 +287,50 @@ impl Cgroup {
                 if write(&parent.join("cgroup.subtree_control"), enable).is_err() {
                     write(&parent.join("cgroup.subtree_control"), "+memory +pids")?;
                 }
-                let d = parent.join(self.name());
-                mkdir(&d)?;
+                mkdir(&parent.join(self.name()))?;
+            }
+        }
+        self.set_limits(l)
+    }
+
+    /// Applies limits (at creation, or to a pre-started sandbox when it is
+    /// handed out). Lowering memory below current usage makes the kernel
+    /// reclaim, then OOM-kill, as it would for any limit.
+    pub fn set_limits(&self, l: &CgroupLimits) -> Result<(), CgroupError> {
+        let quota = (l.cpu_millis * CPU_PERIOD_US / 1000).max(1000);
+        match &self.manager {
+            CgroupManager::V1 { memory, pids, cpu } => {
+                let mem = memory.join(PARENT).join(self.name());
+                let limit = mem.join("memory.limit_in_bytes");
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                let bytes = l.memory_bytes.to_string();
+                // memory <= memory+swap must hold after every single write.
+                if write(&limit, &bytes).is_err() && memsw.exists() {
+                    write(&memsw, &bytes)?;
+                    write(&limit, &bytes)?;
+                } else if memsw.exists() {
+                    write(&memsw, &bytes)?;
+                } else {
+                    write(&limit, &bytes)?;
+                }
+                let _ = fs::write(mem.join("memory.swappiness"), "0");
+                write(
+                    &pids.join(PARENT).join(self.name()).join("pids.max"),
+                    &l.pids.to_string(),
+                )?;
+                if let Some(cpu) = cpu {
+                    let d = cpu.join(PARENT).join(self.name());
+                    write(&d.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                }
+            }
+            CgroupManager::V2 { root } => {
+                let d = root.join(PARENT).join(self.name());
                 write(&d.join("memory.max"), &l.memory_bytes.to_string())?;
                 let _ = fs::write(d.join("memory.swap.max"), "0");
                 write(&d.join("pids.max"), &l.pids.to_string())?;
                 if d.join("cpu.max").exists() {
-                    write(
-                        &d.join("cpu.max"),
-                        &format!(
-                            "{} {CPU_PERIOD_US}",
-                            (l.cpu_millis * CPU_PERIOD_US / 1000).max(1000)
-                        ),
-                    )?;
+                    write(&d.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
                 }
             }
         }

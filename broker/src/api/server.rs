@@ -121,12 +121,29 @@ async fn inspect(
     Ok(Json(b.inspect(&p, &id)?).into_response())
 }
 
+/// `DELETE /v1/sandboxes/{id}` query string.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyParams {
+    /// false: answer 202 at once and tear down in the background.
+    pub wait: Option<bool>,
+}
+
 async fn destroy(
     State(b): Shared,
     ConnectInfo(c): Peer,
     Path(id): Path<String>,
+    Query(params): Query<DestroyParams>,
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
+    if params.wait == Some(false) {
+        b.destroy_detached(&p, &id)?;
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"id": id, "destroyed": false, "state": "stopping"})),
+        )
+            .into_response());
+    }
     let id2 = id.clone();
     tokio::task::spawn_blocking(move || b.destroy(&p, &id2))
         .await

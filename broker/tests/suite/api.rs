@@ -48,7 +48,7 @@ fn exec_streams_ndjson_over_the_socket() {
 
 #[test]
 fn unmapped_peer_uid_is_refused_and_audited() {
-    let env = Env::with_extra("[[agents]]\nname = \"alice\"\nuids = [4001]\n");
+    let env = Env::with_extra("pool_size = 0\n[[agents]]\nname = \"alice\"\nuids = [4001]\n");
     let _b = env.start_brokerd();
     // A caller with an unmapped uid (the socket is 0666 in this config so
     // the refusal comes from SO_PEERCRED, not file permissions).

@@ -19,8 +19,10 @@ pub struct Env {
 }
 
 impl Env {
+    /// An environment whose brokerd keeps no pre-started sandboxes (so
+    /// leftover checks see only what a test made).
     pub fn new() -> Env {
-        Env::with_extra("")
+        Env::with_extra("pool_size = 0\n")
     }
 
     pub fn with_extra(extra: &str) -> Env {

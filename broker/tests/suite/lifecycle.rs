@@ -202,3 +202,56 @@ fn brokerd_shutdown_destroys_every_sandbox() {
     }
     assert!(!env.socket.exists(), "socket left behind");
 }
+
+#[test]
+fn pre_started_sandboxes_are_fresh_private_and_cleaned_up() {
+    let env = Env::with_extra("pool_size = 1\n");
+    let mut b = env.start_brokerd();
+    let first = create(&env, &["--agent", "p1"]);
+    let id1 = first["id"].as_str().unwrap().to_string();
+    ok(&env.remote(&["exec", &id1, "--", "sh", "-c", "echo dirty > /tmp/mark"]));
+    // Wait for the pool to hold one sandbox for (p1, sandbox).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let second = loop {
+        let info = create(&env, &["--agent", "p1", "--memory", "256M"]);
+        let id = info["id"].as_str().unwrap().to_string();
+        let rows = env.audit_wait(&["--sandbox", &id], |r| r["action"] == "create");
+        let pre = rows
+            .iter()
+            .any(|r| r["action"] == "create" && r["detail"]["pre_started"] == true);
+        if pre {
+            break info;
+        }
+        ok(&env.remote(&["rm", &id]));
+        assert!(Instant::now() < deadline, "pool never served a create");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let id2 = second["id"].as_str().unwrap().to_string();
+    assert_eq!(second["limits"]["memory_bytes"], 256u64 << 20);
+    // Nothing of another sandbox is visible; the limit asked for holds.
+    let out = ok(&env.remote(&[
+        "exec",
+        &id2,
+        "--",
+        "sh",
+        "-c",
+        "ls /tmp; cat /proc/self/status | grep -c NoNewPrivs",
+    ]));
+    assert_eq!(
+        out, "1\n",
+        "fresh /tmp and a jailed process expected: {out}"
+    );
+    // Another agent never gets p1's pre-started sandbox.
+    let other = create(&env, &["--agent", "p2"]);
+    let oid = other["id"].as_str().unwrap().to_string();
+    let rows = env.audit_wait(&["--sandbox", &oid], |r| r["action"] == "create");
+    assert!(
+        rows.iter().all(|r| r["detail"]["pre_started"] != true),
+        "{rows:?}"
+    );
+    assert_eq!(other["agent"], "p2");
+    ok(&env.remote(&["rm", &id1, &id2, &oid]));
+    // Shutdown destroys what is still pre-started.
+    b.stop();
+    env.assert_no_leftovers(None);
+}
