@@ -226,6 +226,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c = BrokerConfig::parse(include_str!("../../examples/brokerd.toml")).unwrap();
+        assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(c.agents.len(), 2);
+    }
+
+    #[test]
     fn empty_config_is_the_default() {
         assert_eq!(BrokerConfig::parse("").unwrap(), BrokerConfig::default());
     }
