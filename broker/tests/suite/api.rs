@@ -97,3 +97,41 @@ fn unmapped_peer_uid_is_refused_and_audited() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Every path and method in broker/openapi.yaml is routed (none falls to
+/// the "no such endpoint" fallback or 405), and an unknown path is not.
+#[test]
+fn routes_match_the_openapi_file() {
+    let spec = include_str!("../../openapi.yaml");
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let mut path = None;
+    let mut checked = 0;
+    for line in spec.lines() {
+        if let Some(p) = line.strip_prefix("  /") {
+            path = Some(format!("/{}", p.trim_end_matches(':')));
+            continue;
+        }
+        let Some(m) = ["get", "post", "delete", "put"]
+            .iter()
+            .find(|m| line == format!("    {m}:"))
+        else {
+            continue;
+        };
+        let Some(p) = &path else { continue };
+        let url = p.replace("{id}", "nope").replace("{exec_id}", "1");
+        let (code, body) = env.http(&m.to_uppercase(), &url, "{}");
+        assert!(
+            code != 405 && !body.contains("no such endpoint"),
+            "{m} {url}: {code} {body}"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 8,
+        "only {checked} operations found in openapi.yaml"
+    );
+    let (code, body) = env.http("GET", "/v1/nothing-here", "");
+    assert_eq!(code, 404);
+    assert!(body.contains("no such endpoint"), "{body}");
+}
