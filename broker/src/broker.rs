@@ -379,7 +379,7 @@ impl Broker {
         let was_pooled = pooled.is_some();
         let (sandbox, ready) = match pooled {
             Some(x) => x,
-            None => self.spawn(&shape, &limits)?,
+            None => self.spawn(&shape, &limits, true)?,
         };
         if let Some(k) = key {
             self.refill(k, shape.clone());
@@ -447,7 +447,7 @@ impl Broker {
                     if have >= me.cfg.pool_size || me.closing.load(Ordering::SeqCst) {
                         break;
                     }
-                    match me.spawn(&shape, &defaults) {
+                    match me.spawn(&shape, &defaults, false) {
                         Ok(entry) => lock_or_recover(&me.pool)
                             .entry(key.clone())
                             .or_default()
@@ -465,6 +465,20 @@ impl Broker {
             });
         if spawned.is_err() {
             lock_or_recover(&self.refilling).remove(&key_on_error);
+        }
+    }
+
+    /// Destroys one pre-started sandbox to free its slot; false if none.
+    fn evict_one(&self) -> bool {
+        let victim = lock_or_recover(&self.pool)
+            .values_mut()
+            .find_map(|v| v.pop());
+        match victim {
+            Some((sb, _)) => {
+                sb.teardown("evicted from the pool");
+                true
+            }
+            None => false,
         }
     }
 
@@ -563,10 +577,13 @@ impl Broker {
 
     /// Builds and starts a sandbox of `shape`, and waits for its jail to
     /// prove itself. Everything is torn down on any failure.
+    /// `for_request`: a caller waits for it, so a pre-started sandbox may
+    /// be evicted to free a slot (never for a refill).
     fn spawn(
         &self,
         shape: &Shape,
         limits: &AppliedLimits,
+        for_request: bool,
     ) -> Result<(Arc<Sandbox>, ReadyInfo), BrokerError> {
         let Shape {
             agent,
@@ -579,7 +596,12 @@ impl Broker {
         let user_ids = *user_ids;
         let t0 = Instant::now();
         let id = random_hex(6).map_err(internal("random id"))?;
-        let (slot, slot_lock) = self.take_slot()?;
+        let (slot, slot_lock) = match self.take_slot() {
+            Ok(s) => s,
+            // Pre-started sandboxes must never starve a real request.
+            Err(_) if for_request && self.evict_one() => self.take_slot()?,
+            Err(e) => return Err(e),
+        };
         let base = self.cfg.id_range_start + slot * IDS_PER_SANDBOX;
         let hostname = format!("airlock-{id}");
 
