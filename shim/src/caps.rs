@@ -93,7 +93,7 @@ pub fn last_cap() -> Result<u32, CapsError> {
     }
     let mut last = None;
     for cap in 0..64u32 {
-        match prctl_int(libc::PR_CAPBSET_READ, cap.into()) {
+        match crate::sys::prctl_int(libc::PR_CAPBSET_READ, cap.into()) {
             Ok(_) => last = Some(cap),
             Err(_) => break,
         }
@@ -108,10 +108,10 @@ pub fn last_cap() -> Result<u32, CapsError> {
 /// the target user.
 pub fn drop_bounding_and_ambient() -> Result<(), CapsError> {
     for cap in 0..=last_cap()? {
-        prctl_int(libc::PR_CAPBSET_DROP, cap.into())
+        crate::sys::prctl_int(libc::PR_CAPBSET_DROP, cap.into())
             .map_err(|source| CapsError::DropBounding { cap, source })?;
     }
-    prctl_int(
+    crate::sys::prctl_int(
         libc::PR_CAP_AMBIENT,
         libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
     )
@@ -122,7 +122,7 @@ pub fn drop_bounding_and_ambient() -> Result<(), CapsError> {
 /// Empties the effective, permitted and inheritable sets of the calling
 /// thread (also for uid 0, whose sets would otherwise survive execve).
 pub fn clear_all_capability_sets() -> Result<(), CapsError> {
-    capset_all_zero().map_err(CapsError::Capset)
+    crate::sys::capset_all_zero().map_err(CapsError::Capset)
 }
 
 /// Sets `no_new_privs`: execve can never grant privileges again. Seccomp and
@@ -162,64 +162,6 @@ pub fn parse_status(text: &str) -> Result<CapSets, CapsError> {
         bounding: get("CapBnd")?,
         ambient: get("CapAmb")?,
     })
-}
-
-/// `prctl(option, arg2, 0, 0, 0)` for options that take one integer.
-#[allow(unsafe_code)]
-fn prctl_int(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<libc::c_int> {
-    let zero: libc::c_ulong = 0;
-    // SAFETY: the options passed here (PR_CAPBSET_READ, PR_CAPBSET_DROP,
-    // PR_CAP_AMBIENT with CLEAR_ALL) take only integer arguments; the kernel
-    // dereferences no pointer, so no memory of ours is touched.
-    let ret = unsafe { libc::prctl(option, arg2, zero, zero, zero) };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-/// `capset(2)` with effective, permitted and inheritable all empty.
-#[allow(unsafe_code)]
-fn capset_all_zero() -> io::Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let mut header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: `header` and `data` have the kernel's v3 layout
-    // (`__user_cap_header_struct` and two `__user_cap_data_struct`s, as v3
-    // requires) and live until the call returns; capset only reads `data` and
-    // may write `header.version`, which is a valid, exclusively borrowed u32.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            std::ptr::addr_of_mut!(header),
-            data.as_ptr(),
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 #[cfg(test)]

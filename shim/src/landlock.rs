@@ -212,24 +212,7 @@ pub struct PreparedLandlock {
 
 /// The kernel's landlock ABI (0 when landlock is missing or disabled).
 pub fn kernel_abi() -> u8 {
-    u8::try_from(landlock_version()).unwrap_or(0)
-}
-
-/// `landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)`.
-#[allow(unsafe_code)]
-fn landlock_version() -> libc::c_long {
-    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
-    // SAFETY: with a null attribute pointer, size 0 and the VERSION flag the
-    // kernel only returns the ABI number (or -1/errno); it reads and writes
-    // no memory of ours.
-    unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<libc::c_void>(),
-            0usize,
-            LANDLOCK_CREATE_RULESET_VERSION,
-        )
-    }
+    u8::try_from(crate::sys::landlock_version()).unwrap_or(0)
 }
 
 /// The crate's ABI value for a kernel ABI number (numbers beyond what the

@@ -153,3 +153,75 @@ pub fn dup_onto(fd: &OwnedFd, target: RawFd) -> Result<(), Errno> {
     let ret = unsafe { libc::dup2(fd.as_raw_fd(), target) };
     Errno::result(ret).map(drop)
 }
+
+/// `prctl(option, arg2, 0, 0, 0)` for options that take one integer.
+pub fn prctl_int(option: libc::c_int, arg2: libc::c_ulong) -> std::io::Result<libc::c_int> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: the options passed here (PR_CAPBSET_READ, PR_CAPBSET_DROP,
+    // PR_CAP_AMBIENT with CLEAR_ALL) take only integer arguments; the kernel
+    // dereferences no pointer, so no memory of ours is touched.
+    let ret = unsafe { libc::prctl(option, arg2, zero, zero, zero) };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `capset(2)` with effective, permitted and inheritable all empty.
+pub fn capset_all_zero() -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: `header` and `data` have the kernel's v3 layout
+    // (`__user_cap_header_struct` and two `__user_cap_data_struct`s, as v3
+    // requires) and live until the call returns; capset only reads `data` and
+    // may write `header.version`, which is a valid, exclusively borrowed u32.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            std::ptr::addr_of_mut!(header),
+            data.as_ptr(),
+        )
+    };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)`.
+pub fn landlock_version() -> libc::c_long {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: with a null attribute pointer, size 0 and the VERSION flag the
+    // kernel only returns the ABI number (or -1/errno); it reads and writes
+    // no memory of ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    }
+}
