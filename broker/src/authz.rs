@@ -37,6 +37,18 @@ pub enum AuthzError {
         /// The agent asked for.
         agent: String,
     },
+    /// A non-root caller named a host directory it does not own.
+    #[error("uid {uid} may not use {what} {path}: it is owned by uid {owner}")]
+    NotOwner {
+        /// The caller's uid.
+        uid: u32,
+        /// "workspace" or "rootfs".
+        what: &'static str,
+        /// The directory.
+        path: String,
+        /// Its owner.
+        owner: u32,
+    },
     /// The agent name is malformed.
     #[error("invalid agent name {0:?}: use 1-64 of letters, digits, '.', '-', '_'")]
     BadName(String),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
@@ -109,9 +109,26 @@ struct Shape {
     agent: String,
     user: String,
     user_ids: (u32, u32),
-    workspace: PathBuf,
-    rootfs: Option<PathBuf>,
+    workspace: HostDir,
+    rootfs: Option<HostDir>,
     nofile: u64,
+}
+
+/// A host directory opened once by the broker.
+#[derive(Debug, Clone)]
+struct HostDir {
+    /// Canonical path, for messages and the audit log.
+    path: PathBuf,
+    /// The opened directory (O_PATH).
+    fd: Arc<OwnedFd>,
+}
+
+impl HostDir {
+    /// A path that names exactly the opened directory, whatever happens to
+    /// its name meanwhile (the handle is held until the mount has opened it).
+    fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
 }
 
 /// A running exec: its events, and a way to signal it.
@@ -295,26 +312,39 @@ impl Broker {
         )))
     }
 
+    /// Opens a caller-named host directory once and checks the opened
+    /// directory itself: the canonical path is opened with
+    /// RESOLVE_NO_SYMLINKS (a component swapped for a symlink after
+    /// canonicalize fails instead of redirecting), and ownership is read
+    /// from the handle. The filesystem server later opens exactly this
+    /// directory through the handle, so no rename race can substitute
+    /// another one.
     fn validate_dir_for(
         &self,
         p: &Principal,
-        what: &str,
+        what: &'static str,
         dir: &Path,
-    ) -> Result<PathBuf, BrokerError> {
-        let canon = std::fs::canonicalize(dir)
-            .map_err(|e| BrokerError::BadRequest(format!("{what} {}: {e}", dir.display())))?;
-        let md = std::fs::metadata(&canon)
-            .map_err(|e| BrokerError::BadRequest(format!("{what} {}: {e}", dir.display())))?;
-        if !md.is_dir() {
-            return Err(BrokerError::BadRequest(format!(
-                "{what} {} is not a directory",
-                dir.display()
-            )));
-        }
-        if !p.is_admin() && md.uid() != p.uid {
-            return Err(BrokerError::Forbidden(AuthzError::Forbidden {
+    ) -> Result<HostDir, BrokerError> {
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+        let bad = |e: &dyn std::fmt::Display| {
+            BrokerError::BadRequest(format!("{what} {}: {e}", dir.display()))
+        };
+        let canon = std::fs::canonicalize(dir).map_err(|e| bad(&e))?;
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let fd = openat2(nix::fcntl::AT_FDCWD, &canon, how).map_err(|e| match e {
+            nix::Error::ENOTDIR => bad(&"not a directory"),
+            nix::Error::ELOOP => bad(&"changed while being opened"),
+            e => bad(&e),
+        })?;
+        let st = nix::sys::stat::fstat(&fd).map_err(|e| bad(&e))?;
+        if !p.is_admin() && st.st_uid != p.uid {
+            return Err(BrokerError::Forbidden(AuthzError::NotOwner {
                 uid: p.uid,
-                agent: format!("{what} {} (owned by uid {})", canon.display(), md.uid()),
+                what,
+                path: canon.display().to_string(),
+                owner: st.st_uid,
             }));
         }
         if canon.starts_with(&self.cfg.state_dir) {
@@ -323,7 +353,10 @@ impl Broker {
                 canon.display()
             )));
         }
-        Ok(canon)
+        Ok(HostDir {
+            path: canon,
+            fd: Arc::new(fd),
+        })
     }
 
     /// Creates a sandbox and waits until its jail has proved itself; hands
@@ -388,14 +421,23 @@ impl Broker {
     }
 
     /// The agent's own persistent workspace directory.
-    fn agent_workspace(&self, agent: &str) -> Result<PathBuf, BrokerError> {
+    fn agent_workspace(&self, agent: &str) -> Result<HostDir, BrokerError> {
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
         let w = self.cfg.state_dir.join("workspaces").join(agent);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&w)
             .map_err(internal("create agent workspace"))?;
-        Ok(w)
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+        let fd = openat2(nix::fcntl::AT_FDCWD, &w, how)
+            .map_err(|e| BrokerError::Internal(format!("open {}: {e}", w.display())))?;
+        Ok(HostDir {
+            path: w,
+            fd: Arc::new(fd),
+        })
     }
 
     /// Requests the pool can serve: the agent's own workspace, the host
@@ -405,7 +447,7 @@ impl Broker {
         (self.cfg.pool_size > 0
             && shape.rootfs.is_none()
             && shape.nofile == self.cfg.limits.nofile
-            && shape.workspace == self.cfg.state_dir.join("workspaces").join(&shape.agent))
+            && shape.workspace.path == self.cfg.state_dir.join("workspaces").join(&shape.agent))
         .then(|| (shape.agent.clone(), shape.user.clone()))
     }
 
@@ -702,8 +744,8 @@ impl Broker {
             hostname,
             user: user.clone(),
             user_ids,
-            workspace: workspace.clone(),
-            rootfs: rootfs.clone(),
+            workspace: workspace.path.clone(),
+            rootfs: rootfs.as_ref().map(|r| r.path.clone()),
             limits: Mutex::new(*limits),
             host_uid_base: base,
             env: Mutex::new(Vec::new()),
@@ -792,8 +834,8 @@ impl Broker {
         base: u32,
         sb_dir: &Path,
         layer_dir: &Path,
-        workspace: &Path,
-        rootfs: &Option<PathBuf>,
+        workspace: &HostDir,
+        rootfs: &Option<HostDir>,
         user: &str,
         user_ids: (u32, u32),
         hostname: &str,
@@ -834,11 +876,11 @@ impl Broker {
         });
         let spec = airlock_fs::MountSpec {
             base: match rootfs {
-                Some(r) => airlock_fs::BaseSpec::Rootfs(r.clone()),
+                Some(r) => airlock_fs::BaseSpec::Rootfs(r.proc_path()),
                 None => airlock_fs::BaseSpec::Host,
             },
             upper,
-            workspace: workspace.to_path_buf(),
+            workspace: workspace.proc_path(),
             ids: airlock_fs::IdMap {
                 host_uid_base: base,
                 host_gid_base: base,

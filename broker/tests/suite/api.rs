@@ -135,3 +135,89 @@ fn routes_match_the_openapi_file() {
     assert_eq!(code, 404);
     assert!(body.contains("no such endpoint"), "{body}");
 }
+
+/// A non-root caller swaps its own workspace directory for a symlink to a
+/// root-only directory while asking for it: the broker must only ever serve
+/// the directory it checked.
+#[test]
+fn workspace_swap_race_never_serves_a_directory_the_caller_does_not_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::with_extra("pool_size = 0\n[[agents]]\nname = \"alice\"\nuids = [4001]\n");
+    let _b = env.start_brokerd();
+    // The secret: root-only.
+    let secret = tempfile::Builder::new()
+        .prefix("secret-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(secret.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(secret.path().join("canary"), "TOP-SECRET").unwrap();
+    // alice's playground: her dir `ws` and a symlink `ln` to the secret.
+    let play = tempfile::Builder::new().prefix("race-").tempdir().unwrap();
+    std::fs::set_permissions(play.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ws = play.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::os::unix::fs::chown(&ws, Some(4001), Some(4001)).unwrap();
+    std::os::unix::fs::symlink(secret.path(), play.path().join("ln")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let dir = play.path().to_path_buf();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = nix::fcntl::renameat2(
+                    nix::fcntl::AT_FDCWD,
+                    &dir.join("ws"),
+                    nix::fcntl::AT_FDCWD,
+                    &dir.join("ln"),
+                    nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                );
+            }
+        })
+    };
+    let mut leaks = vec![];
+    let mut served = 0;
+    for _ in 0..25 {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_airlock"))
+            .arg("--socket")
+            .arg(&env.socket)
+            .arg("run")
+            .arg("--workspace")
+            .arg(&ws)
+            .args(["--", "sh", "-c", "cat /workspace/canary 2>/dev/null; true"])
+            .env_clear()
+            .output()
+            .unwrap();
+        if text(&out.stdout).contains("TOP-SECRET") {
+            leaks.push(text(&out.stderr));
+        }
+        served += usize::from(out.status.success());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(leaks.is_empty(), "secret served {} times", leaks.len());
+    assert!(
+        served > 0,
+        "the race never let a run through: nothing was tested"
+    );
+    // Asking for the secret directly is refused by name.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .arg("run")
+        .arg("--workspace")
+        .arg(secret.path())
+        .args(["--", "true"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("may not use workspace")
+            && text(&out.stderr).contains("owned by uid 0"),
+        "{}",
+        text(&out.stderr)
+    );
+}
