@@ -27,12 +27,20 @@ use crate::audit::{AuditKind, AuditQuery, AuditRecord, AuditRow, AuditStore};
 use crate::authz::{AuthzError, Principal};
 use crate::config::BrokerConfig;
 use crate::sandbox::{ExecOutcome, ReadyInfo, Resources, Sandbox};
-use crate::util::{lock_or_recover, now_ms, random_hex};
+use crate::util::{RateLimiter, lock_or_recover, now_ms, random_hex};
 
 /// Sandbox uid of the default (unprivileged) user.
 pub const SANDBOX_UID: u32 = 1000;
 /// Ids per sandbox.
 pub const IDS_PER_SANDBOX: u32 = 65536;
+/// File events audited per sandbox per second (and burst), beyond which
+/// they are counted instead.
+const FS_EVENTS_PER_SEC: f64 = 500.0;
+const FS_EVENTS_BURST: f64 = 5000.0;
+/// Connection refusals audited per second (and burst) broker-wide.
+const REFUSALS_PER_SEC: f64 = 20.0;
+const REFUSALS_BURST: f64 = 200.0;
+
 /// How long a sandbox may take to come up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -95,6 +103,8 @@ pub struct Broker {
     closing: AtomicBool,
     /// This broker, for background refills.
     me_ref: OnceLock<Weak<Broker>>,
+    /// Budget for auditing refused connections.
+    refusals: RateLimiter,
 }
 
 /// Pool key: (agent, user).
@@ -193,6 +203,7 @@ impl Broker {
             refilling: Mutex::new(std::collections::HashSet::new()),
             closing: AtomicBool::new(false),
             me_ref: OnceLock::new(),
+            refusals: RateLimiter::new(REFUSALS_PER_SEC, REFUSALS_BURST),
         });
         let _ = broker.me_ref.set(Arc::downgrade(&broker));
         broker.recover();
@@ -407,6 +418,16 @@ impl Broker {
             rootfs,
             nofile: limits.nofile,
         };
+        let held = lock_or_recover(&self.sandboxes)
+            .values()
+            .filter(|s| s.agent == shape.agent)
+            .count();
+        if held >= self.cfg.max_sandboxes_per_agent {
+            return Err(BrokerError::Unavailable(format!(
+                "agent {:?} already holds {held} sandboxes (max_sandboxes_per_agent); destroy some first",
+                shape.agent
+            )));
+        }
         let key = self.pool_key(&shape);
         let pooled = key.as_ref().and_then(|k| self.claim(k));
         let was_pooled = pooled.is_some();
@@ -857,7 +878,23 @@ impl Broker {
         let upper = layer_dir.join("upper");
         let audit = self.audit.clone();
         let (sid, sagent) = (id.to_string(), agent.to_string());
+        // A sandbox can make file events as fast as it can loop: past the
+        // budget they are counted, and the count lands in one row.
+        let limiter = RateLimiter::new(FS_EVENTS_PER_SEC, FS_EVENTS_BURST);
         let sink: airlock_fs::EventSink = Arc::new(move |ev: airlock_fs::FsEvent| {
+            let Some(dropped) = limiter.admit() else {
+                return;
+            };
+            if dropped > 0 {
+                audit.record(AuditRecord {
+                    kind: AuditKind::Limit,
+                    action: "audit_rate_limited".into(),
+                    sandbox_id: Some(sid.clone()),
+                    agent: Some(sagent.clone()),
+                    detail: json!({"dropped_fs_events": dropped,
+                                   "events_per_sec": FS_EVENTS_PER_SEC}),
+                });
+            }
             let kind = match &ev {
                 airlock_fs::FsEvent::Denied { .. } => AuditKind::Denial,
                 _ => AuditKind::Fs,
@@ -895,6 +932,21 @@ impl Broker {
             .map_err(|e| BrokerError::Internal(format!("mount sandbox filesystem: {e}")))?;
         res.mount = Some(mount);
         Ok(mountpoint)
+    }
+
+    /// Audits a connection refused at accept.
+    pub fn audit_connection_refused(&self, p: &Principal, error: &str) {
+        let Some(dropped) = self.refusals.admit() else {
+            return;
+        };
+        self.audit.record(AuditRecord {
+            kind: AuditKind::Auth,
+            action: "refused".into(),
+            sandbox_id: None,
+            agent: None,
+            detail: json!({"op": "connect", "uid": p.uid, "gid": p.gid, "pid": p.pid,
+                           "error": error, "unaudited_refusals_before": dropped}),
+        });
     }
 
     fn audit_refusal(&self, p: &Principal, op: &str, e: &AuthzError) {
@@ -1177,6 +1229,12 @@ fn check_limits(
         return Err(BrokerError::BadRequest(format!(
             "limits.cpu_millis {} is outside 10..{}",
             limits.cpu_millis, d.max_cpu_millis
+        )));
+    }
+    if limits.timeout_secs > d.max_timeout_secs {
+        return Err(BrokerError::BadRequest(format!(
+            "timeout_secs {} exceeds the maximum {}",
+            limits.timeout_secs, d.max_timeout_secs
         )));
     }
     if limits.nofile < 16 || limits.nofile > 1 << 20 {

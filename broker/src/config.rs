@@ -44,6 +44,8 @@ pub struct LimitsConfig {
     pub max_pids: u64,
     /// Ceiling for cpu requests.
     pub max_cpu_millis: u64,
+    /// Ceiling for the lifetime of a sandbox, seconds.
+    pub max_timeout_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -57,6 +59,7 @@ impl Default for LimitsConfig {
             max_memory_bytes: 16 << 30,
             max_pids: 8192,
             max_cpu_millis: 64_000,
+            max_timeout_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -78,6 +81,8 @@ pub struct BrokerConfig {
     pub id_range_start: u32,
     /// Most sandboxes at once on this host.
     pub max_sandboxes: u32,
+    /// Most live sandboxes one agent may hold (root's requests included).
+    pub max_sandboxes_per_agent: usize,
     /// Lowest landlock ABI a sandbox may start with (0 = run without landlock).
     pub landlock_floor: u8,
     /// Sandboxes kept pre-started per (agent, user) that has asked for one,
@@ -99,6 +104,7 @@ impl Default for BrokerConfig {
             state_dir: PathBuf::from("/var/lib/airlock"),
             id_range_start: 0x1000_0000,
             max_sandboxes: 1024,
+            max_sandboxes_per_agent: 64,
             landlock_floor: 1,
             pool_size: 2,
             limits: LimitsConfig::default(),

@@ -360,7 +360,9 @@ impl Sandbox {
     /// Blocks until teardown or `d` passes; true if torn down.
     pub fn wait_ended(&self, d: Duration) -> bool {
         let (lock, cv) = &self.ended;
-        let deadline = Instant::now() + d;
+        let deadline = Instant::now()
+            .checked_add(d)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(365 * 24 * 3600));
         let mut ended = lock_or_recover(lock);
         while !*ended {
             let now = Instant::now();

@@ -99,3 +99,61 @@ mod tests {
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 }
+
+/// A token bucket: `rate` events per second, bursts up to `burst`. Events
+/// over the limit are counted, so the caller can report how many it dropped.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, std::time::Instant, u64)>,
+}
+
+impl RateLimiter {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: f64) -> RateLimiter {
+        RateLimiter {
+            rate,
+            burst,
+            state: Mutex::new((burst, std::time::Instant::now(), 0)),
+        }
+    }
+
+    /// `Some(dropped_before)` if this event may pass (with the number of
+    /// events dropped since the last one that passed), `None` if it is
+    /// over the limit.
+    pub fn admit(&self) -> Option<u64> {
+        let mut s = lock_or_recover(&self.state);
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
+        s.0 = (s.0 + refill).min(self.burst);
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            Some(std::mem::take(&mut s.2))
+        } else {
+            s.2 += 1;
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod limiter_tests {
+    use super::*;
+
+    #[test]
+    fn bursts_pass_then_excess_is_counted() {
+        let r = RateLimiter::new(0.001, 3.0);
+        assert_eq!(r.admit(), Some(0));
+        assert_eq!(r.admit(), Some(0));
+        assert_eq!(r.admit(), Some(0));
+        assert_eq!(r.admit(), None);
+        assert_eq!(r.admit(), None);
+        let r2 = RateLimiter::new(1_000_000.0, 1.0);
+        assert_eq!(r2.admit(), Some(0));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(r2.admit(), Some(0));
+    }
+}

@@ -1,6 +1,8 @@
 //! axum routes over the broker.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::connect_info::Connected;
@@ -22,13 +24,20 @@ use crate::broker::{Broker, BrokerError};
 #[derive(Debug, Clone, Copy)]
 pub struct PeerCred(pub Option<Principal>);
 
-impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        PeerCred(stream.io().peer_cred().ok().map(|c| Principal {
+impl PeerCred {
+    /// The kernel's word on who is at the other end.
+    pub fn of(stream: &tokio::net::UnixStream) -> PeerCred {
+        PeerCred(stream.peer_cred().ok().map(|c| Principal {
             uid: c.uid(),
             gid: c.gid(),
             pid: c.pid().unwrap_or(0),
         }))
+    }
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        PeerCred::of(stream.io())
     }
 }
 
@@ -288,14 +297,126 @@ async fn audit(
     Ok(Json(rows).into_response())
 }
 
+/// Most connections one uid may hold open at once.
+pub const MAX_CONNECTIONS_PER_UID: usize = 128;
+/// A request's headers must arrive within this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the API on `listener` until `shutdown` resolves.
+///
+/// Each connection's peer is identified at accept: a uid mapped to no agent
+/// gets a 403 at once, before any request byte is read (so unmapped local
+/// users cannot tie up the broker), each uid holds at most
+/// [`MAX_CONNECTIONS_PER_UID`] connections, and headers must arrive within
+/// [`HEADER_READ_TIMEOUT`].
 pub async fn serve(
     broker: Arc<Broker>,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(broker).into_make_service_with_connect_info::<PeerCred>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router(Arc::clone(&broker));
+    let open: Arc<std::sync::Mutex<HashMap<u32, usize>>> = Arc::default();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors or similar: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Some(p) = PeerCred::of(&stream).0 else {
+            continue;
+        };
+        if let Err(e) = p.check_mapped(broker.config()) {
+            broker.audit_connection_refused(&p, &e.to_string());
+            tokio::spawn(refuse(stream, StatusCode::FORBIDDEN, e.to_string()));
+            continue;
+        }
+        let held = {
+            let mut m = crate::util::lock_or_recover(&open);
+            let n = m.entry(p.uid).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let guard = ConnGuard {
+            uid: p.uid,
+            open: Arc::clone(&open),
+        };
+        if held > MAX_CONNECTIONS_PER_UID {
+            tokio::spawn(async move {
+                refuse(
+                    stream,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "uid {} has {MAX_CONNECTIONS_PER_UID} connections open already",
+                        p.uid
+                    ),
+                )
+                .await;
+                drop(guard);
+            });
+            continue;
+        }
+        let svc = app
+            .clone()
+            .layer(axum::Extension(ConnectInfo(PeerCred(Some(p)))));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(
+                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(svc),
+            );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(guard);
+        });
+    }
+    // Let running requests finish (execs stream until their command ends).
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    Ok(())
+}
+
+/// Releases a uid's connection slot when the connection ends.
+struct ConnGuard {
+    uid: u32,
+    open: Arc<std::sync::Mutex<HashMap<u32, usize>>>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let mut m = crate::util::lock_or_recover(&self.open);
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Answers a connection with one error response and closes it.
+async fn refuse(mut stream: tokio::net::UnixStream, code: StatusCode, error: String) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::to_string(&ErrorBody { error }).unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        code.as_u16(),
+        code.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
 }

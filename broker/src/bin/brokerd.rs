@@ -26,7 +26,9 @@ fn main() {
     airlock_broker::harden_process();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // fuser warns on every unimplemented request a sandbox makes: keep
+        // sandboxes from flooding the operator's log.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -67,6 +67,27 @@ fn unmapped_peer_uid_is_refused_and_audited() {
         "{}",
         text(&out.stderr)
     );
+    // The refusal comes at accept, before a byte of request is read: a
+    // silent unmapped client cannot hold the connection open.
+    let probe = format!(
+        "import socket; s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect({:?}); print(s.recv(200).decode().split()[1])",
+        env.socket.display().to_string()
+    );
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "4242",
+            "--regid",
+            "4242",
+            "--clear-groups",
+            "python3",
+            "-c",
+        ])
+        .arg(&probe)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout).trim(), "403", "{}", text(&out.stderr));
     // A mapped user sees only their agent; another agent's name is refused.
     let out = std::process::Command::new("setpriv")
         .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
