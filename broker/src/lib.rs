@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod sandbox;
+pub mod sys;
 pub mod util;
 
 /// argv\[1\] that selects the shim role.
@@ -35,6 +36,7 @@ pub fn dispatch_internal_role() {
 /// dumps, no ptrace attach by other users' processes, and no dynamic-loader
 /// variables passed on to anything we start.
 pub fn harden_process() {
+    sys::tune_allocator();
     let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
     let _ = nix::sys::prctl::set_dumpable(false);
 }
