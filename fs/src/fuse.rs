@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime};
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 use fuser::{
-    AccessFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    AccessFlags, BackingId, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
@@ -30,7 +30,7 @@ use crate::layers::{
 use crate::policy::Name;
 use crate::resolve::{open_dir, open_file, open_path, stat_at, walk_dirs};
 use crate::synth::{Synth, SynthEntry, SynthSpec};
-use crate::{BaseSpec, EventSink, FsEvent, IdMap, MountSpec, MutationOp};
+use crate::{BaseSpec, EventSink, FsEvent, IdMap, MountOptions, MountSpec, MutationOp, Shared};
 
 /// Base and synthesized entries: the kernel may cache them for long.
 const TTL_BASE: Duration = Duration::from_secs(3600);
@@ -38,6 +38,12 @@ const TTL_BASE: Duration = Duration::from_secs(3600);
 const TTL_UPPER: Duration = Duration::from_secs(60);
 /// The workspace may be changed live by other sandboxes.
 const TTL_WORKSPACE: Duration = Duration::from_secs(1);
+
+/// `statfs` magics of stacking filesystems: a base on one of them needs
+/// passthrough `max_stack_depth` 2.
+const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
+const FUSE_MAGIC: i64 = 0x6573_5546;
+const ECRYPTFS_MAGIC: i64 = 0xf15f;
 
 /// Largest xattr value or list we fetch.
 const XATTR_MAX: usize = 64 * 1024;
@@ -68,11 +74,59 @@ enum HandleKind {
     Dir(Vec<(u64, FileType, Name)>),
 }
 
+/// How the kernel does a file handle's I/O. It refuses to mix the two on
+/// one inode (an open in the other mode fails with EIO), and all
+/// passthrough opens of an inode must share one backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Io {
+    /// Reads and writes come to this server (through the page cache).
+    Cached,
+    /// The kernel reads the backing host file itself.
+    Passthrough,
+}
+
+/// A backing id registered with the kernel; closed (`BACKING_CLOSE`) when
+/// the last reference goes.
+struct Backing {
+    id: BackingId,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Backing {
+    fn drop(&mut self) {
+        self.shared.live_backing.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The open file handles of one inode, by I/O mode. This server's counts
+/// never fall below the kernel's: they rise before the open reply and fall
+/// at RELEASE, which the kernel sends after dropping its own count.
+#[derive(Default)]
+struct InodeIo {
+    cached: usize,
+    passthrough: usize,
+    /// While `passthrough > 0`: the backing file and its host identity.
+    backing: Option<(Arc<Backing>, HostKey)>,
+}
+
+/// Registers a file as a backing file with the kernel (the open request's
+/// `ReplyOpen::open_backing`).
+type MakeBacking<'a> = &'a dyn Fn(&File) -> std::io::Result<BackingId>;
+
+/// A successful open: handle, flags, and the backing file to reply with.
+struct Opened {
+    fh: u64,
+    flags: FopenFlags,
+    backing: Option<Arc<Backing>>,
+}
+
 #[derive(Debug)]
 struct Handle {
     /// The inode it was opened on.
     ino: u64,
     kind: HandleKind,
+    /// The I/O mode it was opened in; `None` for directories.
+    io: Option<Io>,
     area: Area,
     /// Sandbox path for workspace write events.
     ws_path: Option<String>,
@@ -91,6 +145,14 @@ pub(crate) struct AirlockFs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     events: EventSink,
+    /// Open file handles per inode, by I/O mode (passthrough bookkeeping).
+    io: Mutex<HashMap<u64, InodeIo>>,
+    /// Whether to ask the kernel for passthrough at INIT.
+    want_passthrough: bool,
+    /// The `max_stack_depth` to ask for: 1, or 2 when the base itself is
+    /// on a stacking filesystem (overlayfs, FUSE, ecryptfs).
+    stack_depth: u32,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for AirlockFs {
@@ -158,7 +220,12 @@ fn to_ts(t: Option<TimeOrNow>) -> Timespec {
 }
 
 impl AirlockFs {
-    pub(crate) fn new(spec: &MountSpec, events: EventSink) -> Result<Self, FsError> {
+    pub(crate) fn new(
+        spec: &MountSpec,
+        events: EventSink,
+        opts: &MountOptions,
+        shared: Arc<Shared>,
+    ) -> Result<Self, FsError> {
         let ids = spec.ids;
         if ids.count == 0 || spec.sandbox_uid >= ids.count || spec.sandbox_gid >= ids.count {
             return Err(FsError::InvalidSpec {
@@ -171,6 +238,13 @@ impl AirlockFs {
         let (base, host_filter) = match &spec.base {
             BaseSpec::Host => (open_root(Path::new("/"))?, true),
             BaseSpec::Rootfs(dir) => (open_root(dir)?, false),
+        };
+        // f_type is i64 on x86_64 but narrower on other targets.
+        #[allow(clippy::unnecessary_cast)]
+        let fs_type = rustix::fs::fstatfs(&base).map(|s| s.f_type as i64);
+        let stack_depth = match fs_type {
+            Ok(OVERLAYFS_MAGIC | FUSE_MAGIC | ECRYPTFS_MAGIC) => 2,
+            _ => 1,
         };
         let upper = open_root(&spec.upper)?;
         let ws = open_root(&spec.workspace)?;
@@ -197,6 +271,10 @@ impl AirlockFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             events,
+            io: Mutex::new(HashMap::new()),
+            want_passthrough: opts.passthrough,
+            stack_depth,
+            shared,
         })
     }
 
@@ -439,15 +517,10 @@ impl AirlockFs {
         }
         if let Some(fh) = fh
             && let Ok(h) = self.handle(fh.0)
-            && let HandleKind::File { file, .. } = &h.kind
             && h.area != Area::Base
+            && let Some(a) = self.handle_attr(ino, &h)
         {
-            let mut meta = Meta::from_stat(&rustix::fs::fstat(file)?);
-            if h.area == Area::Upper {
-                meta.uid = self.ids.clamp_uid(meta.uid);
-                meta.gid = self.ids.clamp_gid(meta.gid);
-            }
-            return Ok((self.attr(ino, &meta, h.area), Self::ttl(h.area)));
+            return a;
         }
         match self.loc(ino) {
             Ok(loc) => {
@@ -455,20 +528,45 @@ impl AirlockFs {
                 Ok((self.attr(ino, &meta, area), Self::ttl(area)))
             }
             // Every name is gone (fstat(2) of an unlinked open file asks
-            // without a handle): answer from an open handle of the inode.
-            Err(OpError::Stale(_)) if let Some(fh) = self.open_handle_of(ino) => {
-                self.do_getattr(ino, Some(FileHandle(fh)))
-            }
+            // without a handle; a passthrough inode detached after a
+            // copy-up): answer from an open handle of the inode.
+            Err(OpError::Stale(_)) if let Some(h) = self.open_handle_of(ino) => self
+                .handle_attr(ino, &h)
+                .unwrap_or(Err(OpError::Stale(ino))),
             Err(e) => Err(e),
         }
     }
 
-    /// Some open (non-base) file handle of `ino`.
-    fn open_handle_of(&self, ino: u64) -> Option<u64> {
-        lock(&self.handles).iter().find_map(|(fh, h)| {
-            (h.ino == ino && h.area != Area::Base && matches!(h.kind, HandleKind::File { .. }))
-                .then_some(*fh)
-        })
+    /// Attributes from an open file handle's host file.
+    fn handle_attr(&self, ino: u64, h: &Handle) -> Option<OpResult<(FileAttr, Duration)>> {
+        let HandleKind::File { file, .. } = &h.kind else {
+            return None;
+        };
+        let st = match rustix::fs::fstat(file) {
+            Ok(st) => st,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let mut meta = Meta::from_stat(&st);
+        match h.area {
+            Area::Upper => {
+                meta.uid = self.ids.clamp_uid(meta.uid);
+                meta.gid = self.ids.clamp_gid(meta.gid);
+            }
+            Area::Base => {
+                (meta.uid, meta.gid) = self.store.owner(&Src::Layer(0), &meta);
+                meta.host = None;
+            }
+            Area::Synth | Area::Workspace => {}
+        }
+        Some(Ok((self.attr(ino, &meta, h.area), Self::ttl(h.area))))
+    }
+
+    /// Some open file handle of `ino`.
+    fn open_handle_of(&self, ino: u64) -> Option<Arc<Handle>> {
+        lock(&self.handles)
+            .values()
+            .find(|h| h.ino == ino && matches!(h.kind, HandleKind::File { .. }))
+            .cloned()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -720,11 +818,25 @@ impl AirlockFs {
             }
             Err(e) => return Err(e),
         };
-        let (fh, fflags) = self.do_open(attr.ino.0, flags & !libc::O_TRUNC)?;
-        Ok((attr, ttl, fh, fflags))
+        match self.do_open(attr.ino.0, flags & !libc::O_TRUNC, None) {
+            Ok(o) => Ok((attr, ttl, o.fh, o.flags)),
+            Err(e) => {
+                // The kernel gets an error, not the entry: take back the
+                // lookup the entry added.
+                lock(&self.inodes).forget(attr.ino.0, 1);
+                Err(e)
+            }
+        }
     }
 
-    fn do_open(&self, ino: u64, flags: i32) -> OpResult<(u64, FopenFlags)> {
+    /// Open `ino`. With `make_backing`, a read-only open of a base-layer
+    /// file may be answered in passthrough mode.
+    fn do_open(
+        &self,
+        ino: u64,
+        flags: i32,
+        make_backing: Option<MakeBacking<'_>>,
+    ) -> OpResult<Opened> {
         let acc = flags & libc::O_ACCMODE;
         let write = acc != libc::O_RDONLY;
         let trunc = flags & libc::O_TRUNC != 0;
@@ -747,17 +859,23 @@ impl AirlockFs {
                 if trunc {
                     self.mutation(MutationOp::Truncate, ws_path(rel), None);
                 }
+                let (io, _) = self.claim_io(ino, None)?;
                 let fh = self.add_handle(Handle {
                     ino,
                     kind: HandleKind::File {
                         file,
                         writable: write,
                     },
+                    io: Some(io),
                     area: Area::Workspace,
                     ws_path: Some(ws_path(rel)),
                     written: AtomicBool::new(false),
                 });
-                Ok((fh, FopenFlags::empty()))
+                Ok(Opened {
+                    fh,
+                    flags: FopenFlags::empty(),
+                    backing: None,
+                })
             }
             Loc::Merged(comps) => {
                 let (name, dir) = comps.split_last().ok_or(OpError::IsDir)?;
@@ -797,19 +915,140 @@ impl AirlockFs {
                         }
                     }
                 };
+                // Passthrough only for read-only opens of the read-only
+                // base (never writable through this mount; its files never
+                // change identity under an open handle), with the very file
+                // just opened through the safe resolution path.
+                let candidate = match (&kind, make_backing) {
+                    (HandleKind::File { file, .. }, Some(mk))
+                        if area == Area::Base && self.passthrough_on() =>
+                    {
+                        let st = rustix::fs::fstat(file)?;
+                        Some((file, (st.st_dev, st.st_ino), mk))
+                    }
+                    _ => None,
+                };
+                let (io, backing) = self.claim_io(ino, candidate)?;
                 let fh = self.add_handle(Handle {
                     ino,
                     kind,
+                    io: Some(io),
                     area,
                     ws_path: None,
                     written: AtomicBool::new(false),
                 });
-                Ok((fh, FopenFlags::FOPEN_KEEP_CACHE))
+                // The kernel refuses passthrough opens with any flag outside
+                // FOPEN_PASSTHROUGH_MASK (direct_io, parallel writes,
+                // noflush), keep_cache included: the page cache is then the
+                // host file's anyway.
+                let flags = if backing.is_some() {
+                    FopenFlags::empty()
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
+                Ok(Opened { fh, flags, backing })
             }
         }
     }
 
+    fn passthrough_on(&self) -> bool {
+        self.shared.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Account a new file handle of `ino` and choose its I/O mode. With a
+    /// `candidate` (a read-only base file, its host identity, and how to
+    /// register it), the handle is passthrough when the inode is not open
+    /// in cached mode: it joins the inode's backing file if that is the same
+    /// host file, else a new backing id is registered.
+    ///
+    /// An inode open in passthrough mode cannot take any other open (the
+    /// kernel would fail it with EIO): that happens for a write or a read
+    /// after a copy-up while a read-only base handle is still open. Then the
+    /// inode is detached from its names and the open fails with ESTALE; the
+    /// kernel retries the open once with a fresh lookup, which makes a new
+    /// inode for the (copied-up) entry. The old inode lives on for its open
+    /// handles, which keep reading the base copy, as before.
+    fn claim_io(
+        &self,
+        ino: u64,
+        candidate: Option<(&File, HostKey, MakeBacking<'_>)>,
+    ) -> OpResult<(Io, Option<Arc<Backing>>)> {
+        let mut table = lock(&self.io);
+        let st = table.entry(ino).or_default();
+        if let Some((backing, key)) = &st.backing {
+            if let Some((_, k, _)) = candidate
+                && k == *key
+            {
+                st.passthrough += 1;
+                self.shared
+                    .passthrough_opens
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok((Io::Passthrough, Some(Arc::clone(backing))));
+            }
+            drop(table);
+            tracing::debug!(ino, "open conflicts with a passthrough inode; detaching it");
+            lock(&self.inodes).detach_all(ino);
+            return Err(OpError::Stale(ino));
+        }
+        if let Some((file, key, make)) = candidate
+            && st.cached == 0
+        {
+            match make(file) {
+                Ok(id) => {
+                    self.shared.live_backing.fetch_add(1, Ordering::Relaxed);
+                    let backing = Arc::new(Backing {
+                        id,
+                        shared: Arc::clone(&self.shared),
+                    });
+                    st.backing = Some((Arc::clone(&backing), key));
+                    st.passthrough = 1;
+                    self.shared
+                        .passthrough_opens
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok((Io::Passthrough, Some(backing)));
+                }
+                Err(e) => {
+                    // EPERM/EOPNOTSUPP: not granted on this connection after
+                    // all; anything else (ELOOP: a stacked fs below the
+                    // base) only concerns this file. Serve reads.
+                    if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) {
+                        self.shared.passthrough.store(false, Ordering::Relaxed);
+                    }
+                    tracing::debug!(ino, error = %e, "no backing file; serving reads");
+                }
+            }
+        }
+        st.cached += 1;
+        Ok((Io::Cached, None))
+    }
+
+    /// A file handle of `ino` was released: drop its I/O mode count, and
+    /// the inode's backing id with its last passthrough handle.
+    fn release_io(&self, ino: u64, io: Io) {
+        let mut table = lock(&self.io);
+        let Some(st) = table.get_mut(&ino) else {
+            return;
+        };
+        let mut closed = None;
+        match io {
+            Io::Cached => st.cached = st.cached.saturating_sub(1),
+            Io::Passthrough => {
+                st.passthrough = st.passthrough.saturating_sub(1);
+                if st.passthrough == 0 {
+                    closed = st.backing.take();
+                }
+            }
+        }
+        if st.cached == 0 && st.passthrough == 0 {
+            table.remove(&ino);
+        }
+        drop(table);
+        // BACKING_CLOSE outside the lock (when no reply holds it any more).
+        drop(closed);
+    }
+
     fn do_read(&self, fh: u64, offset: u64, size: u32) -> OpResult<Vec<u8>> {
+        self.shared.reads.fetch_add(1, Ordering::Relaxed);
         let h = self.handle(fh)?;
         let size = size as usize;
         match &h.kind {
@@ -1149,6 +1388,7 @@ impl AirlockFs {
         let fh = self.add_handle(Handle {
             ino,
             kind: HandleKind::Dir(entries),
+            io: None,
             area,
             ws_path: None,
             written: AtomicBool::new(false),
@@ -1354,6 +1594,18 @@ fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
 impl Filesystem for AirlockFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // Passthrough needs a stack depth (1: the base is a plain fs; 2: it
+        // is itself stacked) and the capability; where either is refused,
+        // every read stays a request to this server.
+        let granted = self.want_passthrough
+            && config.set_max_stack_depth(self.stack_depth).is_ok()
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok();
+        if !granted {
+            let _ = config.set_max_stack_depth(0);
+        }
+        self.shared.passthrough.store(granted, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1496,8 +1748,14 @@ impl Filesystem for AirlockFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.do_open(ino.0, flags.0) {
-            Ok((fh, f)) => reply.opened(FileHandle(fh), f),
+        let make = |f: &File| reply.open_backing(f);
+        match self.do_open(ino.0, flags.0, Some(&make)) {
+            Ok(Opened {
+                fh,
+                flags,
+                backing: Some(b),
+            }) => reply.opened_passthrough(FileHandle(fh), flags, &b.id),
+            Ok(o) => reply.opened(FileHandle(o.fh), o.flags),
             Err(e) => reply.error(e.errno()),
         }
     }
@@ -1564,6 +1822,9 @@ impl Filesystem for AirlockFs {
         let h = lock(&self.handles).remove(&fh.0);
         if let Some(h) = h {
             self.report_written(&h);
+            if let Some(io) = h.io {
+                self.release_io(h.ino, io);
+            }
         }
         reply.ok();
     }

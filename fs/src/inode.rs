@@ -224,6 +224,23 @@ impl Inodes {
         }
     }
 
+    /// Detach `ino` from all its names: the next lookup of any of them
+    /// makes a new node (a new inode to the kernel). `ino` lives on without
+    /// names for its open handles until the kernel forgets it.
+    pub(crate) fn detach_all(&mut self, ino: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let names = self
+            .nodes
+            .get(&ino)
+            .map(|n| n.names.clone())
+            .unwrap_or_default();
+        for link in &names {
+            self.drop_name(ino, link);
+        }
+    }
+
     pub(crate) fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT {
             return;
@@ -356,6 +373,27 @@ mod tests {
         assert!(t.find(ROOT, &n("c")).is_none());
         let c = t.insert(ROOT, &n("c"), None, 1);
         assert_ne!(c, b);
+    }
+
+    #[test]
+    fn detach_all_gives_names_a_new_ino() {
+        let mut t = Inodes::new();
+        let k = (7, 43);
+        let a = t.insert(ROOT, &n("a"), None, 1);
+        // copied up: the path node takes the key, a hard link joins it
+        assert_eq!(t.insert(ROOT, &n("a"), Some(k), 1), a);
+        assert_eq!(t.insert(ROOT, &n("l"), Some(k), 1), a);
+        t.detach_all(a);
+        assert!(t.path(a).is_err());
+        assert!(t.find(ROOT, &n("a")).is_none());
+        let b = t.insert(ROOT, &n("a"), Some(k), 1);
+        assert_ne!(b, a);
+        assert_eq!(t.insert(ROOT, &n("l"), Some(k), 1), b);
+        // the old ino lives until forgotten
+        assert!(t.nodes.contains_key(&a));
+        t.forget(a, 3);
+        assert!(!t.nodes.contains_key(&a));
+        assert_eq!(t.path(b).unwrap(), vec![n("a")]);
     }
 
     #[test]

@@ -31,6 +31,18 @@
 //! writable areas' other entries by their host file's `(st_dev, st_ino)`, so
 //! hard links are one inode ([`inode`]). Copy-up keeps the inode number.
 //!
+//! # Passthrough
+//! When the kernel grants `FUSE_PASSTHROUGH` (Linux >= 6.9, a root server),
+//! a read-only open of a base-layer regular file is answered with a backing
+//! id for the host file this server opened through [`resolve`]: the kernel
+//! then serves read and mmap straight from that host file (and its page
+//! cache, shared by every sandbox) without a request to this server. The
+//! kernel requires every open of one inode to use the same mode and backing
+//! file, so opens are accounted per inode; an open that cannot join the
+//! inode's current mode (a write, or a read after a copy-up) detaches the
+//! inode from its names and answers `ESTALE`, which makes the kernel look the
+//! path up again and open a fresh inode. See [`Mount::passthrough_enabled`].
+//!
 //! # Ownership
 //! Requests carry host ids (`host_base + sandbox id`). Base files owned by
 //! host id `u < count` are shown as `host_base + u`, others as nobody;
@@ -50,6 +62,7 @@ use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -220,6 +233,43 @@ pub enum FsEvent {
 /// Receives events on FUSE threads; must be cheap and never block.
 pub type EventSink = Arc<dyn Fn(FsEvent) + Send + Sync>;
 
+/// Per-mount options beyond the [`MountSpec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MountOptions {
+    /// Ask the kernel for FUSE passthrough of read-only base-layer files
+    /// (default on; silently off where the kernel refuses).
+    pub passthrough: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self { passthrough: true }
+    }
+}
+
+/// Counters of a live mount, for diagnostics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MountStats {
+    /// READ requests served by this server (passthrough reads never come).
+    pub read_requests: u64,
+    /// Opens answered with a passthrough backing file.
+    pub passthrough_opens: u64,
+    /// Backing ids registered with the kernel and not yet closed.
+    pub live_backing_ids: u64,
+}
+
+/// State shared between the filesystem threads and the [`Mount`].
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Passthrough negotiated and usable on this connection.
+    pub(crate) passthrough: AtomicBool,
+    pub(crate) reads: AtomicU64,
+    pub(crate) passthrough_opens: AtomicU64,
+    pub(crate) live_backing: AtomicU64,
+}
+
 /// Worker threads of a session.
 const THREADS: usize = 4;
 
@@ -232,13 +282,30 @@ const JOIN_WAIT: Duration = Duration::from_secs(2);
 /// When a layer root cannot be opened, /dev/fuse cannot be opened, or the
 /// mount or the FUSE handshake fails.
 pub fn mount(spec: MountSpec, mountpoint: &Path, events: EventSink) -> Result<Mount, FsError> {
-    let fs = fuse::AirlockFs::new(&spec, events)?;
+    mount_with(spec, mountpoint, events, &MountOptions::default())
+}
+
+/// [`mount`] with explicit [`MountOptions`].
+///
+/// # Errors
+/// As [`mount`].
+pub fn mount_with(
+    spec: MountSpec,
+    mountpoint: &Path,
+    events: EventSink,
+    opts: &MountOptions,
+) -> Result<Mount, FsError> {
+    let shared = Arc::new(Shared::default());
+    let fs = fuse::AirlockFs::new(&spec, events, opts, Arc::clone(&shared))?;
 
     let dev = OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
         .map_err(FsError::OpenFuseDevice)?;
+    // A second reference to the device, only for the passthrough probe
+    // after the handshake; closed before this function returns.
+    let probe_dev = dev.try_clone().map_err(FsError::OpenFuseDevice)?;
     let data = std::ffi::CString::new(format!(
         "fd={},rootmode=40755,user_id=0,group_id=0,allow_other,default_permissions",
         dev.as_raw_fd()
@@ -262,8 +329,19 @@ pub fn mount(spec: MountSpec, mountpoint: &Path, events: EventSink) -> Result<Mo
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(THREADS);
     config.clone_fd = true;
-    let session = fuser::Session::from_fd(fs, dev.into(), fuser::SessionACL::All, config)
-        .and_then(fuser::Session::spawn);
+    let session =
+        fuser::Session::from_fd(fs, dev.into(), fuser::SessionACL::All, config).and_then(|s| {
+            // The handshake (INIT) is done: check that the kernel really
+            // accepts backing files before any open relies on it.
+            if shared.passthrough.load(Ordering::Relaxed)
+                && let Err(e) = sys::probe_backing(&probe_dev)
+            {
+                tracing::debug!(error = %e, "fuse passthrough refused; serving reads");
+                shared.passthrough.store(false, Ordering::Relaxed);
+            }
+            drop(probe_dev);
+            s.spawn()
+        });
     let session = match session {
         Ok(s) => s,
         Err(source) => {
@@ -277,6 +355,7 @@ pub fn mount(spec: MountSpec, mountpoint: &Path, events: EventSink) -> Result<Mo
     Ok(Mount {
         mountpoint: mountpoint.to_path_buf(),
         thread: Some(session.guard),
+        shared,
     })
 }
 
@@ -286,12 +365,30 @@ pub fn mount(spec: MountSpec, mountpoint: &Path, events: EventSink) -> Result<Mo
 pub struct Mount {
     mountpoint: PathBuf,
     thread: Option<JoinHandle<std::io::Result<()>>>,
+    shared: Arc<Shared>,
 }
 
 impl Mount {
     /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// Whether this mount uses FUSE passthrough: requested, granted by the
+    /// kernel at INIT, and a backing file accepted by a probe. False on
+    /// kernels without it (then every read goes through this server), or
+    /// after the kernel refused a backing file with EPERM/EOPNOTSUPP.
+    pub fn passthrough_enabled(&self) -> bool {
+        self.shared.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> MountStats {
+        MountStats {
+            read_requests: self.shared.reads.load(Ordering::Relaxed),
+            passthrough_opens: self.shared.passthrough_opens.load(Ordering::Relaxed),
+            live_backing_ids: self.shared.live_backing.load(Ordering::Relaxed),
+        }
     }
 
     /// Detach the mount and stop serving it.

@@ -34,3 +34,22 @@ pub(crate) fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     }
     Err(err)
 }
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, u32)`.
+const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
+
+/// Check that the kernel accepts backing files on this FUSE connection:
+/// register an empty memfd as a backing file and close the id again.
+/// Fails with EPERM or EOPNOTSUPP where passthrough was not granted.
+pub(crate) fn probe_backing(dev: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let memfd = rustix::fs::memfd_create(c"airlock-probe", rustix::fs::MemfdFlags::CLOEXEC)?;
+    let id = fuser::BackingId::create_raw(dev.as_fd(), memfd.as_fd())?;
+    // SAFETY: the ioctl reads one u32 (the id, a live local) and writes
+    // nothing; `dev` is a live /dev/fuse descriptor borrowed for the call.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE as _, &id) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -2,7 +2,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use airlock_fs::{BaseSpec, FsEvent, IdMap, Mount, MountSpec};
+use airlock_fs::{BaseSpec, FsEvent, IdMap, Mount, MountOptions, MountSpec};
 use tempfile::TempDir;
 
 pub const BASE_UID: u32 = 100_000;
@@ -28,6 +28,10 @@ impl Fixture {
 }
 
 pub fn rootfs() -> Fixture {
+    rootfs_opts(&MountOptions::default())
+}
+
+pub fn rootfs_opts(opts: &MountOptions) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     std::fs::create_dir_all(base.join("dir/sub")).unwrap();
@@ -38,15 +42,19 @@ pub fn rootfs() -> Fixture {
     std::fs::write(base.join("etc/os-release"), b"ID=test\n").unwrap();
     std::fs::write(base.join("etc/passwd"), b"hostuser:x:0:0::/:/bin/sh\n").unwrap();
     symlink("../../../../etc/passwd", base.join("escape")).unwrap();
-    mount_with(tmp, base.clone(), BaseSpec::Rootfs(base))
+    mount_with(tmp, base.clone(), BaseSpec::Rootfs(base), opts)
 }
 
 pub fn host() -> Fixture {
-    let tmp = tempfile::tempdir().unwrap();
-    mount_with(tmp, PathBuf::from("/"), BaseSpec::Host)
+    host_opts(&MountOptions::default())
 }
 
-fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec) -> Fixture {
+pub fn host_opts(opts: &MountOptions) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    mount_with(tmp, PathBuf::from("/"), BaseSpec::Host, opts)
+}
+
+fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec, opts: &MountOptions) -> Fixture {
     let upper = tmp.path().join("upper");
     let ws = tmp.path().join("ws");
     let mnt = tmp.path().join("mnt");
@@ -71,10 +79,11 @@ fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec) -> Fixture {
         sandbox_user: "sandbox".into(),
         hostname: "testbox".into(),
     };
-    let mount = airlock_fs::mount(
+    let mount = airlock_fs::mount_with(
         spec,
         &mnt,
         Arc::new(move |e| sink_events.lock().unwrap().push(e)),
+        opts,
     )
     .unwrap();
     Fixture {

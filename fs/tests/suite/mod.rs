@@ -2,4 +2,5 @@ pub mod common;
 mod host;
 mod layers;
 mod links;
+mod passthrough;
 mod workspace;
