@@ -301,12 +301,22 @@ async fn audit(
 pub const MAX_CONNECTIONS_PER_UID: usize = 128;
 /// A request's headers must arrive within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused connection waits for the request's head before it is
+/// answered, and then for the client to hang up before it is closed.
+const REFUSE_WAIT: Duration = Duration::from_secs(1);
+/// Most bytes of a refused client's request that are read and discarded.
+const REFUSE_DRAIN_BYTES: usize = 64 * 1024;
+/// Most refused connections lingering at once; past it they are closed at
+/// once, so a flood of refused connects cannot hold descriptors.
+const MAX_LINGERING_REFUSALS: usize = 256;
 
 /// Serves the API on `listener` until `shutdown` resolves.
 ///
 /// Each connection's peer is identified at accept: a uid mapped to no agent
-/// gets a 403 at once, before any request byte is read (so unmapped local
-/// users cannot tie up the broker), each uid holds at most
+/// gets a 403 without any request being served, within a second even if it
+/// sends nothing (so unmapped local users cannot tie up the broker; at most
+/// [`MAX_LINGERING_REFUSALS`] such connections wait at once), each uid holds
+/// at most
 /// [`MAX_CONNECTIONS_PER_UID`] connections, and headers must arrive within
 /// [`HEADER_READ_TIMEOUT`].
 pub async fn serve(
@@ -317,6 +327,7 @@ pub async fn serve(
     let app = router(Arc::clone(&broker));
     let open: Arc<std::sync::Mutex<HashMap<u32, usize>>> = Arc::default();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_LINGERING_REFUSALS));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -336,7 +347,12 @@ pub async fn serve(
         };
         if let Err(e) = p.check_mapped(broker.config()) {
             broker.audit_connection_refused(&p, &e.to_string());
-            tokio::spawn(refuse(stream, StatusCode::FORBIDDEN, e.to_string()));
+            if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream, StatusCode::FORBIDDEN, e.to_string()).await;
+                    drop(permit);
+                });
+            }
             continue;
         }
         let held = {
@@ -404,8 +420,16 @@ impl Drop for ConnGuard {
 }
 
 /// Answers a connection with one error response and closes it.
+///
+/// The answer waits for the request's head (at most [`REFUSE_WAIT`]): an
+/// HTTP/1.1 client treats bytes that arrive before it has sent its request
+/// as a protocol error and never shows the reason. After the answer, what
+/// the client still sends is read and discarded until it hangs up (at most
+/// [`REFUSE_WAIT`] again): closing with its request unread would make its
+/// write fail before it reads the answer. Either way the connection is gone
+/// within twice [`REFUSE_WAIT`], and at most [`REFUSE_DRAIN_BYTES`] are read.
 async fn refuse(mut stream: tokio::net::UnixStream, code: StatusCode, error: String) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = serde_json::to_string(&ErrorBody { error }).unwrap_or_default();
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -413,10 +437,39 @@ async fn refuse(mut stream: tokio::net::UnixStream, code: StatusCode, error: Str
         code.canonical_reason().unwrap_or(""),
         body.len()
     );
-    let write = async {
+    let mut buf = [0u8; 4096];
+    let mut read = 0usize;
+    // The last bytes seen, to spot the blank line that ends the head.
+    let mut tail: Vec<u8> = Vec::with_capacity(8);
+    let head_read = async {
+        while read < REFUSE_DRAIN_BYTES {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            read += n;
+            tail.extend_from_slice(&buf[..n]);
+            if tail.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+            let keep = tail.len().saturating_sub(3);
+            tail.drain(..keep);
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSE_WAIT, head_read).await;
+    let answer = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        while read < REFUSE_DRAIN_BYTES {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            read += n;
+        }
+        Ok::<(), std::io::Error>(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+    let _ = tokio::time::timeout(REFUSE_WAIT, answer).await;
 }

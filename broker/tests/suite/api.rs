@@ -67,8 +67,9 @@ fn unmapped_peer_uid_is_refused_and_audited() {
         "{}",
         text(&out.stderr)
     );
-    // The refusal comes at accept, before a byte of request is read: a
-    // silent unmapped client cannot hold the connection open.
+    // The refusal is decided at accept: a silent unmapped client is
+    // answered and closed without sending a byte, not left to hold the
+    // connection until the header timeout.
     let probe = format!(
         "import socket; s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect({:?}); print(s.recv(200).decode().split()[1])",
         env.socket.display().to_string()
