@@ -85,6 +85,9 @@ pub(crate) enum OpError {
     Invalid,
     #[error("operation not permitted")]
     Perm,
+    /// A base entry that unprivileged host users may not read or search.
+    #[error("base entry is private to its host owner")]
+    HostPrivate,
     #[error("operation not supported")]
     NotSupported,
     #[error("no such attribute")]
@@ -113,6 +116,7 @@ impl OpError {
             Self::Busy => E::EBUSY,
             Self::Invalid => E::EINVAL,
             Self::Perm => E::EPERM,
+            Self::HostPrivate => E::EACCES,
             Self::NotSupported => E::EOPNOTSUPP,
             Self::NoData => E::from_i32(libc::ENODATA),
             Self::Stale(_) => E::from_i32(libc::ESTALE),

@@ -25,12 +25,18 @@ use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use crate::error::{FsError, OpError, OpResult};
 use crate::inode::{HostKey, Inodes, Link, ROOT};
 use crate::layers::{
-    Found, Meta, Src, Store, chown_at, is_whiteout, make_whiteout, set_opaque, unlink_whiteout,
+    Found, Meta, READ, Src, Store, chown_at, is_whiteout, make_whiteout, set_opaque,
+    unlink_whiteout,
 };
 use crate::policy::Name;
 use crate::resolve::{open_dir, open_file, open_path, stat_at, walk_dirs};
 use crate::synth::{Synth, SynthEntry, SynthSpec};
 use crate::{BaseSpec, EventSink, FsEvent, IdMap, MountOptions, MountSpec, MutationOp, Shared};
+
+/// Audit reason for refusing a base entry's contents.
+const PRIVATE_REASON: &str = "host file not readable by unprivileged host users";
+/// Audit reason for dropping set-id bits in /workspace.
+const SETID_REASON: &str = "set-id bits are not kept in the host-visible workspace";
 
 /// Base and synthesized entries: the kernel may cache them for long.
 const TTL_BASE: Duration = Duration::from_secs(3600);
@@ -235,9 +241,16 @@ impl AirlockFs {
                 ),
             });
         }
-        let (base, host_filter) = match &spec.base {
-            BaseSpec::Host => (open_root(Path::new("/"))?, true),
-            BaseSpec::Rootfs(dir) => (open_root(dir)?, false),
+        let (base, host_filter, base_owner) = match &spec.base {
+            BaseSpec::Host => (open_root(Path::new("/"))?, true, None),
+            BaseSpec::Rootfs(dir) => {
+                let d = open_root(dir)?;
+                let st = rustix::fs::fstat(&d).map_err(|e| FsError::OpenLayer {
+                    path: dir.clone(),
+                    source: e.into(),
+                })?;
+                (d, false, Some(st.st_uid))
+            }
         };
         // f_type is i64 on x86_64 but narrower on other targets.
         #[allow(clippy::unnecessary_cast)]
@@ -259,7 +272,7 @@ impl AirlockFs {
             gid: spec.sandbox_gid,
         });
         Ok(Self {
-            store: Store::new(base, upper, host_filter, synth, ids),
+            store: Store::new(base, upper, host_filter, base_owner, synth, ids),
             ws: Arc::new(ws),
             ws_owner: (st.st_uid, st.st_gid),
             ids,
@@ -376,9 +389,11 @@ impl AirlockFs {
     fn shown(&self, f: Found) -> (Meta, Area) {
         let area = self.area_of(&f.src);
         let (uid, gid) = self.store.owner(&f.src, &f.meta);
+        let perm = self.store.perm(&f.src, &f.meta);
         let mut m = f.meta;
         m.uid = uid;
         m.gid = gid;
+        m.perm = perm;
         if f.src != Src::Layer(self.store.top().0) {
             m.host = None;
         }
@@ -429,10 +444,19 @@ impl AirlockFs {
             Loc::Merged(comps) => {
                 let (name, dir) = comps.split_last().ok_or(OpError::Perm)?;
                 let found = self.store.resolve(comps)?;
-                self.store.copy_up(comps, &found, truncate)?;
+                self.copy_up(comps, &found, truncate)?;
                 Ok((self.store.upper_dir(dir)?, name.clone()))
             }
         }
+    }
+
+    /// Copy `comps` up, auditing a refusal to copy a private base file.
+    fn copy_up(&self, comps: &[Name], found: &Found, truncate: bool) -> OpResult<()> {
+        let r = self.store.copy_up(comps, found, truncate);
+        if let Err(OpError::HostPrivate) = r {
+            self.deny("copy-up", sandbox_path(comps), PRIVATE_REASON);
+        }
+        r
     }
 
     fn handle(&self, fh: u64) -> OpResult<Arc<Handle>> {
@@ -612,7 +636,17 @@ impl AirlockFs {
         if let Some(mode) = mode {
             let (d, name) = self.writable(&loc, false)?;
             let p = open_path(&*d, &name)?;
-            crate::sys::chmod_fd(p.as_fd(), mode & 0o7777)?;
+            let mut mode = mode & 0o7777;
+            if is_ws {
+                let is_dir = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&p)?.st_mode)
+                    == rustix::fs::FileType::Directory;
+                let setid = setid_bits(is_dir);
+                if mode & setid != 0 {
+                    self.deny("chmod", path.clone(), SETID_REASON);
+                    mode &= !setid;
+                }
+            }
+            crate::sys::chmod_fd(p.as_fd(), mode)?;
             if is_ws {
                 self.mutation(MutationOp::Chmod, path.clone(), None);
             }
@@ -685,7 +719,17 @@ impl AirlockFs {
                 make(&d, &name)?;
                 chown_at(&d, &name, self.ws_owner.0, self.ws_owner.1)?;
                 self.mutation(op, ws_path(rel), None);
-                let st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
+                let mut st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
+                let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+                let setid = setid_bits(ft == rustix::fs::FileType::Directory);
+                if ft != rustix::fs::FileType::Symlink && st.st_mode & setid != 0 {
+                    // Created with set-id bits: drop them before anyone on
+                    // the host can run it as the workspace's owner.
+                    self.deny("create", ws_path(rel), SETID_REASON);
+                    let p = open_path(&*d, &name)?;
+                    crate::sys::chmod_fd(p.as_fd(), st.st_mode & 0o7777 & !setid)?;
+                    st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
+                }
                 Ok(self.entry(parent, &name, &Meta::from_stat(&st), Area::Workspace))
             }
             Loc::Merged(comps) => {
@@ -884,7 +928,7 @@ impl AirlockFs {
                     return Err(OpError::IsDir);
                 }
                 let (kind, area) = if write || trunc {
-                    self.store.copy_up(comps, &found, trunc)?;
+                    self.copy_up(comps, &found, trunc)?;
                     let d = self.store.upper_dir(dir)?;
                     let file = regular(open_file(&*d, name, oflags, 0)?)?;
                     (
@@ -903,6 +947,10 @@ impl AirlockFs {
                             _ => return Err(OpError::NotFound),
                         },
                         Src::Layer(idx) => {
+                            if *idx == 0 && !self.store.base_grants(&found.meta, READ) {
+                                self.deny("open", sandbox_path(comps), PRIVATE_REASON);
+                                return Err(OpError::HostPrivate);
+                            }
                             let d = self.store.layer_dir(dir, *idx)?;
                             let file = regular(open_file(&*d, name, oflags, 0)?)?;
                             (
@@ -1547,6 +1595,19 @@ fn regular(f: File) -> OpResult<File> {
 
 /// All components but the last; an empty path has no parent (EBUSY: it is
 /// the root or the workspace mount point).
+/// Set-id bits never kept in /workspace: files there are host files owned
+/// by the workspace's owner (root for an admin's), so a set-user-id or
+/// set-group-id bit would let the sandbox plant a program that runs with
+/// that owner's rights on the host. A directory keeps set-group-id (group
+/// inheritance, no privilege).
+fn setid_bits(is_dir: bool) -> u32 {
+    if is_dir {
+        libc::S_ISUID
+    } else {
+        libc::S_ISUID | libc::S_ISGID
+    }
+}
+
 fn parent_of(comps: &[Name]) -> OpResult<&[Name]> {
     comps.split_last().map(|(_, d)| d).ok_or(OpError::Busy)
 }

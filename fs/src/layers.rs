@@ -23,6 +23,11 @@ use crate::synth::{Synth, SynthEntry};
 
 pub(crate) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
+/// Permission bit: read (a file's contents, a directory's listing).
+pub(crate) const READ: u16 = 0o4;
+/// Permission bit: search a directory.
+pub(crate) const SEARCH: u16 = 0o1;
+
 /// Metadata of one entry, as stored (before ownership translation).
 #[derive(Debug, Clone)]
 pub(crate) struct Meta {
@@ -167,6 +172,11 @@ pub(crate) struct Store {
     layers: RwLock<Vec<Arc<Dir>>>,
     /// Whether the base is the host root, shown through [`host_visible`].
     host_filter: bool,
+    /// The host uid whose permission class the sandbox gets on base
+    /// entries it owns: the owner of a caller's rootfs. Every other base
+    /// entry grants only what its "other" bits grant an unprivileged host
+    /// user (see [`Store::base_grants`]). `None` for the host base.
+    base_owner: Option<u32>,
     pub(crate) synth: Synth,
     ids: crate::IdMap,
     epoch: SystemTime,
@@ -179,12 +189,14 @@ impl Store {
         base: Dir,
         upper: Dir,
         host_filter: bool,
+        base_owner: Option<u32>,
         synth: Synth,
         ids: crate::IdMap,
     ) -> Self {
         Self {
             layers: RwLock::new(vec![Arc::new(base), Arc::new(upper)]),
             host_filter,
+            base_owner,
             synth,
             ids,
             epoch: SystemTime::now(),
@@ -220,11 +232,45 @@ impl Store {
         }
     }
 
-    /// `found`'s metadata with the owner the kernel sees, for copy-up.
+    /// `found`'s metadata with the owner and mode the kernel sees, for
+    /// copy-up.
     fn shown(&self, found: &Found) -> Meta {
         let mut m = found.meta.clone();
         (m.uid, m.gid) = self.owner(&found.src, &found.meta);
+        m.perm = self.perm(&found.src, &found.meta);
         m
+    }
+
+    /// Whether a base entry with host metadata `meta` grants `bits` (a
+    /// mix of `READ` 4 and `SEARCH` 1) to the sandbox.
+    ///
+    /// The base is a view of host files the broker reads as root. Showing
+    /// them with their host owner class would hand a host-root-only file
+    /// (mode 0600, a 0700 directory) to the sandbox's root, who owns it in
+    /// the sandbox's eyes. So the sandbox gets what an unprivileged host
+    /// user gets: the "other" bits, except on entries owned by the owner of
+    /// a caller's own rootfs, who could read them anyway.
+    pub(crate) fn base_grants(&self, meta: &Meta, bits: u16) -> bool {
+        let class = if self.base_owner == Some(meta.uid) {
+            meta.perm >> 6
+        } else {
+            meta.perm
+        };
+        class & bits == bits
+    }
+
+    /// The mode the kernel is shown for an entry of this source. For a base
+    /// entry, the owner's and group's read and search bits are limited to
+    /// what [`Store::base_grants`] allows, so the kernel's own permission
+    /// checks refuse what the base would refuse; write bits stay (a write
+    /// copies up, which needs no read access when it truncates).
+    pub(crate) fn perm(&self, src: &Src, meta: &Meta) -> u16 {
+        if *src != Src::Layer(0) || self.base_owner == Some(meta.uid) {
+            return meta.perm;
+        }
+        let rx = meta.perm & 0o5;
+        let keep = 0o7000 | 0o222 | (rx << 6) | (rx << 3) | rx;
+        meta.perm & keep
     }
 
     pub(crate) fn root_meta(&self) -> Meta {
@@ -283,6 +329,7 @@ impl Store {
                     }
                     let meta = Meta::from_stat(&st);
                     let is_dir = meta.is_dir();
+                    let private = *idx == 0 && is_dir && !self.base_grants(&meta, SEARCH);
                     if out.found.is_none() {
                         out.found = Some(Found {
                             meta,
@@ -292,6 +339,11 @@ impl Store {
                             break;
                         }
                     } else if !is_dir {
+                        break;
+                    }
+                    if private {
+                        // A private host directory: its name shows, its
+                        // contents do not.
                         break;
                     }
                     let child = match open_dir(&**d, name) {
@@ -382,6 +434,11 @@ impl Store {
         for part in parts {
             match part {
                 Part::Layer(idx, d) => {
+                    if *idx == 0
+                        && !self.base_grants(&Meta::from_stat(&rustix::fs::fstat(&**d)?), READ)
+                    {
+                        continue;
+                    }
                     for entry in d.entries()? {
                         let entry = entry?;
                         let raw = entry.file_name();
@@ -506,6 +563,9 @@ impl Store {
                 }) else {
                     return Err(OpError::NotFound);
                 };
+                if !truncate && *idx == 0 && !self.base_grants(&found.meta, READ) {
+                    return Err(OpError::HostPrivate);
+                }
                 let mut f = create_excl(&udir, name)?;
                 if !truncate {
                     let mut src = open_file(&*src_dir, name, OFlags::RDONLY | OFlags::NONBLOCK, 0)?;

@@ -179,3 +179,74 @@ fn jail_self_test_is_recorded() {
     assert!(row["detail"]["seccomp_profile"].as_str().is_some(), "{row}");
     let _ = text(&[]);
 }
+
+/// Host files placed in the base for one test, removed when dropped.
+struct HostFiles(Vec<std::path::PathBuf>);
+
+impl Drop for HostFiles {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir(p));
+        }
+    }
+}
+
+#[test]
+fn host_private_base_files_stay_private_even_to_sandbox_root() {
+    // The base shows host /etc. A file or directory only host root may
+    // read must not become readable because the sandbox's root "owns" it.
+    let env = Env::new();
+    let tag = format!("{:x}", std::process::id() ^ 0x5eed);
+    let file = std::path::PathBuf::from(format!("/etc/airlock-private-{tag}"));
+    let dir = std::path::PathBuf::from(format!("/etc/airlock-private-dir-{tag}"));
+    let inner = dir.join("inner");
+    let _cleanup = HostFiles(vec![file.clone(), dir.clone(), inner.clone()]);
+    std::fs::write(&file, CANARY).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(&inner, CANARY).unwrap();
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (f, d) = (file.display(), dir.display());
+    let script = format!(
+        r#"
+cat {f} 2>/dev/null
+cat {d}/inner 2>/dev/null
+ls {d} 2>/dev/null
+cp {f} /tmp/x 2>/dev/null && cat /tmp/x
+chmod 644 {f} 2>/dev/null && echo CHMOD-WORKED && cat {f}
+chmod 755 {d} 2>/dev/null; ls {d} 2>/dev/null; cat {d}/inner 2>/dev/null
+python3 -c "print(open('{f}', 'rb').read())" 2>/dev/null
+stat -c 'mode %a' {f}
+echo replaced > {f} && chmod 600 {f} && cat {f}
+echo done
+"#
+    );
+    for user in ["root", "sandbox"] {
+        let out = env.run(&["--user", user, "--", "sh", "-c", &script]);
+        let s = ok(&out);
+        assert!(
+            !s.contains(CANARY),
+            "private base file leaked to {user}: {s}"
+        );
+        assert!(!s.contains("CHMOD-WORKED"), "{user}: {s}");
+        assert!(s.contains("done"), "{s}");
+        if user == "root" {
+            // Shown write-only: writing replaces it (nothing is read), and
+            // the replacement is the sandbox's own to chmod and read.
+            assert!(s.contains("mode 200\n"), "{s}");
+            assert!(s.contains("replaced\n"), "{s}");
+        }
+    }
+    // The host files are untouched.
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), CANARY);
+    // The refused copy-up (the chmod) is audited.
+    let rows = env.audit(&["--kind", "denial"]);
+    assert!(
+        rows.iter().any(|r| {
+            let d = r["detail"].to_string();
+            d.contains(&format!("airlock-private-{tag}")) && d.contains("not readable")
+        }),
+        "{rows:?}"
+    );
+}

@@ -101,3 +101,58 @@ echo ok
     let out = env.run(&["--", "sh", "-c", script]);
     assert_eq!(ok(&out).trim(), "ok", "{}", text(&out.stderr));
 }
+
+#[test]
+fn set_id_bits_never_reach_the_host_workspace() {
+    // Workspace files are host files owned by the workspace's owner (root
+    // here): a set-user-id bit planted from inside would run as root on
+    // the host. chmod, a create mode and mkdir all lose the bits.
+    let env = Env::new();
+    let ws = tempfile::Builder::new().prefix("ws-").tempdir().unwrap();
+    let wsp = ws.path().display().to_string();
+    let script = r#"
+cd /workspace
+cp /bin/true t && chmod 4755 t && chmod g+s t
+python3 -c "import os; os.close(os.open('/workspace/c', os.O_CREAT | os.O_WRONLY, 0o6755))"
+mkdir d && chmod 3775 d
+stat -c '%n %a' t c d
+echo done
+"#;
+    for user in ["sandbox", "root"] {
+        let out = env.run(&[
+            "--user",
+            user,
+            "--workspace",
+            &wsp,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
+        let s = ok(&out);
+        assert!(s.contains("t 755\n"), "{user}: {s}");
+        assert!(s.contains("c 755\n"), "{user}: {s}");
+        // A directory keeps set-group-id (group inheritance) and sticky.
+        assert!(s.contains("d 3775\n"), "{user}: {s}");
+        for name in ["t", "c"] {
+            let mode = std::fs::metadata(ws.path().join(name)).unwrap().mode();
+            assert_eq!(mode & 0o6000, 0, "{user}: host {name} mode {mode:o}");
+        }
+        let mode = std::fs::metadata(ws.path().join("d")).unwrap().mode();
+        assert_eq!(mode & 0o4000, 0, "{user}: host d mode {mode:o}");
+        for name in ["t", "c", "d"] {
+            let p = ws.path().join(name);
+            if p.is_dir() {
+                std::fs::remove_dir(p).unwrap();
+            } else {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+    let rows = env.audit(&["--kind", "denial"]);
+    assert!(
+        rows.iter()
+            .any(|r| r["detail"].to_string().contains("set-id bits")),
+        "{rows:?}"
+    );
+}

@@ -382,3 +382,61 @@ fn unmount_on_drop_and_force_unmount() {
     assert!(!is_mounted(&m));
     airlock_fs::force_unmount(&m.join("nope")).unwrap();
 }
+
+#[test]
+fn base_entries_grant_the_sandbox_only_what_an_unprivileged_host_user_gets() {
+    // This runner is host root, so the kernel lets every request through
+    // and the server's own checks are what is tested here.
+    let f = rootfs();
+    let mine = f.base.join("mine.txt");
+    fs::write(&mine, "mine").unwrap();
+    fs::set_permissions(&mine, fs::Permissions::from_mode(0o600)).unwrap();
+    let theirs = f.base.join("theirs.txt");
+    fs::write(&theirs, "secret").unwrap();
+    fs::set_permissions(&theirs, fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(4321), Some(4321)).unwrap();
+    let dir = f.base.join("theirdir");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("inner"), "secret").unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(4321), Some(4321)).unwrap();
+
+    // The rootfs owner's own file keeps its owner class.
+    assert_eq!(fs::read_to_string(f.m("mine.txt")).unwrap(), "mine");
+    assert_eq!(
+        fs::metadata(f.m("mine.txt")).unwrap().mode() & 0o7777,
+        0o600
+    );
+    // Another host user's private file: shown without read bits, and
+    // neither readable nor copied up with its contents.
+    assert_eq!(
+        fs::metadata(f.m("theirs.txt")).unwrap().mode() & 0o7777,
+        0o200
+    );
+    let e = fs::read(f.m("theirs.txt")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    let e = fs::OpenOptions::new()
+        .append(true)
+        .open(f.m("theirs.txt"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    let e = fs::set_permissions(f.m("theirs.txt"), fs::Permissions::from_mode(0o644)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    // Replacing it reads nothing, so it is allowed.
+    fs::write(f.m("theirs.txt"), "new").unwrap();
+    assert_eq!(fs::read_to_string(f.m("theirs.txt")).unwrap(), "new");
+    assert_eq!(fs::read_to_string(&theirs).unwrap(), "secret");
+    // Their private directory: its name shows, its contents do not.
+    assert_eq!(
+        fs::metadata(f.m("theirdir")).unwrap().mode() & 0o7777,
+        0o200
+    );
+    assert_eq!(fs::read_dir(f.m("theirdir")).unwrap().count(), 0);
+    assert!(fs::read(f.m("theirdir/inner")).is_err());
+    let denied = f
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, airlock_fs::FsEvent::Denied { path, .. } if path == "/theirs.txt"))
+        .count();
+    assert!(denied >= 2, "{:?}", f.events());
+}
