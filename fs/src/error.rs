@@ -85,6 +85,9 @@ pub(crate) enum OpError {
     Invalid,
     #[error("operation not permitted")]
     Perm,
+    /// A per-mount memory budget is spent.
+    #[error("out of memory budget")]
+    NoMemory,
     /// A base entry that unprivileged host users may not read or search.
     #[error("base entry is private to its host owner")]
     HostPrivate,
@@ -117,6 +120,7 @@ impl OpError {
             Self::Invalid => E::EINVAL,
             Self::Perm => E::EPERM,
             Self::HostPrivate => E::EACCES,
+            Self::NoMemory => E::ENOMEM,
             Self::NotSupported => E::EOPNOTSUPP,
             Self::NoData => E::from_i32(libc::ENODATA),
             Self::Stale(_) => E::from_i32(libc::ESTALE),

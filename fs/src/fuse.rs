@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -159,6 +159,8 @@ pub(crate) struct AirlockFs {
     /// on a stacking filesystem (overlayfs, FUSE, ecryptfs).
     stack_depth: u32,
     shared: Arc<Shared>,
+    /// Bytes held by open directory listings (see [`LISTING_BUDGET`]).
+    listing_bytes: AtomicUsize,
 }
 
 impl std::fmt::Debug for AirlockFs {
@@ -288,6 +290,7 @@ impl AirlockFs {
             want_passthrough: opts.passthrough,
             stack_depth,
             shared,
+            listing_bytes: AtomicUsize::new(0),
         })
     }
 
@@ -1425,6 +1428,21 @@ impl AirlockFs {
                 (self.store.list(&parts, comps)?, Area::Upper)
             }
         };
+        let cost = listing_cost(listing.iter().map(|(n, _)| n));
+        let held = self.listing_bytes.fetch_add(cost, Ordering::Relaxed);
+        if held.saturating_add(cost) > LISTING_BUDGET {
+            self.listing_bytes.fetch_sub(cost, Ordering::Relaxed);
+            let path = match &loc {
+                Loc::Ws(rel) => ws_path(rel),
+                Loc::Merged(c) => sandbox_path(c),
+            };
+            self.deny(
+                "opendir",
+                path,
+                "open directory listings exceed their memory budget",
+            );
+            return Err(OpError::NoMemory);
+        }
         let mut entries = Vec::with_capacity(listing.len() + 2);
         {
             let mut t = lock(&self.inodes);
@@ -1606,6 +1624,17 @@ fn setid_bits(is_dir: bool) -> u32 {
     } else {
         libc::S_ISUID | libc::S_ISGID
     }
+}
+
+/// Most bytes the open directory listings of one mount may hold. Each
+/// open directory keeps a snapshot of its names until it is closed (so
+/// offsets stay stable); without a bound, a sandbox opening many handles
+/// on a directory of many long names could grow the broker without limit.
+const LISTING_BUDGET: usize = 64 << 20;
+
+/// Bytes a listing of these names is charged: the name plus its entry.
+fn listing_cost<'a>(names: impl Iterator<Item = &'a Name>) -> usize {
+    names.map(|n| n.as_bytes().len() + 48).sum()
 }
 
 fn parent_of(comps: &[Name]) -> OpResult<&[Name]> {
@@ -1971,8 +2000,30 @@ impl Filesystem for AirlockFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        lock(&self.handles).remove(&fh.0);
+        if let Some(h) = lock(&self.handles).remove(&fh.0)
+            && let HandleKind::Dir(entries) = &h.kind
+        {
+            let cost = listing_cost(entries.iter().map(|(_, _, n)| n));
+            self.listing_bytes.fetch_sub(cost, Ordering::Relaxed);
+        }
         reply.ok();
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // No ioctl is served on these files (as on most filesystems for
+        // most commands): the caller gets the ordinary answer, and the
+        // broker's log is not written once per call.
+        reply.error(fuser::Errno::ENOTTY);
     }
 
     fn fsyncdir(

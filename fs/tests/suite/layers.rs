@@ -440,3 +440,48 @@ fn base_entries_grant_the_sandbox_only_what_an_unprivileged_host_user_gets() {
         .count();
     assert!(denied >= 2, "{:?}", f.events());
 }
+
+#[test]
+fn open_directory_listings_are_bounded_and_released() {
+    let f = rootfs();
+    let big = f.base.join("big");
+    fs::create_dir(&big).unwrap();
+    let long = "n".repeat(200);
+    for i in 0..20_000 {
+        fs::File::create(big.join(format!("{long}{i}"))).unwrap();
+    }
+    // Each open listing of this directory holds about 5 MB: the mount's
+    // 64 MiB budget refuses the 14th at the latest, with ENOMEM.
+    let mut held = Vec::new();
+    let err = loop {
+        match fs::read_dir(f.m("big")) {
+            Ok(d) => held.push(d),
+            Err(e) => break e,
+        }
+        assert!(held.len() < 20, "listings were never bounded");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOMEM), "{err}");
+    assert!(held.len() >= 10, "refused too early: {}", held.len());
+    // Closing them gives the budget back.
+    drop(held);
+    assert_eq!(fs::read_dir(f.m("big")).unwrap().count(), 20_000);
+    assert!(f.events().iter().any(|e| matches!(
+        e,
+        airlock_fs::FsEvent::Denied { op, .. } if op == "opendir"
+    )));
+}
+
+#[test]
+fn ioctls_get_enotty() {
+    let f = rootfs();
+    let p = f.m("hello.txt").display().to_string();
+    // FS_IOC_GETFLAGS through Python: the call fails with ENOTTY.
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import fcntl, errno\ntry:\n    fcntl.ioctl(open({p:?}), 0x80086601, bytes(8))\n    print('served')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ENOTTY");
+}
