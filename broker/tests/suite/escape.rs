@@ -180,6 +180,25 @@ fn jail_self_test_is_recorded() {
     let _ = text(&[]);
 }
 
+#[test]
+fn pid_1_runs_under_the_sandbox_filter_too() {
+    // pid 1 keeps capabilities in the sandbox's user namespace: it must meet
+    // the same seccomp deny list as commands, which inherit that one filter.
+    let env = Env::new();
+    let out = env.run(&[
+        "--",
+        "sh",
+        "-c",
+        "grep -E '^Seccomp(_filters)?:' /proc/1/status; echo --; grep -E '^Seccomp(_filters)?:' /proc/self/status",
+    ]);
+    let s = ok(&out);
+    let (pid1, me) = s.split_once("--\n").unwrap();
+    for part in [pid1, me] {
+        assert!(part.contains("Seccomp:\t2"), "{s}");
+        assert!(part.contains("Seccomp_filters:\t1"), "{s}");
+    }
+}
+
 /// Host files placed in the base for one test, removed when dropped.
 struct HostFiles(Vec<std::path::PathBuf>);
 
