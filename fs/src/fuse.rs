@@ -920,7 +920,7 @@ impl AirlockFs {
                 });
                 Ok(Opened {
                     fh,
-                    flags: FopenFlags::empty(),
+                    flags: no_flush_if(!write),
                     backing: None,
                 })
             }
@@ -993,9 +993,9 @@ impl AirlockFs {
                 // noflush), keep_cache included: the page cache is then the
                 // host file's anyway.
                 let flags = if backing.is_some() {
-                    FopenFlags::empty()
+                    no_flush_if(!write)
                 } else {
-                    FopenFlags::FOPEN_KEEP_CACHE
+                    FopenFlags::FOPEN_KEEP_CACHE | no_flush_if(!write)
                 };
                 Ok(Opened { fh, flags, backing })
             }
@@ -1613,6 +1613,18 @@ fn regular(f: File) -> OpResult<File> {
 
 /// All components but the last; an empty path has no parent (EBUSY: it is
 /// the root or the workspace mount point).
+/// `FOPEN_NOFLUSH` for handles that cannot have written anything: the
+/// kernel then skips the FLUSH round trip on each close(2) of them (ld.so
+/// alone opens and closes several files per exec). Writable handles keep
+/// FLUSH, where their write is reported.
+fn no_flush_if(read_only: bool) -> FopenFlags {
+    if read_only {
+        FopenFlags::FOPEN_NOFLUSH
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 /// Set-id bits never kept in /workspace: files there are host files owned
 /// by the workspace's owner (root for an admin's), so a set-user-id or
 /// set-group-id bit would let the sandbox plant a program that runs with
