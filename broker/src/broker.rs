@@ -568,6 +568,18 @@ impl Broker {
         pooled: bool,
     ) -> Result<SandboxInfo, BrokerError> {
         let id = sandbox.id.clone();
+        if pooled {
+            let res = lock_or_recover(&sandbox.resources);
+            let restored = match res.as_ref() {
+                Some(r) => r.cgroup.set_background(false),
+                None => Ok(()),
+            };
+            drop(res);
+            if let Err(e) = restored {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!("restore cpu weight: {e}")));
+            }
+        }
         let current = *lock_or_recover(&sandbox.limits);
         if current != limits {
             let res = lock_or_recover(&sandbox.resources);
@@ -704,6 +716,10 @@ impl Broker {
                 return Err(BrokerError::Internal(format!("create cgroup: {e}")));
             }
         };
+        if !for_request && let Err(e) = cgroup.set_background(true) {
+            // Only costs the foreground some CPU while this one is built.
+            tracing::debug!(error = %e, "background cpu weight");
+        }
         let mut res = Resources {
             mount: None,
             cgroup,

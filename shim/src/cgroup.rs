@@ -337,6 +337,36 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Gives the group the least CPU weight the kernel allows (v1
+    /// `cpu.shares` 2, v2 `cpu.weight` 1), or back the default (1024, 100).
+    ///
+    /// Pre-started sandboxes are built and wait at the least weight, so
+    /// building them in the background yields the CPU to running sandboxes
+    /// and callers; the weight is restored when one is handed out. Weight
+    /// is per group: a process's nice value would only count against the
+    /// other processes of its own group. Hosts without the cpu controller
+    /// have no weight to set.
+    pub fn set_background(&self, background: bool) -> Result<(), CgroupError> {
+        match &self.manager {
+            CgroupManager::V1 { cpu: Some(cpu), .. } => {
+                let shares = if background { "2" } else { "1024" };
+                write(
+                    &cpu.join(PARENT).join(self.name()).join("cpu.shares"),
+                    shares,
+                )
+            }
+            CgroupManager::V1 { cpu: None, .. } => Ok(()),
+            CgroupManager::V2 { root } => {
+                let f = root.join(PARENT).join(self.name()).join("cpu.weight");
+                if f.exists() {
+                    write(&f, if background { "1" } else { "100" })
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
     fn name(&self) -> String {
         self.dirs
             .first()

@@ -228,6 +228,28 @@ fn pre_started_sandboxes_are_fresh_private_and_cleaned_up() {
     };
     let id2 = second["id"].as_str().unwrap().to_string();
     assert_eq!(second["limits"]["memory_bytes"], 256u64 << 20);
+    // Waiting in the pool, a sandbox has the least CPU weight (building
+    // it never competes with live work); handed out, the default again.
+    assert_eq!(cpu_weight(&id2).as_deref(), Some("default"), "{id2}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: Vec<String> = std::fs::read_dir(env.state.join("layers"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != &id1 && n != &id2)
+            .collect();
+        if waiting
+            .iter()
+            .any(|w| cpu_weight(w).as_deref() == Some("least"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pre-started sandbox at the least weight: {waiting:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Nothing of another sandbox is visible; the limit asked for holds.
     let out = ok(&env.remote(&[
         "exec",
@@ -254,4 +276,23 @@ fn pre_started_sandboxes_are_fresh_private_and_cleaned_up() {
     // Shutdown destroys what is still pre-started.
     b.stop();
     env.assert_no_leftovers(None);
+}
+
+/// "least" or "default" for a sandbox's CPU weight, when its cgroup has one.
+fn cpu_weight(id: &str) -> Option<String> {
+    for d in Env::cgroup_dirs(id) {
+        for (file, least, default) in [("cpu.shares", "2", "1024"), ("cpu.weight", "1", "100")] {
+            if let Ok(v) = std::fs::read_to_string(d.join(file)) {
+                let v = v.trim();
+                return Some(if v == least {
+                    "least".into()
+                } else if v == default {
+                    "default".into()
+                } else {
+                    v.to_string()
+                });
+            }
+        }
+    }
+    None
 }
