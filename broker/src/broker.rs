@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,9 @@ pub struct Broker {
     pool: Mutex<HashMap<PoolKey, Vec<PoolEntry>>>,
     /// Keys with a refill thread running.
     refilling: Mutex<std::collections::HashSet<PoolKey>>,
+    /// Commands running in any sandbox of this broker (refills wait for
+    /// a quiet moment, see [`Broker::wait_for_quiet`]).
+    execs_in_flight: Arc<AtomicUsize>,
     /// Set at shutdown: no more refills.
     closing: AtomicBool,
     /// This broker, for background refills.
@@ -201,6 +204,7 @@ impl Broker {
             me,
             pool: Mutex::new(HashMap::new()),
             refilling: Mutex::new(std::collections::HashSet::new()),
+            execs_in_flight: Arc::new(AtomicUsize::new(0)),
             closing: AtomicBool::new(false),
             me_ref: OnceLock::new(),
             refusals: RateLimiter::new(REFUSALS_PER_SEC, REFUSALS_BURST),
@@ -510,6 +514,7 @@ impl Broker {
                     if have >= me.cfg.pool_size || me.closing.load(Ordering::SeqCst) {
                         break;
                     }
+                    me.wait_for_quiet();
                     match me.spawn(&shape, &defaults, false) {
                         Ok(entry) => lock_or_recover(&me.pool)
                             .entry(key.clone())
@@ -528,6 +533,23 @@ impl Broker {
             });
         if spawned.is_err() {
             lock_or_recover(&self.refilling).remove(&key_on_error);
+        }
+    }
+
+    /// Holds a pool refill back until the broker is quiet: a grace of
+    /// [`REFILL_GRACE`] (a create is almost always followed at once by its
+    /// first exec), then until no command is running, for at most
+    /// [`REFILL_MAX_WAIT`] in all. Building a sandbox costs a CPU for
+    /// several milliseconds; on a small host, doing it while the caller's
+    /// command starts slowed that command by a third.
+    fn wait_for_quiet(&self) {
+        let start = Instant::now();
+        std::thread::sleep(REFILL_GRACE);
+        while self.execs_in_flight.load(Ordering::SeqCst) > 0
+            && start.elapsed() < REFILL_MAX_WAIT
+            && !self.closing.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -1170,6 +1192,7 @@ impl Broker {
         };
         let before = sb.current_counters();
         let started = Instant::now();
+        let in_flight = InFlight::enter(&self.execs_in_flight);
         let (exec_id, outcome_rx) = sb
             .send_exec(req, [in_r, out_w, err_w])
             .map_err(BrokerError::Internal)?;
@@ -1180,6 +1203,7 @@ impl Broker {
         let timeout = body.timeout_secs.map(Duration::from_secs);
         let argv = body.argv.clone();
         tokio::spawn(async move {
+            let _in_flight = in_flight;
             let exit = pump(
                 &sb2,
                 exec_id,
@@ -1410,4 +1434,26 @@ async fn pump(
         }
     }
     sb.exit_of(outcome, started, timed_out)
+}
+
+/// How long a pool refill waits before it starts (see
+/// [`Broker::wait_for_quiet`]).
+const REFILL_GRACE: Duration = Duration::from_millis(20);
+/// The longest a pool refill waits for running commands to end.
+const REFILL_MAX_WAIT: Duration = Duration::from_millis(250);
+
+/// Counts one running command while alive.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(n: &Arc<AtomicUsize>) -> InFlight {
+        n.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(n))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
