@@ -48,7 +48,22 @@ pub(crate) struct Inodes {
     by_name: HashMap<Link, u64>,
     by_key: HashMap<HostKey, u64>,
     next: u64,
+    /// Past this many nodes, listings stop registering names.
+    listing_cap: usize,
 }
+
+/// Most nodes the table holds before a directory listing stops registering
+/// the names it has not seen: their entries get a stand-in ino (a lookup
+/// still registers them as usual). Listed names stay registered until they
+/// are unlinked, so without a bound, listing huge directories would grow the
+/// broker without limit; nodes the kernel holds are bounded by the kernel's
+/// own inode cache, which the sandbox's memory limit pays for.
+const LISTING_CAP: usize = 1 << 20;
+
+/// Stand-in inos of unregistered listing entries are at or above this; the
+/// counter of real inos never gets near it. The kernel only passes a
+/// listing's inos on to readdir(3) callers (there is no readdirplus here).
+const STAND_IN_BASE: u64 = 1 << 62;
 
 impl Inodes {
     pub(crate) fn new() -> Self {
@@ -65,6 +80,7 @@ impl Inodes {
             nodes,
             by_name: HashMap::new(),
             by_key: HashMap::new(),
+            listing_cap: LISTING_CAP,
             next: ROOT + 1,
         }
     }
@@ -144,6 +160,12 @@ impl Inodes {
     pub(crate) fn register(&mut self, parent: u64, name: &Name) -> u64 {
         match self.find(parent, name) {
             Some(ino) => ino,
+            None if self.nodes.len() >= self.listing_cap => {
+                use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+                let h = BuildHasherDefault::<DefaultHasher>::default()
+                    .hash_one((parent, name.as_bytes()));
+                STAND_IN_BASE | (h & (STAND_IN_BASE - 1))
+            }
             None => self.alloc((parent, name.clone()), None, 0),
         }
     }
@@ -440,5 +462,24 @@ mod tests {
         assert_eq!(t.path(a).unwrap(), vec![n("b")]);
         // readdir registration never steals a known name
         assert_eq!(t.register(ROOT, &n("b")), a);
+    }
+
+    #[test]
+    fn listings_stop_registering_at_the_cap() {
+        let mut t = Inodes::new();
+        t.listing_cap = 3;
+        let a = t.register(ROOT, &n("a"));
+        let b = t.register(ROOT, &n("b"));
+        assert!(a < STAND_IN_BASE && b < STAND_IN_BASE);
+        // Full: a new name gets a stable stand-in and no node.
+        let c = t.register(ROOT, &n("c"));
+        assert!(c >= STAND_IN_BASE);
+        assert_eq!(t.register(ROOT, &n("c")), c);
+        assert_eq!(t.find(ROOT, &n("c")), None);
+        // Known names keep their ino; a lookup still registers.
+        assert_eq!(t.register(ROOT, &n("a")), a);
+        let looked = t.insert(ROOT, &n("c"), None, 1);
+        assert!(looked < STAND_IN_BASE);
+        assert_eq!(t.register(ROOT, &n("c")), looked);
     }
 }
