@@ -25,7 +25,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use crate::error::{FsError, OpError, OpResult};
 use crate::inode::{HostKey, Inodes, Link, ROOT};
 use crate::layers::{
-    Found, Meta, READ, Src, Store, chown_at, is_whiteout, make_whiteout, set_opaque,
+    Found, Meta, READ, SEARCH, Src, Store, WRITE, chown_at, is_whiteout, make_whiteout, set_opaque,
     unlink_whiteout,
 };
 use crate::policy::Name;
@@ -35,6 +35,8 @@ use crate::{BaseSpec, EventSink, FsEvent, IdMap, MountOptions, MountSpec, Mutati
 
 /// Audit reason for refusing a base entry's contents.
 const PRIVATE_REASON: &str = "host file not readable by unprivileged host users";
+/// Audit reason for refusing access the workspace owner lacks on the host.
+const NOT_OWNER_REASON: &str = "the workspace owner has no such access to this host file";
 /// Audit reason for dropping set-id bits in /workspace.
 const SETID_REASON: &str = "set-id bits are not kept in the host-visible workspace";
 
@@ -404,10 +406,10 @@ impl AirlockFs {
     }
 
     fn attr(&self, ino: u64, meta: &Meta, area: Area) -> FileAttr {
-        let (uid, gid) = if area == Area::Workspace {
-            self.user
+        let (uid, gid, perm) = if area == Area::Workspace {
+            (self.user.0, self.user.1, self.ws_perm(meta))
         } else {
-            (meta.uid, meta.gid)
+            (meta.uid, meta.gid, meta.perm)
         };
         FileAttr {
             ino: INodeNo(ino),
@@ -418,13 +420,91 @@ impl AirlockFs {
             ctime: meta.ctime,
             crtime: meta.ctime,
             kind: meta.kind,
-            perm: meta.perm,
+            perm,
             nlink: meta.nlink,
             uid,
             gid,
             rdev: meta.rdev,
             blksize: meta.blksize,
             flags: 0,
+        }
+    }
+
+    /// Whether the workspace's owner may access a workspace entry with
+    /// host metadata `meta` as `bits` (READ 4, WRITE 2, SEARCH 1) on the
+    /// host. The broker works on the workspace as root; the sandbox acts
+    /// as the workspace directory's owner, so it gets the owner class on
+    /// that owner's files and the "other" class on anyone else's (a root
+    /// file someone left in a user's checkout, another user's 0700 dir).
+    fn ws_grants(&self, meta: &Meta, bits: u16) -> bool {
+        let class = if self.ws_owns(meta) {
+            meta.perm >> 6
+        } else {
+            meta.perm
+        };
+        class & bits == bits
+    }
+
+    fn ws_owns(&self, meta: &Meta) -> bool {
+        meta.uid == self.ws_owner.0
+    }
+
+    /// The mode the kernel is shown for a workspace entry (all of which
+    /// are shown owned by the sandbox user): its own on the workspace
+    /// owner's files, else the "other" class in every class, so the
+    /// kernel's own checks refuse what the owner could not do.
+    fn ws_perm(&self, meta: &Meta) -> u16 {
+        if self.ws_owns(meta) {
+            return meta.perm;
+        }
+        let o = meta.perm & 0o7;
+        (meta.perm & 0o7000) | (o << 6) | (o << 3) | o
+    }
+
+    /// Refuses (EACCES, audited) unless the workspace owner has `bits` on
+    /// the workspace entry `meta` at sandbox path `path`.
+    fn ws_require(&self, op: &str, path: String, meta: &Meta, bits: u16) -> OpResult<()> {
+        if self.ws_grants(meta, bits) {
+            Ok(())
+        } else {
+            self.deny(op, path, NOT_OWNER_REASON);
+            Err(OpError::HostPrivate)
+        }
+    }
+
+    /// For a workspace location, [`Self::ws_require`] on its entry; other
+    /// locations pass.
+    fn ws_require_entry(&self, op: &str, loc: &Loc, bits: u16) -> OpResult<()> {
+        match loc {
+            Loc::Ws(rel) => {
+                let (meta, _) = self.stat(loc)?;
+                self.ws_require(op, ws_path(rel), &meta, bits)
+            }
+            Loc::Merged(_) => Ok(()),
+        }
+    }
+
+    /// Refuses changing entries in the workspace directory `dir` (at
+    /// sandbox path of `rel`'s parent) without write and search access.
+    fn ws_require_dir_write(&self, op: &str, rel: &[Name], dir: &Dir) -> OpResult<()> {
+        let meta = Meta::from_stat(&rustix::fs::fstat(dir)?);
+        let parent = rel.split_last().map_or(&[][..], |(_, d)| d);
+        self.ws_require(op, ws_path(parent), &meta, WRITE | SEARCH)
+    }
+
+    /// In a sticky workspace directory, only an entry's owner or the
+    /// directory's owner may remove or replace it.
+    fn ws_require_sticky(&self, op: &str, rel: &[Name], dir: &Dir, name: &Name) -> OpResult<()> {
+        let dmeta = Meta::from_stat(&rustix::fs::fstat(dir)?);
+        if dmeta.perm & 0o1000 == 0 || self.ws_owns(&dmeta) {
+            return Ok(());
+        }
+        match stat_at(dir, name)? {
+            Some(st) if !self.ws_owns(&Meta::from_stat(&st)) => {
+                self.deny(op, ws_path(rel), NOT_OWNER_REASON);
+                Err(OpError::Perm)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -613,6 +693,21 @@ impl AirlockFs {
             Loc::Ws(rel) => (true, ws_path(rel)),
             Loc::Merged(c) => (false, sandbox_path(c)),
         };
+        if let Loc::Ws(rel) = &loc {
+            // On the host, only a file's owner changes its mode or sets
+            // its times, and truncating or touching it needs write access.
+            let (meta, _) = self.stat(&loc)?;
+            let explicit_time = matches!(atime, Some(TimeOrNow::SpecificTime(_)))
+                || matches!(mtime, Some(TimeOrNow::SpecificTime(_)));
+            if (mode.is_some() || explicit_time) && !rel.is_empty() && !self.ws_owns(&meta) {
+                self.deny("setattr", path, NOT_OWNER_REASON);
+                return Err(OpError::Perm);
+            }
+            let touch = atime.is_some() || mtime.is_some();
+            if size.is_some() || (touch && !self.ws_owns(&meta)) {
+                self.ws_require("setattr", path.clone(), &meta, WRITE)?;
+            }
+        }
         if uid.is_some() || gid.is_some() {
             if is_ws {
                 if uid.is_some_and(|u| u != self.user.0) || gid.is_some_and(|g| g != self.user.1) {
@@ -719,6 +814,7 @@ impl AirlockFs {
             Loc::Ws(rel) => {
                 let dir = parent_of(rel)?;
                 let d = self.ws_dir(dir)?;
+                self.ws_require_dir_write("create", rel, &d)?;
                 make(&d, &name)?;
                 chown_at(&d, &name, self.ws_owner.0, self.ws_owner.1)?;
                 self.mutation(op, ws_path(rel), None);
@@ -902,7 +998,27 @@ impl AirlockFs {
         match &loc {
             Loc::Ws(rel) => {
                 let (d, name) = self.writable(&loc, false)?;
-                let file = regular(open_file(&*d, &name, oflags, 0)?)?;
+                // Opened without O_TRUNC first: nothing changes before the
+                // owner's access is checked on the very file opened.
+                let file = regular(open_file(&*d, &name, oflags & !OFlags::TRUNC, 0)?)?;
+                let meta = Meta::from_stat(&rustix::fs::fstat(&file)?);
+                let mut need = 0;
+                if acc != libc::O_WRONLY {
+                    need |= READ;
+                }
+                if write || trunc {
+                    need |= WRITE;
+                }
+                self.ws_require("open", ws_path(rel), &meta, need)?;
+                let file = match (trunc, write) {
+                    (false, _) => file,
+                    (true, true) => {
+                        file.set_len(0)?;
+                        file
+                    }
+                    // O_RDONLY|O_TRUNC: truncates, through a fresh open.
+                    (true, false) => regular(open_file(&*d, &name, oflags, 0)?)?,
+                };
                 if trunc {
                     self.mutation(MutationOp::Truncate, ws_path(rel), None);
                 }
@@ -1160,6 +1276,8 @@ impl AirlockFs {
                     return Err(OpError::Busy);
                 }
                 let d = self.ws_dir(parent_of(rel)?)?;
+                self.ws_require_dir_write("unlink", rel, &d)?;
+                self.ws_require_sticky("unlink", rel, &d, &name)?;
                 let flags = if dir_op {
                     AtFlags::REMOVEDIR
                 } else {
@@ -1230,6 +1348,10 @@ impl AirlockFs {
                 }
                 let da = self.ws_dir(parent_of(a)?)?;
                 let db = self.ws_dir(parent_of(b)?)?;
+                self.ws_require_dir_write("rename", a, &da)?;
+                self.ws_require_dir_write("rename", b, &db)?;
+                self.ws_require_sticky("rename", a, &da, &name)?;
+                self.ws_require_sticky("rename", b, &db, &new_name)?;
                 let rflags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
                 rustix::fs::renameat_with(
                     &*da,
@@ -1337,6 +1459,7 @@ impl AirlockFs {
                 let (an, ad) = a.split_last().ok_or(OpError::Perm)?;
                 let da = self.ws_dir(ad)?;
                 let db = self.ws_dir(parent_of(b)?)?;
+                self.ws_require_dir_write("link", b, &db)?;
                 rustix::fs::linkat(
                     &*da,
                     an.as_os_str(),
@@ -1400,6 +1523,8 @@ impl AirlockFs {
         let (listing, area) = match &loc {
             Loc::Ws(rel) => {
                 let d = self.ws_dir(rel)?;
+                let meta = Meta::from_stat(&rustix::fs::fstat(&*d)?);
+                self.ws_require("opendir", ws_path(rel), &meta, READ)?;
                 let mut out = Vec::new();
                 for e in d.entries()? {
                     let e = e?;
@@ -1526,6 +1651,7 @@ impl AirlockFs {
     fn do_setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OpResult<()> {
         let loc = self.loc(ino)?;
         self.xattr_name("setxattr", &loc, name, true)?;
+        self.ws_require_entry("setxattr", &loc, WRITE)?;
         let (d, n) = self.writable(&loc, false)?;
         let f = open_file(
             &*d,
@@ -1551,6 +1677,7 @@ impl AirlockFs {
     fn do_removexattr(&self, ino: u64, name: &OsStr) -> OpResult<()> {
         let loc = self.loc(ino)?;
         self.xattr_name("removexattr", &loc, name, true)?;
+        self.ws_require_entry("removexattr", &loc, WRITE)?;
         let (d, n) = self.writable(&loc, false)?;
         let f = open_file(
             &*d,

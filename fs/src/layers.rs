@@ -25,6 +25,8 @@ pub(crate) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// Permission bit: read (a file's contents, a directory's listing).
 pub(crate) const READ: u16 = 0o4;
+/// Permission bit: write.
+pub(crate) const WRITE: u16 = 0o2;
 /// Permission bit: search a directory.
 pub(crate) const SEARCH: u16 = 0o1;
 

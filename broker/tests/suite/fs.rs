@@ -1,7 +1,7 @@
 //! The sandbox's filesystem: copy-on-write outside /workspace, persistence
 //! and isolation of workspaces, ownership translation.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use super::harness::{Env, ok, text};
 
@@ -154,5 +154,52 @@ echo done
         rows.iter()
             .any(|r| r["detail"].to_string().contains("set-id bits")),
         "{rows:?}"
+    );
+}
+
+#[test]
+fn workspace_files_of_other_host_users_keep_their_protection() {
+    // The sandbox acts as the workspace directory's owner (4242 here): a
+    // root file left in their checkout is no more open to it than to them.
+    let env = Env::new();
+    let ws = tempfile::Builder::new().prefix("ws-").tempdir().unwrap();
+    std::os::unix::fs::chown(ws.path(), Some(4242), Some(4242)).unwrap();
+    let secret = ws.path().join("secret");
+    std::fs::write(&secret, "root-only").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let public = ws.path().join("public");
+    std::fs::write(&public, "read-only\n").unwrap();
+    let wsp = ws.path().display().to_string();
+    let script = r#"
+cd /workspace
+cat secret 2>/dev/null
+chmod 666 secret 2>/dev/null && echo CHMOD-WORKED
+echo more >> public 2>/dev/null && echo WRITE-WORKED
+cat public
+echo mine > new && cat new
+echo done
+"#;
+    for user in ["sandbox", "root"] {
+        let out = env.run(&[
+            "--user",
+            user,
+            "--workspace",
+            &wsp,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
+        let s = ok(&out);
+        assert!(!s.contains("root-only"), "{user}: {s}");
+        assert!(!s.contains("WORKED"), "{user}: {s}");
+        assert!(s.contains("read-only\nmine\ndone"), "{user}: {s}");
+    }
+    assert_eq!(std::fs::read_to_string(&public).unwrap(), "read-only\n");
+    assert_eq!(std::fs::metadata(&secret).unwrap().mode() & 0o777, 0o600);
+    // What the sandbox made belongs to the workspace's owner.
+    assert_eq!(
+        std::fs::metadata(ws.path().join("new")).unwrap().uid(),
+        4242
     );
 }

@@ -143,6 +143,8 @@ fn link_of_lower_file_keeps_its_inode() {
 fn host_side_links_in_workspace_are_one_inode() {
     let f = rootfs();
     fs::write(f.ws.join("x"), b"x").unwrap();
+    // The workspace owner's file, as if they had made it on the host.
+    std::os::unix::fs::chown(f.ws.join("x"), Some(4242), Some(4242)).unwrap();
     fs::hard_link(f.ws.join("x"), f.ws.join("y")).unwrap();
     let x = fs::metadata(f.m("workspace/x")).unwrap();
     let y = fs::metadata(f.m("workspace/y")).unwrap();

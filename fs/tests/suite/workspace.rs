@@ -1,6 +1,6 @@
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 use airlock_fs::{FsEvent, MutationOp};
 
@@ -87,4 +87,74 @@ fn mutation_events() {
         errno(fs::rename(f.m("tmp/y"), f.m("workspace/y"))),
         libc::EXDEV
     );
+}
+
+#[test]
+fn workspace_grants_only_what_its_owner_has_on_the_host() {
+    // The runner is host root, so the kernel passes every request and the
+    // server's own checks are what is tested. The workspace belongs to
+    // 4242; files someone else left there keep their host protection.
+    let f = rootfs();
+    let root_secret = f.ws.join("root-secret");
+    fs::write(&root_secret, "secret").unwrap();
+    fs::set_permissions(&root_secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let root_public = f.ws.join("root-public");
+    fs::write(&root_public, "public").unwrap();
+    fs::set_permissions(&root_public, fs::Permissions::from_mode(0o644)).unwrap();
+    let mine = f.ws.join("mine");
+    fs::write(&mine, "mine").unwrap();
+    std::os::unix::fs::chown(&mine, Some(4242), Some(4242)).unwrap();
+    fs::set_permissions(&mine, fs::Permissions::from_mode(0o600)).unwrap();
+    let sticky = f.ws.join("sticky");
+    fs::create_dir(&sticky).unwrap();
+    fs::set_permissions(&sticky, fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::write(sticky.join("theirs"), "t").unwrap();
+
+    // Shown with the "other" class in every class.
+    let mode = |p: &str| fs::metadata(f.m(p)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("workspace/root-secret"), 0o000);
+    assert_eq!(mode("workspace/root-public"), 0o444);
+    assert_eq!(mode("workspace/mine"), 0o600);
+    let eacces = |e: std::io::Error| assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    eacces(fs::read(f.m("workspace/root-secret")).unwrap_err());
+    assert_eq!(
+        fs::read_to_string(f.m("workspace/root-public")).unwrap(),
+        "public"
+    );
+    eacces(
+        fs::OpenOptions::new()
+            .write(true)
+            .open(f.m("workspace/root-public"))
+            .unwrap_err(),
+    );
+    eacces(
+        fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(f.m("workspace/root-public"))
+            .unwrap_err(),
+    );
+    // Only the owner changes a mode.
+    let e = fs::set_permissions(
+        f.m("workspace/root-secret"),
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    assert_eq!(fs::read_to_string(f.m("workspace/mine")).unwrap(), "mine");
+    fs::set_permissions(f.m("workspace/mine"), fs::Permissions::from_mode(0o640)).unwrap();
+    // A sticky directory of someone else's: their file stays.
+    let e = fs::remove_file(f.m("workspace/sticky/theirs")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // Nothing changed on the host.
+    assert_eq!(fs::read_to_string(&root_secret).unwrap(), "secret");
+    assert_eq!(fs::read_to_string(&root_public).unwrap(), "public");
+    assert!(sticky.join("theirs").exists());
+    assert_eq!(fs::metadata(&root_secret).unwrap().mode() & 0o7777, 0o600);
+    let denied = f
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e, airlock_fs::FsEvent::Denied { .. }))
+        .count();
+    assert!(denied >= 4, "{:?}", f.events());
 }
