@@ -484,6 +484,23 @@ impl AirlockFs {
         }
     }
 
+    /// Refuses (audited) reading what an entry holds beyond its attributes
+    /// (its user xattrs) where the host would: a workspace entry the
+    /// workspace owner may not read, a base entry other users may not.
+    fn require_read(&self, op: &str, loc: &Loc) -> OpResult<()> {
+        match loc {
+            Loc::Ws(_) => self.ws_require_entry(op, loc, READ),
+            Loc::Merged(comps) => {
+                let found = self.store.resolve(comps)?;
+                if found.src == Src::Layer(0) && !self.store.base_grants(&found.meta, READ) {
+                    self.deny(op, sandbox_path(comps), PRIVATE_REASON);
+                    return Err(OpError::HostPrivate);
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Refuses changing entries in the workspace directory `dir` (at
     /// sandbox path of `rel`'s parent) without write and search access.
     fn ws_require_dir_write(&self, op: &str, rel: &[Name], dir: &Dir) -> OpResult<()> {
@@ -1702,6 +1719,7 @@ impl AirlockFs {
     fn do_getxattr(&self, ino: u64, name: &OsStr) -> OpResult<Vec<u8>> {
         let loc = self.loc(ino)?;
         self.xattr_name("getxattr", &loc, name, false)?;
+        self.require_read("getxattr", &loc)?;
         let Some(f) = self.xattr_fd(&loc)? else {
             return Err(OpError::NoData);
         };
@@ -1713,6 +1731,7 @@ impl AirlockFs {
 
     fn do_listxattr(&self, ino: u64) -> OpResult<Vec<u8>> {
         let loc = self.loc(ino)?;
+        self.require_read("listxattr", &loc)?;
         let Some(f) = self.xattr_fd(&loc)? else {
             return Ok(Vec::new());
         };

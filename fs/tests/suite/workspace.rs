@@ -146,6 +146,20 @@ fn workspace_grants_only_what_its_owner_has_on_the_host() {
     // A sticky directory of someone else's: their file stays.
     let e = fs::remove_file(f.m("workspace/sticky/theirs")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // Its user xattrs are as private as its contents.
+    let p = std::ffi::CString::new(f.m("workspace/root-secret").to_str().unwrap()).unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: valid pointers and lengths.
+    let (get, list) = unsafe {
+        let mut buf = [0u8; 16];
+        let get = libc::getxattr(p.as_ptr(), c"user.k".as_ptr(), buf.as_mut_ptr().cast(), 16);
+        let get_errno = std::io::Error::last_os_error().raw_os_error();
+        let list = libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), 16);
+        let list_errno = std::io::Error::last_os_error().raw_os_error();
+        ((get, get_errno), (list, list_errno))
+    };
+    assert_eq!(get, (-1, Some(libc::EACCES)));
+    assert_eq!(list, (-1, Some(libc::EACCES)));
     // Nothing changed on the host.
     assert_eq!(fs::read_to_string(&root_secret).unwrap(), "secret");
     assert_eq!(fs::read_to_string(&root_public).unwrap(), "public");
