@@ -29,7 +29,7 @@ use crate::layers::{
     unlink_whiteout,
 };
 use crate::policy::Name;
-use crate::resolve::{open_dir, open_file, open_path, stat_at, walk_dirs};
+use crate::resolve::{open_dir, open_file, open_path, stat_at};
 use crate::synth::{Synth, SynthEntry, SynthSpec};
 use crate::{BaseSpec, EventSink, FsEvent, IdMap, MountOptions, MountSpec, MutationOp, Shared};
 
@@ -355,8 +355,32 @@ impl AirlockFs {
         Ok(classify(comps))
     }
 
+    /// The workspace directory at `rel`, walked one directory at a time;
+    /// each must let the workspace's owner search it (the kernel checks the
+    /// same from its cache, which another sandbox or the host can make
+    /// stale by renaming a private directory into a known name).
     fn ws_dir(&self, rel: &[Name]) -> OpResult<Arc<Dir>> {
-        walk_dirs(&self.ws, rel)?.ok_or(OpError::NotFound)
+        self.ws_walk(rel, true)
+    }
+
+    /// [`Self::ws_dir`] for listing `rel`: its last directory needs no
+    /// search permission (listing needs read, checked by the caller).
+    fn ws_walk(&self, rel: &[Name], search_last: bool) -> OpResult<Arc<Dir>> {
+        let mut cur = Arc::clone(&self.ws);
+        for (i, c) in rel.iter().enumerate() {
+            cur = match open_dir(&*cur, c) {
+                Ok(d) => d,
+                Err(e) if e.is_absent() || crate::resolve::is_loop(&e) => {
+                    return Err(OpError::NotFound);
+                }
+                Err(e) => return Err(e),
+            };
+            if i + 1 < rel.len() || search_last {
+                let meta = Meta::from_stat(&rustix::fs::fstat(&*cur)?);
+                self.ws_require("search", ws_path(&rel[..=i]), &meta, SEARCH)?;
+            }
+        }
+        Ok(cur)
     }
 
     /// Metadata and area of a location.
@@ -498,6 +522,19 @@ impl AirlockFs {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// For a workspace location, [`Self::ws_require`] on the file `fd`
+    /// opened for the operation (not on a name that may since show another
+    /// file); other locations pass.
+    fn ws_require_fd(&self, op: &str, loc: &Loc, fd: &File, bits: u16) -> OpResult<()> {
+        match loc {
+            Loc::Ws(rel) => {
+                let meta = Meta::from_stat(&rustix::fs::fstat(fd)?);
+                self.ws_require(op, ws_path(rel), &meta, bits)
+            }
+            Loc::Merged(_) => Ok(()),
         }
     }
 
@@ -752,8 +789,15 @@ impl AirlockFs {
             let (d, name) = self.writable(&loc, false)?;
             let p = open_path(&*d, &name)?;
             let mut mode = mode & 0o7777;
-            if is_ws {
-                let is_dir = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&p)?.st_mode)
+            if let Loc::Ws(rel) = &loc {
+                // Checked again on the very inode about to change: the name
+                // may show another file than when it was checked above.
+                let st = rustix::fs::fstat(&p)?;
+                if !rel.is_empty() && !self.ws_owns(&Meta::from_stat(&st)) {
+                    self.deny("setattr", path, NOT_OWNER_REASON);
+                    return Err(OpError::Perm);
+                }
+                let is_dir = rustix::fs::FileType::from_raw_mode(st.st_mode)
                     == rustix::fs::FileType::Directory;
                 let setid = setid_bits(is_dir);
                 if mode & setid != 0 {
@@ -773,10 +817,19 @@ impl AirlockFs {
             if let Some(h) = via_fh
                 && let HandleKind::File { file, .. } = &h.kind
             {
+                if is_ws {
+                    kill_setid(file)?;
+                }
                 file.set_len(size)?;
             } else {
                 let (d, name) = self.writable(&loc, size == 0)?;
                 let f = open_file(&*d, &name, OFlags::WRONLY | OFlags::NONBLOCK, 0)?;
+                if is_ws {
+                    // Checked on the file opened, as for the mode above.
+                    let meta = Meta::from_stat(&rustix::fs::fstat(&f)?);
+                    self.ws_require("truncate", path.clone(), &meta, WRITE)?;
+                    kill_setid(&f)?;
+                }
                 f.set_len(size)?;
             }
             if is_ws {
@@ -823,7 +876,8 @@ impl AirlockFs {
         parent: u64,
         name: &OsStr,
         op: MutationOp,
-        make: &dyn Fn(&Dir, &Name) -> OpResult<()>,
+        requested: u32,
+        make: &dyn Fn(&Dir, &Name, u32) -> OpResult<()>,
     ) -> OpResult<(FileAttr, Duration)> {
         let name = Name::new(name)?;
         let loc = self.child_loc(parent, &name)?;
@@ -831,21 +885,27 @@ impl AirlockFs {
             Loc::Ws(rel) => {
                 let dir = parent_of(rel)?;
                 let d = self.ws_dir(dir)?;
-                self.ws_require_dir_write("create", rel, &d)?;
-                make(&d, &name)?;
-                chown_at(&d, &name, self.ws_owner.0, self.ws_owner.1)?;
-                self.mutation(op, ws_path(rel), None);
-                let mut st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
-                let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
-                let setid = setid_bits(ft == rustix::fs::FileType::Directory);
-                if ft != rustix::fs::FileType::Symlink && st.st_mode & setid != 0 {
-                    // Created with set-id bits: drop them before anyone on
-                    // the host can run it as the workspace's owner.
-                    self.deny("create", ws_path(rel), SETID_REASON);
-                    let p = open_path(&*d, &name)?;
-                    crate::sys::chmod_fd(p.as_fd(), st.st_mode & 0o7777 & !setid)?;
-                    st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
+                if stat_at(&*d, &name)?.is_some() {
+                    return Err(OpError::Exists);
                 }
+                self.ws_require_dir_write("create", rel, &d)?;
+                // Never created with set-id bits: a workspace file is a
+                // host file of the workspace's owner.
+                let setid = setid_bits(op == MutationOp::Mkdir);
+                if requested & setid != 0 {
+                    self.deny("create", ws_path(rel), SETID_REASON);
+                }
+                {
+                    // Made as the workspace's owner: the kernel creates it
+                    // with that owner and checks the directory as them,
+                    // and whatever `make` does after creating (open by
+                    // name, chmod) has only that owner's rights, so a name
+                    // swapped in meanwhile cannot be changed as root.
+                    let _as_owner = crate::sys::FsIds::switch(self.ws_owner.0, self.ws_owner.1)?;
+                    make(&d, &name, 0o7777 & !setid)?;
+                }
+                self.mutation(op, ws_path(rel), None);
+                let st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
                 Ok(self.entry(parent, &name, &Meta::from_stat(&st), Area::Workspace))
             }
             Loc::Merged(comps) => {
@@ -864,7 +924,7 @@ impl AirlockFs {
                 }
                 let d = self.store.upper_dir(dir)?;
                 let had_whiteout = unlink_whiteout(&d, &name)?;
-                make(&d, &name)?;
+                make(&d, &name, 0o7777)?;
                 chown_at(
                     &d,
                     &name,
@@ -912,12 +972,19 @@ impl AirlockFs {
             }
             _ => return Err(OpError::Invalid),
         }
-        self.create_entry(req, parent, name, MutationOp::Create, &|d, n| {
-            rustix::fs::mknodat(d, n.as_os_str(), ft, Mode::from_raw_mode(0o600), 0)?;
-            let p = open_path(d, n)?;
-            crate::sys::chmod_fd(p.as_fd(), perm)?;
-            Ok(())
-        })
+        self.create_entry(
+            req,
+            parent,
+            name,
+            MutationOp::Create,
+            perm,
+            &|d, n, mask| {
+                rustix::fs::mknodat(d, n.as_os_str(), ft, Mode::from_raw_mode(0o600), 0)?;
+                let p = open_path(d, n)?;
+                crate::sys::chmod_fd(p.as_fd(), perm & mask)?;
+                Ok(())
+            },
+        )
     }
 
     fn do_mkdir(
@@ -929,10 +996,10 @@ impl AirlockFs {
         umask: u32,
     ) -> OpResult<(FileAttr, Duration)> {
         let perm = mode & !umask & 0o7777;
-        self.create_entry(req, parent, name, MutationOp::Mkdir, &|d, n| {
+        self.create_entry(req, parent, name, MutationOp::Mkdir, perm, &|d, n, mask| {
             rustix::fs::mkdirat(d, n.as_os_str(), Mode::from_raw_mode(0o700))?;
             let sub = open_dir(d, n)?;
-            rustix::fs::fchmod(&*sub, Mode::from_raw_mode(perm))?;
+            rustix::fs::fchmod(&*sub, Mode::from_raw_mode(perm & mask))?;
             Ok(())
         })
     }
@@ -948,7 +1015,7 @@ impl AirlockFs {
         if target.is_empty() || target.len() > 4095 {
             return Err(OpError::Invalid);
         }
-        self.create_entry(req, parent, name, MutationOp::Symlink, &|d, n| {
+        self.create_entry(req, parent, name, MutationOp::Symlink, 0, &|d, n, _| {
             rustix::fs::symlinkat(target, d, n.as_os_str())?;
             Ok(())
         })
@@ -964,21 +1031,30 @@ impl AirlockFs {
         flags: i32,
     ) -> OpResult<(FileAttr, Duration, u64, FopenFlags)> {
         let perm = mode & !umask & 0o7777;
-        let created = self.create_entry(req, parent, name, MutationOp::Create, &|d, n| {
-            let f = open_file(d, n, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, 0o600)?;
-            rustix::fs::fchmod(&f, Mode::from_raw_mode(perm))?;
-            Ok(())
-        });
-        let (attr, ttl) = match created {
-            Ok(a) => a,
+        let created = self.create_entry(
+            req,
+            parent,
+            name,
+            MutationOp::Create,
+            perm,
+            &|d, n, mask| {
+                let f = open_file(d, n, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, 0o600)?;
+                rustix::fs::fchmod(&f, Mode::from_raw_mode(perm & mask))?;
+                Ok(())
+            },
+        );
+        // A new file is empty: O_TRUNC only matters for one that existed.
+        let (attr, ttl, open_flags) = match created {
+            Ok((a, t)) => (a, t, flags & !libc::O_TRUNC),
             Err(OpError::Exists) | Err(OpError::Sys(rustix::io::Errno::EXIST))
                 if flags & libc::O_EXCL == 0 =>
             {
-                self.do_lookup(parent, name)?
+                let (a, t) = self.do_lookup(parent, name)?;
+                (a, t, flags)
             }
             Err(e) => return Err(e),
         };
-        match self.do_open(attr.ino.0, flags & !libc::O_TRUNC, None) {
+        match self.do_open(attr.ino.0, open_flags, None) {
             Ok(o) => Ok((attr, ttl, o.fh, o.flags)),
             Err(e) => {
                 // The kernel gets an error, not the entry: take back the
@@ -1089,6 +1165,16 @@ impl AirlockFs {
                             }
                             let d = self.store.layer_dir(dir, *idx)?;
                             let file = regular(open_file(&*d, name, oflags, 0)?)?;
+                            // Checked on the file opened too: a caller's
+                            // rootfs may have swapped the name meanwhile.
+                            if *idx == 0
+                                && !self
+                                    .store
+                                    .base_grants(&Meta::from_stat(&rustix::fs::fstat(&file)?), READ)
+                            {
+                                self.deny("open", sandbox_path(comps), PRIVATE_REASON);
+                                return Err(OpError::HostPrivate);
+                            }
                             (
                                 HandleKind::File {
                                     file,
@@ -1268,6 +1354,9 @@ impl AirlockFs {
                 file,
                 writable: true,
             } => {
+                if h.area == Area::Workspace && !h.written.load(Ordering::Relaxed) {
+                    kill_setid(file)?;
+                }
                 file.write_all_at(data, offset)?;
                 h.written.store(true, Ordering::Relaxed);
                 Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
@@ -1477,13 +1566,26 @@ impl AirlockFs {
                 let da = self.ws_dir(ad)?;
                 let db = self.ws_dir(parent_of(b)?)?;
                 self.ws_require_dir_write("link", b, &db)?;
-                rustix::fs::linkat(
-                    &*da,
-                    an.as_os_str(),
-                    &*db,
-                    new_name.as_os_str(),
-                    AtFlags::empty(),
-                )?;
+                // The host's protected_hardlinks rule, for the workspace's
+                // owner: their own file, or a plain (not set-id) regular
+                // file they may read and write. The link is made from the
+                // very inode checked.
+                let src = open_path(&*da, an)?;
+                let st = rustix::fs::fstat(&src)?;
+                let meta = Meta::from_stat(&st);
+                let setid = st.st_mode & libc::S_ISUID != 0
+                    || st.st_mode & (libc::S_ISGID | libc::S_IXGRP)
+                        == libc::S_ISGID | libc::S_IXGRP;
+                let plain = rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::RegularFile
+                    && !setid;
+                let may_link =
+                    self.ws_owns(&meta) || (plain && self.ws_grants(&meta, READ | WRITE));
+                if !may_link {
+                    self.deny("link", ws_path(a), NOT_OWNER_REASON);
+                    return Err(OpError::Perm);
+                }
+                rustix::fs::linkat(&src, "", &*db, new_name.as_os_str(), AtFlags::EMPTY_PATH)?;
                 self.mutation(MutationOp::Link, ws_path(a), Some(ws_path(b)));
                 let st = stat_at(&*db, &new_name)?.ok_or(OpError::NotFound)?;
                 let meta = Meta::from_stat(&st);
@@ -1539,7 +1641,7 @@ impl AirlockFs {
         let loc = self.loc(ino)?;
         let (listing, area) = match &loc {
             Loc::Ws(rel) => {
-                let d = self.ws_dir(rel)?;
+                let d = self.ws_walk(rel, false)?;
                 let meta = Meta::from_stat(&rustix::fs::fstat(&*d)?);
                 self.ws_require("opendir", ws_path(rel), &meta, READ)?;
                 let mut out = Vec::new();
@@ -1668,7 +1770,6 @@ impl AirlockFs {
     fn do_setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OpResult<()> {
         let loc = self.loc(ino)?;
         self.xattr_name("setxattr", &loc, name, true)?;
-        self.ws_require_entry("setxattr", &loc, WRITE)?;
         let (d, n) = self.writable(&loc, false)?;
         let f = open_file(
             &*d,
@@ -1683,6 +1784,7 @@ impl AirlockFs {
                 e
             }
         })?;
+        self.ws_require_fd("setxattr", &loc, &f, WRITE)?;
         let xflags = rustix::fs::XattrFlags::from_bits_retain(flags as u32 & 0x3);
         rustix::fs::fsetxattr(&f, name, value, xflags)?;
         if let Loc::Ws(rel) = &loc {
@@ -1694,7 +1796,6 @@ impl AirlockFs {
     fn do_removexattr(&self, ino: u64, name: &OsStr) -> OpResult<()> {
         let loc = self.loc(ino)?;
         self.xattr_name("removexattr", &loc, name, true)?;
-        self.ws_require_entry("removexattr", &loc, WRITE)?;
         let (d, n) = self.writable(&loc, false)?;
         let f = open_file(
             &*d,
@@ -1709,6 +1810,7 @@ impl AirlockFs {
                 e
             }
         })?;
+        self.ws_require_fd("removexattr", &loc, &f, WRITE)?;
         rustix::fs::fremovexattr(&f, name)?;
         if let Loc::Ws(rel) = &loc {
             self.mutation(MutationOp::RemoveXattr, ws_path(rel), None);
@@ -1723,6 +1825,7 @@ impl AirlockFs {
         let Some(f) = self.xattr_fd(&loc)? else {
             return Err(OpError::NoData);
         };
+        self.ws_require_fd("getxattr", &loc, &f, READ)?;
         let mut buf = vec![0u8; XATTR_MAX];
         let n = rustix::fs::fgetxattr(&f, name, &mut buf[..])?;
         buf.truncate(n);
@@ -1735,6 +1838,7 @@ impl AirlockFs {
         let Some(f) = self.xattr_fd(&loc)? else {
             return Ok(Vec::new());
         };
+        self.ws_require_fd("listxattr", &loc, &f, READ)?;
         let mut buf = vec![0u8; XATTR_MAX];
         let n = rustix::fs::flistxattr(&f, &mut buf[..])?;
         buf.truncate(n);
@@ -1769,6 +1873,23 @@ fn no_flush_if(read_only: bool) -> FopenFlags {
     } else {
         FopenFlags::empty()
     }
+}
+
+/// Clears set-user-id, and set-group-id with group execute, before a
+/// write through `file`, as the kernel does for a writer without
+/// CAP_FSETID. The server writes as root, which keeps them: the sandbox
+/// could otherwise rewrite the workspace owner's set-id program and keep
+/// its bit.
+fn kill_setid(file: &File) -> OpResult<()> {
+    let mode = rustix::fs::fstat(file)?.st_mode;
+    let mut kill = mode & libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        kill |= libc::S_ISGID;
+    }
+    if kill != 0 {
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777 & !kill))?;
+    }
+    Ok(())
 }
 
 /// Set-id bits never kept in /workspace: files there are host files owned

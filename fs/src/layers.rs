@@ -353,6 +353,15 @@ impl Store {
                         Err(e) if e.is_absent() || is_loop(&e) => break,
                         Err(e) => return Err(e),
                     };
+                    // A caller's own rootfs can change under us (they may
+                    // swap names in it): check the directory just opened,
+                    // not only the name stat'ed before.
+                    if *idx == 0
+                        && self.base_owner.is_some()
+                        && !self.base_grants(&Meta::from_stat(&rustix::fs::fstat(&*child)?), SEARCH)
+                    {
+                        break;
+                    }
                     let opaque = is_opaque(&child);
                     out.parts.push(Part::Layer(*idx, child));
                     if opaque {
@@ -571,6 +580,13 @@ impl Store {
                 let mut f = create_excl(&udir, name)?;
                 if !truncate {
                     let mut src = open_file(&*src_dir, name, OFlags::RDONLY | OFlags::NONBLOCK, 0)?;
+                    if *idx == 0
+                        && !self.base_grants(&Meta::from_stat(&rustix::fs::fstat(&src)?), READ)
+                    {
+                        drop(f);
+                        let _ = rustix::fs::unlinkat(&*udir, name.as_os_str(), AtFlags::empty());
+                        return Err(OpError::HostPrivate);
+                    }
                     std::io::copy(&mut src, &mut f)?;
                 }
                 apply_meta(&f, meta)?;

@@ -54,20 +54,6 @@ pub(crate) fn stat_at(dir: impl AsFd, name: &Name) -> OpResult<Option<Stat>> {
     }
 }
 
-/// Walk `comps` from `root` as directories; `None` if any is missing or not
-/// a directory.
-pub(crate) fn walk_dirs(root: &Arc<Dir>, comps: &[Name]) -> OpResult<Option<Arc<Dir>>> {
-    let mut cur = Arc::clone(root);
-    for c in comps {
-        match open_dir(&*cur, c) {
-            Ok(d) => cur = d,
-            Err(e) if e.is_absent() || is_loop(&e) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(Some(cur))
-}
-
 /// ELOOP: the component is a symlink (which we refuse to follow).
 pub(crate) fn is_loop(e: &OpError) -> bool {
     matches!(e, OpError::Sys(e) if *e == rustix::io::Errno::LOOP)

@@ -53,3 +53,56 @@ pub(crate) fn probe_backing(dev: &std::fs::File) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The calling thread's filesystem identity switched to `(uid, gid)` until
+/// dropped. While switched, the kernel checks and creates as that user:
+/// a change of fsuid away from 0 also clears the thread's filesystem
+/// capabilities (DAC override, chown, fowner, fsetid), restored on the way
+/// back. Per thread: other threads of the process keep their identity.
+#[derive(Debug)]
+pub(crate) struct FsIds {
+    uid: u32,
+    gid: u32,
+}
+
+impl FsIds {
+    /// Switches to `(uid, gid)`; fails if the kernel did not take it.
+    pub(crate) fn switch(uid: u32, gid: u32) -> io::Result<FsIds> {
+        let back = FsIds {
+            uid: set_fsuid(u32::MAX),
+            gid: set_fsgid(u32::MAX),
+        };
+        set_fsgid(gid);
+        set_fsuid(uid);
+        // setfsuid/setfsgid report the previous id, never an error: read
+        // the ids back (-1 changes nothing) to know they were taken.
+        if set_fsuid(u32::MAX) != uid || set_fsgid(u32::MAX) != gid {
+            drop(back);
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        Ok(back)
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        set_fsuid(self.uid);
+        set_fsgid(self.gid);
+    }
+}
+
+/// `setfsuid(uid)` for the calling thread; returns the previous fsuid.
+/// `u32::MAX` (-1) only reads it.
+fn set_fsuid(uid: u32) -> u32 {
+    // SAFETY: setfsuid takes an integer and only changes this thread's
+    // credentials; it touches no memory of ours.
+    let prev = unsafe { libc::setfsuid(uid) };
+    u32::try_from(prev).unwrap_or(u32::MAX)
+}
+
+/// `setfsgid(gid)` for the calling thread; returns the previous fsgid.
+fn set_fsgid(gid: u32) -> u32 {
+    // SAFETY: as for set_fsuid.
+    let prev = unsafe { libc::setfsgid(gid) };
+    u32::try_from(prev).unwrap_or(u32::MAX)
+}

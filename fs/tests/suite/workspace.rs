@@ -146,6 +146,35 @@ fn workspace_grants_only_what_its_owner_has_on_the_host() {
     // A sticky directory of someone else's: their file stays.
     let e = fs::remove_file(f.m("workspace/sticky/theirs")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // No hard link to someone else's private file (protected_hardlinks).
+    let e = fs::hard_link(f.m("workspace/root-secret"), f.m("workspace/link")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    // Nothing is reached through someone else's private directory.
+    let private = f.ws.join("private");
+    fs::create_dir(&private).unwrap();
+    fs::write(private.join("inside"), "inside").unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    eacces(fs::read(f.m("workspace/private/inside")).unwrap_err());
+    // Writing to the owner's own set-uid program clears the bit, as a
+    // write by the owner would on the host.
+    let tool = f.ws.join("tool");
+    fs::write(&tool, "v1").unwrap();
+    std::os::unix::fs::chown(&tool, Some(4242), Some(4242)).unwrap();
+    fs::set_permissions(&tool, fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(f.m("workspace/tool"))
+        .unwrap()
+        .write_all(b"v2")
+        .unwrap();
+    assert_eq!(fs::metadata(&tool).unwrap().mode() & 0o7777, 0o755);
+    // What the sandbox creates is the owner's from the start.
+    fs::write(f.m("workspace/made"), "m").unwrap();
+    fs::create_dir(f.m("workspace/made-dir")).unwrap();
+    for n in ["made", "made-dir"] {
+        let md = fs::metadata(f.ws.join(n)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (4242, 4242), "{n}");
+    }
     // Its user xattrs are as private as its contents.
     let p = std::ffi::CString::new(f.m("workspace/root-secret").to_str().unwrap()).unwrap();
     #[allow(unsafe_code)]
