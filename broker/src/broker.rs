@@ -368,6 +368,24 @@ impl Broker {
                 canon.display()
             )));
         }
+        if !p.is_admin() {
+            // Owning a directory is not enough: the caller must be able to
+            // reach it on the host (a directory of theirs inside another
+            // user's 0700 tree stays out of reach), and the path must still
+            // name the directory opened.
+            reachable_by(p, &canon).map_err(|why| {
+                BrokerError::Forbidden(AuthzError::Unreachable {
+                    uid: p.uid,
+                    what,
+                    path: canon.display().to_string(),
+                    why,
+                })
+            })?;
+            let now = nix::sys::stat::stat(&canon).map_err(|e| bad(&e))?;
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+                return Err(bad(&"changed while being opened"));
+            }
+        }
         Ok(HostDir {
             path: canon,
             fd: Arc::new(fd),
@@ -1456,4 +1474,47 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Whether `p` may search every directory above `path` (an absolute,
+/// canonical path) on the host: owner, group (primary or supplementary, as
+/// listed for the caller's process) or other execute bit. Returns why not.
+fn reachable_by(p: &crate::authz::Principal, path: &Path) -> Result<(), String> {
+    let groups = caller_groups(p);
+    let mut cur = PathBuf::from("/");
+    let parents: Vec<_> = path.components().collect();
+    for comp in parents.iter().take(parents.len().saturating_sub(1)) {
+        if let std::path::Component::Normal(c) = comp {
+            cur.push(c);
+        }
+        let st = nix::sys::stat::stat(&cur).map_err(|e| format!("{}: {e}", cur.display()))?;
+        let mode = st.st_mode;
+        let ok = if st.st_uid == p.uid {
+            mode & 0o100 != 0
+        } else if groups.contains(&st.st_gid) {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !ok {
+            return Err(format!("no search permission on {}", cur.display()));
+        }
+    }
+    Ok(())
+}
+
+/// The caller's primary gid and the supplementary groups of its process.
+fn caller_groups(p: &crate::authz::Principal) -> Vec<u32> {
+    let mut gids = vec![p.gid];
+    if p.pid > 0
+        && let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", p.pid))
+        && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
+    {
+        gids.extend(
+            line.trim_start_matches("Groups:")
+                .split_whitespace()
+                .filter_map(|g| g.parse::<u32>().ok()),
+        );
+    }
+    gids
 }

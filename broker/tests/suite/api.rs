@@ -1,5 +1,7 @@
 //! The HTTP API on the Unix socket: errors, authz by SO_PEERCRED.
 
+use std::os::unix::fs::PermissionsExt;
+
 use super::harness::{Env, text};
 
 #[test]
@@ -102,6 +104,32 @@ fn unmapped_peer_uid_is_refused_and_audited() {
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("may not act for agent \"bob\""),
+        "{}",
+        text(&out.stderr)
+    );
+    // Owning a directory is not enough: one inside a tree the caller cannot
+    // enter (root's 0700 directory) is refused, with the reason.
+    let closed = tempfile::Builder::new()
+        .prefix("closed-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let inner = closed.path().join("mine");
+    std::fs::create_dir(&inner).unwrap();
+    std::os::unix::fs::chown(&inner, Some(4001), Some(4001)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["create", "--agent", "alice", "--workspace"])
+        .arg(&inner)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no search permission on"),
         "{}",
         text(&out.stderr)
     );
