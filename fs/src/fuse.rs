@@ -757,8 +757,10 @@ impl AirlockFs {
                 self.deny("setattr", path, NOT_OWNER_REASON);
                 return Err(OpError::Perm);
             }
+            // Truncating through a handle open for writing needs no more
+            // (as ftruncate(2)); by path it is checked on the file opened.
             let touch = atime.is_some() || mtime.is_some();
-            if size.is_some() || (touch && !self.ws_owns(&meta)) {
+            if touch && !self.ws_owns(&meta) {
                 self.ws_require("setattr", path.clone(), &meta, WRITE)?;
             }
         }
@@ -1031,6 +1033,7 @@ impl AirlockFs {
         flags: i32,
     ) -> OpResult<(FileAttr, Duration, u64, FopenFlags)> {
         let perm = mode & !umask & 0o7777;
+        let made = std::cell::Cell::new(None);
         let created = self.create_entry(
             req,
             parent,
@@ -1040,6 +1043,8 @@ impl AirlockFs {
             &|d, n, mask| {
                 let f = open_file(d, n, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL, 0o600)?;
                 rustix::fs::fchmod(&f, Mode::from_raw_mode(perm & mask))?;
+                let st = rustix::fs::fstat(&f)?;
+                made.set(Some((st.st_dev, st.st_ino)));
                 Ok(())
             },
         );
@@ -1054,7 +1059,7 @@ impl AirlockFs {
             }
             Err(e) => return Err(e),
         };
-        match self.do_open(attr.ino.0, open_flags, None) {
+        match self.do_open(attr.ino.0, open_flags, None, made.get()) {
             Ok(o) => Ok((attr, ttl, o.fh, o.flags)),
             Err(e) => {
                 // The kernel gets an error, not the entry: take back the
@@ -1072,6 +1077,7 @@ impl AirlockFs {
         ino: u64,
         flags: i32,
         make_backing: Option<MakeBacking<'_>>,
+        fresh: Option<HostKey>,
     ) -> OpResult<Opened> {
         let acc = flags & libc::O_ACCMODE;
         let write = acc != libc::O_RDONLY;
@@ -1094,7 +1100,8 @@ impl AirlockFs {
                 // Opened without O_TRUNC first: nothing changes before the
                 // owner's access is checked on the very file opened.
                 let file = regular(open_file(&*d, &name, oflags & !OFlags::TRUNC, 0)?)?;
-                let meta = Meta::from_stat(&rustix::fs::fstat(&file)?);
+                let st = rustix::fs::fstat(&file)?;
+                let meta = Meta::from_stat(&st);
                 let mut need = 0;
                 if acc != libc::O_WRONLY {
                     need |= READ;
@@ -1102,15 +1109,28 @@ impl AirlockFs {
                 if write || trunc {
                     need |= WRITE;
                 }
-                self.ws_require("open", ws_path(rel), &meta, need)?;
+                // The file this very create() made is open to its creator
+                // whatever its mode (open(O_CREAT|O_EXCL|O_RDWR, 0444), as
+                // git writes objects).
+                if fresh != Some((st.st_dev, st.st_ino)) {
+                    self.ws_require("open", ws_path(rel), &meta, need)?;
+                }
                 let file = match (trunc, write) {
                     (false, _) => file,
                     (true, true) => {
                         file.set_len(0)?;
                         file
                     }
-                    // O_RDONLY|O_TRUNC: truncates, through a fresh open.
-                    (true, false) => regular(open_file(&*d, &name, oflags, 0)?)?,
+                    // O_RDONLY|O_TRUNC: truncates, through a fresh open
+                    // that must be the file checked.
+                    (true, false) => {
+                        let again = regular(open_file(&*d, &name, oflags, 0)?)?;
+                        let st2 = rustix::fs::fstat(&again)?;
+                        if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino) {
+                            return Err(OpError::Busy);
+                        }
+                        again
+                    }
                 };
                 if trunc {
                     self.mutation(MutationOp::Truncate, ws_path(rel), None);
@@ -1889,7 +1909,13 @@ fn kill_setid(file: &File) -> OpResult<()> {
     if kill != 0 {
         rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777 & !kill))?;
     }
-    Ok(())
+    // File capabilities go too, as the kernel drops them on a write (its
+    // own pass cannot: this server never shows security.* xattrs).
+    match rustix::fs::fremovexattr(file, "security.capability") {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Set-id bits never kept in /workspace: files there are host files owned
@@ -2118,7 +2144,7 @@ impl Filesystem for AirlockFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let make = |f: &File| reply.open_backing(f);
-        match self.do_open(ino.0, flags.0, Some(&make)) {
+        match self.do_open(ino.0, flags.0, Some(&make), None) {
             Ok(Opened {
                 fh,
                 flags,
@@ -2408,6 +2434,9 @@ impl Filesystem for AirlockFs {
                 file,
                 writable: true,
             } => {
+                if h.area == Area::Workspace {
+                    kill_setid(file)?;
+                }
                 rustix::fs::fallocate(
                     file,
                     rustix::fs::FallocateFlags::from_bits_retain(mode as u32),

@@ -203,3 +203,31 @@ echo done
         4242
     );
 }
+
+#[test]
+fn git_works_in_a_host_workspace() {
+    // git writes objects with open(O_CREAT|O_EXCL|O_RDWR, 0444), renames,
+    // links and chmods: the everyday test of a workspace's POSIX behaviour.
+    let Some(git) = ["/usr/bin/git", "/usr/local/bin/git"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("git is not installed on this host; nothing to run");
+        return;
+    };
+    let env = Env::new();
+    let ws = tempfile::Builder::new().prefix("ws-").tempdir().unwrap();
+    std::os::unix::fs::chown(ws.path(), Some(4242), Some(4242)).unwrap();
+    let wsp = ws.path().display().to_string();
+    let script = format!(
+        "set -e; cd /workspace; {git} init -q repo; cd repo; \
+         {git} config user.email a@example.com; {git} config user.name agent; \
+         echo hello > f; {git} add f; {git} commit -qm first; \
+         echo more >> f; {git} commit -qam second; {git} log --oneline | wc -l"
+    );
+    let out = env.run(&["--workspace", &wsp, "--", "sh", "-c", &script]);
+    assert_eq!(ok(&out).trim(), "2", "{}", text(&out.stderr));
+    // The repository on the host belongs to the workspace's owner.
+    let md = std::fs::metadata(ws.path().join("repo/.git/HEAD")).unwrap();
+    assert_eq!(md.uid(), 4242);
+}

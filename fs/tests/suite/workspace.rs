@@ -175,6 +175,21 @@ fn workspace_grants_only_what_its_owner_has_on_the_host() {
         let md = fs::metadata(f.ws.join(n)).unwrap();
         assert_eq!((md.uid(), md.gid()), (4242, 4242), "{n}");
     }
+    // A file created read-only is still open to its creator for writing
+    // (open(O_CREAT|O_EXCL|O_RDWR, 0444), as git writes objects).
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut obj = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(f.m("workspace/object"))
+            .unwrap();
+        obj.write_all(b"blob").unwrap();
+    }
+    assert_eq!(fs::read_to_string(f.ws.join("object")).unwrap(), "blob");
+    assert_eq!(mode("workspace/object"), 0o444);
     // Its user xattrs are as private as its contents.
     let p = std::ffi::CString::new(f.m("workspace/root-secret").to_str().unwrap()).unwrap();
     #[allow(unsafe_code)]
