@@ -49,18 +49,6 @@ pub enum AuthzError {
         /// Its owner.
         owner: u32,
     },
-    /// A non-root caller named a host directory it cannot reach itself.
-    #[error("uid {uid} may not use {what} {path}: {why}")]
-    Unreachable {
-        /// The caller's uid.
-        uid: u32,
-        /// "workspace" or "rootfs".
-        what: &'static str,
-        /// The directory.
-        path: String,
-        /// Which directory above it is closed to the caller.
-        why: String,
-    },
     /// The agent name is malformed.
     #[error("invalid agent name {0:?}: use 1-64 of letters, digits, '.', '-', '_'")]
     BadName(String),

@@ -340,18 +340,25 @@ impl Broker {
         what: &'static str,
         dir: &Path,
     ) -> Result<HostDir, BrokerError> {
-        use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
         let bad = |e: &dyn std::fmt::Display| {
             BrokerError::BadRequest(format!("{what} {}: {e}", dir.display()))
         };
-        let canon = std::fs::canonicalize(dir).map_err(|e| bad(&e))?;
-        let how = OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
-        let fd = openat2(nix::fcntl::AT_FDCWD, &canon, how).map_err(|e| match e {
+        let (canon, fd) = if p.is_admin() {
+            open_host_dir(dir)
+        } else {
+            // Resolved and opened with the caller's own filesystem identity
+            // (uid, gid, supplementary groups): the kernel applies exactly
+            // the caller's rights (ACLs included) to every directory on the
+            // way, so nothing out of their reach is opened, and errors say
+            // no more than the caller could learn by trying themselves.
+            let path = dir.to_path_buf();
+            crate::sys::as_caller(p.uid, p.gid, caller_groups(p), move || open_host_dir(&path))
+                .map_err(|e| bad(&e))?
+        }
+        .map_err(|e| match e {
             nix::Error::ENOTDIR => bad(&"not a directory"),
             nix::Error::ELOOP => bad(&"changed while being opened"),
-            e => bad(&e),
+            e => bad(&std::io::Error::from(e)),
         })?;
         let st = nix::sys::stat::fstat(&fd).map_err(|e| bad(&e))?;
         if !p.is_admin() && st.st_uid != p.uid {
@@ -367,24 +374,6 @@ impl Broker {
                 "{what} {} is inside the broker's state directory",
                 canon.display()
             )));
-        }
-        if !p.is_admin() {
-            // Owning a directory is not enough: the caller must be able to
-            // reach it on the host (a directory of theirs inside another
-            // user's 0700 tree stays out of reach), and the path must still
-            // name the directory opened.
-            reachable_by(p, &canon).map_err(|why| {
-                BrokerError::Forbidden(AuthzError::Unreachable {
-                    uid: p.uid,
-                    what,
-                    path: canon.display().to_string(),
-                    why,
-                })
-            })?;
-            let now = nix::sys::stat::stat(&canon).map_err(|e| bad(&e))?;
-            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
-                return Err(bad(&"changed while being opened"));
-            }
         }
         Ok(HostDir {
             path: canon,
@@ -1476,38 +1465,32 @@ impl Drop for InFlight {
     }
 }
 
-/// Whether `p` may search every directory above `path` (an absolute,
-/// canonical path) on the host: owner, group (primary or supplementary, as
-/// listed for the caller's process) or other execute bit. Returns why not.
-fn reachable_by(p: &crate::authz::Principal, path: &Path) -> Result<(), String> {
-    let groups = caller_groups(p);
-    let mut cur = PathBuf::from("/");
-    let parents: Vec<_> = path.components().collect();
-    for comp in parents.iter().take(parents.len().saturating_sub(1)) {
-        if let std::path::Component::Normal(c) = comp {
-            cur.push(c);
-        }
-        let st = nix::sys::stat::stat(&cur).map_err(|e| format!("{}: {e}", cur.display()))?;
-        let mode = st.st_mode;
-        let ok = if st.st_uid == p.uid {
-            mode & 0o100 != 0
-        } else if groups.contains(&st.st_gid) {
-            mode & 0o010 != 0
-        } else {
-            mode & 0o001 != 0
-        };
-        if !ok {
-            return Err(format!("no search permission on {}", cur.display()));
-        }
-    }
-    Ok(())
+/// Canonicalizes `dir` and opens it `O_PATH`, refusing symlinks in the
+/// canonical path (one swapped in between the two steps).
+fn open_host_dir(dir: &Path) -> Result<(PathBuf, OwnedFd), nix::Error> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let canon = std::fs::canonicalize(dir)
+        .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EINVAL)))?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let fd = openat2(nix::fcntl::AT_FDCWD, &canon, how)?;
+    Ok((canon, fd))
 }
 
 /// The caller's primary gid and the supplementary groups of its process.
 fn caller_groups(p: &crate::authz::Principal) -> Vec<u32> {
     let mut gids = vec![p.gid];
+    // Only if that pid is still a process of the caller (not one that
+    // reused the number).
     if p.pid > 0
         && let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", p.pid))
+        && status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|u| u.parse::<u32>().ok())
+            == Some(p.uid)
         && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
     {
         gids.extend(

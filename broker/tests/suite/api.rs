@@ -129,7 +129,7 @@ fn unmapped_peer_uid_is_refused_and_audited() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        text(&out.stderr).contains("no search permission on"),
+        text(&out.stderr).contains("Permission denied"),
         "{}",
         text(&out.stderr)
     );
