@@ -119,17 +119,7 @@ stat -c '%n %a' t c d
 echo done
 "#;
     for user in ["sandbox", "root"] {
-        let out = env.run(&[
-            "--user",
-            user,
-            "--workspace",
-            &wsp,
-            "--",
-            "sh",
-            "-c",
-            script,
-        ]);
-        let s = ok(&out);
+        let s = run_in_workspace(&env, user, &wsp, script);
         assert!(s.contains("t 755\n"), "{user}: {s}");
         assert!(s.contains("c 755\n"), "{user}: {s}");
         // A directory keeps set-group-id (group inheritance) and sticky.
@@ -180,17 +170,7 @@ echo mine > new && cat new
 echo done
 "#;
     for user in ["sandbox", "root"] {
-        let out = env.run(&[
-            "--user",
-            user,
-            "--workspace",
-            &wsp,
-            "--",
-            "sh",
-            "-c",
-            script,
-        ]);
-        let s = ok(&out);
+        let s = run_in_workspace(&env, user, &wsp, script);
         assert!(!s.contains("root-only"), "{user}: {s}");
         assert!(!s.contains("WORKED"), "{user}: {s}");
         assert!(s.contains("read-only\nmine\ndone"), "{user}: {s}");
@@ -230,4 +210,10 @@ fn git_works_in_a_host_workspace() {
     // The repository on the host belongs to the workspace's owner.
     let md = std::fs::metadata(ws.path().join("repo/.git/HEAD")).unwrap();
     assert_eq!(md.uid(), 4242);
+}
+
+/// Runs `script` with sh as `user` ("sandbox" or "root") with the host
+/// directory `ws` as /workspace; its stdout (it must succeed).
+fn run_in_workspace(env: &Env, user: &str, ws: &str, script: &str) -> String {
+    ok(&env.run(&["--user", user, "--workspace", ws, "--", "sh", "-c", script]))
 }
