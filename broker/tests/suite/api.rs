@@ -54,11 +54,7 @@ fn unmapped_peer_uid_is_refused_and_audited() {
     let _b = env.start_brokerd();
     // A caller with an unmapped uid (the socket is 0666 in this config so
     // the refusal comes from SO_PEERCRED, not file permissions).
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid", "4242", "--regid", "4242", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_airlock"))
-        .arg("--socket")
-        .arg(&env.socket)
+    let out = airlock_as(4242, &env)
         .arg("ls")
         .env_clear()
         .output()
@@ -92,11 +88,7 @@ fn unmapped_peer_uid_is_refused_and_audited() {
         .unwrap();
     assert_eq!(text(&out.stdout).trim(), "403", "{}", text(&out.stderr));
     // A mapped user sees only their agent; another agent's name is refused.
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_airlock"))
-        .arg("--socket")
-        .arg(&env.socket)
+    let out = airlock_as(4001, &env)
         .args(["create", "--agent", "bob"])
         .env_clear()
         .output()
@@ -117,11 +109,7 @@ fn unmapped_peer_uid_is_refused_and_audited() {
     let inner = closed.path().join("mine");
     std::fs::create_dir(&inner).unwrap();
     std::os::unix::fs::chown(&inner, Some(4001), Some(4001)).unwrap();
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_airlock"))
-        .arg("--socket")
-        .arg(&env.socket)
+    let out = airlock_as(4001, &env)
         .args(["create", "--agent", "alice", "--workspace"])
         .arg(&inner)
         .env_clear()
@@ -227,11 +215,7 @@ fn workspace_swap_race_never_serves_a_directory_the_caller_does_not_own() {
     let mut leaks = vec![];
     let mut served = 0;
     for _ in 0..25 {
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
-            .arg(env!("CARGO_BIN_EXE_airlock"))
-            .arg("--socket")
-            .arg(&env.socket)
+        let out = airlock_as(4001, &env)
             .arg("run")
             .arg("--workspace")
             .arg(&ws)
@@ -252,11 +236,7 @@ fn workspace_swap_race_never_serves_a_directory_the_caller_does_not_own() {
         "the race never let a run through: nothing was tested"
     );
     // Asking for the secret directly is refused by name.
-    let out = std::process::Command::new("setpriv")
-        .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_airlock"))
-        .arg("--socket")
-        .arg(&env.socket)
+    let out = airlock_as(4001, &env)
         .arg("run")
         .arg("--workspace")
         .arg(secret.path())
@@ -270,4 +250,16 @@ fn workspace_swap_race_never_serves_a_directory_the_caller_does_not_own() {
         "{}",
         text(&out.stderr)
     );
+}
+
+/// `airlock --socket <env's socket>`, to be run as host uid and gid `id`
+/// with no supplementary groups.
+fn airlock_as(id: u32, env: &Env) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    let id = id.to_string();
+    c.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--socket")
+        .arg(&env.socket);
+    c
 }
