@@ -533,10 +533,14 @@ impl Broker {
                         }
                     }
                 }
-                lock_or_recover(&me.refilling).remove(&key);
+                // Drain before leaving the refilling set: shutdown waits
+                // for that set to empty, then lets the process exit, which
+                // would cut a teardown of ours short (a FUSE mount and a
+                // cgroup left behind).
                 if me.closing.load(Ordering::SeqCst) {
                     me.drain_pool();
                 }
+                lock_or_recover(&me.refilling).remove(&key);
             });
         if spawned.is_err() {
             lock_or_recover(&self.refilling).remove(&key_on_error);

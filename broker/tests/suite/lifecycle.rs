@@ -204,6 +204,22 @@ fn brokerd_shutdown_destroys_every_sandbox() {
 }
 
 #[test]
+fn shutdown_right_after_runs_leaves_nothing_with_a_pool() {
+    // A shutdown that lands while pool refills and background destroys are
+    // in flight must still finish every teardown before brokerd exits.
+    for round in 0..4 {
+        let env = Env::with_extra("pool_size = 2\n");
+        let mut b = env.start_brokerd();
+        for _ in 0..2 {
+            ok(&env.remote(&["run", "--", "true"]));
+        }
+        std::thread::sleep(Duration::from_millis(10 * round));
+        b.stop();
+        env.assert_no_leftovers(None);
+    }
+}
+
+#[test]
 fn pre_started_sandboxes_are_fresh_private_and_cleaned_up() {
     let env = Env::with_extra("pool_size = 1\n");
     let mut b = env.start_brokerd();
