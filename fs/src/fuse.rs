@@ -496,24 +496,12 @@ impl AirlockFs {
         }
     }
 
-    /// For a workspace location, [`Self::ws_require`] on its entry; other
-    /// locations pass.
-    fn ws_require_entry(&self, op: &str, loc: &Loc, bits: u16) -> OpResult<()> {
+    /// Refuses (audited) reading the user xattrs of a base entry that other
+    /// host users may not read. (Workspace entries are checked on the
+    /// descriptor opened for the call, see [`Self::ws_require_fd`].)
+    fn require_base_read(&self, op: &str, loc: &Loc) -> OpResult<()> {
         match loc {
-            Loc::Ws(rel) => {
-                let (meta, _) = self.stat(loc)?;
-                self.ws_require(op, ws_path(rel), &meta, bits)
-            }
-            Loc::Merged(_) => Ok(()),
-        }
-    }
-
-    /// Refuses (audited) reading what an entry holds beyond its attributes
-    /// (its user xattrs) where the host would: a workspace entry the
-    /// workspace owner may not read, a base entry other users may not.
-    fn require_read(&self, op: &str, loc: &Loc) -> OpResult<()> {
-        match loc {
-            Loc::Ws(_) => self.ws_require_entry(op, loc, READ),
+            Loc::Ws(_) => Ok(()),
             Loc::Merged(comps) => {
                 let found = self.store.resolve(comps)?;
                 if found.src == Src::Layer(0) && !self.store.base_grants(&found.meta, READ) {
@@ -747,20 +735,21 @@ impl AirlockFs {
             Loc::Ws(rel) => (true, ws_path(rel)),
             Loc::Merged(c) => (false, sandbox_path(c)),
         };
-        if let Loc::Ws(rel) = &loc {
-            // On the host, only a file's owner changes its mode or sets
-            // its times, and truncating or touching it needs write access.
+        if let Loc::Ws(rel) = &loc
+            && (atime.is_some() || mtime.is_some())
+        {
+            // On the host, only a file's owner sets explicit times, and
+            // touching someone else's file needs write access. (Mode and size
+            // changes are checked below, on the inode they change; the times
+            // are checked by name.)
             let (meta, _) = self.stat(&loc)?;
             let explicit_time = matches!(atime, Some(TimeOrNow::SpecificTime(_)))
                 || matches!(mtime, Some(TimeOrNow::SpecificTime(_)));
-            if (mode.is_some() || explicit_time) && !rel.is_empty() && !self.ws_owns(&meta) {
-                self.deny("setattr", path, NOT_OWNER_REASON);
-                return Err(OpError::Perm);
-            }
-            // Truncating through a handle open for writing needs no more
-            // (as ftruncate(2)); by path it is checked on the file opened.
-            let touch = atime.is_some() || mtime.is_some();
-            if touch && !self.ws_owns(&meta) {
+            if !rel.is_empty() && !self.ws_owns(&meta) {
+                if explicit_time {
+                    self.deny("setattr", path, NOT_OWNER_REASON);
+                    return Err(OpError::Perm);
+                }
                 self.ws_require("setattr", path.clone(), &meta, WRITE)?;
             }
         }
@@ -1185,9 +1174,12 @@ impl AirlockFs {
                             }
                             let d = self.store.layer_dir(dir, *idx)?;
                             let file = regular(open_file(&*d, name, oflags, 0)?)?;
-                            // Checked on the file opened too: a caller's
-                            // rootfs may have swapped the name meanwhile.
+                            // A caller's rootfs may have swapped the name
+                            // meanwhile: check the file opened too. (No
+                            // unprivileged user can rename in the host base;
+                            // this exec hot path skips the fstat there.)
                             if *idx == 0
+                                && self.store.base_may_change()
                                 && !self
                                     .store
                                     .base_grants(&Meta::from_stat(&rustix::fs::fstat(&file)?), READ)
@@ -1841,7 +1833,7 @@ impl AirlockFs {
     fn do_getxattr(&self, ino: u64, name: &OsStr) -> OpResult<Vec<u8>> {
         let loc = self.loc(ino)?;
         self.xattr_name("getxattr", &loc, name, false)?;
-        self.require_read("getxattr", &loc)?;
+        self.require_base_read("getxattr", &loc)?;
         let Some(f) = self.xattr_fd(&loc)? else {
             return Err(OpError::NoData);
         };
@@ -1854,7 +1846,7 @@ impl AirlockFs {
 
     fn do_listxattr(&self, ino: u64) -> OpResult<Vec<u8>> {
         let loc = self.loc(ino)?;
-        self.require_read("listxattr", &loc)?;
+        self.require_base_read("listxattr", &loc)?;
         let Some(f) = self.xattr_fd(&loc)? else {
             return Ok(Vec::new());
         };

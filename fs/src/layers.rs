@@ -261,6 +261,12 @@ impl Store {
         class & bits == bits
     }
 
+    /// Whether the base can change under us: a caller's own rootfs (they
+    /// may rename in it), not the host base (no unprivileged user can).
+    pub(crate) fn base_may_change(&self) -> bool {
+        self.base_owner.is_some()
+    }
+
     /// The mode the kernel is shown for an entry of this source. For a base
     /// entry, the owner's and group's read and search bits are limited to
     /// what [`Store::base_grants`] allows, so the kernel's own permission
@@ -357,7 +363,7 @@ impl Store {
                     // swap names in it): check the directory just opened,
                     // not only the name stat'ed before.
                     if *idx == 0
-                        && self.base_owner.is_some()
+                        && self.base_may_change()
                         && !self.base_grants(&Meta::from_stat(&rustix::fs::fstat(&*child)?), SEARCH)
                     {
                         break;
