@@ -4,7 +4,10 @@
 //! 1. read the [`SandboxSpec`] from the control channel (fd 3);
 //! 2. join the sandbox's cgroup, so everything after is counted;
 //! 3. `clone` into fresh user, mount, pid, ipc, uts, net and cgroup
-//!    namespaces; the child becomes the sandbox's pid 1 ([`crate::init`]);
+//!    namespaces, with sandbox root's host uid as the effective id so the
+//!    user namespace (and every per-user count charged through it) belongs
+//!    to the sandbox, not to host root; the child becomes the sandbox's
+//!    pid 1 ([`crate::init`]);
 //! 4. write the child's uid/gid maps from here (only a process in the parent
 //!    user namespace holding CAP_SETUID may map a range that is not its own),
 //!    report the child's host pid, and release it;
@@ -64,7 +67,26 @@ pub fn run(ctrl: Channel) -> i32 {
         Ok(p) => p,
         Err(e) => return setup_failed(&ctrl, "pipe", e),
     };
-    match sys::clone_fork(namespace_flags().bits()) {
+    // The user namespace is owned by whoever creates it, and the kernel
+    // charges every per-user count made inside it (inotify instances and
+    // watches, fanotify groups, mqueues, pending signals, nested
+    // namespaces) to that owner on the host as well. Create it as sandbox
+    // root's host uid, never as host root: a sandbox that exhausts its
+    // counts then exhausts only its own.
+    if let Err(e) = become_owner(&spec.ids) {
+        return setup_failed(&ctrl, "switch to the sandbox's host ids", e);
+    }
+    let forked = sys::clone_fork(namespace_flags().bits());
+    if let Ok(Forked::Parent(_)) | Err(_) = &forked
+        && let Err(e) = restore_root()
+    {
+        if let Ok(Forked::Parent(child)) = &forked {
+            let _ = nix::sys::signal::kill(*child, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(*child, None);
+        }
+        return setup_failed(&ctrl, "switch back to host root", e);
+    }
+    match forked {
         Err(e) => setup_failed(&ctrl, "clone namespaces", e),
         Ok(Forked::Child) => {
             drop(go_w);
@@ -76,6 +98,29 @@ pub fn run(ctrl: Channel) -> i32 {
             parent(&spec, ctrl, child, go_w)
         }
     }
+}
+
+/// Effective ids of sandbox root on the host, for creating the user
+/// namespace. Real and saved ids stay 0, so the permitted capabilities
+/// survive (only the effective set is cleared) and [`restore_root`] gets
+/// them back; the child leaves this state when pid 1 sets all its ids.
+fn become_owner(ids: &crate::spec::IdRange) -> nix::Result<()> {
+    use nix::unistd::{Gid, Uid, setresgid, setresuid};
+    let keep_u = Uid::from_raw(u32::MAX);
+    let keep_g = Gid::from_raw(u32::MAX);
+    setresgid(keep_g, Gid::from_raw(ids.gid_base), keep_g)?;
+    setresuid(keep_u, Uid::from_raw(ids.uid_base), keep_u)
+}
+
+/// Back to host root (effective), with the effective capabilities again:
+/// the launcher writes the id maps next, which needs CAP_SETUID and
+/// CAP_SETGID in the host's user namespace.
+fn restore_root() -> nix::Result<()> {
+    use nix::unistd::{Gid, Uid, setresgid, setresuid};
+    let keep_u = Uid::from_raw(u32::MAX);
+    let keep_g = Gid::from_raw(u32::MAX);
+    setresuid(keep_u, Uid::from_raw(0), keep_u)?;
+    setresgid(keep_g, Gid::from_raw(0), keep_g)
 }
 
 fn write_maps(spec: &SandboxSpec, child: nix::unistd::Pid) -> std::io::Result<()> {
