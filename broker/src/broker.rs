@@ -81,9 +81,19 @@ struct OwnerRecord {
 
 /// Start time of a process in clock ticks (field 22 of /proc/pid/stat).
 fn start_ticks(pid: i32) -> Option<u64> {
+    proc_stat(pid).map(|(_, ticks)| ticks)
+}
+
+/// State letter (field 3) and start time (field 22) of /proc/pid/stat. The
+/// command name (field 2) may hold any byte, so fields are counted from the
+/// last ')'.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(19)?.parse().ok()
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ticks = fields.nth(18)?.parse().ok()?;
+    Some((state, ticks))
 }
 
 /// The broker.
@@ -108,6 +118,29 @@ pub struct Broker {
     me_ref: OnceLock<Weak<Broker>>,
     /// Budget for auditing refused connections.
     refusals: RateLimiter,
+    /// Creates under way per agent, counted against
+    /// `max_sandboxes_per_agent` together with the registry (lock order:
+    /// `sandboxes`, then this).
+    creating: Mutex<HashMap<String, usize>>,
+}
+
+/// One create under way for an agent; released on drop (after the sandbox
+/// entered the registry, or on failure).
+struct AgentReservation<'a> {
+    creating: &'a Mutex<HashMap<String, usize>>,
+    agent: String,
+}
+
+impl Drop for AgentReservation<'_> {
+    fn drop(&mut self) {
+        let mut c = lock_or_recover(self.creating);
+        if let Some(n) = c.get_mut(&self.agent) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.agent);
+            }
+        }
+    }
 }
 
 /// Pool key: (agent, user).
@@ -208,6 +241,7 @@ impl Broker {
             closing: AtomicBool::new(false),
             me_ref: OnceLock::new(),
             refusals: RateLimiter::new(REFUSALS_PER_SEC, REFUSALS_BURST),
+            creating: Mutex::new(HashMap::new()),
         });
         let _ = broker.me_ref.set(Arc::downgrade(&broker));
         broker.recover();
@@ -224,8 +258,14 @@ impl Broker {
         &self.audit
     }
 
+    /// Whether the broker that wrote `rec` still runs. A killed broker
+    /// stays a zombie until its parent reaps it (a service manager may take
+    /// its time, a shell may never): that is a dead owner, as is a process
+    /// being torn down ('X'), or one that reused the pid.
     fn owner_alive(rec: &OwnerRecord) -> bool {
-        rec.pid > 0 && start_ticks(rec.pid) == Some(rec.start_ticks)
+        rec.pid > 0
+            && matches!(proc_stat(rec.pid), Some((state, ticks))
+                if ticks == rec.start_ticks && state != 'Z' && state != 'X')
     }
 
     /// Removes sandboxes whose owning broker process is gone: their
@@ -361,6 +401,7 @@ impl Broker {
             e => bad(&std::io::Error::from(e)),
         })?;
         let st = nix::sys::stat::fstat(&fd).map_err(|e| bad(&e))?;
+        check_disk_filesystem(&fd).map_err(|e| bad(&e))?;
         if !p.is_admin() && st.st_uid != p.uid {
             return Err(BrokerError::Forbidden(AuthzError::NotOwner {
                 uid: p.uid,
@@ -429,16 +470,7 @@ impl Broker {
             rootfs,
             nofile: limits.nofile,
         };
-        let held = lock_or_recover(&self.sandboxes)
-            .values()
-            .filter(|s| s.agent == shape.agent)
-            .count();
-        if held >= self.cfg.max_sandboxes_per_agent {
-            return Err(BrokerError::Unavailable(format!(
-                "agent {:?} already holds {held} sandboxes (max_sandboxes_per_agent); destroy some first",
-                shape.agent
-            )));
-        }
+        let _reservation = self.reserve_for_agent(&shape.agent)?;
         let key = self.pool_key(&shape);
         let pooled = key.as_ref().and_then(|k| self.claim(k));
         let was_pooled = pooled.is_some();
@@ -450,6 +482,26 @@ impl Broker {
             self.refill(k, shape.clone());
         }
         self.activate(p, sandbox, ready, limits, env, was_pooled)
+    }
+
+    /// Counts a create against the agent's cap, atomically with the check:
+    /// concurrent creates cannot all pass a check made before any of them
+    /// is registered.
+    fn reserve_for_agent(&self, agent: &str) -> Result<AgentReservation<'_>, BrokerError> {
+        let registry = lock_or_recover(&self.sandboxes);
+        let mut creating = lock_or_recover(&self.creating);
+        let under_way = creating.get(agent).copied().unwrap_or(0);
+        let held = registry.values().filter(|s| s.agent == agent).count() + under_way;
+        if held >= self.cfg.max_sandboxes_per_agent {
+            return Err(BrokerError::Unavailable(format!(
+                "agent {agent:?} already holds {held} sandboxes (max_sandboxes_per_agent); destroy some first"
+            )));
+        }
+        *creating.entry(agent.to_string()).or_insert(0) += 1;
+        Ok(AgentReservation {
+            creating: &self.creating,
+            agent: agent.to_string(),
+        })
     }
 
     /// The agent's own persistent workspace directory.
@@ -1504,4 +1556,43 @@ fn caller_groups(p: &crate::authz::Principal) -> Vec<u32> {
         );
     }
     gids
+}
+
+/// Filesystems a caller's `--workspace`/`--rootfs` may live on: ordinary
+/// disk filesystems (and tmpfs and overlayfs, which hold ordinary files
+/// too). Everything else is refused: procfs, sysfs, cgroupfs, debugfs,
+/// tracefs, securityfs, bpf, configfs... expose kernel objects whose
+/// permissions assume the opener is the process's owner, not a root broker
+/// acting for it; FUSE and network filesystems are served by someone else
+/// who could stall the broker. Mounts below the directory are never
+/// crossed by the filesystem server (RESOLVE_NO_XDEV), so a pseudo
+/// filesystem mounted inside an accepted directory stays unreachable.
+const DISK_FILESYSTEMS: &[(i64, &str)] = &[
+    (0xEF53, "ext2/3/4"),
+    (0x5846_5342, "xfs"),
+    (0x9123_683E, "btrfs"),
+    (0xF2F5_2010, "f2fs"),
+    (0x2FC1_2FC1, "zfs"),
+    (0xCA45_1A4E, "bcachefs"),
+    (0x0102_1994, "tmpfs"),
+    (0x794C_7630, "overlayfs"),
+];
+
+/// Refuses a directory that is not on one of [`DISK_FILESYSTEMS`].
+fn check_disk_filesystem(fd: &OwnedFd) -> Result<(), String> {
+    let sfs = nix::sys::statfs::fstatfs(fd).map_err(|e| format!("statfs: {e}"))?;
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+    let magic = i64::from(sfs.filesystem_type().0 as i64);
+    if DISK_FILESYSTEMS.iter().any(|(m, _)| *m == magic) {
+        return Ok(());
+    }
+    Err(format!(
+        "is on a filesystem of type {magic:#x}, not an ordinary disk filesystem ({}); \
+         pseudo, FUSE and network filesystems are refused",
+        DISK_FILESYSTEMS
+            .iter()
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
