@@ -1,8 +1,10 @@
 //! The only way this crate touches host files: single validated components
 //! opened relative to a directory handle, with `openat2(RESOLVE_BENEATH |
-//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)` or `*at(AT_SYMLINK_NOFOLLOW)`.
-//! No symlink is ever followed and no host path is ever built from sandbox
-//! input.
+//! RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)` or
+//! `*at(AT_SYMLINK_NOFOLLOW)`. No symlink is ever followed, no mount below a
+//! layer root is ever entered (a procfs or cgroupfs mounted inside a
+//! caller's workspace stays out of reach: EXDEV), and no host path is ever
+//! built from sandbox input.
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -16,7 +18,8 @@ use crate::policy::Name;
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
+    .union(ResolveFlags::NO_MAGICLINKS)
+    .union(ResolveFlags::NO_XDEV);
 
 /// openat2 of one component; never follows a symlink (ELOOP instead).
 pub(crate) fn open_at(dir: impl AsFd, name: &Name, flags: OFlags, mode: u32) -> OpResult<OwnedFd> {
