@@ -243,6 +243,34 @@ impl Broker {
         }
     }
 
+    /// SIGKILL without reaping: the broker stays a zombie of the test
+    /// process (as under a parent that is slow to reap) until the returned
+    /// child is waited for.
+    #[allow(clippy::zombie_processes)]
+    pub fn kill9_unreaped(&mut self) -> Child {
+        let mut c = self.0.take().unwrap();
+        c.kill().unwrap();
+        let pid = c.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .map(|x| x.1)
+                .unwrap_or("")
+                .chars()
+                .next();
+            if state == Some('Z') {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "brokerd {pid} did not die: {stat}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = nix::sys::signal::kill(

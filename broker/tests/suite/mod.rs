@@ -3,6 +3,7 @@ pub mod harness;
 mod api;
 mod escape;
 mod fs;
+mod hostile;
 mod lifecycle;
 mod limits;
 mod run;

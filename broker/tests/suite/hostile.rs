@@ -1,0 +1,211 @@
+//! A hostile tenant, or a hostile local caller, against the shared broker:
+//! nothing one of them does may take the broker down, starve another
+//! tenant, make the root broker act for them, or leave anything behind.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::harness::{Env, ok, procs_in_range, text};
+
+fn create(env: &Env, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--json", "create"];
+    args.extend_from_slice(extra);
+    let out = env.remote(&args);
+    serde_json::from_str(&ok(&out)).unwrap()
+}
+
+/// A broker killed with SIGKILL is a zombie until its parent reaps it; the
+/// next broker must treat it as dead and remove everything it left.
+#[test]
+fn a_killed_but_unreaped_broker_leaves_nothing_after_restart() {
+    let env = Env::new();
+    let mut b = env.start_brokerd();
+    let mut ids = vec![];
+    for _ in 0..3 {
+        let info = create(&env, &["--agent", "zombie"]);
+        ids.push((
+            info["id"].as_str().unwrap().to_string(),
+            info["host_uid_base"].as_u64().unwrap() as u32,
+        ));
+    }
+    let mut zombie = b.kill9_unreaped();
+    let mut b2 = env.start_brokerd();
+    for (id, base) in &ids {
+        assert!(Env::cgroup_dirs(id).is_empty(), "cgroup of {id} left");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !procs_in_range(*base).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    env.assert_no_leftovers(None);
+    for (id, base) in &ids {
+        assert!(procs_in_range(*base).is_empty(), "processes of {id} left");
+    }
+    b2.stop();
+    zombie.wait().unwrap();
+}
+
+/// Concurrent creates cannot race past the per-agent cap.
+#[test]
+fn the_per_agent_cap_holds_under_concurrent_creates() {
+    let env = Env::with_extra("pool_size = 0\nmax_sandboxes_per_agent = 2\n");
+    let _b = env.start_brokerd();
+    let socket = env.socket.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let s = socket.clone();
+            std::thread::spawn(move || {
+                super::harness::http_on(&s, "POST", "/v1/sandboxes", r#"{"agent": "capped"}"#)
+            })
+        })
+        .collect();
+    let results: Vec<(u16, String)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let created = results.iter().filter(|(c, _)| *c / 100 == 2).count();
+    assert!(
+        created <= 2,
+        "{created} creates passed a cap of 2: {results:?}"
+    );
+    assert!(created >= 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .filter(|(c, _)| *c / 100 != 2)
+            .all(|(_, b)| b.contains("max_sandboxes_per_agent")),
+        "{results:?}"
+    );
+    let (code, body) = env.http("GET", "/v1/sandboxes", "");
+    assert_eq!(code, 200);
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(created), "{body}");
+}
+
+/// inotify instances (and every other per-user kernel count) made inside a
+/// sandbox are charged to the sandbox's own host uid: a sandbox that uses
+/// up its allowance leaves host root's untouched.
+#[test]
+fn kernel_per_user_counts_are_charged_to_the_sandbox_not_host_root() {
+    let env = Env::new();
+    let script = r#"
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+n = 0
+while n < 100000:
+    if libc.inotify_init1(0o2000000) < 0:
+        break
+    n += 1
+print("held", n, ctypes.get_errno(), flush=True)
+time.sleep(30)
+"#;
+    let mut c = env.airlock();
+    c.args([
+        "--embedded",
+        "run",
+        "--user",
+        "root",
+        "--",
+        "python3",
+        "-c",
+        script,
+    ]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
+        r.read_line(&mut line).unwrap();
+    }
+    // The sandbox hit its own limit...
+    assert!(line.starts_with("held "), "{line:?}");
+    let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(n > 0 && n < 100000, "{line}");
+    // ...while host root still gets instances.
+    let host = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+             fds = [libc.inotify_init1(0o2000000) for _ in range(8)]\n\
+             print('ok' if min(fds) >= 0 else 'refused %d' % ctypes.get_errno())",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&host.stdout).trim(),
+        "ok",
+        "host root could not create inotify instances while a sandbox held {n}: {}",
+        text(&host.stderr)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A caller-supplied workspace or rootfs must be an ordinary directory on
+/// a disk filesystem: procfs, sysfs and cgroupfs are refused by name, and
+/// a pseudo filesystem mounted below an accepted directory is never
+/// entered.
+#[test]
+fn pseudo_filesystems_are_refused_as_workspace_or_rootfs_and_below() {
+    let env = Env::new();
+    // A cgroup hierarchy: v1's pids controller, else the v2 root.
+    let cgroupfs = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).join("cgroup.procs").exists())
+        .unwrap();
+    for (flag, dir) in [
+        ("--workspace", "/proc/self"),
+        ("--workspace", "/proc"),
+        ("--rootfs", "/proc/1"),
+        ("--workspace", cgroupfs),
+        ("--workspace", "/sys/kernel"),
+    ] {
+        let out = env.run(&[flag, dir, "--", "true"]);
+        assert_eq!(
+            out.status.code(),
+            Some(125),
+            "{flag} {dir}: {}",
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("not an ordinary disk filesystem"),
+            "{flag} {dir}: {err}"
+        );
+    }
+    // procfs mounted inside an ordinary workspace.
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sub = ws.path().join("p");
+    std::fs::create_dir(&sub).unwrap();
+    nix::mount::mount(
+        Some("proc"),
+        &sub,
+        Some("proc"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(sub.clone());
+    let ws_s = ws.path().display().to_string();
+    let out = env.run(&[
+        "--workspace",
+        &ws_s,
+        "--user",
+        "root",
+        "--",
+        "sh",
+        "-c",
+        "cat /workspace/p/1/environ >/dev/null 2>&1 && echo LEAK-environ; \
+         cat /workspace/p/self/status 2>/dev/null | grep -q Name && echo LEAK-status; \
+         ls /workspace/p/ 2>/dev/null | grep -qx 1 && echo LEAK-list; echo done",
+    ]);
+    let s = ok(&out);
+    assert!(!s.contains("LEAK"), "{s}");
+    assert!(s.contains("done"), "{s}");
+}
