@@ -97,6 +97,15 @@ pub enum Grant {
     AllButDeviceIoctl,
     /// `IOCTL_DEV` only (on top of what the root rule gives).
     DeviceIoctl,
+    /// Reading files, listing directories and executing files beneath the
+    /// path (a FUSE passthrough open for execve is made with the server's
+    /// credentials, its landlock domain included).
+    Read,
+    /// Listing the directory itself and the directories beneath it; no
+    /// file contents.
+    ReadDir,
+    /// Every handled right, device ioctls included.
+    All,
 }
 
 /// One rule of the policy.
@@ -189,6 +198,11 @@ pub fn plan(abi: u8, rules: &[PolicyRule]) -> LandlockPlan {
             access: match r.grant {
                 Grant::AllButDeviceIoctl => handled & !ioctl,
                 Grant::DeviceIoctl => ioctl,
+                Grant::Read => {
+                    handled & (AccessFs::ReadFile | AccessFs::ReadDir | AccessFs::Execute)
+                }
+                Grant::ReadDir => handled & BitFlags::from(AccessFs::ReadDir),
+                Grant::All => handled,
             },
             required: r.required,
             comment: r.comment,
@@ -284,6 +298,31 @@ fn build(plan: &LandlockPlan) -> Result<RulesetCreated, LandlockError> {
             .map_err(err)?;
     }
     Ok(created)
+}
+
+/// Restricts the calling process to `rules` (every right of the kernel's
+/// ABI handled, so whatever no rule grants is denied, plus the abstract
+/// socket and signal scopes). For a component of the broker confining
+/// itself to its own handles before it serves. Fails when the kernel's ABI
+/// is below `floor`; a kernel without landlock reports `NotEnforced`.
+pub fn restrict_self_to(rules: &[PolicyRule], floor: u8) -> Result<LandlockStatus, LandlockError> {
+    let have = kernel_abi();
+    if have < floor {
+        return Err(LandlockError::BelowFloor { have, floor });
+    }
+    let abi = reached_abi(have);
+    if abi == 0 {
+        return Ok(LandlockStatus {
+            abi: 0,
+            enforced: Enforcement::NotEnforced,
+        });
+    }
+    let ruleset = build(&plan(abi, rules))?;
+    PreparedLandlock {
+        ruleset: Some(ruleset),
+        abi,
+    }
+    .restrict_self()
 }
 
 impl PreparedLandlock {

@@ -13,6 +13,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod channel;
 pub mod init;
+pub mod jail;
 pub mod landlock;
 pub mod launcher;
 pub mod mount;

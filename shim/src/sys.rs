@@ -170,6 +170,13 @@ pub fn prctl_int(option: libc::c_int, arg2: libc::c_ulong) -> std::io::Result<li
 
 /// `capset(2)` with effective, permitted and inheritable all empty.
 pub fn capset_all_zero() -> std::io::Result<()> {
+    capset_mask(0)
+}
+
+/// `capset(2)`: effective and permitted become exactly `mask` (bit n is
+/// capability n), inheritable empty. Only lowers: the kernel refuses to add
+/// a capability the thread does not hold.
+pub fn capset_mask(mask: u64) -> std::io::Result<()> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -187,11 +194,19 @@ pub fn capset_all_zero() -> std::io::Result<()> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    #[allow(clippy::cast_possible_truncation)]
+    let data = [
+        Data {
+            effective: mask as u32,
+            permitted: mask as u32,
+            inheritable: 0,
+        },
+        Data {
+            effective: (mask >> 32) as u32,
+            permitted: (mask >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
     // SAFETY: `header` and `data` have the kernel's v3 layout
     // (`__user_cap_header_struct` and two `__user_cap_data_struct`s, as v3
     // requires) and live until the call returns; capset only reads `data` and
