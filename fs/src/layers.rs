@@ -456,6 +456,24 @@ impl Store {
                     {
                         continue;
                     }
+                    if *idx == 0 && self.host_filter && dir.is_empty() {
+                        // The host root: only the allowed names exist, so
+                        // they are looked at one by one instead of listing
+                        // the host's whole root (which a confined server may
+                        // not read).
+                        for n in crate::policy::HOST_ROOT_ALLOW {
+                            let Ok(name) = Name::new(std::ffi::OsStr::new(n)) else {
+                                continue;
+                            };
+                            let Some(st) = stat_at(&**d, &name)? else {
+                                continue;
+                            };
+                            if seen.insert(name.as_bytes().to_vec()) {
+                                out.push((name, kind_of(st.st_mode)));
+                            }
+                        }
+                        continue;
+                    }
                     for entry in d.entries()? {
                         let entry = entry?;
                         let raw = entry.file_name();

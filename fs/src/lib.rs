@@ -174,8 +174,160 @@ pub struct MountSpec {
     pub hostname: String,
 }
 
+/// The capabilities a confined server process keeps (all others are
+/// dropped from every set, the bounding set included), each with why.
+/// Numbers are the kernel's `CAP_*` values.
+pub const SERVER_CAPABILITIES: &[(u32, &str)] = &[
+    (
+        0,
+        "CAP_CHOWN: copy-up and creation give upper-layer files their sandbox owners",
+    ),
+    (
+        1,
+        "CAP_DAC_OVERRIDE: the server reads and writes upper-layer files of every sandbox user; the kernel checked the caller's rights already (default_permissions)",
+    ),
+    (
+        2,
+        "CAP_DAC_READ_SEARCH: walking upper-layer directories whatever their modes",
+    ),
+    (
+        3,
+        "CAP_FOWNER: chmod, utimes and xattrs on upper-layer files owned by sandbox users",
+    ),
+    (
+        4,
+        "CAP_FSETID: copy-up keeps set-id bits of files the sandbox may keep them on",
+    ),
+    (
+        6,
+        "CAP_SETGID: setfsgid to the workspace owner's group when creating workspace files",
+    ),
+    (
+        7,
+        "CAP_SETUID: setfsuid to the workspace owner when creating workspace files",
+    ),
+    (
+        31,
+        "CAP_SETFCAP: a write removes the file's security.capability, as the kernel does for a local write",
+    ),
+    (
+        21,
+        "CAP_SYS_ADMIN: trusted.overlay.* xattrs (whiteouts, opaque directories) and FUSE passthrough backing ids; mounts and namespaces stay out of reach (no mount namespace of its own to change, landlock)",
+    ),
+];
+
+/// The rights a server needs beneath one host path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostAccess {
+    /// Read files and list directories.
+    Read,
+    /// List the directory (and directories beneath it), read no file.
+    ReadDir,
+    /// Everything: create, write, remove, rename, link.
+    ReadWrite,
+    /// A device opened and driven with ioctls.
+    Device,
+}
+
+/// A host path a server of a [`MountSpec`] reaches, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPath {
+    /// The path (in the server's process; `/proc/self/fd/N` names an
+    /// inherited handle).
+    pub path: PathBuf,
+    /// The rights needed beneath it.
+    pub access: HostAccess,
+    /// Why.
+    pub why: &'static str,
+}
+
+impl MountSpec {
+    /// Every host path the server of this spec may ever touch, for
+    /// confining its process (landlock) to exactly its own layers: the
+    /// upper layer and the workspace read-write, the base read-only, and
+    /// /dev/fuse (each session thread clones the connection). For the
+    /// host base, hidden `/etc` entries ([`policy::ETC_DENY`]) get no rule,
+    /// so even a compromised server cannot read them.
+    pub fn host_paths(&self) -> Vec<HostPath> {
+        let mut out = vec![
+            HostPath {
+                path: self.upper.clone(),
+                access: HostAccess::ReadWrite,
+                why: "the sandbox's copy-on-write layer",
+            },
+            HostPath {
+                path: self.workspace.clone(),
+                access: HostAccess::ReadWrite,
+                why: "the workspace shown at /workspace",
+            },
+            HostPath {
+                path: PathBuf::from("/dev/fuse"),
+                access: HostAccess::Device,
+                why: "each session thread clones the FUSE connection (FUSE_DEV_IOC_CLONE)",
+            },
+        ];
+        match &self.base {
+            BaseSpec::Rootfs(dir) => out.push(HostPath {
+                path: dir.clone(),
+                access: HostAccess::Read,
+                why: "the read-only base (a rootfs)",
+            }),
+            BaseSpec::Host => {
+                for top in policy::HOST_ROOT_ALLOW {
+                    if *top == "etc" {
+                        visible_etc(Path::new("/etc"), &mut vec![b"etc".to_vec()], &mut out);
+                    } else {
+                        out.push(HostPath {
+                            path: Path::new("/").join(top),
+                            access: HostAccess::Read,
+                            why: "the read-only base (the host's system directories)",
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Rules for the visible part of the host's /etc below `dir`: an entry
+/// with nothing hidden beneath it is readable whole; a directory that
+/// holds hidden entries is listable, and its visible children get rules of
+/// their own. Bounded by the depth of [`policy::ETC_DENY`]'s patterns.
+fn visible_etc(dir: &Path, comps: &mut Vec<Vec<u8>>, out: &mut Vec<HostPath>) {
+    use std::os::unix::ffi::OsStrExt;
+    out.push(HostPath {
+        path: dir.to_path_buf(),
+        access: HostAccess::ReadDir,
+        why: "the host's /etc, listed without its hidden entries",
+    });
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        comps.push(name.as_bytes().to_vec());
+        let refs: Vec<&[u8]> = comps.iter().map(Vec::as_slice).collect();
+        if policy::host_visible(&refs).is_ok() {
+            let path = dir.join(&name);
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && policy::hides_below(&refs) {
+                visible_etc(&path, comps, out);
+            } else {
+                out.push(HostPath {
+                    path,
+                    access: HostAccess::Read,
+                    why: "the host's /etc, visible entries",
+                });
+            }
+        }
+        comps.pop();
+    }
+}
+
 /// Kinds of change reported for /workspace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum MutationOp {
     /// A file, fifo or socket was created.
@@ -207,7 +359,7 @@ pub enum MutationOp {
 }
 
 /// What the filesystem reports to the broker's audit log.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum FsEvent {
     /// A change under /workspace.
@@ -285,7 +437,9 @@ pub fn mount(spec: MountSpec, mountpoint: &Path, events: EventSink) -> Result<Mo
     mount_with(spec, mountpoint, events, &MountOptions::default())
 }
 
-/// [`mount`] with explicit [`MountOptions`].
+/// [`mount`] with explicit [`MountOptions`]: [`Server::new`],
+/// [`mount_device`] and [`Server::handshake`] in one process, served on
+/// background threads of this one.
 ///
 /// # Errors
 /// As [`mount`].
@@ -295,17 +449,47 @@ pub fn mount_with(
     events: EventSink,
     opts: &MountOptions,
 ) -> Result<Mount, FsError> {
-    let shared = Arc::new(Shared::default());
-    let fs = fuse::AirlockFs::new(&spec, events, opts, Arc::clone(&shared))?;
+    let server = Server::new(&spec, events, opts)?;
+    let dev = mount_device(mountpoint)?;
+    let serving = match server.handshake(dev) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            return Err(e);
+        }
+    };
+    let shared = Arc::clone(&serving.shared);
+    let session = match serving.session.spawn() {
+        Ok(s) => s,
+        Err(source) => {
+            let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
+            return Err(FsError::Session {
+                path: mountpoint.to_path_buf(),
+                source,
+            });
+        }
+    };
+    Ok(Mount {
+        mountpoint: mountpoint.to_path_buf(),
+        thread: Some(session.guard),
+        shared,
+    })
+}
 
+/// The privileged half of a mount: opens `/dev/fuse` and mounts it at
+/// `mountpoint` (needs CAP_SYS_ADMIN). The returned device is what a
+/// [`Server`] serves, in this process or in another one it is handed to.
+/// Until a server answers the kernel's INIT on it, requests to the mount
+/// wait.
+///
+/// # Errors
+/// When /dev/fuse cannot be opened or the mount fails.
+pub fn mount_device(mountpoint: &Path) -> Result<std::os::fd::OwnedFd, FsError> {
     let dev = OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
         .map_err(FsError::OpenFuseDevice)?;
-    // A second reference to the device, only for the passthrough probe
-    // after the handshake; closed before this function returns.
-    let probe_dev = dev.try_clone().map_err(FsError::OpenFuseDevice)?;
     let data = std::ffi::CString::new(format!(
         "fd={},rootmode=40755,user_id=0,group_id=0,allow_other,default_permissions",
         dev.as_raw_fd()
@@ -324,39 +508,93 @@ pub fn mount_with(
         path: mountpoint.to_path_buf(),
         source: e.into(),
     })?;
+    Ok(dev.into())
+}
 
-    let mut config = fuser::Config::default();
-    config.acl = fuser::SessionACL::All;
-    config.n_threads = Some(THREADS);
-    config.clone_fd = true;
-    let session =
-        fuser::Session::from_fd(fs, dev.into(), fuser::SessionACL::All, config).and_then(|s| {
-            // The handshake (INIT) is done: check that the kernel really
-            // accepts backing files before any open relies on it.
-            if shared.passthrough.load(Ordering::Relaxed)
-                && let Err(e) = sys::probe_backing(&probe_dev)
-            {
-                tracing::debug!(error = %e, "fuse passthrough refused; serving reads");
-                shared.passthrough.store(false, Ordering::Relaxed);
-            }
-            drop(probe_dev);
-            s.spawn()
-        });
-    let session = match session {
-        Ok(s) => s,
-        Err(source) => {
-            let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
-            return Err(FsError::Session {
-                path: mountpoint.to_path_buf(),
+/// A sandbox's filesystem with its layer roots open, before it serves a
+/// mount. Opening the roots is the last step that needs the host's paths:
+/// after [`Server::new`] every host access goes through those handles, so
+/// the process may confine itself to them before [`Server::handshake`].
+pub struct Server {
+    fs: fuse::AirlockFs,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the layer roots of `spec`.
+    ///
+    /// # Errors
+    /// When the spec is inconsistent or a layer root cannot be opened.
+    pub fn new(spec: &MountSpec, events: EventSink, opts: &MountOptions) -> Result<Self, FsError> {
+        let shared = Arc::new(Shared::default());
+        let fs = fuse::AirlockFs::new(spec, events, opts, Arc::clone(&shared))?;
+        Ok(Self { fs, shared })
+    }
+
+    /// Answers the kernel's INIT on `dev` (a device from [`mount_device`])
+    /// and checks that passthrough, if granted, really works.
+    ///
+    /// # Errors
+    /// When the handshake fails.
+    pub fn handshake(self, dev: std::os::fd::OwnedFd) -> Result<Serving, FsError> {
+        let Server { fs, shared } = self;
+        let dev = std::fs::File::from(dev);
+        // A second reference to the device, only for the passthrough probe
+        // after the handshake; closed before this function returns.
+        let probe_dev = dev.try_clone().map_err(FsError::OpenFuseDevice)?;
+        let mut config = fuser::Config::default();
+        config.acl = fuser::SessionACL::All;
+        config.n_threads = Some(THREADS);
+        config.clone_fd = true;
+        let session = fuser::Session::from_fd(fs, dev.into(), fuser::SessionACL::All, config)
+            .map_err(|source| FsError::Session {
+                path: PathBuf::from("/dev/fuse"),
                 source,
-            });
+            })?;
+        // The handshake (INIT) is done: check that the kernel really
+        // accepts backing files before any open relies on it.
+        if shared.passthrough.load(Ordering::Relaxed)
+            && let Err(e) = sys::probe_backing(&probe_dev)
+        {
+            tracing::debug!(error = %e, "fuse passthrough refused; serving reads");
+            shared.passthrough.store(false, Ordering::Relaxed);
         }
-    };
-    Ok(Mount {
-        mountpoint: mountpoint.to_path_buf(),
-        thread: Some(session.guard),
-        shared,
-    })
+        Ok(Serving { session, shared })
+    }
+}
+
+/// A mount whose handshake is done, ready to be served.
+pub struct Serving {
+    session: fuser::Session<fuse::AirlockFs>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving").finish_non_exhaustive()
+    }
+}
+
+impl Serving {
+    /// Whether reads of base files go straight to the host files (see
+    /// [`Mount::passthrough_enabled`]).
+    pub fn passthrough_enabled(&self) -> bool {
+        self.shared.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Serves requests on [`THREADS`] threads until the mount goes away.
+    ///
+    /// # Errors
+    /// When the session ends with an error other than the unmount.
+    pub fn run(self) -> std::io::Result<()> {
+        self.session.run()
+    }
 }
 
 /// A live mount. Unmounting (explicitly or on drop) detaches it lazily and

@@ -133,6 +133,20 @@ pub(crate) fn host_visible(comps: &[&[u8]]) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether some [`ETC_DENY`] pattern hides an entry strictly below the
+/// host path `comps` (components from the host root): such a directory
+/// cannot be granted to a confined server whole.
+pub(crate) fn hides_below(comps: &[&[u8]]) -> bool {
+    if comps.first() != Some(&&b"etc"[..]) {
+        return false;
+    }
+    let rel = &comps[1..];
+    ETC_DENY.iter().any(|(pattern, _, _)| {
+        let pat: Vec<&[u8]> = pattern.as_bytes().split(|&c| c == b'/').collect();
+        pat.len() > rel.len() && pat[..rel.len()] == rel[..]
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
