@@ -3,9 +3,8 @@
 //! this same object.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -25,8 +24,10 @@ use crate::api::types::{
 };
 use crate::audit::{AuditKind, AuditQuery, AuditRecord, AuditRow, AuditStore};
 use crate::authz::{AuthzError, Principal};
+use crate::component::{Component, Ended};
 use crate::config::BrokerConfig;
-use crate::sandbox::{ExecOutcome, ReadyInfo, Resources, Sandbox};
+use crate::fs_server::{FsRole, FsServerSpec};
+use crate::sandbox::{ExecOutcome, ReadyInfo, Resources, Sandbox, ServedMount};
 use crate::util::{RateLimiter, lock_or_recover, now_ms, random_hex};
 
 /// Sandbox uid of the default (unprivileged) user.
@@ -40,6 +41,55 @@ const FS_EVENTS_BURST: f64 = 5000.0;
 /// Connection refusals audited per second (and burst) broker-wide.
 const REFUSALS_PER_SEC: f64 = 20.0;
 const REFUSALS_BURST: f64 = 200.0;
+
+/// Open files a sandbox's filesystem server may hold at least, whatever
+/// the sandbox's own limit (its layer roots, the FUSE device clones, and a
+/// margin for the sandbox's open files).
+const FS_SERVER_MIN_NOFILE: u64 = 256;
+
+/// Audits one event of a sandbox's filesystem server.
+type FsSink = Box<dyn FnMut(airlock_fs::FsEvent) + Send>;
+
+/// What [`Broker::build`] made: the mountpoint, and the running server's
+/// channel and audit sink, to supervise once the sandbox exists.
+struct BuiltFs {
+    mountpoint: PathBuf,
+    chan: Channel,
+    sink: FsSink,
+}
+
+/// Supervises a sandbox's filesystem server: its events become audit rows;
+/// its death (or a malformed message) is audited and tears the sandbox
+/// down, sparing every other sandbox and the broker.
+fn supervise_fs(sandbox: &Arc<Sandbox>, chan: Channel, sink: FsSink) -> std::io::Result<()> {
+    let weak = Arc::downgrade(sandbox);
+    let res = lock_or_recover(&sandbox.resources);
+    let Some(server) = res.as_ref().and_then(|r| r.mount.as_ref()?.server.as_ref()) else {
+        return Err(std::io::Error::other("no filesystem server"));
+    };
+    server.supervise::<FsRole>(chan, sink, move |ended| {
+        let reason = match ended {
+            Ended::Stopped => return,
+            Ended::Died => "the filesystem server exited".to_string(),
+            Ended::Malformed(m) => format!("the filesystem server sent a malformed message: {m}"),
+        };
+        let Some(sb) = weak.upgrade() else {
+            return;
+        };
+        if !sb.is_running() {
+            return;
+        }
+        tracing::warn!(sandbox = %sb.id, %reason, "component failed");
+        sb.audit.record(AuditRecord {
+            kind: AuditKind::Sandbox,
+            action: "component_failed".into(),
+            sandbox_id: Some(sb.id.clone()),
+            agent: Some(sb.agent.clone()),
+            detail: json!({"role": "fs", "reason": reason}),
+        });
+        sb.teardown("filesystem server failed");
+    })
+}
 
 /// How long a sandbox may take to come up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -167,14 +217,6 @@ struct HostDir {
     path: PathBuf,
     /// The opened directory (O_PATH).
     fd: Arc<OwnedFd>,
-}
-
-impl HostDir {
-    /// A path that names exactly the opened directory, whatever happens to
-    /// its name meanwhile (the handle is held until the mount has opened it).
-    fn proc_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
-    }
 }
 
 /// A running exec: its events, and a way to signal it.
@@ -812,10 +854,24 @@ impl Broker {
             slot: Some(slot_lock),
         };
         let built = self.build(
-            &id, agent, base, &sb_dir, &layer_dir, workspace, rootfs, user, user_ids, &hostname,
+            &id,
+            agent,
+            base,
+            &sb_dir,
+            &layer_dir,
+            workspace,
+            rootfs,
+            user,
+            user_ids,
+            &hostname,
+            limits.nofile,
             &mut res,
         );
-        let mountpoint = match built {
+        let BuiltFs {
+            mountpoint,
+            chan: fs_chan,
+            sink: fs_sink,
+        } = match built {
             Ok(x) => x,
             Err(e) => {
                 cleanup_partial(res);
@@ -832,16 +888,17 @@ impl Broker {
                 return Err(BrokerError::Internal(format!("control channel: {e}")));
             }
         };
-        let shim_pid = match spawn_shim(&self.exe, theirs.into_fd()) {
-            Ok(pid) => pid,
-            Err(e) => {
-                cleanup_partial(res);
-                return Err(BrokerError::Internal(format!(
-                    "start shim {}: {e}",
-                    self.exe.display()
-                )));
-            }
-        };
+        let shim_pid =
+            match crate::component::spawn_role(&self.exe, crate::SHIM_ROLE, theirs.into_fd()) {
+                Ok(pid) => pid,
+                Err(e) => {
+                    cleanup_partial(res);
+                    return Err(BrokerError::Internal(format!(
+                        "start shim {}: {e}",
+                        self.exe.display()
+                    )));
+                }
+            };
         let spec = SandboxSpec {
             id: id.clone(),
             hostname: hostname.clone(),
@@ -885,6 +942,10 @@ impl Broker {
             audit: self.audit.clone(),
             counters: Mutex::new(Default::default()),
         });
+        if let Err(e) = supervise_fs(&sandbox, fs_chan, fs_sink) {
+            sandbox.teardown("create failed");
+            return Err(BrokerError::Internal(format!("fs supervisor thread: {e}")));
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = Arc::clone(&sandbox);
         let spawned = std::thread::Builder::new()
@@ -946,8 +1007,8 @@ impl Broker {
         Ok((sandbox, ready))
     }
 
-    /// Builds the sandbox directory and the FUSE mount; returns the
-    /// mountpoint.
+    /// Builds the sandbox directory and the FUSE mount, and starts the
+    /// mount's server process in the sandbox's cgroup.
     #[allow(clippy::too_many_arguments)]
     fn build(
         &self,
@@ -961,8 +1022,9 @@ impl Broker {
         user: &str,
         user_ids: (u32, u32),
         hostname: &str,
+        nofile: u64,
         res: &mut Resources,
-    ) -> Result<PathBuf, BrokerError> {
+    ) -> Result<BuiltFs, BrokerError> {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(sb_dir)
@@ -982,7 +1044,7 @@ impl Broker {
         // A sandbox can make file events as fast as it can loop: past the
         // budget they are counted, and the count lands in one row.
         let limiter = RateLimiter::new(FS_EVENTS_PER_SEC, FS_EVENTS_BURST);
-        let sink: airlock_fs::EventSink = Arc::new(move |ev: airlock_fs::FsEvent| {
+        let sink: FsSink = Box::new(move |ev: airlock_fs::FsEvent| {
             let Some(dropped) = limiter.admit() else {
                 return;
             };
@@ -1012,27 +1074,44 @@ impl Broker {
                 detail: serde_json::to_value(&ev).unwrap_or_default(),
             });
         });
-        let spec = airlock_fs::MountSpec {
-            base: match rootfs {
-                Some(r) => airlock_fs::BaseSpec::Rootfs(r.proc_path()),
-                None => airlock_fs::BaseSpec::Host,
-            },
+        let dev = airlock_fs::mount_device(&mountpoint)
+            .map_err(|e| BrokerError::Internal(format!("mount sandbox filesystem: {e}")))?;
+        res.mount = Some(ServedMount {
+            mountpoint: mountpoint.clone(),
+            server: None,
+        });
+        let spec = FsServerSpec {
+            sandbox_id: id.to_string(),
+            rootfs: rootfs.is_some(),
             upper,
-            workspace: workspace.proc_path(),
             ids: airlock_fs::IdMap {
                 host_uid_base: base,
                 host_gid_base: base,
                 count: IDS_PER_SANDBOX,
             },
-            sandbox_uid: user_ids.0,
-            sandbox_gid: user_ids.1,
-            sandbox_user: user.to_string(),
+            user_ids,
+            user: user.to_string(),
             hostname: hostname.to_string(),
+            cgroup_procs: res.cgroup.join_files(),
+            nofile: nofile.max(FS_SERVER_MIN_NOFILE),
+            landlock_floor: self.cfg.landlock_floor,
         };
-        let mount = airlock_fs::mount(spec, &mountpoint, sink)
-            .map_err(|e| BrokerError::Internal(format!("mount sandbox filesystem: {e}")))?;
-        res.mount = Some(mount);
-        Ok(mountpoint)
+        let mut fds = vec![dev.as_fd(), workspace.fd.as_fd()];
+        if let Some(r) = rootfs {
+            fds.push(r.fd.as_fd());
+        }
+        let (server, ready, chan) = Component::start::<FsRole>(&self.exe, &spec, &fds)
+            .map_err(|e| BrokerError::Internal(format!("start the filesystem server: {e}")))?;
+        drop(dev);
+        if let Some(m) = res.mount.as_mut() {
+            m.server = Some(server);
+        }
+        tracing::debug!(sandbox = %id, ?ready, "fs server ready");
+        Ok(BuiltFs {
+            mountpoint,
+            chan,
+            sink,
+        })
     }
 
     /// Audits a connection refused at accept.
@@ -1377,37 +1456,6 @@ fn cleanup_partial(mut res: Resources) {
     for d in &res.dirs {
         let _ = std::fs::remove_dir_all(d);
     }
-}
-
-/// Starts `exe __shim` with the control channel as fd 3, an empty
-/// environment and default signal state, without running any code of ours
-/// between fork and exec (posix_spawn).
-fn spawn_shim(exe: &Path, ctrl: OwnedFd) -> Result<nix::unistd::Pid, nix::Error> {
-    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
-    let mut actions = PosixSpawnFileActions::init()?;
-    actions.add_dup2(ctrl.as_raw_fd(), 3)?;
-    let devnull = CString::new("/dev/null").map_err(|_| nix::Error::EINVAL)?;
-    actions.add_open(
-        0,
-        devnull.as_c_str(),
-        nix::fcntl::OFlag::O_RDONLY,
-        nix::sys::stat::Mode::empty(),
-    )?;
-    let mut attr = PosixSpawnAttr::init()?;
-    attr.set_sigmask(&nix::sys::signal::SigSet::empty())?;
-    attr.set_sigdefault(&nix::sys::signal::SigSet::all())?;
-    attr.set_flags(
-        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
-    )?;
-    let path = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|_| nix::Error::EINVAL)?;
-    let args = [
-        CString::new("airlock-shim").map_err(|_| nix::Error::EINVAL)?,
-        CString::new(crate::SHIM_ROLE).map_err(|_| nix::Error::EINVAL)?,
-    ];
-    let env: [CString; 0] = [];
-    let pid = posix_spawn(path.as_c_str(), &actions, &attr, &args, &env)?;
-    drop(ctrl);
-    Ok(pid)
 }
 
 #[allow(clippy::too_many_arguments)]

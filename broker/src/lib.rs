@@ -2,9 +2,10 @@
 //! audit store, and the `airlock` CLI's embedded mode.
 //!
 //! Both binaries first check whether they were started in an internal role
-//! ([`SHIM_ROLE`]: the sandbox launcher) and, if so, run it before any async
-//! runtime or thread exists: the broker never forks itself and keeps running
-//! Rust in the child; it posix_spawns its own binary in the shim role.
+//! ([`SHIM_ROLE`]: the sandbox launcher; [`FS_ROLE`]: a sandbox's
+//! filesystem server, see [`component`]) and, if so, run it before any
+//! async runtime or thread exists: the broker never forks itself and keeps
+//! running Rust in the child; it posix_spawns its own binary in the role.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -13,21 +14,30 @@ pub mod authz;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod component;
 pub mod config;
+pub mod fs_server;
 pub mod sandbox;
 pub mod sys;
 pub mod util;
 
 /// argv\[1\] that selects the shim role.
 pub const SHIM_ROLE: &str = "__shim";
+/// argv\[1\] that selects the filesystem server role.
+pub const FS_ROLE: &str = "__fs";
 
 /// Runs the shim if this process was started in that role; never returns
 /// then. Call first thing in `main`.
 pub fn dispatch_internal_role() {
     let mut args = std::env::args_os();
     let _ = args.next();
-    if args.next().as_deref() == Some(std::ffi::OsStr::new(SHIM_ROLE)) {
+    let role = args.next();
+    if role.as_deref() == Some(std::ffi::OsStr::new(SHIM_ROLE)) {
         let code = airlock_shim::launcher::main_with_fd3();
+        std::process::exit(code);
+    }
+    if role.as_deref() == Some(std::ffi::OsStr::new(FS_ROLE)) {
+        let code = fs_server::main();
         std::process::exit(code);
     }
 }

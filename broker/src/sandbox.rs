@@ -54,11 +54,46 @@ pub enum ExecOutcome {
     SandboxGone,
 }
 
+/// The sandbox's FUSE root: the mount the broker made, and the server
+/// process that serves it. Released by detaching the mount (aborting its
+/// connection first, so nothing waits on the server), then killing and
+/// reaping the server.
+#[derive(Debug)]
+pub struct ServedMount {
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// The server, once started.
+    pub server: Option<crate::component::Component>,
+}
+
+impl ServedMount {
+    /// Detaches the mount and stops its server.
+    pub fn unmount(mut self) -> Result<(), airlock_fs::FsError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), airlock_fs::FsError> {
+        let res = airlock_fs::force_unmount(&self.mountpoint);
+        drop(self.server.take());
+        res
+    }
+}
+
+impl Drop for ServedMount {
+    fn drop(&mut self) {
+        if self.server.is_some()
+            && let Err(e) = self.release()
+        {
+            tracing::warn!(error = %e, "unmount on drop failed");
+        }
+    }
+}
+
 /// Everything that must be released when the sandbox goes away.
 #[derive(Debug)]
 pub struct Resources {
-    /// The FUSE root.
-    pub mount: Option<airlock_fs::Mount>,
+    /// The FUSE root and its server.
+    pub mount: Option<ServedMount>,
     /// The cgroup.
     pub cgroup: Cgroup,
     /// Directories to delete (mountpoint parent, layers).

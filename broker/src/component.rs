@@ -1,0 +1,388 @@
+//! Per-sandbox components: one supervised, jailed process per job.
+//!
+//! A component role (the filesystem server today; the network gateway and
+//! the device proxy next) is started the same way and speaks the same
+//! shape of protocol:
+//!
+//! 1. the broker does the privileged set-up (mounts, opens devices and
+//!    layer roots) and starts `exe ROLE` with [`spawn_role`]: posix_spawn
+//!    of its own binary, an empty environment, a control channel on fd 3,
+//!    no code of ours between fork and exec; the binary dispatches the
+//!    role before any runtime or thread exists;
+//! 2. it sends [`Control::Start`] with the protocol version, the role's
+//!    typed spec and exactly the descriptors the role may hold
+//!    (`SCM_RIGHTS`);
+//! 3. the component joins the sandbox's cgroup, confines itself
+//!    ([`airlock_shim::jail`]) and answers [`Report::Ready`], or
+//!    [`Report::Failed`] naming the stage;
+//! 4. from then on it sends typed [`Report::Event`]s, which one thread of
+//!    the broker turns into audit rows through one callback; a message
+//!    that does not parse is a failure of that sandbox (audited), never
+//!    skipped;
+//! 5. [`Component`] owns the process: dropping it kills and reaps it. When
+//!    the process dies on its own (or its channel closes), the supervisor
+//!    reports it once, and the broker tears that sandbox down. When the
+//!    broker dies, the channel closes and the component exits.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use airlock_shim::channel::{Channel, ChannelError};
+use nix::unistd::Pid;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version of the component protocol; a component refuses any other.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How long a component may take to report ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A role: the argv\[1\] that selects it and the types it speaks.
+pub trait Role {
+    /// argv\[1\] of the hidden entry point, e.g. `__fs`.
+    const ARG: &'static str;
+    /// Short name for messages and audit rows, e.g. `fs`.
+    const NAME: &'static str;
+    /// What to serve; sent once, with the descriptors.
+    type Spec: Serialize + DeserializeOwned;
+    /// What the component reports once it is confined and serving.
+    type Ready: Serialize + DeserializeOwned + std::fmt::Debug;
+    /// What it reports while serving (audited).
+    type Event: Serialize + DeserializeOwned + std::fmt::Debug;
+}
+
+/// Broker to component.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control<S> {
+    /// The first message: protocol version and what to serve.
+    Start {
+        /// [`PROTOCOL_VERSION`] of the broker.
+        version: u32,
+        /// The role's spec.
+        spec: S,
+    },
+}
+
+/// Component to broker.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Report<R, E> {
+    /// Confined and serving.
+    Ready {
+        /// [`PROTOCOL_VERSION`] of the component.
+        version: u32,
+        /// The role's facts.
+        ready: R,
+    },
+    /// Something to audit.
+    Event {
+        /// The role's event.
+        event: E,
+    },
+    /// Set-up failed; the component exits.
+    Failed {
+        /// What failed.
+        failure: Failure,
+    },
+}
+
+/// A stage of a component's set-up that failed, with its cause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{stage}: {error}")]
+pub struct Failure {
+    /// The stage, e.g. "join cgroup", "landlock".
+    pub stage: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Why a component could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentError {
+    /// posix_spawn failed.
+    #[error("cannot start the {role} component from {exe}")]
+    Spawn {
+        /// The role.
+        role: &'static str,
+        /// The binary.
+        exe: String,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+    /// The control channel failed.
+    #[error("{role} component: control channel")]
+    Channel {
+        /// The role.
+        role: &'static str,
+        /// The cause.
+        #[source]
+        source: ChannelError,
+    },
+    /// The component reported a failed set-up stage.
+    #[error("{role} component failed at {failure}")]
+    Failed {
+        /// The role.
+        role: &'static str,
+        /// What failed.
+        failure: Failure,
+    },
+    /// It did not report ready in time.
+    #[error("{role} component did not report ready within {}s", READY_TIMEOUT.as_secs())]
+    Timeout {
+        /// The role.
+        role: &'static str,
+    },
+    /// It spoke another protocol version, or out of order.
+    #[error("{role} component: {what}")]
+    Protocol {
+        /// The role.
+        role: &'static str,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// How a supervised component ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The broker stopped it (its owner was dropped).
+    Stopped,
+    /// It closed its channel or died on its own.
+    Died,
+    /// It sent a message that does not parse.
+    Malformed(String),
+}
+
+/// A running component process; dropping it kills and reaps it.
+#[derive(Debug)]
+pub struct Component {
+    role: &'static str,
+    pid: Pid,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Component {
+    /// Starts `exe R::ARG`, sends it `spec` with `fds`, and waits until it
+    /// reports ready (or fails, or [`READY_TIMEOUT`] passes). On success,
+    /// returns the owner, the ready report and the broker's end of the
+    /// channel, to [`Component::supervise`].
+    ///
+    /// # Errors
+    /// When the process cannot be started, or it fails or times out before
+    /// it is ready (it is then killed and reaped).
+    pub fn start<R: Role>(
+        exe: &Path,
+        spec: &R::Spec,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Component, R::Ready, Channel), ComponentError> {
+        let role = R::NAME;
+        let chan = |source| ComponentError::Channel { role, source };
+        let (mine, theirs) = Channel::pair().map_err(chan)?;
+        let pid =
+            spawn_role(exe, R::ARG, theirs.into_fd()).map_err(|source| ComponentError::Spawn {
+                role,
+                exe: exe.display().to_string(),
+                source,
+            })?;
+        let owner = Component {
+            role,
+            pid,
+            stopping: Arc::new(AtomicBool::new(false)),
+        };
+        mine.send(
+            &Control::Start {
+                version: PROTOCOL_VERSION,
+                spec,
+            },
+            fds,
+        )
+        .map_err(chan)?;
+        if !wait_readable(&mine, READY_TIMEOUT) {
+            return Err(ComponentError::Timeout { role });
+        }
+        match mine.recv::<Report<R::Ready, R::Event>>() {
+            Ok((Report::Ready { version, ready }, _)) if version == PROTOCOL_VERSION => {
+                Ok((owner, ready, mine))
+            }
+            Ok((Report::Ready { version, .. }, _)) => Err(ComponentError::Protocol {
+                role,
+                what: format!("protocol version {version}, broker speaks {PROTOCOL_VERSION}"),
+            }),
+            Ok((Report::Failed { failure }, _)) => Err(ComponentError::Failed { role, failure }),
+            Ok((Report::Event { .. }, _)) => Err(ComponentError::Protocol {
+                role,
+                what: "an event before ready".into(),
+            }),
+            Err(source) => Err(chan(source)),
+        }
+    }
+
+    /// Host pid of the process.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Serves the component's reports on a thread of its own: each event
+    /// goes to `on_event`; when the channel closes or carries something
+    /// malformed, `on_end` runs once with why (`Stopped` when this owner
+    /// was dropped first).
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn supervise<R: Role>(
+        &self,
+        chan: Channel,
+        mut on_event: impl FnMut(R::Event) + Send + 'static,
+        on_end: impl FnOnce(Ended) + Send + 'static,
+    ) -> std::io::Result<()>
+    where
+        R::Event: Send,
+    {
+        let stopping = Arc::clone(&self.stopping);
+        std::thread::Builder::new()
+            .name(format!("{}-{}", R::NAME, self.pid))
+            .spawn(move || {
+                let ended = loop {
+                    match chan.recv::<Report<R::Ready, R::Event>>() {
+                        Ok((Report::Event { event }, _)) => on_event(event),
+                        Ok((other, _)) => {
+                            break Ended::Malformed(format!("unexpected report {other:?}"));
+                        }
+                        Err(ChannelError::Malformed(e)) => break Ended::Malformed(e.to_string()),
+                        Err(e @ ChannelError::TooLarge(_)) => {
+                            break Ended::Malformed(e.to_string());
+                        }
+                        Err(_) => break Ended::Died,
+                    }
+                };
+                if stopping.load(Ordering::SeqCst) {
+                    on_end(Ended::Stopped);
+                } else {
+                    on_end(ended);
+                }
+            })
+            .map(drop)
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Err(e) = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL)
+            && e != nix::Error::ESRCH
+        {
+            tracing::warn!(role = self.role, pid = %self.pid, error = %e, "kill component");
+        }
+        loop {
+            match nix::sys::wait::waitpid(self.pid, None) {
+                Err(nix::Error::EINTR) => continue,
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => continue,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Whether `chan` has something to read within `timeout`.
+fn wait_readable(chan: &Channel, timeout: Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(chan.fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(n) => return n > 0,
+            Err(nix::Error::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Starts `exe ROLE` with `ctrl` as fd 3, stdin on /dev/null, an empty
+/// environment and default signal state, without running any code of ours
+/// between fork and exec (posix_spawn).
+///
+/// # Errors
+/// When posix_spawn fails.
+pub fn spawn_role(exe: &Path, role: &str, ctrl: OwnedFd) -> Result<Pid, nix::Error> {
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+    let mut actions = PosixSpawnFileActions::init()?;
+    actions.add_dup2(ctrl.as_raw_fd(), 3)?;
+    let devnull = CString::new("/dev/null").map_err(|_| nix::Error::EINVAL)?;
+    actions.add_open(
+        0,
+        devnull.as_c_str(),
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let mut attr = PosixSpawnAttr::init()?;
+    attr.set_sigmask(&nix::sys::signal::SigSet::empty())?;
+    attr.set_sigdefault(&nix::sys::signal::SigSet::all())?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )?;
+    let path = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|_| nix::Error::EINVAL)?;
+    let args = [
+        CString::new(format!("airlock-{}", role.trim_start_matches('_')))
+            .map_err(|_| nix::Error::EINVAL)?,
+        CString::new(role).map_err(|_| nix::Error::EINVAL)?,
+    ];
+    let env: [CString; 0] = [];
+    let pid = posix_spawn(path.as_c_str(), &actions, &attr, &args, &env)?;
+    drop(ctrl);
+    Ok(pid)
+}
+
+/// The component side of the start: takes the channel on fd 3 and reads
+/// [`Control::Start`]. `None` when that failed: the reason has been
+/// reported (when the channel exists) and the process should exit with
+/// status 1.
+pub fn accept_start<R: Role>() -> Option<(Channel, R::Spec, Vec<OwnedFd>)> {
+    let Some(fd) = airlock_shim::sys::own_inherited_fd(3) else {
+        eprintln!(
+            "airlock {} component: fd 3 (control channel) is not open",
+            R::NAME
+        );
+        return None;
+    };
+    let chan = Channel::from_fd(fd);
+    match chan.recv::<Control<R::Spec>>() {
+        Ok((Control::Start { version, spec }, fds)) if version == PROTOCOL_VERSION => {
+            Some((chan, spec, fds))
+        }
+        Ok((Control::Start { version, .. }, _)) => {
+            report_failed::<R>(
+                &chan,
+                "start",
+                format!("protocol version {version}, component speaks {PROTOCOL_VERSION}"),
+            );
+            None
+        }
+        Err(e) => {
+            report_failed::<R>(&chan, "read spec", e);
+            None
+        }
+    }
+}
+
+/// Reports a failed set-up stage to the broker.
+pub fn report_failed<R: Role>(chan: &Channel, stage: &str, error: impl std::fmt::Display) {
+    let msg: Report<R::Ready, R::Event> = Report::Failed {
+        failure: Failure {
+            stage: stage.to_string(),
+            error: error.to_string(),
+        },
+    };
+    if let Err(e) = chan.send(&msg, &[]) {
+        eprintln!(
+            "airlock {} component: {stage}: {error} (not reported: {e})",
+            R::NAME
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! The `__fs` role: one sandbox's FUSE server in a process of its own.
+//!
+//! The broker mounts the sandbox's root (opening /dev/fuse and mounting
+//! need CAP_SYS_ADMIN in the host's namespaces) and opens the caller's
+//! workspace and rootfs with the caller's rights; the component gets
+//! exactly those descriptors, joins the sandbox's cgroup (its CPU, memory,
+//! threads and open files count against the sandbox's limits), opens its
+//! layer roots, answers the kernel's INIT, then confines itself before the
+//! first request: the sandbox's open-files limit, only the capabilities in
+//! [`airlock_fs::SERVER_CAPABILITIES`], no_new_privs, and landlock limited
+//! to its own layers ([`airlock_fs::MountSpec::host_paths`]). Its events
+//! (file changes in /workspace, denials) come back over the control
+//! channel; the broker audits them. If it dies, its sandbox is torn down;
+//! if the broker dies, it exits.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+
+use airlock_fs::{BaseSpec, FsEvent, HostAccess, IdMap, MountOptions, MountSpec};
+use airlock_shim::channel::Channel;
+use airlock_shim::jail::{ComponentJail, JailReport};
+use airlock_shim::landlock::{Grant, PolicyRule};
+use serde::{Deserialize, Serialize};
+
+use crate::component::{self, Report, Role};
+
+/// The filesystem server role.
+#[derive(Debug)]
+pub struct FsRole;
+
+impl Role for FsRole {
+    const ARG: &'static str = crate::FS_ROLE;
+    const NAME: &'static str = "fs";
+    type Spec = FsServerSpec;
+    type Ready = FsReady;
+    type Event = FsEvent;
+}
+
+/// What a filesystem server serves. Descriptors travel beside it, in this
+/// order: /dev/fuse (mounted), the workspace directory, and the rootfs
+/// directory when `rootfs` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsServerSpec {
+    /// The sandbox, for messages.
+    pub sandbox_id: String,
+    /// Whether the base is a rootfs (its descriptor is the third one)
+    /// rather than the host's system directories.
+    pub rootfs: bool,
+    /// The upper layer directory (created by the broker).
+    pub upper: PathBuf,
+    /// The sandbox's id map.
+    pub ids: IdMap,
+    /// Sandbox user (uid, gid) inside.
+    pub user_ids: (u32, u32),
+    /// Its name.
+    pub user: String,
+    /// Hostname for /etc/hostname and /etc/hosts.
+    pub hostname: String,
+    /// Files to write "0" to, joining the sandbox's cgroup.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Open-files limit of the server (the sandbox's).
+    pub nofile: u64,
+    /// Lowest landlock ABI accepted.
+    pub landlock_floor: u8,
+}
+
+/// What a server reports once confined.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FsReady {
+    /// Whether reads of base files go straight to the host files.
+    pub passthrough: bool,
+    /// What the jail reached.
+    pub jail: JailReport,
+}
+
+/// Events queued for the broker before new ones are dropped (the broker
+/// rate-limits its audit rows far below this anyway).
+const EVENT_QUEUE: usize = 4096;
+
+/// Entry point of the `__fs` role; returns the exit status.
+pub fn main() -> i32 {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("airlock fs component: set_dumpable: {e}");
+    }
+    let Some((chan, spec, fds)) = component::accept_start::<FsRole>() else {
+        return 1;
+    };
+    match serve(&chan, spec, fds) {
+        Ok(()) => 0,
+        Err((stage, error)) => {
+            component::report_failed::<FsRole>(&chan, stage, error);
+            1
+        }
+    }
+}
+
+type Stage = (&'static str, String);
+
+fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), Stage> {
+    let fail = |stage: &'static str| move |e: &dyn std::fmt::Display| (stage, e.to_string());
+    // Everything after this is charged to the sandbox. Single-threaded
+    // here, so "0" moves the whole process (v1 `tasks` moves one thread).
+    for f in &spec.cgroup_procs {
+        std::fs::write(f, "0").map_err(|e| ("join cgroup", format!("{}: {e}", f.display())))?;
+    }
+    let want = if spec.rootfs { 3 } else { 2 };
+    if fds.len() != want {
+        return Err((
+            "read spec",
+            format!("{} descriptors, expected {want}", fds.len()),
+        ));
+    }
+    let mut fds = fds.into_iter();
+    let (Some(dev), Some(ws)) = (fds.next(), fds.next()) else {
+        return Err(("read spec", "descriptors missing".into()));
+    };
+    let rootfs = fds.next();
+    let fd_path = |fd: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let mount_spec = MountSpec {
+        base: match &rootfs {
+            Some(r) => BaseSpec::Rootfs(fd_path(r)),
+            None => BaseSpec::Host,
+        },
+        upper: spec.upper.clone(),
+        workspace: fd_path(&ws),
+        ids: spec.ids,
+        sandbox_uid: spec.user_ids.0,
+        sandbox_gid: spec.user_ids.1,
+        sandbox_user: spec.user.clone(),
+        hostname: spec.hostname.clone(),
+    };
+    let (tx, rx) = sync_channel::<FsEvent>(EVENT_QUEUE);
+    let server = airlock_fs::Server::new(&mount_spec, sink(tx), &MountOptions::default())
+        .map_err(|e| ("open layers", error_chain(&e)))?;
+    let serving = server
+        .handshake(dev)
+        .map_err(|e| ("fuse handshake", error_chain(&e)))?;
+    let jail = confine(&mount_spec, spec.landlock_floor, spec.nofile)
+        .map_err(|e| fail("jail")(&error_chain(&e)))?;
+    let ready: Report<FsReady, FsEvent> = Report::Ready {
+        version: component::PROTOCOL_VERSION,
+        ready: FsReady {
+            passthrough: serving.passthrough_enabled(),
+            jail,
+        },
+    };
+    chan.send(&ready, &[])
+        .map_err(|e| fail("report ready")(&e))?;
+    // Events to the broker, and the broker's end watched: when it closes
+    // (the broker died), this process exits and the kernel ends the mount.
+    let events = chan_dup(chan).map_err(|e| fail("control channel")(&e))?;
+    let watch = chan_dup(chan).map_err(|e| fail("control channel")(&e))?;
+    std::thread::Builder::new()
+        .name("fs-events".into())
+        .spawn(move || {
+            while let Ok(event) = rx.recv() {
+                let msg: Report<FsReady, FsEvent> = Report::Event { event };
+                if events.send(&msg, &[]).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| fail("start event thread")(&e))?;
+    std::thread::Builder::new()
+        .name("fs-watch".into())
+        .spawn(move || {
+            // The broker sends nothing after Start: any return is its end.
+            let _ = watch.recv::<serde_json::Value>();
+            std::process::exit(0);
+        })
+        .map_err(|e| fail("start watch thread")(&e))?;
+    serving.run().map_err(|e| fail("serve")(&e))
+}
+
+/// The jail of a server of `mount_spec`: landlock limited to its own
+/// layers, only [`airlock_fs::SERVER_CAPABILITIES`], no_new_privs, the
+/// sandbox's open-files limit. Applies to the calling thread and the
+/// threads it starts afterwards.
+pub fn confine(
+    mount_spec: &MountSpec,
+    landlock_floor: u8,
+    nofile: u64,
+) -> Result<JailReport, airlock_shim::jail::JailError> {
+    let rules: Vec<PolicyRule> = mount_spec
+        .host_paths()
+        .into_iter()
+        .map(|h| PolicyRule {
+            path: h.path,
+            grant: match h.access {
+                HostAccess::Read => Grant::Read,
+                HostAccess::ReadDir => Grant::ReadDir,
+                HostAccess::ReadWrite => Grant::AllButDeviceIoctl,
+                _ => Grant::All,
+            },
+            required: false,
+            comment: h.why,
+        })
+        .collect();
+    airlock_shim::jail::apply(&ComponentJail {
+        landlock: &rules,
+        landlock_floor,
+        keep_caps: airlock_fs::SERVER_CAPABILITIES,
+        nofile,
+    })
+}
+
+/// The server's event sink: never blocks a FUSE thread; drops when the
+/// queue to the broker is full.
+fn sink(tx: SyncSender<FsEvent>) -> airlock_fs::EventSink {
+    std::sync::Arc::new(move |ev| match tx.try_send(ev) {
+        Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+    })
+}
+
+fn chan_dup(chan: &Channel) -> std::io::Result<Channel> {
+    Ok(Channel::from_fd(chan.fd().as_fd().try_clone_to_owned()?))
+}
+
+/// An error with its causes, for a one-line report.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+
+    use super::*;
+
+    const PROBE_ENV: &str = "AIRLOCK_TEST_FS_JAIL_PROBE";
+
+    fn try_read(p: &Path) -> &'static str {
+        match std::fs::File::open(p) {
+            Ok(_) => "open",
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => "denied",
+            Err(_) => "error",
+        }
+    }
+
+    /// The probe itself: runs only in the re-executed test process that
+    /// [`a_confined_server_reaches_only_its_own_layers`] starts, confines
+    /// that process exactly as a server confines itself, and reports what
+    /// it could still open.
+    #[test]
+    fn jail_probe_child() {
+        let Ok(dir) = std::env::var(PROBE_ENV) else {
+            return;
+        };
+        let dir = Path::new(&dir);
+        let spec = MountSpec {
+            base: BaseSpec::Host,
+            upper: dir.join("upper"),
+            workspace: dir.join("workspace"),
+            ids: IdMap {
+                host_uid_base: 0x3000_0000,
+                host_gid_base: 0x3000_0000,
+                count: 65536,
+            },
+            sandbox_uid: 1000,
+            sandbox_gid: 1000,
+            sandbox_user: "sandbox".into(),
+            hostname: "probe".into(),
+        };
+        confine(&spec, 0, 256).unwrap();
+        let own = std::fs::write(dir.join("upper/new"), b"x").is_ok();
+        let ws = std::fs::write(dir.join("workspace/new"), b"x").is_ok();
+        let tmp = match std::fs::write(dir.join("elsewhere"), b"x") {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => "denied",
+            Ok(()) => "open",
+            Err(_) => "error",
+        };
+        println!(
+            "PROBE own_upper={own} workspace={ws} other_layer={} elsewhere={tmp} \
+             shadow={} root={} proc={} usr={}",
+            try_read(&dir.join("other/upper/secret")),
+            try_read(Path::new("/etc/shadow")),
+            try_read(Path::new("/root")),
+            try_read(Path::new("/proc/1/environ")),
+            try_read(Path::new("/usr/bin/env")),
+        );
+    }
+
+    /// From inside a server's jail, nothing but its own layers (and the
+    /// visible base) can be opened: not another sandbox's layer, not a
+    /// hidden /etc file, not any other host path.
+    #[test]
+    fn a_confined_server_reaches_only_its_own_layers() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["upper", "workspace", "other/upper"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("other/upper/secret"), b"s").unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "fs_server::tests::jail_probe_child",
+                "--nocapture",
+            ])
+            .env(PROBE_ENV, dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("PROBE"))
+            .unwrap_or_else(|| panic!("no probe output: {text} {:?}", out.stderr));
+        assert_eq!(
+            line,
+            "PROBE own_upper=true workspace=true other_layer=denied elsewhere=denied \
+             shadow=denied root=denied proc=denied usr=open",
+        );
+    }
+}
