@@ -32,7 +32,11 @@ fn a_killed_but_unreaped_broker_leaves_nothing_after_restart() {
     let mut zombie = b.kill9_unreaped();
     let mut b2 = env.start_brokerd();
     for (id, base) in &ids {
-        assert!(Env::cgroup_dirs(id).is_empty(), "cgroup of {id} left");
+        assert!(
+            Env::cgroup_dirs(id).is_empty(),
+            "cgroup of {id} left: {:?}",
+            env.audit(&["--sandbox", id])
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !procs_in_range(*base).is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
@@ -208,4 +212,136 @@ fn pseudo_filesystems_are_refused_as_workspace_or_rootfs_and_below() {
     let s = ok(&out);
     assert!(!s.contains("LEAK"), "{s}");
     assert!(s.contains("done"), "{s}");
+}
+
+/// The filesystem server of sandbox `id`: the process of its cgroup whose
+/// argv\[0\] is `airlock-fs`.
+fn fs_server_of(id: &str) -> i32 {
+    let dirs = Env::cgroup_dirs(id);
+    let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
+    procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"airlock-fs\0"))
+        })
+        .unwrap_or_else(|| panic!("no fs server in the cgroup of {id}: {procs}"))
+}
+
+fn status_field(pid: i32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Each sandbox's filesystem server is a process of its own, in the
+/// sandbox's cgroup, confined (no_new_privs, a reduced bounding set), and
+/// the files a sandbox holds open through it count against the server,
+/// never against the broker.
+#[test]
+fn the_fs_server_is_a_confined_process_charged_to_its_sandbox() {
+    let env = Env::new();
+    let b = env.start_brokerd();
+    let broker_pid = b.0.as_ref().unwrap().id() as i32;
+    let info = create(&env, &["--agent", "holder"]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let server = fs_server_of(&id);
+    assert_ne!(server, broker_pid);
+    assert_eq!(status_field(server, "NoNewPrivs:"), "1");
+    let bnd = u64::from_str_radix(&status_field(server, "CapBnd:"), 16).unwrap();
+    // No CAP_SYS_PTRACE (19), CAP_NET_ADMIN (12), CAP_SYS_MODULE (16),
+    // CAP_KILL (5) or CAP_SYS_RAWIO (17) in reach, ever.
+    for cap in [5, 12, 16, 17, 19] {
+        assert_eq!(bnd & (1 << cap), 0, "capability {cap} kept: {bnd:#x}");
+    }
+    ok(&env.remote(&["exec", &id, "--", "sh", "-c", "echo x > /workspace/held"]));
+    let broker_before = open_fds(broker_pid);
+    let server_before = open_fds(server);
+    let mut c = env.airlock();
+    c.args(["--socket"]).arg(&env.socket).args([
+        "exec",
+        &id,
+        "--",
+        "python3",
+        "-c",
+        "import time\nfs = [open('/workspace/held') for _ in range(600)]\nprint('held', flush=True)\ntime.sleep(30)",
+    ]);
+    c.stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+    }
+    assert_eq!(line.trim(), "held");
+    let server_after = open_fds(server);
+    let broker_after = open_fds(broker_pid);
+    assert!(
+        server_after >= server_before + 500,
+        "server fds {server_before} -> {server_after}"
+    );
+    assert!(
+        broker_after < broker_before + 50,
+        "broker fds {broker_before} -> {broker_after}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Killing one sandbox's filesystem server ends that sandbox (audited
+/// with the reason) and nothing else: the broker and a neighbour go on.
+#[test]
+fn killing_one_fs_server_ends_only_its_sandbox() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let victim = create(&env, &["--agent", "victim"]);
+    let neighbour = create(&env, &["--agent", "neighbour"]);
+    let vid = victim["id"].as_str().unwrap().to_string();
+    let nid = neighbour["id"].as_str().unwrap().to_string();
+    let vbase = victim["host_uid_base"].as_u64().unwrap() as u32;
+    let server = fs_server_of(&vid);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    env.audit_wait(&["--sandbox", &vid], |r| {
+        r["action"] == "component_failed" && r["detail"]["role"] == "fs"
+    });
+    env.audit_wait(&["--sandbox", &vid], |r| r["action"] == "destroy");
+    assert!(
+        Env::cgroup_dirs(&vid).is_empty(),
+        "cgroup of the victim left"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !procs_in_range(vbase).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(procs_in_range(vbase).is_empty(), "victim processes left");
+    let out = env.remote(&["exec", &vid, "--", "true"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        ok(&env.remote(&[
+            "exec",
+            &nid,
+            "--",
+            "sh",
+            "-c",
+            "echo alive > /workspace/a; cat /workspace/a"
+        ])),
+        "alive\n"
+    );
+    ok(&env.remote(&["rm", &vid, &nid]));
+    env.assert_no_leftovers(None);
 }
