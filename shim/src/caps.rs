@@ -107,7 +107,16 @@ pub fn last_cap() -> Result<u32, CapsError> {
 /// clears the ambient set. Needs CAP_SETPCAP, so it runs before the switch to
 /// the target user.
 pub fn drop_bounding_and_ambient() -> Result<(), CapsError> {
+    drop_bounding_and_ambient_except(0)
+}
+
+/// Like [`drop_bounding_and_ambient`], keeping the capabilities whose bits
+/// are set in `keep` (bit n is capability n) in the bounding set.
+pub fn drop_bounding_and_ambient_except(keep: u64) -> Result<(), CapsError> {
     for cap in 0..=last_cap()? {
+        if cap < 64 && keep & (1u64 << cap) != 0 {
+            continue;
+        }
         crate::sys::prctl_int(libc::PR_CAPBSET_DROP, cap.into())
             .map_err(|source| CapsError::DropBounding { cap, source })?;
     }

@@ -75,18 +75,7 @@ pub fn apply(j: &ComponentJail<'_>) -> Result<JailReport, JailError> {
         .iter()
         .filter(|(c, _)| *c < 64)
         .fold(0u64, |m, (c, _)| m | (1u64 << c));
-    for cap in 0..=crate::caps::last_cap()? {
-        if cap < 64 && mask & (1u64 << cap) != 0 {
-            continue;
-        }
-        crate::sys::prctl_int(libc::PR_CAPBSET_DROP, cap.into())
-            .map_err(|source| CapsError::DropBounding { cap, source })?;
-    }
-    crate::sys::prctl_int(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-    )
-    .map_err(CapsError::ClearAmbient)?;
+    crate::caps::drop_bounding_and_ambient_except(mask)?;
     crate::sys::capset_mask(mask).map_err(CapsError::Capset)?;
     crate::caps::set_no_new_privs()?;
     let landlock = crate::landlock::restrict_self_to(j.landlock, j.landlock_floor)?;

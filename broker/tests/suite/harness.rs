@@ -303,3 +303,11 @@ pub fn ok(out: &Output) -> String {
     );
     text(&out.stdout)
 }
+
+/// `airlock --json create` + args against brokerd; the sandbox's info.
+pub fn create(env: &Env, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--json", "create"];
+    args.extend_from_slice(extra);
+    let out = env.remote(&args);
+    serde_json::from_str(&ok(&out)).unwrap()
+}

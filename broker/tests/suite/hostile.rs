@@ -6,14 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::harness::{Env, ok, procs_in_range, text};
-
-fn create(env: &Env, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["--json", "create"];
-    args.extend_from_slice(extra);
-    let out = env.remote(&args);
-    serde_json::from_str(&ok(&out)).unwrap()
-}
+use super::harness::{Env, create, ok, procs_in_range, text};
 
 /// A broker killed with SIGKILL is a zombie until its parent reaps it; the
 /// next broker must treat it as dead and remove everything it left.

@@ -3,14 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::harness::{Env, ok, procs_in_range, text};
-
-fn create(env: &Env, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["--json", "create"];
-    args.extend_from_slice(extra);
-    let out = env.remote(&args);
-    serde_json::from_str(&ok(&out)).unwrap()
-}
+use super::harness::{Env, create, ok, procs_in_range, text};
 
 #[test]
 fn concurrent_execs_share_one_sandbox() {
