@@ -121,6 +121,20 @@ fn internal(what: &str) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
     move |e| BrokerError::Internal(format!("{what}: {e}"))
 }
 
+/// How long recovery waits for a killed broker's last threads to exit.
+const OWNER_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// A recorded owner broker, as recovery finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnerState {
+    /// Running.
+    Alive,
+    /// Killed, but a thread still runs (and holds its descriptors).
+    Dying,
+    /// Gone: exited, a zombie with no thread left, or the pid reused.
+    Dead,
+}
+
 /// What a sandbox directory records about its owner, for crash recovery.
 #[derive(Debug, Serialize, Deserialize)]
 struct OwnerRecord {
@@ -300,14 +314,55 @@ impl Broker {
         &self.audit
     }
 
-    /// Whether the broker that wrote `rec` still runs. A killed broker
-    /// stays a zombie until its parent reaps it (a service manager may take
-    /// its time, a shell may never): that is a dead owner, as is a process
-    /// being torn down ('X'), or one that reused the pid.
+    /// What became of the broker that wrote `rec`. A killed broker's main
+    /// thread is a zombie as soon as it exits, and stays one until its
+    /// parent reaps it (a service manager may take its time, a shell may
+    /// never): that is a dead owner, as is one that reused the pid. But its
+    /// other threads may still be finishing their last system call, and
+    /// while one of them lives the process still holds its descriptors
+    /// (its sandboxes' control channels among them): that owner is dying.
+    fn owner_state(rec: &OwnerRecord) -> OwnerState {
+        if rec.pid <= 0 {
+            return OwnerState::Dead;
+        }
+        match proc_stat(rec.pid) {
+            Some((state, ticks)) if ticks == rec.start_ticks => {
+                if state != 'Z' && state != 'X' {
+                    return OwnerState::Alive;
+                }
+                let tasks = std::fs::read_dir(format!("/proc/{}/task", rec.pid));
+                let live_thread = tasks.into_iter().flatten().flatten().any(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|s| s.get(s.rfind(')')? + 2..)?.chars().next())
+                        .is_some_and(|c| c != 'Z' && c != 'X')
+                });
+                if live_thread {
+                    OwnerState::Dying
+                } else {
+                    OwnerState::Dead
+                }
+            }
+            _ => OwnerState::Dead,
+        }
+    }
+
+    /// Whether the owner is alive, after waiting (boundedly) for a dying one
+    /// to finish, so that its descriptors (its sandboxes' channels) are
+    /// closed before recovery starts.
     fn owner_alive(rec: &OwnerRecord) -> bool {
-        rec.pid > 0
-            && matches!(proc_stat(rec.pid), Some((state, ticks))
-                if ticks == rec.start_ticks && state != 'Z' && state != 'X')
+        let deadline = Instant::now() + OWNER_EXIT_WAIT;
+        loop {
+            match Self::owner_state(rec) {
+                OwnerState::Alive => return true,
+                OwnerState::Dead => return false,
+                // A killed process runs no code of its own any more: past
+                // the wait, recover (killing what it left) rather than
+                // leave its sandboxes to a broker that will never return.
+                OwnerState::Dying if Instant::now() >= deadline => return false,
+                OwnerState::Dying => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
     }
 
     /// Removes sandboxes whose owning broker process is gone: their
@@ -316,6 +371,8 @@ impl Broker {
     pub fn recover(&self) {
         let sb_root = self.cfg.state_dir.join("sandboxes");
         let mut live_elsewhere = std::collections::HashSet::new();
+        // One verdict per owner: a dying owner is waited for once.
+        let mut owners: HashMap<(i32, u64), bool> = HashMap::new();
         if let Ok(rd) = std::fs::read_dir(&sb_root) {
             for e in rd.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
@@ -329,8 +386,10 @@ impl Broker {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
                 if let Some(o) = &owner
-                    && Self::owner_alive(o)
                     && (o.pid, o.start_ticks) != self.me
+                    && *owners
+                        .entry((o.pid, o.start_ticks))
+                        .or_insert_with(|| Self::owner_alive(o))
                 {
                     live_elsewhere.insert(id);
                     continue;
@@ -356,13 +415,16 @@ impl Broker {
 
     fn remove_leftover(&self, id: &str, agent: Option<String>) {
         let mut problems = Vec::new();
+        // The FUSE connection first: aborting it wakes every process (and
+        // any thread of the dead broker) waiting on its server, so the
+        // kills below are not held up by a request.
+        let mp = self.cfg.state_dir.join("sandboxes").join(id).join("root");
+        if let Err(e) = airlock_fs::force_unmount(&mp) {
+            problems.push(e.to_string());
+        }
         if let Ok(cg) = self.cgroups.open(id)
             && let Err(e) = cg.remove()
         {
-            problems.push(e.to_string());
-        }
-        let mp = self.cfg.state_dir.join("sandboxes").join(id).join("root");
-        if let Err(e) = airlock_fs::force_unmount(&mp) {
             problems.push(e.to_string());
         }
         for d in [

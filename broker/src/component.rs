@@ -166,6 +166,10 @@ pub struct Component {
     role: &'static str,
     pid: Pid,
     stopping: Arc<AtomicBool>,
+    /// The supervisor thread, joined on stop so that every event the
+    /// component sent before it ended is audited before the stop returns.
+    supervisor: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    reaped: bool,
 }
 
 impl Component {
@@ -195,6 +199,8 @@ impl Component {
             role,
             pid,
             stopping: Arc::new(AtomicBool::new(false)),
+            supervisor: std::sync::Mutex::new(None),
+            reaped: false,
         };
         mine.send(
             &Control::Start {
@@ -246,7 +252,7 @@ impl Component {
         R::Event: Send,
     {
         let stopping = Arc::clone(&self.stopping);
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("{}-{}", R::NAME, self.pid))
             .spawn(move || {
                 let ended = loop {
@@ -267,14 +273,44 @@ impl Component {
                 } else {
                     on_end(ended);
                 }
-            })
-            .map(drop)
+            })?;
+        *crate::util::lock_or_recover(&self.supervisor) = Some(handle);
+        Ok(())
     }
-}
 
-impl Drop for Component {
-    fn drop(&mut self) {
+    /// Stops the component: gives it `grace` to exit by itself (it does
+    /// once what it serves is gone, after sending its last events), then
+    /// kills it; reaps it, and waits until its supervisor has handled
+    /// everything it sent.
+    pub fn stop(mut self, grace: Duration) {
         self.stopping.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            match nix::sys::wait::waitpid(self.pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(nix::Error::EINTR) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                _ => {
+                    self.reaped = true;
+                    break;
+                }
+            }
+        }
+        self.kill_and_reap();
+        let handle = crate::util::lock_or_recover(&self.supervisor).take();
+        if let Some(h) = handle
+            && h.thread().id() != std::thread::current().id()
+            && h.join().is_err()
+        {
+            tracing::warn!(role = self.role, "component supervisor panicked");
+        }
+    }
+
+    fn kill_and_reap(&mut self) {
+        if self.reaped {
+            return;
+        }
+        self.reaped = true;
         if let Err(e) = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL)
             && e != nix::Error::ESRCH
         {
@@ -287,6 +323,13 @@ impl Drop for Component {
                 _ => break,
             }
         }
+    }
+}
+
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.kill_and_reap();
     }
 }
 

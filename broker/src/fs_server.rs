@@ -152,7 +152,7 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
     // (the broker died), this process exits and the kernel ends the mount.
     let events = chan_dup(chan).map_err(|e| fail("control channel")(&e))?;
     let watch = chan_dup(chan).map_err(|e| fail("control channel")(&e))?;
-    std::thread::Builder::new()
+    let forwarder = std::thread::Builder::new()
         .name("fs-events".into())
         .spawn(move || {
             while let Ok(event) = rx.recv() {
@@ -171,7 +171,13 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
             std::process::exit(0);
         })
         .map_err(|e| fail("start watch thread")(&e))?;
-    serving.run().map_err(|e| fail("serve")(&e))
+    let served = serving.run();
+    // The session is over (unmounted) and the filesystem with its event
+    // sink dropped: the forwarder sends what is queued, then ends.
+    if forwarder.join().is_err() {
+        return Err(("forward events", "the event thread panicked".into()));
+    }
+    served.map_err(|e| fail("serve")(&e))
 }
 
 /// The jail of a server of `mount_spec`: landlock limited to its own

@@ -54,6 +54,10 @@ pub enum ExecOutcome {
     SandboxGone,
 }
 
+/// How long a filesystem server gets to exit by itself once its mount is
+/// gone (it sends its last events first) before it is killed.
+const SERVER_EXIT_GRACE: Duration = Duration::from_millis(500);
+
 /// The sandbox's FUSE root: the mount the broker made, and the server
 /// process that serves it. Released by detaching the mount (aborting its
 /// connection first, so nothing waits on the server), then killing and
@@ -74,7 +78,9 @@ impl ServedMount {
 
     fn release(&mut self) -> Result<(), airlock_fs::FsError> {
         let res = airlock_fs::force_unmount(&self.mountpoint);
-        drop(self.server.take());
+        if let Some(server) = self.server.take() {
+            server.stop(SERVER_EXIT_GRACE);
+        }
         res
     }
 }
@@ -353,6 +359,16 @@ impl Sandbox {
         let after = res.cgroup.counters();
         *lock_or_recover(&self.counters) = after;
         let mut problems = Vec::new();
+        // The mount first: its server sends the events of the sandbox's
+        // last file changes as it winds down, and nothing waits on it
+        // once its connection is aborted. Then everything else in the
+        // cgroup.
+        if let Some(m) = res.mount.take()
+            && let Err(e) = m.unmount()
+        {
+            problems.push(format!("{e}"));
+        }
+        let t_unmount = t0.elapsed();
         if let Err(e) = res.cgroup.remove() {
             problems.push(format!("{e}"));
         }
@@ -360,12 +376,6 @@ impl Sandbox {
         for (_, tx) in lock_or_recover(&self.pending).drain() {
             let _ = tx.send(ExecOutcome::SandboxGone);
         }
-        if let Some(m) = res.mount.take()
-            && let Err(e) = m.unmount()
-        {
-            problems.push(format!("{e}"));
-        }
-        let t_unmount = t0.elapsed();
         for d in &res.dirs {
             if let Err(e) = std::fs::remove_dir_all(d)
                 && e.kind() != std::io::ErrorKind::NotFound

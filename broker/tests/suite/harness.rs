@@ -91,9 +91,12 @@ impl Env {
                 .spawn()
                 .unwrap(),
         ));
+        // Up when it answers a request: a connect alone may reach the
+        // listening socket of a killed predecessor whose last thread is
+        // still exiting (nobody accepts there).
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            if answers(&self.socket) {
                 return broker;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -207,6 +210,20 @@ pub fn procs_in_range(base: u32) -> Vec<(i32, u32)> {
         }
     }
     out
+}
+
+/// Whether an API server answers on `socket` within a short while.
+fn answers(socket: &Path) -> bool {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(250)));
+    let req = "GET /v1/sandboxes HTTP/1.1\r\nHost: airlock\r\nConnection: close\r\n\r\n";
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 ")
 }
 
 pub fn http_on(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {

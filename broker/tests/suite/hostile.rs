@@ -23,14 +23,8 @@ fn a_killed_but_unreaped_broker_leaves_nothing_after_restart() {
         ));
     }
     let mut zombie = b.kill9_unreaped();
-    // The sandboxes see their broker's channels close and die; what stays
-    // (mounts, cgroups, directories) is for the next broker to remove.
-    for (_, base) in &ids {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !procs_in_range(*base).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
+    // Restarted at once: the sandboxes may still be running, and the killed
+    // broker's last threads may still be exiting.
     let mut b2 = env.start_brokerd();
     for (id, _) in &ids {
         assert!(
@@ -39,9 +33,8 @@ fn a_killed_but_unreaped_broker_leaves_nothing_after_restart() {
             env.audit(&["--sandbox", id, "--kind", "sandbox"])
         );
     }
-    env.assert_no_leftovers(None);
-    for (id, base) in &ids {
-        assert!(procs_in_range(*base).is_empty(), "processes of {id} left");
+    for (_, base) in &ids {
+        env.assert_no_leftovers(Some(*base));
     }
     b2.stop();
     zombie.wait().unwrap();
