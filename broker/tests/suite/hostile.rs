@@ -91,17 +91,14 @@ while n < 100000:
 print("held", n, ctypes.get_errno(), flush=True)
 time.sleep(30)
 "#;
+    // Through brokerd: the sandbox is destroyed when the client goes, not
+    // left to a killed embedded broker.
+    let _b = env.start_brokerd();
+    let info = create(&env, &["--user", "root"]);
+    let id = info["id"].as_str().unwrap().to_string();
     let mut c = env.airlock();
-    c.args([
-        "--embedded",
-        "run",
-        "--user",
-        "root",
-        "--",
-        "python3",
-        "-c",
-        script,
-    ]);
+    c.arg("--socket").arg(&env.socket);
+    c.args(["exec", &id, "--", "python3", "-c", script]);
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut line = String::new();
@@ -132,6 +129,8 @@ time.sleep(30)
     );
     child.kill().unwrap();
     child.wait().unwrap();
+    ok(&env.remote(&["rm", &id]));
+    env.assert_no_leftovers(None);
 }
 
 /// A caller-supplied workspace or rootfs must be an ordinary directory on
