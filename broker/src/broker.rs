@@ -431,7 +431,7 @@ impl Broker {
             self.cfg.state_dir.join("sandboxes").join(id),
             self.cfg.state_dir.join("layers").join(id),
         ] {
-            if let Err(e) = std::fs::remove_dir_all(&d)
+            if let Err(e) = crate::tree::remove_tree(&d)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 problems.push(format!("remove {}: {e}", d.display()));
@@ -895,13 +895,13 @@ impl Broker {
             layer_dir.join("owner.json"),
             serde_json::to_vec(&owner).unwrap_or_default(),
         ) {
-            let _ = std::fs::remove_dir_all(&layer_dir);
+            let _ = crate::tree::remove_tree(&layer_dir);
             return Err(BrokerError::Internal(format!("write owner record: {e}")));
         }
         let cgroup = match self.cgroups.create(&id, &cg_limits) {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&layer_dir);
+                let _ = crate::tree::remove_tree(&layer_dir);
                 return Err(BrokerError::Internal(format!("create cgroup: {e}")));
             }
         };
@@ -1516,7 +1516,7 @@ fn cleanup_partial(mut res: Resources) {
         let _ = m.unmount();
     }
     for d in &res.dirs {
-        let _ = std::fs::remove_dir_all(d);
+        let _ = crate::tree::remove_tree(d);
     }
 }
 

@@ -19,6 +19,7 @@ pub mod config;
 pub mod fs_server;
 pub mod sandbox;
 pub mod sys;
+pub mod tree;
 pub mod util;
 
 /// argv\[1\] that selects the shim role.

@@ -377,7 +377,7 @@ impl Sandbox {
             let _ = tx.send(ExecOutcome::SandboxGone);
         }
         for d in &res.dirs {
-            if let Err(e) = std::fs::remove_dir_all(d)
+            if let Err(e) = crate::tree::remove_tree(d)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
                 problems.push(format!("remove {}: {e}", d.display()));

@@ -334,3 +334,52 @@ fn killing_one_fs_server_ends_only_its_sandbox() {
     ok(&env.remote(&["rm", &vid, &nid]));
     env.assert_no_leftovers(None);
 }
+
+/// Builds a directory chain `depth` levels deep under `dir` (as a
+/// sandbox can build in its copy-on-write layer), quickly, from the host.
+fn deep_chain(dir: &std::path::Path, depth: usize) {
+    let script = format!(
+        "import os\nos.makedirs({dir:?}, exist_ok=True)\nos.chdir({dir:?})\n\
+         for _ in range({depth}):\n    os.mkdir('d'); os.chdir('d')\n\
+         open('f', 'w').write('x')\n",
+        dir = dir.display().to_string()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A copy-on-write layer nested deeper than the broker's open-files limit
+/// is removed at destroy and at recovery alike, and the broker goes on
+/// serving.
+#[test]
+fn trees_deeper_than_the_open_files_limit_are_torn_down_and_recovered() {
+    let env = Env::new();
+    let mut b = env.start_brokerd();
+    let a = create(&env, &["--agent", "deep"]);
+    let c = create(&env, &["--agent", "deep"]);
+    let (aid, cid) = (a["id"].as_str().unwrap(), c["id"].as_str().unwrap());
+    for id in [aid, cid] {
+        deep_chain(
+            &env.state.join("layers").join(id).join("upper/tmp/deep"),
+            25_000,
+        );
+    }
+    ok(&env.remote(&["rm", aid]));
+    assert!(
+        !env.state.join("layers").join(aid).exists(),
+        "layer of {aid} left"
+    );
+    assert_eq!(
+        ok(&env.remote(&["exec", cid, "--", "echo", "still"])),
+        "still\n"
+    );
+    b.kill9();
+    let _b2 = env.start_brokerd();
+    env.assert_no_leftovers(None);
+    env.audit_wait(&["--sandbox", cid], |r| {
+        r["action"] == "recovered" && r["detail"]["problems"] == serde_json::json!([])
+    });
+}
