@@ -91,6 +91,10 @@ fn supervise_fs(sandbox: &Arc<Sandbox>, chan: Channel, sink: FsSink) -> std::io:
     })
 }
 
+/// Largest argv plus env of one exec, in bytes (with their terminators):
+/// it travels to pid 1 in one control message.
+const MAX_EXEC_ARGS_BYTES: usize = 128 * 1024;
+
 /// How long a sandbox may take to come up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -1354,12 +1358,18 @@ impl Broker {
         }
         let extra = body.env.clone().unwrap_or_default();
         check_env(&extra)?;
-        let mut env = lock_or_recover(&sb.env).clone();
-        for e in extra {
-            let key = e.split('=').next().unwrap_or_default().to_string();
-            env.retain(|x| x.split('=').next() != Some(key.as_str()));
-            env.push(e);
+        let size: usize = body
+            .argv
+            .iter()
+            .chain(extra.iter())
+            .map(|a| a.len() + 1)
+            .sum();
+        if size > MAX_EXEC_ARGS_BYTES {
+            return Err(BrokerError::BadRequest(format!(
+                "argv and env hold {size} bytes; at most {MAX_EXEC_ARGS_BYTES} are accepted"
+            )));
         }
+        let env = merge_env(&lock_or_recover(&sb.env), extra);
         let (uid, gid, user) = match body.user.as_deref() {
             None => (sb.user_ids.0, sb.user_ids.1, sb.user.clone()),
             Some("sandbox") => (SANDBOX_UID, SANDBOX_UID, "sandbox".to_string()),
@@ -1488,6 +1498,26 @@ fn check_limits(
         )));
     }
     Ok(())
+}
+
+/// The sandbox's environment with an exec's entries on top: an entry of
+/// `extra` replaces the one with the same key (the last one wins), in
+/// time linear in the number of entries.
+fn merge_env(base: &[String], extra: Vec<String>) -> Vec<String> {
+    fn key(e: &str) -> &str {
+        e.split_once('=').map_or(e, |(k, _)| k)
+    }
+    let mut slot: HashMap<String, usize> = HashMap::with_capacity(base.len() + extra.len());
+    let mut out: Vec<Option<String>> = Vec::with_capacity(base.len() + extra.len());
+    for e in base.iter().cloned().chain(extra) {
+        if let Some(old) = slot.insert(key(&e).to_string(), out.len())
+            && let Some(o) = out.get_mut(old)
+        {
+            *o = None;
+        }
+        out.push(Some(e));
+    }
+    out.into_iter().flatten().collect()
 }
 
 /// Env entries must be KEY=VALUE with a plain key and no NUL.
@@ -1705,4 +1735,21 @@ fn check_disk_filesystem(fd: &OwnedFd) -> Result<(), String> {
             .collect::<Vec<_>>()
             .join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn merged_env_replaces_by_key_and_keeps_order() {
+        let base = vec!["A=1".to_string(), "B=2".to_string(), "C=3".to_string()];
+        let extra = vec!["B=x".to_string(), "D=4".to_string(), "B=y".to_string()];
+        assert_eq!(merge_env(&base, extra), ["A=1", "C=3", "D=4", "B=y"]);
+        // Linear: 200,000 entries merge at once.
+        let many: Vec<String> = (0..200_000).map(|i| format!("K{i}=v")).collect();
+        assert_eq!(merge_env(&many, many.clone()).len(), 200_000);
+    }
 }

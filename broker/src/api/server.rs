@@ -86,6 +86,32 @@ fn json_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> 
 type Shared = State<Arc<Broker>>;
 type Peer = ConnectInfo<PeerCred>;
 
+/// Reads a request body whole, within [`BODY_READ_TIMEOUT`] and at most
+/// [`MAX_BODY_BYTES`]: a client that declares a body and never sends it
+/// (or trickles it) loses its request, not the broker a connection slot
+/// forever.
+async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+    match tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, MAX_BODY_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body unreadable or over {MAX_BODY_BYTES} bytes: {e}"),
+        )),
+        Err(_) => Err(ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {}s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
 /// The router.
 pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
@@ -103,13 +129,9 @@ async fn health() -> impl IntoResponse {
     Json(serde_json::json!({"ok": true, "version": env!("CARGO_PKG_VERSION")}))
 }
 
-async fn create(
-    State(b): Shared,
-    ConnectInfo(c): Peer,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
+async fn create(State(b): Shared, ConnectInfo(c): Peer, body: Body) -> Result<Response, ApiError> {
     let p = principal(c)?;
-    let req: CreateSandbox = json_body(&body)?;
+    let req: CreateSandbox = json_body(&read_body(body).await?)?;
     let info = tokio::task::spawn_blocking(move || b.create(&p, req))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
@@ -164,10 +186,10 @@ async fn exec(
     State(b): Shared,
     ConnectInfo(c): Peer,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
-    let req: ExecBody = json_body(&body)?;
+    let req: ExecBody = json_body(&read_body(body).await?)?;
     let handle = b.exec(&p, &id, req).await?;
     let stream = futures_stream(handle.events);
     Ok(Response::builder()
@@ -189,10 +211,10 @@ async fn signal(
     State(b): Shared,
     ConnectInfo(c): Peer,
     Path((id, exec_id)): Path<(String, u64)>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
-    let req: SignalBody = json_body(&body)?;
+    let req: SignalBody = json_body(&read_body(body).await?)?;
     b.signal_exec(&p, &id, exec_id, req.signal)?;
     Ok(
         Json(serde_json::json!({"id": id, "exec_id": exec_id, "signal": req.signal}))
@@ -205,7 +227,15 @@ fn futures_stream(
     mut rx: tokio::sync::mpsc::Receiver<ExecEvent>,
 ) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> {
     async_stream_lines(move |tx| async move {
-        while let Some(ev) = rx.recv().await {
+        loop {
+            // A client that hangs up drops the response body: stop at once,
+            // even while the command is silent (or stopped), so that
+            // dropping `rx` ends the command.
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = tx.closed() => return,
+            };
+            let Some(ev) = ev else { return };
             let mut line = serde_json::to_vec(&ev).unwrap_or_default();
             line.push(b'\n');
             if tx.send(Ok(line)).await.is_err() {
@@ -301,6 +331,10 @@ async fn audit(
 pub const MAX_CONNECTIONS_PER_UID: usize = 128;
 /// A request's headers must arrive within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a request body may take to arrive.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body accepted (an exec's argv, env and stdin).
+pub const MAX_BODY_BYTES: usize = 4 << 20;
 /// How long a refused connection waits for the request's head before it is
 /// answered, and then for the client to hang up before it is closed.
 const REFUSE_WAIT: Duration = Duration::from_secs(1);

@@ -383,3 +383,100 @@ fn trees_deeper_than_the_open_files_limit_are_torn_down_and_recovered() {
         r["action"] == "recovered" && r["detail"]["problems"] == serde_json::json!([])
     });
 }
+
+/// A raw request on the API socket; the stream is returned for the test
+/// to read from, or to drop.
+fn raw_request(env: &Env, head_and_body: &str) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+    s.write_all(head_and_body.as_bytes()).unwrap();
+    s
+}
+
+/// A caller cannot hold the broker with a request: a body that is
+/// declared but never sent times out, a huge environment is refused by
+/// size, and neither keeps another caller waiting.
+#[test]
+fn slow_or_huge_requests_do_not_hold_the_broker() {
+    use std::io::Read;
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let info = create(&env, &[]);
+    let id = info["id"].as_str().unwrap().to_string();
+    // Declared 100 bytes, sent none.
+    let mut stalled = raw_request(
+        &env,
+        "POST /v1/sandboxes HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n",
+    );
+    // Meanwhile another caller is served.
+    let (code, _) = env.http("GET", "/v1/sandboxes", "");
+    assert_eq!(code, 200);
+    let env_entries: Vec<String> = (0..50_000).map(|i| format!("\"K{i}=v\"")).collect();
+    let body = format!(
+        r#"{{"argv": ["true"], "env": [{}]}}"#,
+        env_entries.join(",")
+    );
+    let (code, resp) = env.http("POST", &format!("/v1/sandboxes/{id}/exec"), &body);
+    assert_eq!(code, 400, "{resp}");
+    assert!(resp.contains("argv and env hold"), "{resp}");
+    let mut answer = String::new();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let _ = stalled.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request body not received"), "{answer}");
+}
+
+/// Hanging up ends the command, even one that prints nothing or is
+/// stopped: nothing runs on without a client to hold it.
+#[test]
+fn a_closed_connection_ends_a_silent_or_stopped_command() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let info = create(&env, &[]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let base = info["host_uid_base"].as_u64().unwrap() as u32;
+    for script in ["exec sleep 600", "kill -STOP $$; sleep 600"] {
+        let body = format!(r#"{{"argv": ["sh", "-c", "{script}"]}}"#);
+        let s = raw_request(
+            &env,
+            &format!(
+                "POST /v1/sandboxes/{id}/exec HTTP/1.1\r\nHost: a\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        while !line.contains("started") {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0, "no start for {script}");
+        }
+        // The command runs (or is stopped) in the sandbox.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !procs_in_range(base).iter().any(|(p, _)| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"sleep") || c.starts_with(b"sh\0-c\0kill"))
+        }) {
+            assert!(Instant::now() < deadline, "command of {script} never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(r);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = env.http("GET", &format!("/v1/sandboxes/{id}"), "");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["execs_running"] == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{script} outlived its client: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
