@@ -36,14 +36,20 @@ impl Env {
         // Distinct uid ranges per test process and test, so parallel tests
         // never share ids.
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let start = 0x2000_0000u32 + (((std::process::id() % 100) * 64 + n) % 6400) * 8 * 65536;
+        // 64 slots of 65536 ids each per environment.
+        let start = 0x2000_0000u32 + (((std::process::id() % 100) * 64 + n) % 800) * 64 * 65536;
         let config = dir.path().join("brokerd.toml");
         std::fs::write(
             &config,
             format!(
-                "socket = \"{}\"\nsocket_mode = \"0666\"\nstate_dir = \"{}\"\nid_range_start = {start}\nmax_sandboxes = 8\n{extra}",
+                "socket = \"{}\"\nsocket_mode = \"0666\"\nstate_dir = \"{}\"\nid_range_start = {start}\n{}{extra}",
                 socket.display(),
-                state.display()
+                state.display(),
+                if extra.contains("max_sandboxes =") {
+                    ""
+                } else {
+                    "max_sandboxes = 8\n"
+                },
             ),
         )
         .unwrap();

@@ -480,3 +480,107 @@ fn a_closed_connection_ends_a_silent_or_stopped_command() {
         }
     }
 }
+
+/// brokerd killed with SIGKILL while 32 creates and execs are in flight:
+/// the next start leaves no mount, cgroup, directory or process behind,
+/// and every write a command reported done is on disk.
+#[test]
+fn sigkill_under_load_leaves_nothing_and_loses_no_acknowledged_write() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let env = Env::with_extra("pool_size = 0\nmax_sandboxes = 40\nmax_sandboxes_per_agent = 40\n");
+    let mut b = env.start_brokerd();
+    let done = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..32)
+        .map(|i| {
+            let socket = env.socket.clone();
+            let config = env.config.clone();
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || -> (Option<String>, bool) {
+                let airlock = |args: &[&str]| {
+                    std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+                        .arg("--config")
+                        .arg(&config)
+                        .arg("--socket")
+                        .arg(&socket)
+                        .args(args)
+                        .env_clear()
+                        .stdin(Stdio::null())
+                        .output()
+                        .ok()
+                };
+                let Some(out) = airlock(&["--json", "create", "--agent", "load"]) else {
+                    return (None, false);
+                };
+                let Some(id) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .ok()
+                    .and_then(|v| v["id"].as_str().map(str::to_string))
+                else {
+                    return (None, false);
+                };
+                let script = format!("echo {i} > /workspace/w{i} && echo done-{i}");
+                let acked = airlock(&["exec", &id, "--", "sh", "-c", &script]).is_some_and(|o| {
+                    String::from_utf8_lossy(&o.stdout).contains(&format!("done-{i}"))
+                });
+                if acked {
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                (Some(id), acked)
+            })
+        })
+        .collect();
+    // Kill once a few are done and the rest are in flight.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.load(Ordering::SeqCst) < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let in_flight = 32 - done.load(Ordering::SeqCst);
+    let mut zombie = b.kill9_unreaped();
+    let results: Vec<(usize, (Option<String>, bool))> = workers
+        .into_iter()
+        .map(|w| w.join().unwrap())
+        .enumerate()
+        .collect();
+    let mut b2 = env.start_brokerd();
+    env.assert_no_leftovers(None);
+    for (_, (id, _)) in &results {
+        if let Some(id) = id {
+            assert!(Env::cgroup_dirs(id).is_empty(), "cgroup of {id} left");
+        }
+    }
+    let cfg = std::fs::read_to_string(&env.config).unwrap();
+    let start: u32 = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("id_range_start = "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    for slot in 0..40 {
+        let base = start + slot * 65536;
+        assert!(
+            procs_in_range(base).is_empty(),
+            "processes left in slot {slot}"
+        );
+    }
+    let (_, listed) = env.http("GET", "/v1/sandboxes", "");
+    assert_eq!(listed.trim(), "[]");
+    let ws = env.state.join("workspaces/load");
+    let mut acked = 0;
+    for (i, (_, ok)) in &results {
+        if *ok {
+            acked += 1;
+            assert_eq!(
+                std::fs::read_to_string(ws.join(format!("w{i}"))).unwrap(),
+                format!("{i}\n"),
+                "acknowledged write {i} lost"
+            );
+        }
+    }
+    eprintln!("{acked} of 32 writes acknowledged; {in_flight} in flight at the kill");
+    assert!(
+        in_flight >= 8,
+        "too few in flight to show anything: {in_flight}"
+    );
+    b2.stop();
+    zombie.wait().unwrap();
+}
