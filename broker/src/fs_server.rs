@@ -182,7 +182,8 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
 
 /// The jail of a server of `mount_spec`: landlock limited to its own
 /// layers, only [`airlock_fs::SERVER_CAPABILITIES`], no_new_privs, the
-/// sandbox's open-files limit. Applies to the calling thread and the
+/// sandbox's open-files limit, and the seccomp allow-list
+/// [`airlock_fs::SERVER_SECCOMP`]. Applies to the calling thread and the
 /// threads it starts afterwards.
 pub fn confine(
     mount_spec: &MountSpec,
@@ -204,11 +205,13 @@ pub fn confine(
             comment: h.why,
         })
         .collect();
+    let seccomp = airlock_shim::seccomp::compile_allow_list(airlock_fs::SERVER_SECCOMP)?;
     airlock_shim::jail::apply(&ComponentJail {
         landlock: &rules,
         landlock_floor,
         keep_caps: airlock_fs::SERVER_CAPABILITIES,
         nofile,
+        seccomp: Some(&seccomp),
     })
 }
 

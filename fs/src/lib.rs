@@ -216,6 +216,11 @@ pub const SERVER_CAPABILITIES: &[(u32, &str)] = &[
     ),
 ];
 
+/// The seccomp allow-list of a server process, as data: every system call
+/// the server makes once it serves, each with why; everything else is
+/// refused (see the file's own comment for the format).
+pub const SERVER_SECCOMP: &str = include_str!("../seccomp.json");
+
 /// The rights a server needs beneath one host path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

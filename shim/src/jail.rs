@@ -9,7 +9,9 @@
 //!    ambient set is cleared, effective and permitted become exactly them;
 //! 3. `no_new_privs`;
 //! 4. landlock: only the component's own paths, with the rights each rule
-//!    names; abstract sockets and signals scoped to the component.
+//!    names; abstract sockets and signals scoped to the component;
+//! 5. seccomp: the component's own allow-list, every other system call
+//!    refused.
 
 use crate::caps::CapsError;
 use crate::landlock::{LandlockError, LandlockStatus, PolicyRule};
@@ -26,6 +28,9 @@ pub struct ComponentJail<'a> {
     pub keep_caps: &'a [(u32, &'a str)],
     /// RLIMIT_NOFILE (soft = hard).
     pub nofile: u64,
+    /// An allow-list seccomp program ([`crate::seccomp::compile_allow_list`]),
+    /// installed last.
+    pub seccomp: Option<&'a seccompiler::BpfProgram>,
 }
 
 /// What the jail reached.
@@ -55,6 +60,9 @@ pub enum JailError {
     /// Landlock failed.
     #[error(transparent)]
     Landlock(#[from] LandlockError),
+    /// Installing the seccomp filter failed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Applies `j` to the calling process. Call it while single-threaded, or
@@ -79,6 +87,9 @@ pub fn apply(j: &ComponentJail<'_>) -> Result<JailReport, JailError> {
     crate::sys::capset_mask(mask).map_err(CapsError::Capset)?;
     crate::caps::set_no_new_privs()?;
     let landlock = crate::landlock::restrict_self_to(j.landlock, j.landlock_floor)?;
+    if let Some(program) = j.seccomp {
+        crate::seccomp::install_on_current_thread(program)?;
+    }
     Ok(JailReport {
         landlock,
         caps_kept: mask,

@@ -537,6 +537,8 @@ const ARCH_ONLY: &[(&str, i64)] = &[
     ("ustat", libc::SYS_ustat),
     ("sysfs", libc::SYS_sysfs),
     ("_sysctl", libc::SYS__sysctl),
+    ("poll", libc::SYS_poll),
+    ("renameat", libc::SYS_renameat),
 ];
 #[cfg(not(target_arch = "x86_64"))]
 const ARCH_ONLY: &[(&str, i64)] = &[];
@@ -610,6 +612,76 @@ const COMMON: &[(&str, i64)] = &[
     ("quotactl_fd", libc::SYS_quotactl_fd),
     ("nfsservctl", libc::SYS_nfsservctl),
     ("vhangup", libc::SYS_vhangup),
+    // Named by the broker components' allow-lists.
+    ("openat", libc::SYS_openat),
+    ("openat2", libc::SYS_openat2),
+    ("close", libc::SYS_close),
+    ("read", libc::SYS_read),
+    ("pread64", libc::SYS_pread64),
+    ("write", libc::SYS_write),
+    ("writev", libc::SYS_writev),
+    ("pwrite64", libc::SYS_pwrite64),
+    ("lseek", libc::SYS_lseek),
+    ("newfstatat", libc::SYS_newfstatat),
+    ("fstat", libc::SYS_fstat),
+    ("statx", libc::SYS_statx),
+    ("fstatfs", libc::SYS_fstatfs),
+    ("getdents64", libc::SYS_getdents64),
+    ("ftruncate", libc::SYS_ftruncate),
+    ("fallocate", libc::SYS_fallocate),
+    ("fsync", libc::SYS_fsync),
+    ("fdatasync", libc::SYS_fdatasync),
+    ("fchmod", libc::SYS_fchmod),
+    ("fchown", libc::SYS_fchown),
+    ("fchownat", libc::SYS_fchownat),
+    ("mkdirat", libc::SYS_mkdirat),
+    ("mknodat", libc::SYS_mknodat),
+    ("symlinkat", libc::SYS_symlinkat),
+    ("linkat", libc::SYS_linkat),
+    ("unlinkat", libc::SYS_unlinkat),
+    ("renameat2", libc::SYS_renameat2),
+    ("readlinkat", libc::SYS_readlinkat),
+    ("utimensat", libc::SYS_utimensat),
+    ("fgetxattr", libc::SYS_fgetxattr),
+    ("fsetxattr", libc::SYS_fsetxattr),
+    ("fremovexattr", libc::SYS_fremovexattr),
+    ("flistxattr", libc::SYS_flistxattr),
+    ("setfsuid", libc::SYS_setfsuid),
+    ("setfsgid", libc::SYS_setfsgid),
+    ("fcntl", libc::SYS_fcntl),
+    ("recvmsg", libc::SYS_recvmsg),
+    ("sendmsg", libc::SYS_sendmsg),
+    ("ppoll", libc::SYS_ppoll),
+    ("futex", libc::SYS_futex),
+    ("mmap", libc::SYS_mmap),
+    ("munmap", libc::SYS_munmap),
+    ("mprotect", libc::SYS_mprotect),
+    ("madvise", libc::SYS_madvise),
+    ("mremap", libc::SYS_mremap),
+    ("brk", libc::SYS_brk),
+    ("rt_sigaction", libc::SYS_rt_sigaction),
+    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+    ("rt_sigreturn", libc::SYS_rt_sigreturn),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("exit", libc::SYS_exit),
+    ("exit_group", libc::SYS_exit_group),
+    ("gettid", libc::SYS_gettid),
+    ("getpid", libc::SYS_getpid),
+    ("sched_yield", libc::SYS_sched_yield),
+    ("sched_getaffinity", libc::SYS_sched_getaffinity),
+    ("getrandom", libc::SYS_getrandom),
+    ("rseq", libc::SYS_rseq),
+    ("set_robust_list", libc::SYS_set_robust_list),
+    ("clock_gettime", libc::SYS_clock_gettime),
+    ("clock_nanosleep", libc::SYS_clock_nanosleep),
+    ("nanosleep", libc::SYS_nanosleep),
+    ("tgkill", libc::SYS_tgkill),
+    ("geteuid", libc::SYS_geteuid),
+    ("getuid", libc::SYS_getuid),
+    ("getegid", libc::SYS_getegid),
+    ("getgid", libc::SYS_getgid),
+    ("prctl", libc::SYS_prctl),
+    ("fchmodat2", 452),
 ];
 
 const SYSCALLS: &[(&str, i64)] = &join::<{ COMMON.len() + ARCH_ONLY.len() }>(COMMON, ARCH_ONLY);
@@ -944,4 +1016,101 @@ mod tests {
             Err(e) => -i64::from(e as i32),
         }
     }
+}
+
+/// An allow-list profile, for a component of the broker that knows exactly
+/// which system calls it makes (a filesystem server, a network gateway):
+/// every syscall the profile does not allow is refused with `deny_errno`,
+/// x32 and foreign-architecture calls included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowProfile {
+    /// Free-form version, reported by the component.
+    pub version: String,
+    /// What the profile is for.
+    #[serde(default)]
+    pub comment: String,
+    /// Errno for everything not allowed.
+    pub deny_errno: String,
+    /// Syscalls refused with their own `errno` (e.g. `clone3` with ENOSYS,
+    /// so the C library falls back to a call whose flags can be checked).
+    #[serde(default)]
+    pub refuse: Vec<ProfileRule>,
+    /// Allowed syscalls; several rules for one syscall are alternatives,
+    /// and a rule with `args` allows the call only when all of them hold.
+    pub allow: Vec<ProfileRule>,
+}
+
+/// Parses, checks and compiles an allow-list profile for the running
+/// architecture: syscalls must be known, rules unique, and a syscall
+/// either allowed outright or only under conditions.
+pub fn compile_allow_list(json: &str) -> Result<BpfProgram, SeccompError> {
+    let p: AllowProfile = serde_json::from_str(json).map_err(SeccompError::Parse)?;
+    let errno = errno_by_name(&p.deny_errno)
+        .ok_or_else(|| SeccompError::UnknownErrno(p.deny_errno.clone()))?;
+    let arch = target_arch()?;
+    let mut seen = BTreeSet::new();
+    let mut always = BTreeSet::new();
+    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for rule in &p.allow {
+        if !applies_here(rule) {
+            continue;
+        }
+        if !seen.insert((rule.syscall.clone(), format!("{:?}", rule.args))) {
+            return Err(SeccompError::DuplicateRule(rule.syscall.clone()));
+        }
+        let nr = syscall_number(&rule.syscall)
+            .ok_or_else(|| SeccompError::UnknownSyscall(rule.syscall.clone()))?;
+        let entry = map.entry(nr).or_default();
+        let conflict = if rule.args.is_empty() {
+            !always.insert(nr) || !entry.is_empty()
+        } else {
+            always.contains(&nr)
+        };
+        if conflict {
+            return Err(SeccompError::Conflict {
+                syscall: rule.syscall.clone(),
+                why: "a syscall is allowed either outright or only under conditions",
+            });
+        }
+        if !rule.args.is_empty() {
+            entry.push(seccomp_rule(rule)?);
+        }
+    }
+    let mut programs = Vec::new();
+    for rule in &p.refuse {
+        if !applies_here(rule) {
+            continue;
+        }
+        let name = rule.errno.as_deref().unwrap_or(&p.deny_errno);
+        let e = errno_by_name(name).ok_or_else(|| SeccompError::UnknownErrno(name.into()))?;
+        let nr = syscall_number(&rule.syscall)
+            .ok_or_else(|| SeccompError::UnknownSyscall(rule.syscall.clone()))?;
+        if map.contains_key(&nr) {
+            return Err(SeccompError::Conflict {
+                syscall: rule.syscall.clone(),
+                why: "a syscall is either allowed or refused",
+            });
+        }
+        let refusal = SeccompFilter::new(
+            BTreeMap::from([(nr, Vec::new())]),
+            SeccompAction::Allow,
+            SeccompAction::Errno(e),
+            arch,
+        )
+        .map_err(|source| SeccompError::Compile { errno: e, source })?;
+        programs.push(
+            refusal
+                .try_into()
+                .map_err(|source| SeccompError::Compile { errno: e, source })?,
+        );
+    }
+    let filter = SeccompFilter::new(map, SeccompAction::Errno(errno), SeccompAction::Allow, arch)
+        .map_err(|source| SeccompError::Compile { errno, source })?;
+    programs.push(
+        filter
+            .try_into()
+            .map_err(|source| SeccompError::Compile { errno, source })?,
+    );
+    chain_programs(programs)
 }

@@ -246,6 +246,8 @@ fn the_fs_server_is_a_confined_process_charged_to_its_sandbox() {
     let server = fs_server_of(&id);
     assert_ne!(server, broker_pid);
     assert_eq!(status_field(server, "NoNewPrivs:"), "1");
+    // Its own seccomp allow-list (filter mode).
+    assert_eq!(status_field(server, "Seccomp:"), "2");
     let bnd = u64::from_str_radix(&status_field(server, "CapBnd:"), 16).unwrap();
     // No CAP_SYS_PTRACE (19), CAP_NET_ADMIN (12), CAP_SYS_MODULE (16),
     // CAP_KILL (5) or CAP_SYS_RAWIO (17) in reach, ever.
