@@ -1008,10 +1008,6 @@ impl Broker {
             audit: self.audit.clone(),
             counters: Mutex::new(Default::default()),
         });
-        if let Err(e) = supervise_fs(&sandbox, fs_chan, fs_sink) {
-            sandbox.teardown("create failed");
-            return Err(BrokerError::Internal(format!("fs supervisor thread: {e}")));
-        }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = Arc::clone(&sandbox);
         let spawned = std::thread::Builder::new()
@@ -1030,6 +1026,21 @@ impl Broker {
             return Err(BrokerError::Internal(format!("send spec to shim: {e}")));
         }
         let t_spawned = t0.elapsed();
+        // The filesystem server started before the shim and served it
+        // meanwhile; its own set-up must have succeeded too.
+        match Component::await_ready::<FsRole>(&fs_chan) {
+            Ok(ready) => tracing::debug!(sandbox = %id, ?ready, "fs server ready"),
+            Err(e) => {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!(
+                    "start the filesystem server: {e}"
+                )));
+            }
+        }
+        if let Err(e) = supervise_fs(&sandbox, fs_chan, fs_sink) {
+            sandbox.teardown("create failed");
+            return Err(BrokerError::Internal(format!("fs supervisor thread: {e}")));
+        }
         let ready = match ready_rx.recv_timeout(SETUP_TIMEOUT) {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -1166,13 +1177,14 @@ impl Broker {
         if let Some(r) = rootfs {
             fds.push(r.fd.as_fd());
         }
-        let (server, ready, chan) = Component::start::<FsRole>(&self.exe, &spec, &fds)
+        // Launched, not awaited: it answers INIT while the shim sets up
+        // (whose first steps wait on the mount), see Broker::spawn.
+        let (server, chan) = Component::launch::<FsRole>(&self.exe, &spec, &fds)
             .map_err(|e| BrokerError::Internal(format!("start the filesystem server: {e}")))?;
         drop(dev);
         if let Some(m) = res.mount.as_mut() {
             m.server = Some(server);
         }
-        tracing::debug!(sandbox = %id, ?ready, "fs server ready");
         Ok(BuiltFs {
             mountpoint,
             chan,

@@ -173,19 +173,18 @@ pub struct Component {
 }
 
 impl Component {
-    /// Starts `exe R::ARG`, sends it `spec` with `fds`, and waits until it
-    /// reports ready (or fails, or [`READY_TIMEOUT`] passes). On success,
-    /// returns the owner, the ready report and the broker's end of the
-    /// channel, to [`Component::supervise`].
+    /// Starts `exe R::ARG` and sends it `spec` with `fds`, without waiting
+    /// for it: the caller may start other work and then
+    /// [`Component::await_ready`].
     ///
     /// # Errors
-    /// When the process cannot be started, or it fails or times out before
-    /// it is ready (it is then killed and reaped).
-    pub fn start<R: Role>(
+    /// When the process cannot be started or the spec cannot be sent (it is
+    /// then killed and reaped).
+    pub fn launch<R: Role>(
         exe: &Path,
         spec: &R::Spec,
         fds: &[BorrowedFd<'_>],
-    ) -> Result<(Component, R::Ready, Channel), ComponentError> {
+    ) -> Result<(Component, Channel), ComponentError> {
         let role = R::NAME;
         let chan = |source| ComponentError::Channel { role, source };
         let (mine, theirs) = Channel::pair().map_err(chan)?;
@@ -210,13 +209,21 @@ impl Component {
             fds,
         )
         .map_err(chan)?;
-        if !wait_readable(&mine, READY_TIMEOUT) {
+        Ok((owner, mine))
+    }
+
+    /// Waits until the component launched on `chan` reports ready (or
+    /// fails, or [`READY_TIMEOUT`] passes).
+    ///
+    /// # Errors
+    /// A failed stage, a timeout, or a protocol mismatch.
+    pub fn await_ready<R: Role>(chan: &Channel) -> Result<R::Ready, ComponentError> {
+        let role = R::NAME;
+        if !wait_readable(chan, READY_TIMEOUT) {
             return Err(ComponentError::Timeout { role });
         }
-        match mine.recv::<Report<R::Ready, R::Event>>() {
-            Ok((Report::Ready { version, ready }, _)) if version == PROTOCOL_VERSION => {
-                Ok((owner, ready, mine))
-            }
+        match chan.recv::<Report<R::Ready, R::Event>>() {
+            Ok((Report::Ready { version, ready }, _)) if version == PROTOCOL_VERSION => Ok(ready),
             Ok((Report::Ready { version, .. }, _)) => Err(ComponentError::Protocol {
                 role,
                 what: format!("protocol version {version}, broker speaks {PROTOCOL_VERSION}"),
@@ -226,8 +233,24 @@ impl Component {
                 role,
                 what: "an event before ready".into(),
             }),
-            Err(source) => Err(chan(source)),
+            Err(source) => Err(ComponentError::Channel { role, source }),
         }
+    }
+
+    /// [`Component::launch`], then [`Component::await_ready`]. Returns the
+    /// owner, the ready report and the broker's end of the channel, to
+    /// [`Component::supervise`].
+    ///
+    /// # Errors
+    /// As those two.
+    pub fn start<R: Role>(
+        exe: &Path,
+        spec: &R::Spec,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Component, R::Ready, Channel), ComponentError> {
+        let (owner, chan) = Self::launch::<R>(exe, spec, fds)?;
+        let ready = Self::await_ready::<R>(&chan)?;
+        Ok((owner, ready, chan))
     }
 
     /// Host pid of the process.

@@ -73,6 +73,9 @@ pub struct FsReady {
     pub passthrough: bool,
     /// What the jail reached.
     pub jail: JailReport,
+    /// How long each start-up stage took, µs.
+    #[serde(default)]
+    pub stages_us: Vec<(String, u64)>,
 }
 
 /// Events queued for the broker before new ones are dropped (the broker
@@ -100,6 +103,14 @@ type Stage = (&'static str, String);
 
 fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), Stage> {
     let fail = |stage: &'static str| move |e: &dyn std::fmt::Display| (stage, e.to_string());
+    let mut stages_us: Vec<(String, u64)> = Vec::new();
+    let mut last = std::time::Instant::now();
+    let mut mark = |name: &str| {
+        let now = std::time::Instant::now();
+        let us = u64::try_from(now.duration_since(last).as_micros()).unwrap_or(u64::MAX);
+        stages_us.push((name.to_string(), us));
+        last = now;
+    };
     // Everything after this is charged to the sandbox. Single-threaded
     // here, so "0" moves the whole process (v1 `tasks` moves one thread).
     for f in &spec.cgroup_procs {
@@ -131,19 +142,24 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         sandbox_user: spec.user.clone(),
         hostname: spec.hostname.clone(),
     };
+    mark("join cgroup");
     let (tx, rx) = sync_channel::<FsEvent>(EVENT_QUEUE);
     let server = airlock_fs::Server::new(&mount_spec, sink(tx), &MountOptions::default())
         .map_err(|e| ("open layers", error_chain(&e)))?;
+    mark("open layers");
     let serving = server
         .handshake(dev)
         .map_err(|e| ("fuse handshake", error_chain(&e)))?;
+    mark("handshake");
     let jail = confine(&mount_spec, spec.landlock_floor, spec.nofile)
         .map_err(|e| fail("jail")(&error_chain(&e)))?;
+    mark("jail");
     let ready: Report<FsReady, FsEvent> = Report::Ready {
         version: component::PROTOCOL_VERSION,
         ready: FsReady {
             passthrough: serving.passthrough_enabled(),
             jail,
+            stages_us,
         },
     };
     chan.send(&ready, &[])
