@@ -26,7 +26,7 @@ use crate::audit::{AuditKind, AuditQuery, AuditRecord, AuditRow, AuditStore};
 use crate::authz::{AuthzError, Principal};
 use crate::component::{Component, Ended};
 use crate::config::BrokerConfig;
-use crate::fs_server::{FsRole, FsServerSpec};
+use crate::fs_server::{FsRole, FsServerEvent, FsServerSpec};
 use crate::sandbox::{ExecOutcome, ReadyInfo, Resources, Sandbox, ServedMount};
 use crate::util::{RateLimiter, lock_or_recover, now_ms, random_hex};
 
@@ -48,7 +48,7 @@ const REFUSALS_BURST: f64 = 200.0;
 const FS_SERVER_MIN_NOFILE: u64 = 256;
 
 /// Audits one event of a sandbox's filesystem server.
-type FsSink = Box<dyn FnMut(airlock_fs::FsEvent) + Send>;
+type FsSink = Box<dyn FnMut(FsServerEvent) + Send>;
 
 /// What [`Broker::build`] made: the mountpoint, and the running server's
 /// channel and audit sink, to supervise once the sandbox exists.
@@ -1118,12 +1118,18 @@ impl Broker {
         let upper = layer_dir.join("upper");
         let audit = self.audit.clone();
         let (sid, sagent) = (id.to_string(), agent.to_string());
-        // A sandbox can make file events as fast as it can loop: past the
-        // budget they are counted, and the count lands in one row.
+        // A sandbox can make file events as fast as it can loop: its server
+        // sends at most the budget and counts the rest (in the sandbox's
+        // own process), and the count lands in one row. The same budget
+        // here holds a server that would not keep to it.
         let limiter = RateLimiter::new(FS_EVENTS_PER_SEC, FS_EVENTS_BURST);
-        let sink: FsSink = Box::new(move |ev: airlock_fs::FsEvent| {
-            let Some(dropped) = limiter.admit() else {
-                return;
+        let sink: FsSink = Box::new(move |ev: FsServerEvent| {
+            let (ev, dropped) = match ev {
+                FsServerEvent::Fs { event } => match limiter.admit() {
+                    Some(d) => (Some(event), d),
+                    None => return,
+                },
+                FsServerEvent::RateLimited { dropped } => (None, dropped),
             };
             if dropped > 0 {
                 audit.record(AuditRecord {
@@ -1135,6 +1141,9 @@ impl Broker {
                                    "events_per_sec": FS_EVENTS_PER_SEC}),
                 });
             }
+            let Some(ev) = ev else {
+                return;
+            };
             let kind = match &ev {
                 airlock_fs::FsEvent::Denied { .. } => AuditKind::Denial,
                 _ => AuditKind::Fs,
@@ -1172,6 +1181,8 @@ impl Broker {
             cgroup_procs: res.cgroup.join_files(),
             nofile: nofile.max(FS_SERVER_MIN_NOFILE),
             landlock_floor: self.cfg.landlock_floor,
+            events_per_sec: FS_EVENTS_PER_SEC,
+            events_burst: FS_EVENTS_BURST,
         };
         let mut fds = vec![dev.as_fd(), workspace.fd.as_fd()];
         if let Some(r) = rootfs {

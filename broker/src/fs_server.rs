@@ -34,7 +34,25 @@ impl Role for FsRole {
     const NAME: &'static str = "fs";
     type Spec = FsServerSpec;
     type Ready = FsReady;
-    type Event = FsEvent;
+    type Event = FsServerEvent;
+}
+
+/// What a filesystem server reports while it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FsServerEvent {
+    /// A file change in /workspace, or a denial.
+    Fs {
+        /// The event.
+        event: FsEvent,
+    },
+    /// Events the server dropped over its budget since the last one it
+    /// sent (they are counted where they happen, in the sandbox's own
+    /// process, and never reach the broker).
+    RateLimited {
+        /// How many.
+        dropped: u64,
+    },
 }
 
 /// What a filesystem server serves. Descriptors travel beside it, in this
@@ -64,6 +82,11 @@ pub struct FsServerSpec {
     pub nofile: u64,
     /// Lowest landlock ABI accepted.
     pub landlock_floor: u8,
+    /// Events sent to the broker per second at most (and burst); past
+    /// that they are counted.
+    pub events_per_sec: f64,
+    /// Burst of events sent at once.
+    pub events_burst: f64,
 }
 
 /// What a server reports once confined.
@@ -154,7 +177,8 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
     let jail = confine(&mount_spec, spec.landlock_floor, spec.nofile)
         .map_err(|e| fail("jail")(&error_chain(&e)))?;
     mark("jail");
-    let ready: Report<FsReady, FsEvent> = Report::Ready {
+    let (events_per_sec, events_burst) = (spec.events_per_sec, spec.events_burst);
+    let ready: Report<FsReady, FsServerEvent> = Report::Ready {
         version: component::PROTOCOL_VERSION,
         ready: FsReady {
             passthrough: serving.passthrough_enabled(),
@@ -171,11 +195,26 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
     let forwarder = std::thread::Builder::new()
         .name("fs-events".into())
         .spawn(move || {
+            let limiter = crate::util::RateLimiter::new(events_per_sec, events_burst);
+            let send = |event: FsServerEvent| {
+                let msg: Report<FsReady, FsServerEvent> = Report::Event { event };
+                events.send(&msg, &[]).is_ok()
+            };
             while let Ok(event) = rx.recv() {
-                let msg: Report<FsReady, FsEvent> = Report::Event { event };
-                if events.send(&msg, &[]).is_err() {
-                    break;
+                let Some(dropped) = limiter.admit() else {
+                    continue;
+                };
+                if dropped > 0 && !send(FsServerEvent::RateLimited { dropped }) {
+                    return;
                 }
+                if !send(FsServerEvent::Fs { event }) {
+                    return;
+                }
+            }
+            // The stream ended (the sandbox is going): the last count too.
+            let dropped = limiter.take_dropped();
+            if dropped > 0 {
+                send(FsServerEvent::RateLimited { dropped });
             }
         })
         .map_err(|e| fail("start event thread")(&e))?;

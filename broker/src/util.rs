@@ -138,6 +138,14 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// The events dropped since the last one that passed, reset to 0 (for
+    /// a final count when the stream ends).
+    pub fn take_dropped(&self) -> u64 {
+        std::mem::take(&mut lock_or_recover(&self.state).2)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod limiter_tests {

@@ -583,3 +583,30 @@ fn sigkill_under_load_leaves_nothing_and_loses_no_acknowledged_write() {
     b2.stop();
     zombie.wait().unwrap();
 }
+
+/// A flood of file changes is audited up to the budget and counted past
+/// it, by the sandbox's own server: the broker receives a bounded stream.
+#[test]
+fn a_flood_of_file_events_is_counted_not_stored() {
+    let env = Env::new();
+    let out = env.run(&[
+        "--",
+        "python3",
+        "-c",
+        "import os\nfor i in range(12000):\n    open(f'/workspace/f{i}', 'w').close()\nprint('made')",
+    ]);
+    assert_eq!(ok(&out), "made\n");
+    let rows = env.audit(&["--kind", "fs", "--limit", "100000"]);
+    assert!(
+        rows.len() < 12_000 && rows.len() >= 5000,
+        "{} fs rows for 24,000 events",
+        rows.len()
+    );
+    let limited = env.audit(&["--kind", "limit"]);
+    let dropped: u64 = limited
+        .iter()
+        .filter(|r| r["action"] == "audit_rate_limited")
+        .filter_map(|r| r["detail"]["dropped_fs_events"].as_u64())
+        .sum();
+    assert!(dropped > 0, "{limited:?}");
+}
