@@ -817,6 +817,7 @@ impl Broker {
                 "seccomp_profile": ready.seccomp_profile,
                 "report": ready.selftest,
                 "setup_us": ready.stages_us,
+                "fs_server": sandbox.fs_ready.get(),
             }),
         });
         if limits.timeout_secs > 0 {
@@ -999,6 +1000,7 @@ impl Broker {
             shim_pid,
             init_pid: OnceLock::new(),
             ready: OnceLock::new(),
+            fs_ready: OnceLock::new(),
             pending: Mutex::new(HashMap::new()),
             next_exec: AtomicU64::new(1),
             resources: Mutex::new(Some(res)),
@@ -1029,7 +1031,10 @@ impl Broker {
         // The filesystem server started before the shim and served it
         // meanwhile; its own set-up must have succeeded too.
         match Component::await_ready::<FsRole>(&fs_chan) {
-            Ok(ready) => tracing::debug!(sandbox = %id, ?ready, "fs server ready"),
+            Ok(ready) => {
+                tracing::debug!(sandbox = %id, ?ready, "fs server ready");
+                let _ = sandbox.fs_ready.set(ready);
+            }
             Err(e) => {
                 sandbox.teardown("create failed");
                 return Err(BrokerError::Internal(format!(

@@ -139,6 +139,8 @@ pub struct Sandbox {
     pub(crate) shim_pid: Pid,
     pub(crate) init_pid: OnceLock<i32>,
     pub(crate) ready: OnceLock<ReadyInfo>,
+    /// What the filesystem server reported once confined.
+    pub(crate) fs_ready: OnceLock<crate::fs_server::FsReady>,
     pub(crate) pending: Mutex<HashMap<u64, oneshot::Sender<ExecOutcome>>>,
     pub(crate) next_exec: AtomicU64,
     pub(crate) resources: Mutex<Option<Resources>>,

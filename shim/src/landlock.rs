@@ -293,8 +293,25 @@ fn build(plan: &LandlockPlan) -> Result<RulesetCreated, LandlockError> {
                 });
             }
         };
+        // A rule on a file (or device) may only grant rights that apply to
+        // files; directory rights there would make the ruleset "partially
+        // enforced" for no reason.
+        let is_dir = {
+            use std::os::fd::AsFd;
+            nix::sys::stat::fstat(fd.as_fd())
+                .map(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                .unwrap_or(true)
+        };
+        let access = if is_dir {
+            rule.access
+        } else {
+            rule.access & AccessFs::from_file(abi_of(plan.abi))
+        };
+        if access.is_empty() {
+            continue;
+        }
         created = created
-            .add_rule(PathBeneath::new(fd, rule.access))
+            .add_rule(PathBeneath::new(fd, access))
             .map_err(err)?;
     }
     Ok(created)

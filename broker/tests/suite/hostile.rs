@@ -248,7 +248,15 @@ fn the_fs_server_is_a_confined_process_charged_to_its_sandbox() {
     assert_eq!(status_field(server, "NoNewPrivs:"), "1");
     // Its own seccomp allow-list (filter mode).
     assert_eq!(status_field(server, "Seccomp:"), "2");
+    // What it reported of its jail is in the sandbox's jail row.
+    let rows = env.audit_wait(&["--sandbox", &id, "--kind", "jail"], |r| {
+        r["detail"]["fs_server"].is_object()
+    });
+    let fs = &rows[0]["detail"]["fs_server"];
+    assert_eq!(fs["jail"]["landlock"]["enforced"], "fully_enforced", "{fs}");
     let bnd = u64::from_str_radix(&status_field(server, "CapBnd:"), 16).unwrap();
+    // The bounding set is exactly the capabilities it reports keeping.
+    assert_eq!(fs["jail"]["caps_kept"].as_u64(), Some(bnd), "{fs}");
     // No CAP_SYS_PTRACE (19), CAP_NET_ADMIN (12), CAP_SYS_MODULE (16),
     // CAP_KILL (5) or CAP_SYS_RAWIO (17) in reach, ever.
     for cap in [5, 12, 16, 17, 19] {
