@@ -418,29 +418,10 @@ impl Broker {
     }
 
     fn remove_leftover(&self, id: &str, agent: Option<String>) {
-        let mut problems = Vec::new();
-        // The FUSE connection first: aborting it wakes every process (and
-        // any thread of the dead broker) waiting on its server, so the
-        // kills below are not held up by a request.
-        let mp = self.cfg.state_dir.join("sandboxes").join(id).join("root");
-        if let Err(e) = airlock_fs::force_unmount(&mp) {
-            problems.push(e.to_string());
-        }
-        if let Ok(cg) = self.cgroups.open(id)
-            && let Err(e) = cg.remove()
-        {
-            problems.push(e.to_string());
-        }
-        for d in [
-            self.cfg.state_dir.join("sandboxes").join(id),
-            self.cfg.state_dir.join("layers").join(id),
-        ] {
-            if let Err(e) = crate::tree::remove_tree(&d)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                problems.push(format!("remove {}: {e}", d.display()));
-            }
-        }
+        let problems = match self.cgroups.open(id) {
+            Ok(cg) => Resources::leftover(id, &self.cfg.state_dir, cg).release(),
+            Err(e) => vec![e.to_string()],
+        };
         self.audit.record(AuditRecord {
             kind: AuditKind::Sandbox,
             action: "recovered".into(),
@@ -1569,12 +1550,8 @@ fn check_env(env: &[String]) -> Result<(), BrokerError> {
 }
 
 fn cleanup_partial(mut res: Resources) {
-    let _ = res.cgroup.remove();
-    if let Some(m) = res.mount.take() {
-        let _ = m.unmount();
-    }
-    for d in &res.dirs {
-        let _ = crate::tree::remove_tree(d);
+    for problem in res.release() {
+        tracing::warn!(%problem, "cleanup after a failed create");
     }
 }
 

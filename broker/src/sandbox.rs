@@ -108,6 +108,51 @@ pub struct Resources {
     pub slot: Option<nix::fcntl::Flock<File>>,
 }
 
+impl Resources {
+    /// What a broker that died left of sandbox `id`, found by name in its
+    /// state directory, to [`Resources::release`] at recovery.
+    pub fn leftover(id: &str, state_dir: &std::path::Path, cgroup: Cgroup) -> Resources {
+        let sb_dir = state_dir.join("sandboxes").join(id);
+        Resources {
+            mount: Some(ServedMount {
+                mountpoint: sb_dir.join("root"),
+                server: None,
+            }),
+            cgroup,
+            dirs: vec![sb_dir, state_dir.join("layers").join(id)],
+            slot: None,
+        }
+    }
+
+    /// Releases everything, in the one order that works whatever state the
+    /// sandbox is in, and returns what could not be released. The mount
+    /// first: aborting its connection wakes everything that waits on its
+    /// server (so no kill below is held up by a request), and a live server
+    /// sends the events of the sandbox's last file changes as it winds
+    /// down. Then every process in the cgroup, the directories (in constant
+    /// memory whatever their shape), and last the id slot.
+    pub fn release(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(m) = self.mount.take()
+            && let Err(e) = m.unmount()
+        {
+            problems.push(format!("{e}"));
+        }
+        if let Err(e) = self.cgroup.remove() {
+            problems.push(format!("{e}"));
+        }
+        for d in &self.dirs {
+            if let Err(e) = crate::tree::remove_tree(d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                problems.push(format!("remove {}: {e}", d.display()));
+            }
+        }
+        drop(self.slot.take());
+        problems
+    }
+}
+
 /// A live (or dead, until removed) sandbox.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -360,36 +405,12 @@ impl Sandbox {
         let before = *lock_or_recover(&self.counters);
         let after = res.cgroup.counters();
         *lock_or_recover(&self.counters) = after;
-        let mut problems = Vec::new();
-        // The mount first: its server sends the events of the sandbox's
-        // last file changes as it winds down, and nothing waits on it
-        // once its connection is aborted. Then everything else in the
-        // cgroup.
-        if let Some(m) = res.mount.take()
-            && let Err(e) = m.unmount()
-        {
-            problems.push(format!("{e}"));
-        }
-        let t_unmount = t0.elapsed();
-        if let Err(e) = res.cgroup.remove() {
-            problems.push(format!("{e}"));
-        }
-        let t_cgroup = t0.elapsed();
+        let problems = res.release();
         for (_, tx) in lock_or_recover(&self.pending).drain() {
             let _ = tx.send(ExecOutcome::SandboxGone);
         }
-        for d in &res.dirs {
-            if let Err(e) = crate::tree::remove_tree(d)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                problems.push(format!("remove {}: {e}", d.display()));
-            }
-        }
-        drop(res.slot.take());
         tracing::debug!(
             sandbox = %self.id,
-            cgroup_ms = t_cgroup.as_secs_f64() * 1e3,
-            unmount_ms = t_unmount.as_secs_f64() * 1e3,
             total_ms = t0.elapsed().as_secs_f64() * 1e3,
             "teardown"
         );
