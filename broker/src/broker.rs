@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use airlock_shim::cgroup::{CgroupLimits, CgroupManager};
 use airlock_shim::channel::{Channel, ToShim};
 use airlock_shim::spec::{ExecRequest, IdRange, Rlimits, SandboxSpec};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -29,6 +28,12 @@ use crate::config::BrokerConfig;
 use crate::fs_server::{FsRole, FsServerEvent, FsServerSpec};
 use crate::sandbox::{ExecOutcome, ReadyInfo, Resources, Sandbox, ServedMount};
 use crate::util::{RateLimiter, lock_or_recover, now_ms, random_hex};
+
+mod pool;
+mod recovery;
+
+use pool::{PoolEntry, PoolKey};
+use recovery::{OwnerRecord, start_ticks};
 
 /// Sandbox uid of the default (unprivileged) user.
 pub const SANDBOX_UID: u32 = 1000;
@@ -125,45 +130,6 @@ fn internal(what: &str) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
     move |e| BrokerError::Internal(format!("{what}: {e}"))
 }
 
-/// How long recovery waits for a killed broker's last threads to exit.
-const OWNER_EXIT_WAIT: Duration = Duration::from_secs(5);
-
-/// A recorded owner broker, as recovery finds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OwnerState {
-    /// Running.
-    Alive,
-    /// Killed, but a thread still runs (and holds its descriptors).
-    Dying,
-    /// Gone: exited, a zombie with no thread left, or the pid reused.
-    Dead,
-}
-
-/// What a sandbox directory records about its owner, for crash recovery.
-#[derive(Debug, Serialize, Deserialize)]
-struct OwnerRecord {
-    pid: i32,
-    start_ticks: u64,
-    agent: String,
-}
-
-/// Start time of a process in clock ticks (field 22 of /proc/pid/stat).
-fn start_ticks(pid: i32) -> Option<u64> {
-    proc_stat(pid).map(|(_, ticks)| ticks)
-}
-
-/// State letter (field 3) and start time (field 22) of /proc/pid/stat. The
-/// command name (field 2) may hold any byte, so fields are counted from the
-/// last ')'.
-fn proc_stat(pid: i32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let mut fields = rest.split(' ');
-    let state = fields.next()?.chars().next()?;
-    let ticks = fields.nth(18)?.parse().ok()?;
-    Some((state, ticks))
-}
-
 /// The broker.
 #[derive(Debug)]
 pub struct Broker {
@@ -210,12 +176,6 @@ impl Drop for AgentReservation<'_> {
         }
     }
 }
-
-/// Pool key: (agent, user).
-type PoolKey = (String, String);
-
-/// A pre-started sandbox and what its jail self-test reported.
-type PoolEntry = (Arc<Sandbox>, ReadyInfo);
 
 /// What a sandbox is built with and cannot change afterwards.
 #[derive(Debug, Clone)]
@@ -316,119 +276,6 @@ impl Broker {
     /// The audit store.
     pub fn audit_store(&self) -> &AuditStore {
         &self.audit
-    }
-
-    /// What became of the broker that wrote `rec`. A killed broker's main
-    /// thread is a zombie as soon as it exits, and stays one until its
-    /// parent reaps it (a service manager may take its time, a shell may
-    /// never): that is a dead owner, as is one that reused the pid. But its
-    /// other threads may still be finishing their last system call, and
-    /// while one of them lives the process still holds its descriptors
-    /// (its sandboxes' control channels among them): that owner is dying.
-    fn owner_state(rec: &OwnerRecord) -> OwnerState {
-        if rec.pid <= 0 {
-            return OwnerState::Dead;
-        }
-        match proc_stat(rec.pid) {
-            Some((state, ticks)) if ticks == rec.start_ticks => {
-                if state != 'Z' && state != 'X' {
-                    return OwnerState::Alive;
-                }
-                let tasks = std::fs::read_dir(format!("/proc/{}/task", rec.pid));
-                let live_thread = tasks.into_iter().flatten().flatten().any(|t| {
-                    std::fs::read_to_string(t.path().join("stat"))
-                        .ok()
-                        .and_then(|s| s.get(s.rfind(')')? + 2..)?.chars().next())
-                        .is_some_and(|c| c != 'Z' && c != 'X')
-                });
-                if live_thread {
-                    OwnerState::Dying
-                } else {
-                    OwnerState::Dead
-                }
-            }
-            _ => OwnerState::Dead,
-        }
-    }
-
-    /// Whether the owner is alive, after waiting (boundedly) for a dying one
-    /// to finish, so that its descriptors (its sandboxes' channels) are
-    /// closed before recovery starts.
-    fn owner_alive(rec: &OwnerRecord) -> bool {
-        let deadline = Instant::now() + OWNER_EXIT_WAIT;
-        loop {
-            match Self::owner_state(rec) {
-                OwnerState::Alive => return true,
-                OwnerState::Dead => return false,
-                // A killed process runs no code of its own any more: past
-                // the wait, recover (killing what it left) rather than
-                // leave its sandboxes to a broker that will never return.
-                OwnerState::Dying if Instant::now() >= deadline => return false,
-                OwnerState::Dying => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-    }
-
-    /// Removes sandboxes whose owning broker process is gone: their
-    /// processes, cgroups, FUSE mounts and directories. Workspaces and the
-    /// audit log are kept.
-    pub fn recover(&self) {
-        let sb_root = self.cfg.state_dir.join("sandboxes");
-        let mut live_elsewhere = std::collections::HashSet::new();
-        // One verdict per owner: a dying owner is waited for once.
-        let mut owners: HashMap<(i32, u64), bool> = HashMap::new();
-        if let Ok(rd) = std::fs::read_dir(&sb_root) {
-            for e in rd.flatten() {
-                let id = e.file_name().to_string_lossy().into_owned();
-                let owner: Option<OwnerRecord> = std::fs::read(
-                    self.cfg
-                        .state_dir
-                        .join("layers")
-                        .join(&id)
-                        .join("owner.json"),
-                )
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
-                if let Some(o) = &owner
-                    && (o.pid, o.start_ticks) != self.me
-                    && *owners
-                        .entry((o.pid, o.start_ticks))
-                        .or_insert_with(|| Self::owner_alive(o))
-                {
-                    live_elsewhere.insert(id);
-                    continue;
-                }
-                self.remove_leftover(&id, owner.map(|o| o.agent));
-            }
-        }
-        // Layer directories without a live owner (a crash between creating
-        // the layer directory and the sandbox directory). Cgroups are only
-        // ever removed by id from here: other brokers with other state
-        // directories may share the hierarchy.
-        if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("layers")) {
-            for e in rd.flatten() {
-                let id = e.file_name().to_string_lossy().into_owned();
-                if !live_elsewhere.contains(&id) && !sb_root.join(&id).exists() {
-                    self.remove_leftover(&id, None);
-                }
-            }
-        }
-        // What recovery found is worth having on disk before anything else.
-        self.audit.flush();
-    }
-
-    fn remove_leftover(&self, id: &str, agent: Option<String>) {
-        let problems = match self.cgroups.open(id) {
-            Ok(cg) => Resources::leftover(id, &self.cfg.state_dir, cg).release(),
-            Err(e) => vec![e.to_string()],
-        };
-        self.audit.record(AuditRecord {
-            kind: AuditKind::Sandbox,
-            action: "recovered".into(),
-            sandbox_id: Some(id.to_string()),
-            agent,
-            detail: json!({"reason": "owner broker gone", "problems": problems}),
-        });
     }
 
     fn take_slot(&self) -> Result<(u32, nix::fcntl::Flock<File>), BrokerError> {
@@ -611,123 +458,6 @@ impl Broker {
             path: w,
             fd: Arc::new(fd),
         })
-    }
-
-    /// Requests the pool can serve: the agent's own workspace, the host
-    /// base, the default open-files limit (fixed at start); any user,
-    /// memory, pids, CPU, timeout and environment (applied when handed out).
-    fn pool_key(&self, shape: &Shape) -> Option<PoolKey> {
-        (self.cfg.pool_size > 0
-            && shape.rootfs.is_none()
-            && shape.nofile == self.cfg.limits.nofile
-            && shape.workspace.path == self.cfg.state_dir.join("workspaces").join(&shape.agent))
-        .then(|| (shape.agent.clone(), shape.user.clone()))
-    }
-
-    /// Takes a live pre-started sandbox for `key`, if any.
-    fn claim(&self, key: &PoolKey) -> Option<(Arc<Sandbox>, ReadyInfo)> {
-        loop {
-            let next = lock_or_recover(&self.pool)
-                .get_mut(key)
-                .and_then(|v| v.pop());
-            match next {
-                Some((sb, ready)) if sb.is_running() => return Some((sb, ready)),
-                Some((sb, _)) => sb.teardown("pool entry died"),
-                None => return None,
-            }
-        }
-    }
-
-    /// Tops the pool for `key` up to `pool_size` in the background.
-    fn refill(&self, key: PoolKey, shape: Shape) {
-        let Some(me) = self.me_ref.get().and_then(Weak::upgrade) else {
-            return;
-        };
-        if !lock_or_recover(&self.refilling).insert(key.clone()) {
-            return;
-        }
-        let key_on_error = key.clone();
-        let spawned = std::thread::Builder::new()
-            .name("pool-refill".into())
-            .spawn(move || {
-                let defaults = AppliedLimits {
-                    memory_bytes: me.cfg.limits.memory_bytes,
-                    pids: me.cfg.limits.pids,
-                    cpu_millis: me.cfg.limits.cpu_millis,
-                    nofile: me.cfg.limits.nofile,
-                    timeout_secs: 0,
-                };
-                loop {
-                    let have = lock_or_recover(&me.pool).get(&key).map_or(0, Vec::len);
-                    if have >= me.cfg.pool_size || me.closing.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    me.wait_for_quiet();
-                    match me.spawn(&shape, &defaults, false) {
-                        Ok(entry) => lock_or_recover(&me.pool)
-                            .entry(key.clone())
-                            .or_default()
-                            .push(entry),
-                        Err(e) => {
-                            tracing::warn!(agent = %key.0, error = %e, "pool refill failed");
-                            break;
-                        }
-                    }
-                }
-                // Drain before leaving the refilling set: shutdown waits
-                // for that set to empty, then lets the process exit, which
-                // would cut a teardown of ours short (a FUSE mount and a
-                // cgroup left behind).
-                if me.closing.load(Ordering::SeqCst) {
-                    me.drain_pool();
-                }
-                lock_or_recover(&me.refilling).remove(&key);
-            });
-        if spawned.is_err() {
-            lock_or_recover(&self.refilling).remove(&key_on_error);
-        }
-    }
-
-    /// Holds a pool refill back until the broker is quiet: a grace of
-    /// [`REFILL_GRACE`] (a create is almost always followed at once by its
-    /// first exec), then until no command is running, for at most
-    /// [`REFILL_MAX_WAIT`] in all. Building a sandbox costs a CPU for
-    /// several milliseconds; on a small host, doing it while the caller's
-    /// command starts slowed that command by a third.
-    fn wait_for_quiet(&self) {
-        let start = Instant::now();
-        std::thread::sleep(REFILL_GRACE);
-        while self.execs_in_flight.load(Ordering::SeqCst) > 0
-            && start.elapsed() < REFILL_MAX_WAIT
-            && !self.closing.load(Ordering::SeqCst)
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Destroys one pre-started sandbox to free its slot; false if none.
-    fn evict_one(&self) -> bool {
-        let victim = lock_or_recover(&self.pool)
-            .values_mut()
-            .find_map(|v| v.pop());
-        match victim {
-            Some((sb, _)) => {
-                sb.teardown("evicted from the pool");
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Destroys every pre-started sandbox.
-    fn drain_pool(&self) {
-        let all: Vec<_> = lock_or_recover(&self.pool)
-            .drain()
-            .flat_map(|(_, v)| v)
-            .collect();
-        for (sb, _) in all {
-            sb.teardown("broker shutdown");
-        }
     }
 
     /// Hands a ready sandbox to its caller: limits, environment and timeout
@@ -1643,12 +1373,6 @@ async fn pump(
     }
     sb.exit_of(outcome, started, timed_out)
 }
-
-/// How long a pool refill waits before it starts (see
-/// [`Broker::wait_for_quiet`]).
-const REFILL_GRACE: Duration = Duration::from_millis(20);
-/// The longest a pool refill waits for running commands to end.
-const REFILL_MAX_WAIT: Duration = Duration::from_millis(250);
 
 /// Counts one running command while alive.
 struct InFlight(Arc<AtomicUsize>);

@@ -1,0 +1,147 @@
+//! The pool of pre-started sandboxes: per (agent, user), up to
+//! `pool_size` sandboxes built ahead of demand (namespaces, cgroup, mount,
+//! filesystem server, jail and self-test done), refilled in the background
+//! when the broker is quiet and at the least CPU weight, handed out by
+//! [`Broker::claim`], and evicted when a real request needs the slot.
+
+use std::sync::Arc;
+use std::sync::Weak;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{Broker, Shape};
+use crate::api::types::AppliedLimits;
+use crate::sandbox::{ReadyInfo, Sandbox};
+use crate::util::lock_or_recover;
+
+/// How long a pool refill waits before it starts (see
+/// [`Broker::wait_for_quiet`]).
+const REFILL_GRACE: Duration = Duration::from_millis(20);
+
+/// The longest a pool refill waits for running commands to end.
+const REFILL_MAX_WAIT: Duration = Duration::from_millis(250);
+
+/// Pool key: (agent, user).
+pub(super) type PoolKey = (String, String);
+
+/// A pre-started sandbox and what its jail self-test reported.
+pub(super) type PoolEntry = (Arc<Sandbox>, ReadyInfo);
+
+impl Broker {
+    /// Requests the pool can serve: the agent's own workspace, the host
+    /// base, the default open-files limit (fixed at start); any user,
+    /// memory, pids, CPU, timeout and environment (applied when handed out).
+    pub(super) fn pool_key(&self, shape: &Shape) -> Option<PoolKey> {
+        (self.cfg.pool_size > 0
+            && shape.rootfs.is_none()
+            && shape.nofile == self.cfg.limits.nofile
+            && shape.workspace.path == self.cfg.state_dir.join("workspaces").join(&shape.agent))
+        .then(|| (shape.agent.clone(), shape.user.clone()))
+    }
+
+    /// Takes a live pre-started sandbox for `key`, if any.
+    pub(super) fn claim(&self, key: &PoolKey) -> Option<(Arc<Sandbox>, ReadyInfo)> {
+        loop {
+            let next = lock_or_recover(&self.pool)
+                .get_mut(key)
+                .and_then(|v| v.pop());
+            match next {
+                Some((sb, ready)) if sb.is_running() => return Some((sb, ready)),
+                Some((sb, _)) => sb.teardown("pool entry died"),
+                None => return None,
+            }
+        }
+    }
+
+    /// Tops the pool for `key` up to `pool_size` in the background.
+    pub(super) fn refill(&self, key: PoolKey, shape: Shape) {
+        let Some(me) = self.me_ref.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        if !lock_or_recover(&self.refilling).insert(key.clone()) {
+            return;
+        }
+        let key_on_error = key.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pool-refill".into())
+            .spawn(move || {
+                let defaults = AppliedLimits {
+                    memory_bytes: me.cfg.limits.memory_bytes,
+                    pids: me.cfg.limits.pids,
+                    cpu_millis: me.cfg.limits.cpu_millis,
+                    nofile: me.cfg.limits.nofile,
+                    timeout_secs: 0,
+                };
+                loop {
+                    let have = lock_or_recover(&me.pool).get(&key).map_or(0, Vec::len);
+                    if have >= me.cfg.pool_size || me.closing.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    me.wait_for_quiet();
+                    match me.spawn(&shape, &defaults, false) {
+                        Ok(entry) => lock_or_recover(&me.pool)
+                            .entry(key.clone())
+                            .or_default()
+                            .push(entry),
+                        Err(e) => {
+                            tracing::warn!(agent = %key.0, error = %e, "pool refill failed");
+                            break;
+                        }
+                    }
+                }
+                // Drain before leaving the refilling set: shutdown waits
+                // for that set to empty, then lets the process exit, which
+                // would cut a teardown of ours short (a FUSE mount and a
+                // cgroup left behind).
+                if me.closing.load(Ordering::SeqCst) {
+                    me.drain_pool();
+                }
+                lock_or_recover(&me.refilling).remove(&key);
+            });
+        if spawned.is_err() {
+            lock_or_recover(&self.refilling).remove(&key_on_error);
+        }
+    }
+
+    /// Holds a pool refill back until the broker is quiet: a grace of
+    /// [`REFILL_GRACE`] (a create is almost always followed at once by its
+    /// first exec), then until no command is running, for at most
+    /// [`REFILL_MAX_WAIT`] in all. Building a sandbox costs a CPU for
+    /// several milliseconds; on a small host, doing it while the caller's
+    /// command starts slowed that command by a third.
+    pub(super) fn wait_for_quiet(&self) {
+        let start = Instant::now();
+        std::thread::sleep(REFILL_GRACE);
+        while self.execs_in_flight.load(Ordering::SeqCst) > 0
+            && start.elapsed() < REFILL_MAX_WAIT
+            && !self.closing.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Destroys one pre-started sandbox to free its slot; false if none.
+    pub(super) fn evict_one(&self) -> bool {
+        let victim = lock_or_recover(&self.pool)
+            .values_mut()
+            .find_map(|v| v.pop());
+        match victim {
+            Some((sb, _)) => {
+                sb.teardown("evicted from the pool");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Destroys every pre-started sandbox.
+    pub(super) fn drain_pool(&self) {
+        let all: Vec<_> = lock_or_recover(&self.pool)
+            .drain()
+            .flat_map(|(_, v)| v)
+            .collect();
+        for (sb, _) in all {
+            sb.teardown("broker shutdown");
+        }
+    }
+}
