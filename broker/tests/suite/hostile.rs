@@ -618,3 +618,42 @@ fn a_flood_of_file_events_is_counted_not_stored() {
         .sum();
     assert!(dropped > 0, "{limited:?}");
 }
+
+/// CPU time in clock ticks (utime + stime, all threads) of a process.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Serving a sandbox's file work costs the sandbox's own server (in its
+/// cgroup, under its CPU limit), not the shared broker.
+#[test]
+fn file_work_is_charged_to_the_sandbox_not_the_broker() {
+    let env = Env::new();
+    let b = env.start_brokerd();
+    let broker = b.0.as_ref().unwrap().id() as i32;
+    let info = create(&env, &["--cpus", "0.25"]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let server = fs_server_of(&id);
+    let (broker_before, server_before) = (cpu_ticks(broker), cpu_ticks(server));
+    let script = "import os\nos.makedirs('/tmp/m', exist_ok=True)\n\
+                  for i in range(2500):\n    p = f'/tmp/m/{i}'\n    open(p, 'w').close()\n    os.stat(p)\n    os.rename(p, p + 'x')\n    os.unlink(p + 'x')\n\
+                  print('done')";
+    assert_eq!(
+        ok(&env.remote(&["exec", &id, "--", "python3", "-c", script])),
+        "done\n"
+    );
+    let broker_used = cpu_ticks(broker) - broker_before;
+    let server_used = cpu_ticks(server) - server_before;
+    eprintln!("server {server_used} ticks, broker {broker_used} ticks");
+    assert!(
+        server_used >= 20,
+        "the server did little work: {server_used} ticks"
+    );
+    assert!(
+        broker_used * 4 < server_used,
+        "broker used {broker_used} ticks while the sandbox's server used {server_used}"
+    );
+}
