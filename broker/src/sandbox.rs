@@ -373,7 +373,18 @@ impl Sandbox {
                         let _ = tx.send(ExecOutcome::Exited(status));
                     }
                 }
-                Err(ChannelError::Malformed(_)) | Err(ChannelError::TooLarge(_)) => continue,
+                // pid 1 lives beside the sandbox's code: a message that does
+                // not parse means it may no longer be the shim we started.
+                // That sandbox ends, audited; nothing is skipped.
+                Err(e @ (ChannelError::Malformed(_) | ChannelError::TooLarge(_))) => {
+                    tracing::warn!(sandbox = %self.id, error = %e, "malformed message from the shim");
+                    self.record(
+                        AuditKind::Sandbox,
+                        "component_failed",
+                        json!({"role": "shim", "reason": format!("malformed message: {e}")}),
+                    );
+                    break;
+                }
                 Err(_) => break,
             }
         }
