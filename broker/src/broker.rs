@@ -14,14 +14,13 @@ use std::time::{Duration, Instant};
 use airlock_shim::cgroup::{CgroupLimits, CgroupManager};
 use airlock_shim::channel::{Channel, ToShim};
 use airlock_shim::spec::{ExecRequest, IdRange, Rlimits, SandboxSpec};
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::api::types::{
     AppliedLimits, Chunk, CreateSandbox, ExecBody, ExecEvent, ExecExit, SandboxInfo,
 };
-use crate::audit::{AuditKind, AuditQuery, AuditRecord, AuditRow, AuditStore};
+use crate::audit::{AuditEvent, AuditQuery, AuditRow, AuditStore};
 use crate::authz::{AuthzError, Principal};
 use crate::component::{Component, Ended};
 use crate::config::BrokerConfig;
@@ -85,13 +84,11 @@ fn supervise_fs(sandbox: &Arc<Sandbox>, chan: Channel, sink: FsSink) -> std::io:
             return;
         }
         tracing::warn!(sandbox = %sb.id, %reason, "component failed");
-        sb.audit.record(AuditRecord {
-            kind: AuditKind::Sandbox,
-            action: "component_failed".into(),
-            sandbox_id: Some(sb.id.clone()),
-            agent: Some(sb.agent.clone()),
-            detail: json!({"role": "fs", "reason": reason}),
-        });
+        sb.audit.event(
+            Some(&sb.id),
+            Some(&sb.agent),
+            AuditEvent::ComponentFailed { role: "fs", reason },
+        );
         sb.teardown("filesystem server failed");
     })
 }
@@ -504,33 +501,32 @@ impl Broker {
         }
         *lock_or_recover(&sandbox.env) = env;
         sandbox.created_ms.store(now_ms(), Ordering::SeqCst);
-        self.audit.record(AuditRecord {
-            kind: AuditKind::Sandbox,
-            action: "create".into(),
-            sandbox_id: Some(id.clone()),
-            agent: Some(sandbox.agent.clone()),
-            detail: json!({
-                "caller_uid": p.uid, "caller_pid": p.pid,
-                "user": sandbox.user, "limits": limits, "workspace": sandbox.workspace,
-                "rootfs": sandbox.rootfs, "host_uid_base": sandbox.host_uid_base,
-                "cgroup_version": sandbox.cgroup_version, "hostname": sandbox.hostname,
-                "pre_started": pooled,
-            }),
-        });
-        self.audit.record(AuditRecord {
-            kind: AuditKind::Jail,
-            action: "selftest".into(),
-            sandbox_id: Some(id.clone()),
-            agent: Some(sandbox.agent.clone()),
-            detail: json!({
-                "passed": ready.selftest.passed,
-                "landlock_abi": ready.landlock_abi,
-                "seccomp_profile": ready.seccomp_profile,
-                "report": ready.selftest,
-                "setup_us": ready.stages_us,
-                "fs_server": sandbox.fs_ready.get(),
-            }),
-        });
+        self.audit.event(
+            Some(&id),
+            Some(&sandbox.agent),
+            AuditEvent::SandboxCreated {
+                caller: (p.uid, p.pid),
+                user: sandbox.user.clone(),
+                limits,
+                workspace: sandbox.workspace.clone(),
+                rootfs: sandbox.rootfs.clone(),
+                host_uid_base: sandbox.host_uid_base,
+                cgroup_version: sandbox.cgroup_version,
+                hostname: sandbox.hostname.clone(),
+                pre_started: pooled,
+            },
+        );
+        self.audit.event(
+            Some(&id),
+            Some(&sandbox.agent),
+            AuditEvent::JailSelftest {
+                landlock_abi: ready.landlock_abi,
+                seccomp_profile: ready.seccomp_profile,
+                report: Box::new(ready.selftest),
+                setup_us: Some(ready.stages_us),
+                fs_server: sandbox.fs_ready.get().cloned().map(Box::new),
+            },
+        );
         if limits.timeout_secs > 0 {
             let sb = Arc::clone(&sandbox);
             let t = Duration::from_secs(limits.timeout_secs);
@@ -539,13 +535,13 @@ impl Broker {
                 .spawn(move || {
                     if !sb.wait_ended(t) {
                         sb.timed_out.store(true, Ordering::SeqCst);
-                        sb.audit.record(AuditRecord {
-                            kind: AuditKind::Limit,
-                            action: "timeout".into(),
-                            sandbox_id: Some(sb.id.clone()),
-                            agent: Some(sb.agent.clone()),
-                            detail: json!({"timeout_secs": t.as_secs()}),
-                        });
+                        sb.audit.event(
+                            Some(&sb.id),
+                            Some(&sb.agent),
+                            AuditEvent::Timeout {
+                                timeout_secs: t.as_secs(),
+                            },
+                        );
                         sb.teardown("timeout");
                     }
                 });
@@ -779,18 +775,17 @@ impl Broker {
             "create"
         );
         if !ready.selftest.passed {
-            self.audit.record(AuditRecord {
-                kind: AuditKind::Jail,
-                action: "selftest".into(),
-                sandbox_id: Some(id.clone()),
-                agent: Some(agent.clone()),
-                detail: json!({
-                    "passed": false,
-                    "landlock_abi": ready.landlock_abi,
-                    "seccomp_profile": ready.seccomp_profile,
-                    "report": ready.selftest,
-                }),
-            });
+            self.audit.event(
+                Some(&id),
+                Some(agent),
+                AuditEvent::JailSelftest {
+                    landlock_abi: ready.landlock_abi,
+                    seccomp_profile: ready.seccomp_profile.clone(),
+                    report: Box::new(ready.selftest.clone()),
+                    setup_us: None,
+                    fs_server: None,
+                },
+            );
             sandbox.teardown("jail self-test failed");
             return Err(BrokerError::Internal(format!(
                 "sandbox {id} refused to start: jail self-test failed: {}",
@@ -848,33 +843,18 @@ impl Broker {
                 FsServerEvent::RateLimited { dropped } => (None, dropped),
             };
             if dropped > 0 {
-                audit.record(AuditRecord {
-                    kind: AuditKind::Limit,
-                    action: "audit_rate_limited".into(),
-                    sandbox_id: Some(sid.clone()),
-                    agent: Some(sagent.clone()),
-                    detail: json!({"dropped_fs_events": dropped,
-                                   "events_per_sec": FS_EVENTS_PER_SEC}),
-                });
+                audit.event(
+                    Some(&sid),
+                    Some(&sagent),
+                    AuditEvent::FsEventsDropped {
+                        dropped,
+                        events_per_sec: FS_EVENTS_PER_SEC,
+                    },
+                );
             }
-            let Some(ev) = ev else {
-                return;
-            };
-            let kind = match &ev {
-                airlock_fs::FsEvent::Denied { .. } => AuditKind::Denial,
-                _ => AuditKind::Fs,
-            };
-            let action = match &ev {
-                airlock_fs::FsEvent::Denied { .. } => "fs_denied",
-                _ => "mutation",
-            };
-            audit.record(AuditRecord {
-                kind,
-                action: action.into(),
-                sandbox_id: Some(sid.clone()),
-                agent: Some(sagent.clone()),
-                detail: serde_json::to_value(&ev).unwrap_or_default(),
-            });
+            if let Some(ev) = ev {
+                audit.event(Some(&sid), Some(&sagent), AuditEvent::Fs(ev));
+            }
         });
         let dev = airlock_fs::mount_device(&mountpoint)
             .map_err(|e| BrokerError::Internal(format!("mount sandbox filesystem: {e}")))?;
@@ -924,25 +904,29 @@ impl Broker {
         let Some(dropped) = self.refusals.admit() else {
             return;
         };
-        self.audit.record(AuditRecord {
-            kind: AuditKind::Auth,
-            action: "refused".into(),
-            sandbox_id: None,
-            agent: None,
-            detail: json!({"op": "connect", "uid": p.uid, "gid": p.gid, "pid": p.pid,
-                           "error": error, "unaudited_refusals_before": dropped}),
-        });
+        self.audit.event(
+            None,
+            None,
+            AuditEvent::AuthRefused {
+                op: "connect".into(),
+                caller: (p.uid, p.gid, p.pid),
+                error: error.to_string(),
+                unaudited_before: Some(dropped),
+            },
+        );
     }
 
     fn audit_refusal(&self, p: &Principal, op: &str, e: &AuthzError) {
-        self.audit.record(AuditRecord {
-            kind: AuditKind::Auth,
-            action: "refused".into(),
-            sandbox_id: None,
-            agent: None,
-            detail: json!({"op": op, "uid": p.uid, "gid": p.gid, "pid": p.pid,
-                           "error": e.to_string()}),
-        });
+        self.audit.event(
+            None,
+            None,
+            AuditEvent::AuthRefused {
+                op: op.to_string(),
+                caller: (p.uid, p.gid, p.pid),
+                error: e.to_string(),
+                unaudited_before: None,
+            },
+        );
     }
 
     fn get(&self, p: &Principal, id: &str) -> Result<Arc<Sandbox>, BrokerError> {
@@ -1179,18 +1163,17 @@ impl Broker {
                 exit.pids_limit_hit = true;
             }
             sb2.audit_limit_hits(before, after, Some(exec_id));
-            sb2.audit.record(AuditRecord {
-                kind: AuditKind::Exec,
-                action: "exit".into(),
-                sandbox_id: Some(sb2.id.clone()),
-                agent: Some(sb2.agent.clone()),
-                detail: json!({
-                    "exec_id": exec_id, "argv": argv, "cwd": cwd, "user": user, "uid": uid,
-                    "exit_code": exit.code, "signal": exit.signal, "oom": exit.oom,
-                    "pids_limit_hit": exit.pids_limit_hit, "timed_out": exit.timed_out,
-                    "duration_ms": exit.duration_ms, "error": exit.error,
-                }),
-            });
+            sb2.audit.event(
+                Some(&sb2.id),
+                Some(&sb2.agent),
+                AuditEvent::ExecExit {
+                    exec_id,
+                    argv,
+                    cwd,
+                    user: (user, uid),
+                    exit: exit.clone(),
+                },
+            );
             let _ = tx.send(ExecEvent::Exit(exit)).await;
         });
         Ok(ExecHandle {

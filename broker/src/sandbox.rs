@@ -18,11 +18,10 @@ use airlock_shim::cgroup::{Cgroup, LimitCounters};
 use airlock_shim::channel::{Channel, ChannelError, FromShim, ToShim};
 use airlock_shim::selftest::SelfTestReport;
 use nix::unistd::Pid;
-use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::api::types::{AppliedLimits, ExecExit, SandboxInfo};
-use crate::audit::{AuditKind, AuditRecord, AuditStore};
+use crate::audit::{AuditEvent, AuditStore};
 use crate::util::lock_or_recover;
 
 /// Facts reported by the shim once the jail proved itself.
@@ -251,33 +250,25 @@ impl Sandbox {
         *last
     }
 
-    fn record(&self, kind: AuditKind, action: &str, detail: serde_json::Value) {
-        self.audit.record(AuditRecord {
-            kind,
-            action: action.to_string(),
-            sandbox_id: Some(self.id.clone()),
-            agent: Some(self.agent.clone()),
-            detail,
-        });
+    fn record(&self, ev: AuditEvent) {
+        self.audit.event(Some(&self.id), Some(&self.agent), ev);
     }
 
     /// Audits limit counters that moved since the last look.
     pub fn audit_limit_hits(&self, before: LimitCounters, after: LimitCounters, exec: Option<u64>) {
         if after.oom_kills > before.oom_kills {
-            self.record(
-                AuditKind::Limit,
-                "oom",
-                json!({"oom_kills": after.oom_kills - before.oom_kills, "exec_id": exec,
-                       "memory_bytes": lock_or_recover(&self.limits).memory_bytes}),
-            );
+            self.record(AuditEvent::Oom {
+                oom_kills: after.oom_kills - before.oom_kills,
+                exec_id: exec,
+                memory_bytes: lock_or_recover(&self.limits).memory_bytes,
+            });
         }
         if after.pids_max_hits > before.pids_max_hits {
-            self.record(
-                AuditKind::Limit,
-                "pids_max",
-                json!({"refused_forks": after.pids_max_hits - before.pids_max_hits,
-                       "exec_id": exec, "pids": lock_or_recover(&self.limits).pids}),
-            );
+            self.record(AuditEvent::PidsMax {
+                refused_forks: after.pids_max_hits - before.pids_max_hits,
+                exec_id: exec,
+                pids: lock_or_recover(&self.limits).pids,
+            });
         }
     }
 
@@ -378,11 +369,10 @@ impl Sandbox {
                 // That sandbox ends, audited; nothing is skipped.
                 Err(e @ (ChannelError::Malformed(_) | ChannelError::TooLarge(_))) => {
                     tracing::warn!(sandbox = %self.id, error = %e, "malformed message from the shim");
-                    self.record(
-                        AuditKind::Sandbox,
-                        "component_failed",
-                        json!({"role": "shim", "reason": format!("malformed message: {e}")}),
-                    );
+                    self.record(AuditEvent::ComponentFailed {
+                        role: "shim",
+                        reason: format!("malformed message: {e}"),
+                    });
                     break;
                 }
                 Err(_) => break,
@@ -426,11 +416,10 @@ impl Sandbox {
             "teardown"
         );
         self.audit_limit_hits(before, after, None);
-        self.record(
-            AuditKind::Sandbox,
-            "destroy",
-            json!({"reason": reason, "problems": problems}),
-        );
+        self.record(AuditEvent::SandboxDestroyed {
+            reason: reason.to_string(),
+            problems,
+        });
         let (lock, cv) = &self.ended;
         *lock_or_recover(lock) = true;
         cv.notify_all();

@@ -19,8 +19,11 @@
 //!   `busy_timeout` and the retry loop serialise their writers without losing rows.
 //! * The schema lives in `schema.sql` and is versioned with `PRAGMA user_version` (now 1).
 
+mod event;
 mod query;
 mod writer;
+
+pub use event::AuditEvent;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -489,6 +492,12 @@ impl AuditStore {
                 writer: Some(handle),
             }),
         })
+    }
+
+    /// Records `ev` about `sandbox_id` of `agent` (see
+    /// [`AuditEvent::into_record`]), as [`AuditStore::record`] does.
+    pub fn event(&self, sandbox_id: Option<&str>, agent: Option<&str>, ev: AuditEvent) {
+        self.record(ev.into_record(sandbox_id, agent));
     }
 
     /// Queues `rec`, stamped with the current time. Never blocks on disk and never panics;

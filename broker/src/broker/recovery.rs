@@ -10,10 +10,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::Broker;
-use crate::audit::{AuditKind, AuditRecord};
+use crate::audit::AuditEvent;
 use crate::sandbox::Resources;
 
 /// How long recovery waits for a killed broker's last threads to exit.
@@ -160,12 +159,10 @@ impl Broker {
             Ok(cg) => Resources::leftover(id, &self.cfg.state_dir, cg).release(),
             Err(e) => vec![e.to_string()],
         };
-        self.audit.record(AuditRecord {
-            kind: AuditKind::Sandbox,
-            action: "recovered".into(),
-            sandbox_id: Some(id.to_string()),
-            agent,
-            detail: json!({"reason": "owner broker gone", "problems": problems}),
-        });
+        self.audit.event(
+            Some(id),
+            agent.as_deref(),
+            AuditEvent::SandboxRecovered { problems },
+        );
     }
 }

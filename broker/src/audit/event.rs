@@ -1,0 +1,273 @@
+//! Every kind of audit row, as one typed enum. [`AuditEvent::into_record`]
+//! is the only place that turns them into rows (kind, action, detail), so
+//! the stored schema is written down once, here, and a row cannot be built
+//! with a field misspelt at one call site.
+
+use std::path::PathBuf;
+
+use airlock_shim::cgroup::CgroupVersion;
+use airlock_shim::selftest::SelfTestReport;
+use serde_json::json;
+
+use super::{AuditKind, AuditRecord};
+use crate::api::types::{AppliedLimits, ExecExit};
+use crate::fs_server::FsReady;
+
+/// What happened, with what the row records about it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AuditEvent {
+    /// `sandbox/create`: a sandbox was handed to its caller.
+    SandboxCreated {
+        /// Caller's uid and pid.
+        caller: (u32, i32),
+        /// Default exec user.
+        user: String,
+        /// Limits applied.
+        limits: AppliedLimits,
+        /// Host directory behind /workspace.
+        workspace: PathBuf,
+        /// Base directory, if not the host.
+        rootfs: Option<PathBuf>,
+        /// Host uid of sandbox root.
+        host_uid_base: u32,
+        /// cgroup version.
+        cgroup_version: CgroupVersion,
+        /// Hostname.
+        hostname: String,
+        /// Whether it came from the pool.
+        pre_started: bool,
+    },
+    /// `sandbox/destroy`: every resource released (or what could not be).
+    SandboxDestroyed {
+        /// Why it went.
+        reason: String,
+        /// What could not be released.
+        problems: Vec<String>,
+    },
+    /// `sandbox/recovered`: what a dead broker left was removed.
+    SandboxRecovered {
+        /// What could not be removed.
+        problems: Vec<String>,
+    },
+    /// `sandbox/component_failed`: a per-sandbox process died or spoke
+    /// out of protocol; the sandbox is torn down.
+    ComponentFailed {
+        /// "fs", "shim".
+        role: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// `jail/selftest`: what the probe saw from inside, and the facts of
+    /// the jail reached.
+    JailSelftest {
+        /// Landlock ABI reached in the sandbox.
+        landlock_abi: u8,
+        /// Seccomp profile version.
+        seccomp_profile: String,
+        /// The probe's report.
+        report: Box<SelfTestReport>,
+        /// Set-up stages inside, µs (for a sandbox that started).
+        setup_us: Option<Vec<(String, u64)>>,
+        /// What the filesystem server reported once confined.
+        fs_server: Option<Box<FsReady>>,
+    },
+    /// `exec/exit`: a command ended (or never started).
+    ExecExit {
+        /// Exec id.
+        exec_id: u64,
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Working directory.
+        cwd: String,
+        /// User name and uid inside.
+        user: (String, u32),
+        /// How it ended.
+        exit: ExecExit,
+    },
+    /// `fs/mutation` or `denial/fs_denied`: what the filesystem server saw.
+    Fs(airlock_fs::FsEvent),
+    /// `limit/audit_rate_limited`: file events counted, not stored.
+    FsEventsDropped {
+        /// How many.
+        dropped: u64,
+        /// The budget.
+        events_per_sec: f64,
+    },
+    /// `limit/oom`: the memory limit killed processes.
+    Oom {
+        /// How many OOM kills.
+        oom_kills: u64,
+        /// The exec it happened under, if known.
+        exec_id: Option<u64>,
+        /// The limit.
+        memory_bytes: u64,
+    },
+    /// `limit/pids_max`: forks refused by the pids limit.
+    PidsMax {
+        /// How many.
+        refused_forks: u64,
+        /// The exec it happened under, if known.
+        exec_id: Option<u64>,
+        /// The limit.
+        pids: u64,
+    },
+    /// `limit/timeout`: the sandbox's wall-clock limit ended it.
+    Timeout {
+        /// The limit.
+        timeout_secs: u64,
+    },
+    /// `auth/refused`: a caller was refused.
+    AuthRefused {
+        /// What it asked for ("connect", "create", "access", ...).
+        op: String,
+        /// Its uid, gid and pid.
+        caller: (u32, u32, i32),
+        /// Why.
+        error: String,
+        /// Refusals not audited (over budget) before this one.
+        unaudited_before: Option<u64>,
+    },
+}
+
+impl AuditEvent {
+    /// The row for this event, about `sandbox_id` of `agent` (when it is
+    /// about one).
+    pub fn into_record(self, sandbox_id: Option<&str>, agent: Option<&str>) -> AuditRecord {
+        let (kind, action, detail) = match self {
+            AuditEvent::SandboxCreated {
+                caller,
+                user,
+                limits,
+                workspace,
+                rootfs,
+                host_uid_base,
+                cgroup_version,
+                hostname,
+                pre_started,
+            } => (
+                AuditKind::Sandbox,
+                "create",
+                json!({
+                    "caller_uid": caller.0, "caller_pid": caller.1,
+                    "user": user, "limits": limits, "workspace": workspace,
+                    "rootfs": rootfs, "host_uid_base": host_uid_base,
+                    "cgroup_version": cgroup_version, "hostname": hostname,
+                    "pre_started": pre_started,
+                }),
+            ),
+            AuditEvent::SandboxDestroyed { reason, problems } => (
+                AuditKind::Sandbox,
+                "destroy",
+                json!({"reason": reason, "problems": problems}),
+            ),
+            AuditEvent::SandboxRecovered { problems } => (
+                AuditKind::Sandbox,
+                "recovered",
+                json!({"reason": "owner broker gone", "problems": problems}),
+            ),
+            AuditEvent::ComponentFailed { role, reason } => (
+                AuditKind::Sandbox,
+                "component_failed",
+                json!({"role": role, "reason": reason}),
+            ),
+            AuditEvent::JailSelftest {
+                landlock_abi,
+                seccomp_profile,
+                report,
+                setup_us,
+                fs_server,
+            } => {
+                let mut d = json!({
+                    "passed": report.passed,
+                    "landlock_abi": landlock_abi,
+                    "seccomp_profile": seccomp_profile,
+                    "report": report,
+                });
+                if let Some(o) = d.as_object_mut() {
+                    if let Some(s) = setup_us {
+                        o.insert("setup_us".into(), json!(s));
+                    }
+                    if let Some(f) = fs_server {
+                        o.insert("fs_server".into(), json!(f));
+                    }
+                }
+                (AuditKind::Jail, "selftest", d)
+            }
+            AuditEvent::ExecExit {
+                exec_id,
+                argv,
+                cwd,
+                user,
+                exit,
+            } => (
+                AuditKind::Exec,
+                "exit",
+                json!({
+                    "exec_id": exec_id, "argv": argv, "cwd": cwd, "user": user.0, "uid": user.1,
+                    "exit_code": exit.code, "signal": exit.signal, "oom": exit.oom,
+                    "pids_limit_hit": exit.pids_limit_hit, "timed_out": exit.timed_out,
+                    "duration_ms": exit.duration_ms, "error": exit.error,
+                }),
+            ),
+            AuditEvent::Fs(ev) => {
+                let (kind, action) = match &ev {
+                    airlock_fs::FsEvent::Denied { .. } => (AuditKind::Denial, "fs_denied"),
+                    _ => (AuditKind::Fs, "mutation"),
+                };
+                (kind, action, serde_json::to_value(&ev).unwrap_or_default())
+            }
+            AuditEvent::FsEventsDropped {
+                dropped,
+                events_per_sec,
+            } => (
+                AuditKind::Limit,
+                "audit_rate_limited",
+                json!({"dropped_fs_events": dropped, "events_per_sec": events_per_sec}),
+            ),
+            AuditEvent::Oom {
+                oom_kills,
+                exec_id,
+                memory_bytes,
+            } => (
+                AuditKind::Limit,
+                "oom",
+                json!({"oom_kills": oom_kills, "exec_id": exec_id, "memory_bytes": memory_bytes}),
+            ),
+            AuditEvent::PidsMax {
+                refused_forks,
+                exec_id,
+                pids,
+            } => (
+                AuditKind::Limit,
+                "pids_max",
+                json!({"refused_forks": refused_forks, "exec_id": exec_id, "pids": pids}),
+            ),
+            AuditEvent::Timeout { timeout_secs } => (
+                AuditKind::Limit,
+                "timeout",
+                json!({"timeout_secs": timeout_secs}),
+            ),
+            AuditEvent::AuthRefused {
+                op,
+                caller,
+                error,
+                unaudited_before,
+            } => {
+                let mut d = json!({"op": op, "uid": caller.0, "gid": caller.1, "pid": caller.2,
+                                   "error": error});
+                if let (Some(n), Some(o)) = (unaudited_before, d.as_object_mut()) {
+                    o.insert("unaudited_refusals_before".into(), json!(n));
+                }
+                (AuditKind::Auth, "refused", d)
+            }
+        };
+        AuditRecord {
+            kind,
+            action: action.to_string(),
+            sandbox_id: sandbox_id.map(str::to_string),
+            agent: agent.map(str::to_string),
+            detail,
+        }
+    }
+}
