@@ -55,7 +55,8 @@ pub fn run(spec: &SandboxSpec, ctrl: Channel, go: OwnedFd) -> i32 {
     let mut clock = Stages::new();
     let jail = match setup(spec, &mut clock) {
         Ok(j) => j,
-        Err((stage, error)) => {
+        Err(StageError { stage, error }) => {
+            let stage = stage.to_string();
             let _ = ctrl.send(&FromShim::SetupFailed { stage, error }, &[]);
             return 1;
         }
@@ -118,10 +119,19 @@ impl Stages {
     }
 }
 
-type StageError = (String, String);
+/// A set-up stage of pid 1 that failed, and why; reported to the broker
+/// as [`FromShim::SetupFailed`].
+#[derive(Debug)]
+struct StageError {
+    stage: &'static str,
+    error: String,
+}
 
-fn stage<E: std::fmt::Display>(name: &str) -> impl FnOnce(E) -> StageError + '_ {
-    move |e| (name.to_string(), e.to_string())
+fn stage<E: std::fmt::Display>(name: &'static str) -> impl FnOnce(E) -> StageError {
+    move |e| StageError {
+        stage: name,
+        error: e.to_string(),
+    }
 }
 
 fn setup(spec: &SandboxSpec, clock: &mut Stages) -> Result<Jail, StageError> {
@@ -389,8 +399,8 @@ fn start_exec(
         Ok(Forked::Parent(pid)) => {
             drop(w);
             drop(fds);
-            let mut msg = String::new();
-            let _ = std::fs::File::from(r).read_to_string(&mut msg);
+            let mut msg = Vec::new();
+            let _ = std::fs::File::from(r).read_to_end(&mut msg);
             if msg.is_empty() {
                 running.insert(pid, Running { exec_id });
                 let _ = ctrl.send(
@@ -401,21 +411,35 @@ fn start_exec(
                     &[],
                 );
             } else {
-                let (code, text) = match msg.split_once(' ') {
-                    Some((c, t)) => (c.parse().unwrap_or(126), t.to_string()),
-                    None => (126, msg),
-                };
-                fail(text, code);
+                let f =
+                    serde_json::from_slice::<ExecFailure>(&msg).unwrap_or_else(|e| ExecFailure {
+                        code: 126,
+                        error: format!("malformed failure report from the exec child: {e}"),
+                    });
+                fail(f.error, f.code);
             }
         }
     }
 }
 
+/// Why an exec child could not run its command, as it tells pid 1 before
+/// exiting: the status a shell would give (126, 127) and the reason.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ExecFailure {
+    code: i32,
+    error: String,
+}
+
 /// In the forked child: take stdio, jail, self-test, exec. Never returns.
 fn exec_child(jail: &Jail, req: &ExecRequest, fds: Vec<OwnedFd>, status: OwnedFd) -> ! {
     let mut status = std::fs::File::from(status);
-    let mut die = |code: i32, why: String| -> ! {
-        let _ = write!(status, "{code} {why}");
+    let mut die = |code: i32, error: String| -> ! {
+        // One JSON report on the close-on-exec pipe: nothing on it means
+        // the execve succeeded.
+        let report = ExecFailure { code, error };
+        if let Ok(bytes) = serde_json::to_vec(&report) {
+            let _ = status.write_all(&bytes);
+        }
         sys::exit_now(code)
     };
     // Stdio first, then mark everything else close-on-exec.
