@@ -60,6 +60,9 @@ pub(crate) struct Inodes {
 /// own inode cache, which the sandbox's memory limit pays for.
 const LISTING_CAP: usize = 1 << 20;
 
+/// Names a node remembers at most (see [`Inodes::insert`]).
+const MAX_NAMES_PER_NODE: usize = 16;
+
 /// Stand-in inos of unregistered listing entries are at or above this; the
 /// counter of real inos never gets near it. The kernel only passes a
 /// listing's inos on to readdir(3) callers (there is no readdirplus here).
@@ -126,8 +129,19 @@ impl Inodes {
             if existing.is_some() {
                 self.detach(&link);
             }
+            let mut evicted = None;
             if let Some(node) = self.nodes.get_mut(&ino) {
+                // A file may have tens of thousands of hard links; the
+                // node remembers only the most recent few names, so the
+                // cost of reaching it stays bounded (a forgotten name that
+                // is looked up again finds the node by its host identity).
+                if node.names.len() >= MAX_NAMES_PER_NODE {
+                    evicted = Some(node.names.remove(0));
+                }
                 node.names.push(link.clone());
+            }
+            if let Some(old) = evicted {
+                self.by_name.remove(&old);
             }
             self.by_name.insert(link, ino);
         }
@@ -395,6 +409,22 @@ mod tests {
         assert!(t.find(ROOT, &n("c")).is_none());
         let c = t.insert(ROOT, &n("c"), None, 1);
         assert_ne!(c, b);
+    }
+
+    #[test]
+    fn a_file_with_many_links_keeps_a_bounded_number_of_names() {
+        let mut t = Inodes::new();
+        let k = (9, 99);
+        let first = t.insert(ROOT, &n("l0"), Some(k), 1);
+        for i in 1..10_000 {
+            assert_eq!(t.insert(ROOT, &n(&format!("l{i}")), Some(k), 1), first);
+        }
+        let (paths, _) = t.paths(first).unwrap();
+        assert_eq!(paths.len(), MAX_NAMES_PER_NODE);
+        assert!(t.by_name.len() <= MAX_NAMES_PER_NODE);
+        // An evicted name looked up again is the same file.
+        assert_eq!(t.insert(ROOT, &n("l0"), Some(k), 1), first);
+        assert_eq!(t.path(first).unwrap().len(), 1);
     }
 
     #[test]
