@@ -76,6 +76,7 @@ fn supervise_fs(sandbox: &Arc<Sandbox>, chan: Channel, sink: FsSink) -> std::io:
             Ended::Stopped => return,
             Ended::Died => "the filesystem server exited".to_string(),
             Ended::Malformed(m) => format!("the filesystem server sent a malformed message: {m}"),
+            Ended::Failed(f) => format!("the filesystem server failed at {f}"),
         };
         let Some(sb) = weak.upgrade() else {
             return;

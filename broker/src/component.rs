@@ -156,8 +156,10 @@ pub enum Ended {
     Stopped,
     /// It closed its channel or died on its own.
     Died,
-    /// It sent a message that does not parse.
+    /// It sent a message that does not parse, or one out of protocol.
     Malformed(String),
+    /// It reported a failure and stopped serving.
+    Failed(Failure),
 }
 
 /// A running component process; dropping it kills and reaps it.
@@ -281,6 +283,7 @@ impl Component {
                 let ended = loop {
                     match chan.recv::<Report<R::Ready, R::Event>>() {
                         Ok((Report::Event { event }, _)) => on_event(event),
+                        Ok((Report::Failed { failure }, _)) => break Ended::Failed(failure),
                         Ok((other, _)) => {
                             break Ended::Malformed(format!("unexpected report {other:?}"));
                         }
