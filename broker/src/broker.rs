@@ -17,15 +17,14 @@ use airlock_shim::spec::{ExecRequest, IdRange, Rlimits, SandboxSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::api::types::{
-    AppliedLimits, Chunk, CreateSandbox, ExecBody, ExecEvent, ExecExit, SandboxInfo,
-};
+use crate::api::types::{AppliedLimits, Chunk, ExecEvent, ExecExit, SandboxInfo};
 use crate::audit::{AuditEvent, AuditQuery, AuditRow, AuditStore};
 use crate::authz::{AuthzError, Principal};
 use crate::component::{Component, Ended};
 use crate::config::BrokerConfig;
 use crate::fs_server::{FsRole, FsServerEvent, FsServerSpec};
 use crate::sandbox::{ExecOutcome, ReadyInfo, Resources, Sandbox, ServedMount};
+use crate::spec::{CreateSpec, ExecSpec, ExecUser};
 use crate::util::{RateLimiter, lock_or_recover, now_ms, random_hex};
 
 mod pool;
@@ -34,10 +33,7 @@ mod recovery;
 use pool::{PoolEntry, PoolKey};
 use recovery::{OwnerRecord, start_ticks};
 
-/// Sandbox uid of the default (unprivileged) user.
-pub const SANDBOX_UID: u32 = 1000;
-/// Ids per sandbox.
-pub const IDS_PER_SANDBOX: u32 = 65536;
+pub use crate::spec::{IDS_PER_SANDBOX, SANDBOX_UID};
 /// File events audited per sandbox per second (and burst), beyond which
 /// they are counted instead.
 const FS_EVENTS_PER_SEC: f64 = 500.0;
@@ -93,10 +89,6 @@ fn supervise_fs(sandbox: &Arc<Sandbox>, chan: Channel, sink: FsSink) -> std::io:
         sb.teardown("filesystem server failed");
     })
 }
-
-/// Largest argv plus env of one exec, in bytes (with their terminators):
-/// it travels to pid 1 in one control message.
-const MAX_EXEC_ARGS_BYTES: usize = 128 * 1024;
 
 /// How long a sandbox may take to come up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -359,7 +351,7 @@ impl Broker {
     /// Creates a sandbox and waits until its jail has proved itself; hands
     /// out a pre-started one from the pool when the request allows.
     /// Blocking: call from a blocking context.
-    pub fn create(&self, p: &Principal, req: CreateSandbox) -> Result<SandboxInfo, BrokerError> {
+    pub fn create(&self, p: &Principal, req: CreateSpec) -> Result<SandboxInfo, BrokerError> {
         let agent = match p.resolve_agent(&self.cfg, req.agent.as_deref()) {
             Ok(a) => a,
             Err(e) => {
@@ -368,7 +360,7 @@ impl Broker {
             }
         };
         let d = &self.cfg.limits;
-        let l = req.limits.clone().unwrap_or_default();
+        let l = req.limits.clone();
         let limits = AppliedLimits {
             memory_bytes: l.memory_bytes.unwrap_or(d.memory_bytes),
             pids: l.pids.unwrap_or(d.pids),
@@ -377,17 +369,8 @@ impl Broker {
             timeout_secs: req.timeout_secs.unwrap_or(d.timeout_secs),
         };
         check_limits(&limits, d)?;
-        let (user, user_ids) = match req.user.as_deref() {
-            None | Some("sandbox") => ("sandbox".to_string(), (SANDBOX_UID, SANDBOX_UID)),
-            Some("root") => ("root".to_string(), (0, 0)),
-            Some(other) => {
-                return Err(BrokerError::BadRequest(format!(
-                    "user {other:?}: use \"sandbox\" or \"root\""
-                )));
-            }
-        };
-        let env = req.env.clone().unwrap_or_default();
-        check_env(&env)?;
+        let (user, user_ids) = (req.user.name().to_string(), req.user.ids());
+        let env = req.env.clone();
         let rootfs = match &req.rootfs {
             Some(r) => Some(self.validate_dir_for(p, "rootfs", r)?),
             None => None,
@@ -1068,51 +1051,19 @@ impl Broker {
         &self,
         p: &Principal,
         id: &str,
-        body: ExecBody,
+        body: ExecSpec,
     ) -> Result<ExecHandle, BrokerError> {
         let sb = self.get(p, id)?;
         if !sb.is_running() {
             return Err(BrokerError::NotRunning(id.to_string()));
         }
-        if body.argv.is_empty() || body.argv[0].is_empty() {
-            return Err(BrokerError::BadRequest("argv must name a program".into()));
-        }
-        if body.argv.iter().any(|a| a.contains('\0')) {
-            return Err(BrokerError::BadRequest("argv contains a NUL byte".into()));
-        }
-        let extra = body.env.clone().unwrap_or_default();
-        check_env(&extra)?;
-        let size: usize = body
-            .argv
-            .iter()
-            .chain(extra.iter())
-            .map(|a| a.len() + 1)
-            .sum();
-        if size > MAX_EXEC_ARGS_BYTES {
-            return Err(BrokerError::BadRequest(format!(
-                "argv and env hold {size} bytes; at most {MAX_EXEC_ARGS_BYTES} are accepted"
-            )));
-        }
-        let env = merge_env(&lock_or_recover(&sb.env), extra);
-        let (uid, gid, user) = match body.user.as_deref() {
-            None => (sb.user_ids.0, sb.user_ids.1, sb.user.clone()),
-            Some("sandbox") => (SANDBOX_UID, SANDBOX_UID, "sandbox".to_string()),
-            Some("root") => (0, 0, "root".to_string()),
-            Some(n) => match n.parse::<u32>() {
-                Ok(u) if u < IDS_PER_SANDBOX => (u, u, n.to_string()),
-                _ => {
-                    return Err(BrokerError::BadRequest(format!(
-                        "user {n:?}: use \"sandbox\", \"root\" or a uid below 65536"
-                    )));
-                }
-            },
+        let env = merge_env(&lock_or_recover(&sb.env), body.env.clone());
+        let (uid, gid, user) = match body.user {
+            ExecUser::Default => (sb.user_ids.0, sb.user_ids.1, sb.user.clone()),
+            ExecUser::Named(u) => (u.ids().0, u.ids().1, u.name().to_string()),
+            ExecUser::Uid(u) => (u, u, u.to_string()),
         };
-        let cwd = body.cwd.clone().unwrap_or_else(|| "/workspace".to_string());
-        if !cwd.starts_with('/') || cwd.contains('\0') {
-            return Err(BrokerError::BadRequest(format!(
-                "cwd {cwd:?} must be an absolute path"
-            )));
-        }
+        let cwd = body.cwd.clone();
         let pipe = || -> Result<(OwnedFd, OwnedFd), BrokerError> {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| BrokerError::Internal(format!("pipe: {e}")))
@@ -1136,9 +1087,9 @@ impl Broker {
             .map_err(BrokerError::Internal)?;
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.try_send(ExecEvent::Started { exec_id });
-        let stdin_bytes = body.stdin.clone().unwrap_or_default().into_bytes();
+        let stdin_bytes = body.stdin.clone();
         let sb2 = Arc::clone(&sb);
-        let timeout = body.timeout_secs.map(Duration::from_secs);
+        let timeout = body.timeout;
         let argv = body.argv.clone();
         tokio::spawn(async move {
             let _in_flight = in_flight;
@@ -1241,26 +1192,6 @@ fn merge_env(base: &[String], extra: Vec<String>) -> Vec<String> {
         out.push(Some(e));
     }
     out.into_iter().flatten().collect()
-}
-
-/// Env entries must be KEY=VALUE with a plain key and no NUL.
-fn check_env(env: &[String]) -> Result<(), BrokerError> {
-    for e in env {
-        let ok = match e.split_once('=') {
-            Some((k, _)) => {
-                !k.is_empty()
-                    && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                    && !e.contains('\0')
-            }
-            None => false,
-        };
-        if !ok {
-            return Err(BrokerError::BadRequest(format!(
-                "env entry {e:?} is not KEY=VALUE with a name of letters, digits and '_'"
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn cleanup_partial(mut res: Resources) {

@@ -15,6 +15,7 @@ use crate::authz::Principal;
 use crate::broker::{Broker, BrokerError};
 use crate::client::{ClientError, RemoteClient, enc};
 use crate::config::{BrokerConfig, DEFAULT_CONFIG};
+use crate::spec::{CreateSpec, ExecSpec};
 use crate::util::{parse_duration, parse_size};
 
 /// Exit status for airlock's own errors (the command never ran).
@@ -311,7 +312,8 @@ impl Backend {
         match self {
             Backend::Embedded(b, p) => {
                 let (b, p) = (Arc::clone(b), *p);
-                Ok(tokio::task::spawn_blocking(move || b.create(&p, req))
+                let spec = CreateSpec::try_from(req).map_err(BrokerError::BadRequest)?;
+                Ok(tokio::task::spawn_blocking(move || b.create(&p, spec))
                     .await
                     .map_err(|e| CliError::Usage(e.to_string()))??)
             }
@@ -335,7 +337,8 @@ impl Backend {
     async fn exec(&self, id: &str, body: ExecBody, json: bool) -> Result<ExecExit, CliError> {
         let (mut rx, embedded) = match self {
             Backend::Embedded(b, p) => {
-                let h = b.exec(p, id, body).await?;
+                let spec = ExecSpec::try_from(body).map_err(BrokerError::BadRequest)?;
+                let h = b.exec(p, id, spec).await?;
                 (h.events, Some(((), h.exec_id)))
             }
             Backend::Remote(c) => (c.exec(id, &body).await?, None),

@@ -18,6 +18,7 @@ pub mod component;
 pub mod config;
 pub mod fs_server;
 pub mod sandbox;
+pub mod spec;
 pub mod sys;
 pub mod tree;
 pub mod util;

@@ -19,6 +19,7 @@ use crate::api::types::{CreateSandbox, ErrorBody, ExecBody, ExecEvent};
 use crate::audit::{AuditKind, AuditQuery};
 use crate::authz::Principal;
 use crate::broker::{Broker, BrokerError};
+use crate::spec::{CreateSpec, ExecSpec};
 
 /// The peer's credentials, read once per connection.
 #[derive(Debug, Clone, Copy)]
@@ -132,7 +133,8 @@ async fn health() -> impl IntoResponse {
 async fn create(State(b): Shared, ConnectInfo(c): Peer, body: Body) -> Result<Response, ApiError> {
     let p = principal(c)?;
     let req: CreateSandbox = json_body(&read_body(body).await?)?;
-    let info = tokio::task::spawn_blocking(move || b.create(&p, req))
+    let spec = CreateSpec::try_from(req).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let info = tokio::task::spawn_blocking(move || b.create(&p, spec))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok((StatusCode::CREATED, Json(info)).into_response())
@@ -190,7 +192,8 @@ async fn exec(
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
     let req: ExecBody = json_body(&read_body(body).await?)?;
-    let handle = b.exec(&p, &id, req).await?;
+    let spec = ExecSpec::try_from(req).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let handle = b.exec(&p, &id, spec).await?;
     let stream = futures_stream(handle.events);
     Ok(Response::builder()
         .status(StatusCode::OK)

@@ -1,0 +1,186 @@
+//! What the broker's core acts on: requests validated once, at the edge,
+//! from the /v1 wire types ([`crate::api::types`]) with `TryFrom`. The
+//! wire types are the public API and change only on purpose; these change
+//! with the core, and a conversion that no longer fits fails to compile
+//! instead of silently reshaping the JSON.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::api::types::{CreateSandbox, ExecBody, LimitsRequest};
+
+/// Sandbox uid of the default (unprivileged) user.
+pub const SANDBOX_UID: u32 = 1000;
+/// Ids per sandbox.
+pub const IDS_PER_SANDBOX: u32 = 65536;
+/// Largest argv plus env of one exec, in bytes (with their terminators):
+/// it travels to pid 1 in one control message.
+pub const MAX_EXEC_ARGS_BYTES: usize = 128 * 1024;
+
+/// The user commands run as by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxUser {
+    /// uid 1000 inside.
+    Sandbox,
+    /// uid 0 inside (still nobody on the host).
+    Root,
+}
+
+impl SandboxUser {
+    /// Its name, as the API and the audit log spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SandboxUser::Sandbox => "sandbox",
+            SandboxUser::Root => "root",
+        }
+    }
+
+    /// (uid, gid) inside.
+    pub fn ids(self) -> (u32, u32) {
+        match self {
+            SandboxUser::Sandbox => (SANDBOX_UID, SANDBOX_UID),
+            SandboxUser::Root => (0, 0),
+        }
+    }
+}
+
+/// A create request, checked.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    /// Agent asked for (authorized later, against the caller).
+    pub agent: Option<String>,
+    /// Caller's rootfs directory, if any.
+    pub rootfs: Option<PathBuf>,
+    /// Caller's workspace directory, if any.
+    pub workspace: Option<PathBuf>,
+    /// Default exec user.
+    pub user: SandboxUser,
+    /// Limits asked for (bounded against the config later).
+    pub limits: LimitsRequest,
+    /// Wall-clock limit asked for.
+    pub timeout_secs: Option<u64>,
+    /// Default environment of execs, `KEY=VALUE` each.
+    pub env: Vec<String>,
+}
+
+impl TryFrom<CreateSandbox> for CreateSpec {
+    type Error = String;
+
+    fn try_from(req: CreateSandbox) -> Result<Self, String> {
+        let user = match req.user.as_deref() {
+            None | Some("sandbox") => SandboxUser::Sandbox,
+            Some("root") => SandboxUser::Root,
+            Some(other) => return Err(format!("user {other:?}: use \"sandbox\" or \"root\"")),
+        };
+        let env = req.env.unwrap_or_default();
+        check_env(&env)?;
+        Ok(CreateSpec {
+            agent: req.agent,
+            rootfs: req.rootfs,
+            workspace: req.workspace,
+            user,
+            limits: req.limits.unwrap_or_default(),
+            timeout_secs: req.timeout_secs,
+            env,
+        })
+    }
+}
+
+/// Who an exec runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecUser {
+    /// The sandbox's default user.
+    Default,
+    /// A named user.
+    Named(SandboxUser),
+    /// A uid inside (below [`IDS_PER_SANDBOX`]), its gid the same.
+    Uid(u32),
+}
+
+/// An exec request, checked.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// Program and arguments: at least the program, no NUL.
+    pub argv: Vec<String>,
+    /// Environment entries on top of the sandbox's.
+    pub env: Vec<String>,
+    /// Absolute working directory inside.
+    pub cwd: String,
+    /// Who it runs as.
+    pub user: ExecUser,
+    /// What its stdin reads, then EOF.
+    pub stdin: Vec<u8>,
+    /// Its own wall-clock limit.
+    pub timeout: Option<Duration>,
+}
+
+impl TryFrom<ExecBody> for ExecSpec {
+    type Error = String;
+
+    fn try_from(body: ExecBody) -> Result<Self, String> {
+        if body.argv.first().is_none_or(|a| a.is_empty()) {
+            return Err("argv must name a program".into());
+        }
+        if body.argv.iter().any(|a| a.contains('\0')) {
+            return Err("argv contains a NUL byte".into());
+        }
+        let env = body.env.unwrap_or_default();
+        check_env(&env)?;
+        let size: usize = body
+            .argv
+            .iter()
+            .chain(env.iter())
+            .map(|a| a.len() + 1)
+            .sum();
+        if size > MAX_EXEC_ARGS_BYTES {
+            return Err(format!(
+                "argv and env hold {size} bytes; at most {MAX_EXEC_ARGS_BYTES} are accepted"
+            ));
+        }
+        let user = match body.user.as_deref() {
+            None => ExecUser::Default,
+            Some("sandbox") => ExecUser::Named(SandboxUser::Sandbox),
+            Some("root") => ExecUser::Named(SandboxUser::Root),
+            Some(n) => match n.parse::<u32>() {
+                Ok(u) if u < IDS_PER_SANDBOX => ExecUser::Uid(u),
+                _ => {
+                    return Err(format!(
+                        "user {n:?}: use \"sandbox\", \"root\" or a uid below 65536"
+                    ));
+                }
+            },
+        };
+        let cwd = body.cwd.unwrap_or_else(|| "/workspace".to_string());
+        if !cwd.starts_with('/') || cwd.contains('\0') {
+            return Err(format!("cwd {cwd:?} must be an absolute path"));
+        }
+        Ok(ExecSpec {
+            argv: body.argv,
+            env,
+            cwd,
+            user,
+            stdin: body.stdin.unwrap_or_default().into_bytes(),
+            timeout: body.timeout_secs.map(Duration::from_secs),
+        })
+    }
+}
+
+/// Env entries must be KEY=VALUE with a plain key and no NUL.
+fn check_env(env: &[String]) -> Result<(), String> {
+    for e in env {
+        let ok = match e.split_once('=') {
+            Some((k, _)) => {
+                !k.is_empty()
+                    && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    && !e.contains('\0')
+            }
+            None => false,
+        };
+        if !ok {
+            return Err(format!(
+                "env entry {e:?} is not KEY=VALUE with a name of letters, digits and '_'"
+            ));
+        }
+    }
+    Ok(())
+}
