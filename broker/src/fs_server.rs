@@ -13,7 +13,7 @@
 //! channel; the broker audits them. If it dies, its sandbox is torn down;
 //! if the broker dies, it exits.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
@@ -151,14 +151,14 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         return Err(("read spec", "descriptors missing".into()));
     };
     let rootfs = fds.next();
-    let fd_path = |fd: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    private_root(&spec.upper, &ws, rootfs.as_ref()).map_err(|e| ("private root", e))?;
     let mount_spec = MountSpec {
         base: match &rootfs {
-            Some(r) => BaseSpec::Rootfs(fd_path(r)),
+            Some(_) => BaseSpec::Rootfs(PathBuf::from(ROOTFS_AT)),
             None => BaseSpec::Host,
         },
-        upper: spec.upper.clone(),
-        workspace: fd_path(&ws),
+        upper: PathBuf::from(UPPER_AT),
+        workspace: PathBuf::from(WORKSPACE_AT),
         ids: spec.ids,
         sandbox_uid: spec.user_ids.0,
         sandbox_gid: spec.user_ids.1,
@@ -268,6 +268,150 @@ pub fn confine(
         nofile,
         seccomp: Some(&seccomp),
     })
+}
+
+/// Where the server's private root shows its own layers.
+const UPPER_AT: &str = "/layers/upper";
+const WORKSPACE_AT: &str = "/layers/workspace";
+const ROOTFS_AT: &str = "/layers/rootfs";
+
+/// Moves the server into a mount namespace of its own whose root holds
+/// only what it serves: the host base directories bound read-only
+/// (symlinks among them recreated as symlinks), its upper layer and
+/// workspace bound read-write, a rootfs read-only, and /dev/fuse. The
+/// host's root is detached. Landlock confines opening files but not
+/// changing metadata by name (chown, chmod, utimes): here no host path
+/// outside the server's own layers resolves at all, the base is a
+/// read-only mount (EROFS), and `..` from a layer's handle stops at that
+/// layer's bind mount.
+fn private_root(
+    upper: &std::path::Path,
+    ws: &OwnedFd,
+    rootfs: Option<&OwnedFd>,
+) -> Result<(), String> {
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
+    let none: Option<&str> = None;
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |err: nix::Error| format!("{what}: {err}")
+    };
+    let cwd = rustix::fs::CWD;
+    let clone = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
+    let by_fd = clone | OpenTreeFlags::AT_EMPTY_PATH;
+    let tree = |what: &str, r: rustix::io::Result<OwnedFd>| {
+        r.map_err(|err| format!("clone the mount of {what}: {err}"))
+    };
+    // Detached copies of exactly what the server serves, taken while this
+    // process still shares the broker's mount namespace (a mount of
+    // another namespace cannot be bound into a new one).
+    let mut trees: Vec<(String, OwnedFd, bool)> = vec![
+        (
+            UPPER_AT.into(),
+            tree("the upper layer", open_tree(cwd, upper, clone))?,
+            false,
+        ),
+        (
+            WORKSPACE_AT.into(),
+            tree("the workspace", open_tree(ws, "", by_fd))?,
+            false,
+        ),
+        (
+            "/dev/fuse".into(),
+            tree("/dev/fuse", open_tree(cwd, "/dev/fuse", clone))?,
+            false,
+        ),
+    ];
+    let mut links = Vec::new();
+    if let Some(r) = rootfs {
+        trees.push((
+            ROOTFS_AT.into(),
+            tree("the rootfs", open_tree(r, "", by_fd))?,
+            true,
+        ));
+    } else {
+        for name in airlock_fs::HOST_BASE_NAMES {
+            let host = format!("/{name}");
+            match std::fs::symlink_metadata(&host) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let target = std::fs::read_link(&host)
+                        .map_err(|err| format!("readlink {host}: {err}"))?;
+                    links.push((host, target));
+                }
+                Ok(m) if m.is_dir() => {
+                    let t = tree(&host, open_tree(cwd, host.as_str(), clone))?;
+                    trees.push((host, t, true));
+                }
+                _ => {}
+            }
+        }
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(e("unshare mount namespace"))?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)
+        .map_err(e("make mounts private"))?;
+    let new = "/tmp";
+    mount(
+        Some("tmpfs"),
+        new,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(e("mount the private root"))?;
+    let dir = |p: &str| {
+        std::fs::create_dir_all(format!("{new}{p}")).map_err(|err| format!("mkdir {p}: {err}"))
+    };
+    dir("/oldroot")?;
+    for (host, target) in &links {
+        std::os::unix::fs::symlink(target, format!("{new}{host}"))
+            .map_err(|err| format!("symlink {host}: {err}"))?;
+    }
+    for (at, t, read_only) in &trees {
+        let target = format!("{new}{at}");
+        if at == "/dev/fuse" {
+            dir("/dev")?;
+            std::fs::write(&target, b"").map_err(|err| format!("create {at}: {err}"))?;
+        } else {
+            dir(at)?;
+        }
+        move_mount(
+            t,
+            "",
+            cwd,
+            target.as_str(),
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(|err| format!("attach {at}: {err}"))?;
+        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
+        // Every mount but the FUSE device's own refuses device nodes.
+        if at != "/dev/fuse" {
+            flags |= MsFlags::MS_NODEV;
+        }
+        if *read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount(none, target.as_str(), none, flags, none).map_err(e(&format!("remount {at}")))?;
+    }
+    drop(trees);
+    nix::unistd::chdir(new).map_err(e("chdir to the private root"))?;
+    nix::unistd::pivot_root(".", "oldroot").map_err(e("pivot_root"))?;
+    umount2("/oldroot", MntFlags::MNT_DETACH).map_err(e("detach the host root"))?;
+    std::fs::remove_dir("/oldroot").map_err(|err| format!("rmdir /oldroot: {err}"))?;
+    nix::unistd::chdir("/").map_err(e("chdir /"))?;
+    mount(
+        none,
+        "/",
+        none,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        none,
+    )
+    .map_err(e("remount the private root read-only"))
 }
 
 /// The server's event sink: never blocks a FUSE thread; drops when the

@@ -246,7 +246,11 @@ impl AirlockFs {
             });
         }
         let (base, host_filter, base_owner) = match &spec.base {
-            BaseSpec::Host => (open_root(Path::new("/"))?, true, None),
+            BaseSpec::Host => {
+                let root = open_root(Path::new("/"))?;
+                crate::resolve::set_union_root(&root);
+                (root, true, None)
+            }
             BaseSpec::Rootfs(dir) => {
                 let d = open_root(dir)?;
                 let st = rustix::fs::fstat(&d).map_err(|e| FsError::OpenLayer {

@@ -221,6 +221,10 @@ pub const SERVER_CAPABILITIES: &[(u32, &str)] = &[
 /// refused (see the file's own comment for the format).
 pub const SERVER_SECCOMP: &str = include_str!("../seccomp.json");
 
+/// The host's top-level directories a `BaseSpec::Host` base shows (those
+/// that exist); `etc` is filtered further.
+pub const HOST_BASE_NAMES: &[&str] = policy::HOST_ROOT_ALLOW;
+
 /// The rights a server needs beneath one host path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

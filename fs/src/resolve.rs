@@ -21,16 +21,46 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_MAGICLINKS)
     .union(ResolveFlags::NO_XDEV);
 
-/// openat2 of one component; never follows a symlink (ELOOP instead).
+/// The host base's root when it is a union of mounts (a confined server's
+/// private root, whose `usr`, `etc`... are bind mounts of their own): the
+/// one directory whose children may be on another mount.
+static UNION_ROOT: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Marks `dir` (the host base's root) as [`UNION_ROOT`].
+pub(crate) fn set_union_root(dir: impl AsFd) {
+    if let Ok(st) = rustix::fs::fstat(dir) {
+        let _ = UNION_ROOT.set((st.st_dev, st.st_ino));
+    }
+}
+
+fn is_union_root(dir: impl AsFd) -> bool {
+    UNION_ROOT
+        .get()
+        .is_some_and(|id| rustix::fs::fstat(dir).is_ok_and(|st| (st.st_dev, st.st_ino) == *id))
+}
+
+/// openat2 of one component; never follows a symlink (ELOOP instead), and
+/// never enters another mount, except from the base's union root into one
+/// of its top-level directories.
 pub(crate) fn open_at(dir: impl AsFd, name: &Name, flags: OFlags, mode: u32) -> OpResult<OwnedFd> {
     let flags = flags | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-    Ok(rustix::fs::openat2(
+    let dir = dir.as_fd();
+    match rustix::fs::openat2(
         dir,
         name.as_os_str(),
         flags,
         Mode::from_raw_mode(mode),
         RESOLVE,
-    )?)
+    ) {
+        Err(e) if e == rustix::io::Errno::XDEV && is_union_root(dir) => Ok(rustix::fs::openat2(
+            dir,
+            name.as_os_str(),
+            flags,
+            Mode::from_raw_mode(mode),
+            RESOLVE.difference(ResolveFlags::NO_XDEV),
+        )?),
+        other => Ok(other?),
+    }
 }
 
 pub(crate) fn open_file(dir: impl AsFd, name: &Name, flags: OFlags, mode: u32) -> OpResult<File> {

@@ -248,6 +248,36 @@ fn the_fs_server_is_a_confined_process_charged_to_its_sandbox() {
     assert_eq!(status_field(server, "NoNewPrivs:"), "1");
     // Its own seccomp allow-list (filter mode).
     assert_eq!(status_field(server, "Seccomp:"), "2");
+    // Its own mount namespace, whose root holds only what it serves: no
+    // host path beyond them resolves there, and the base is read-only (so
+    // no chown or chmod by name reaches a host file).
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{server}/ns/mnt")).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap()
+    );
+    let mut top: Vec<String> = std::fs::read_dir(format!("/proc/{server}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert!(
+        top.contains(&"layers".to_string()) && top.contains(&"usr".to_string()),
+        "{top:?}"
+    );
+    for absent in ["var", "root", "home", "proc", "sys", "tmp"] {
+        assert!(
+            !top.contains(&absent.to_string()),
+            "{absent} in the server's root: {top:?}"
+        );
+    }
+    let mounts = std::fs::read_to_string(format!("/proc/{server}/mountinfo")).unwrap();
+    for ro in ["/usr", "/etc", "/"] {
+        let line = mounts
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(ro))
+            .unwrap_or_else(|| panic!("no {ro} mount: {mounts}"));
+        assert!(line.split(' ').nth(5).unwrap().starts_with("ro"), "{line}");
+    }
     // What it reported of its jail is in the sandbox's jail row.
     let rows = env.audit_wait(&["--sandbox", &id, "--kind", "jail"], |r| {
         r["detail"]["fs_server"].is_object()
