@@ -4,11 +4,14 @@
 //! need CAP_SYS_ADMIN in the host's namespaces) and opens the caller's
 //! workspace and rootfs with the caller's rights; the component gets
 //! exactly those descriptors, joins the sandbox's cgroup (its CPU, memory,
-//! threads and open files count against the sandbox's limits), opens its
-//! layer roots, answers the kernel's INIT, then confines itself before the
-//! first request: the sandbox's open-files limit, only the capabilities in
-//! [`airlock_fs::SERVER_CAPABILITIES`], no_new_privs, and landlock limited
-//! to its own layers ([`airlock_fs::MountSpec::host_paths`]). Its events
+//! threads and open files count against the sandbox's limits), moves into
+//! a private mount namespace that holds only what it serves
+//! (`private_root`), opens its layer roots, answers the kernel's INIT,
+//! then confines itself before the first request: the sandbox's open-files
+//! limit, only the capabilities in [`airlock_fs::SERVER_CAPABILITIES`],
+//! no_new_privs, landlock limited to its own layers
+//! ([`airlock_fs::MountSpec::host_paths`]) and the seccomp allow-list
+//! [`airlock_fs::SERVER_SECCOMP`]. Its events
 //! (file changes in /workspace, denials) come back over the control
 //! channel; the broker audits them. If it dies, its sandbox is torn down;
 //! if the broker dies, it exits.
