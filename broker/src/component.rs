@@ -455,3 +455,149 @@ pub fn report_failed<R: Role>(chan: &Channel, stage: &str, error: impl std::fmt:
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// A role for stand-in components: any JSON.
+    struct Scripted;
+
+    impl Role for Scripted {
+        const ARG: &'static str = "__scripted";
+        const NAME: &'static str = "scripted";
+        type Spec = serde_json::Value;
+        type Ready = serde_json::Value;
+        type Event = serde_json::Value;
+    }
+
+    /// A stand-in component: a Python script speaking the wire format (one
+    /// JSON message per SOCK_SEQPACKET datagram on fd 3) that reads the
+    /// start message, sends each of `sends` as raw bytes, and exits.
+    fn scripted(dir: &Path, sends: &[&[u8]]) -> std::path::PathBuf {
+        let sends: Vec<String> = sends
+            .iter()
+            .map(|b| format!("bytes.fromhex('{}')", hex(b)))
+            .collect();
+        let script = format!(
+            "#!/usr/bin/python3\nimport socket\ns = socket.socket(fileno=3)\ns.recv(1 << 20)\n\
+             for m in [{}]:\n    s.send(m)\n",
+            sends.join(", ")
+        );
+        let path = dir.join("component");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|c| format!("{c:02x}")).collect()
+    }
+
+    fn ready() -> Vec<u8> {
+        format!(r#"{{"type":"ready","version":{PROTOCOL_VERSION},"ready":{{}}}}"#).into_bytes()
+    }
+
+    /// Starts the scripted component and supervises it; returns the events
+    /// it delivered and how it ended.
+    fn run(sends: &[&[u8]]) -> Result<(Vec<serde_json::Value>, Ended), ComponentError> {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = scripted(dir.path(), sends);
+        let (owner, _ready, chan) =
+            Component::start::<Scripted>(&exe, &serde_json::json!({}), &[])?;
+        let (ev_tx, ev_rx) = mpsc::channel();
+        let (end_tx, end_rx) = mpsc::channel();
+        owner
+            .supervise::<Scripted>(
+                chan,
+                move |e| {
+                    let _ = ev_tx.send(e);
+                },
+                move |end| {
+                    let _ = end_tx.send(end);
+                },
+            )
+            .unwrap();
+        let ended = end_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        drop(owner);
+        Ok((ev_rx.try_iter().collect(), ended))
+    }
+
+    #[test]
+    fn events_are_delivered_in_order_until_the_component_ends() {
+        let (events, ended) = run(&[
+            &ready(),
+            br#"{"type":"event","event":{"n":1}}"#,
+            br#"{"type":"event","event":{"n":2}}"#,
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            events,
+            [serde_json::json!({"n": 1}), serde_json::json!({"n": 2})]
+        );
+        assert_eq!(ended, Ended::Died);
+    }
+
+    /// A message that does not parse is a malformed end, never skipped:
+    /// nothing after it is delivered.
+    #[test]
+    fn a_message_that_does_not_parse_ends_the_component_as_malformed() {
+        let (events, ended) = run(&[
+            &ready(),
+            br#"{"type":"event","event":{"n":1}}"#,
+            b"\xff not json",
+            br#"{"type":"event","event":{"n":2}}"#,
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(events, [serde_json::json!({"n": 1})]);
+        assert!(matches!(ended, Ended::Malformed(_)), "{ended:?}");
+    }
+
+    /// A well-formed message out of protocol (a second ready) is malformed
+    /// too.
+    #[test]
+    fn a_message_out_of_protocol_ends_the_component_as_malformed() {
+        let (_, ended) = run(&[&ready(), &ready()]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(ended, Ended::Malformed(_)), "{ended:?}");
+    }
+
+    /// Before ready: an event, another protocol version or garbage is a
+    /// start-up error naming what was wrong.
+    #[test]
+    fn start_up_refuses_anything_but_a_ready_of_its_version() {
+        let cases: [(&[u8], &str); 3] = [
+            (br#"{"type":"event","event":{}}"#, "an event before ready"),
+            (
+                br#"{"type":"ready","version":999,"ready":{}}"#,
+                "protocol version 999",
+            ),
+            (b"garbage", "scripted"),
+        ];
+        for (first, want) in cases {
+            let err = run(&[first])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+
+    /// A failure reported while serving ends it with that failure.
+    #[test]
+    fn a_reported_failure_ends_the_component_with_its_stage() {
+        let (_, ended) = run(&[
+            &ready(),
+            br#"{"type":"failed","failure":{"stage":"serve","error":"boom"}}"#,
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        match ended {
+            Ended::Failed(f) => assert_eq!((f.stage.as_str(), f.error.as_str()), ("serve", "boom")),
+            other => panic!("{other:?}"),
+        }
+    }
+}
