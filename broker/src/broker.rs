@@ -582,6 +582,13 @@ impl Broker {
             .mode(0o700)
             .create(&upper)
             .map_err(internal("create upper layer"))?;
+        // The fs server serves it as sandbox root's host uid, in a user
+        // namespace that maps only the sandbox's range (host root's files
+        // are out of its reach).
+        if let Err(e) = std::os::unix::fs::chown(&upper, Some(base), Some(base)) {
+            let _ = crate::tree::remove_tree(&layer_dir);
+            return Err(BrokerError::Internal(format!("chown upper layer: {e}")));
+        }
         let owner = OwnerRecord {
             pid: self.me.0,
             start_ticks: self.me.1,

@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::component::{self, Report, Role};
 
+mod identity;
+
 /// The filesystem server role.
 #[derive(Debug)]
 pub struct FsRole;
@@ -154,7 +156,20 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         return Err(("read spec", "descriptors missing".into()));
     };
     let rootfs = fds.next();
-    private_root(&spec.upper, &ws, rootfs.as_ref()).map_err(|e| ("private root", e))?;
+    // Forked first, while this process holds nothing else.
+    let registrar = identity::Registrar::start(
+        dev.as_fd(),
+        rootfs.as_ref().map(|r| r.as_fd()),
+        registrar_rules(rootfs.as_ref()),
+        spec.landlock_floor,
+    )
+    .map_err(|e| ("registrar", e))?;
+    mark("join cgroup");
+    let idmaps = Idmaps::new(&spec.ids, &ws).map_err(|e| ("idmap namespaces", e))?;
+    mark("idmaps");
+    private_root(&spec.upper, &ws, rootfs.as_ref(), &idmaps, &spec.ids)
+        .map_err(|e| ("private root", e))?;
+    drop(idmaps);
     let mount_spec = MountSpec {
         base: match &rootfs {
             Some(_) => BaseSpec::Rootfs(PathBuf::from(ROOTFS_AT)),
@@ -163,12 +178,13 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         upper: PathBuf::from(UPPER_AT),
         workspace: PathBuf::from(WORKSPACE_AT),
         ids: spec.ids,
+        base_idmapped: true,
         sandbox_uid: spec.user_ids.0,
         sandbox_gid: spec.user_ids.1,
         sandbox_user: spec.user.clone(),
         hostname: spec.hostname.clone(),
     };
-    mark("join cgroup");
+    mark("private root");
     let (tx, rx) = sync_channel::<FsEvent>(EVENT_QUEUE);
     let server = airlock_fs::Server::new(&mount_spec, sink(tx), &MountOptions::default())
         .map_err(|e| ("open layers", error_chain(&e)))?;
@@ -177,6 +193,9 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         .handshake(dev)
         .map_err(|e| ("fuse handshake", error_chain(&e)))?;
     mark("handshake");
+    identity::enter_userns(&registrar, &spec.ids).map_err(|e| ("user namespace", e))?;
+    serving.delegate_backing(std::sync::Arc::new(registrar));
+    mark("user namespace");
     let jail = confine(&mount_spec, spec.landlock_floor, spec.nofile)
         .map_err(|e| fail("jail")(&error_chain(&e)))?;
     mark("jail");
@@ -248,8 +267,20 @@ pub fn confine(
     landlock_floor: u8,
     nofile: u64,
 ) -> Result<JailReport, airlock_shim::jail::JailError> {
-    let rules: Vec<PolicyRule> = mount_spec
-        .host_paths()
+    let rules = landlock_rules(mount_spec.host_paths());
+    let seccomp = airlock_shim::seccomp::compile_allow_list(airlock_fs::SERVER_SECCOMP)?;
+    airlock_shim::jail::apply(&ComponentJail {
+        landlock: &rules,
+        landlock_floor,
+        keep_caps: airlock_fs::SERVER_CAPABILITIES,
+        nofile,
+        seccomp: Some(&seccomp),
+    })
+}
+
+/// Landlock rules granting each of `paths` its access.
+fn landlock_rules(paths: Vec<airlock_fs::HostPath>) -> Vec<PolicyRule> {
+    paths
         .into_iter()
         .map(|h| PolicyRule {
             path: h.path,
@@ -262,15 +293,46 @@ pub fn confine(
             required: false,
             comment: h.why,
         })
-        .collect();
-    let seccomp = airlock_shim::seccomp::compile_allow_list(airlock_fs::SERVER_SECCOMP)?;
-    airlock_shim::jail::apply(&ComponentJail {
-        landlock: &rules,
-        landlock_floor,
-        keep_caps: airlock_fs::SERVER_CAPABILITIES,
-        nofile,
-        seccomp: Some(&seccomp),
-    })
+        .collect()
+}
+
+/// The landlock rules of a server's registrar: read access to the base
+/// only. The kernel reopens each registered backing file with the
+/// registrar's credentials (landlock domain included) and reads it with
+/// them, so these rules bound what passthrough can ever read. `rootfs` is
+/// the rootfs descriptor, which the registrar keeps until it has applied
+/// them.
+fn registrar_rules(rootfs: Option<&OwnedFd>) -> Vec<PolicyRule> {
+    use std::os::fd::AsRawFd;
+    let paths = match rootfs {
+        Some(r) => vec![airlock_fs::HostPath {
+            path: PathBuf::from(format!("/proc/self/fd/{}", r.as_raw_fd())),
+            access: HostAccess::Read,
+            why: "the read-only base (a rootfs)",
+        }],
+        None => {
+            let host = MountSpec {
+                base: BaseSpec::Host,
+                upper: PathBuf::new(),
+                workspace: PathBuf::new(),
+                ids: IdMap {
+                    host_uid_base: 0,
+                    host_gid_base: 0,
+                    count: 0,
+                },
+                base_idmapped: true,
+                sandbox_uid: 0,
+                sandbox_gid: 0,
+                sandbox_user: String::new(),
+                hostname: String::new(),
+            };
+            host.host_paths()
+                .into_iter()
+                .filter(|h| matches!(h.access, HostAccess::Read | HostAccess::ReadDir))
+                .collect()
+        }
+    };
+    landlock_rules(paths)
 }
 
 /// Where the server's private root shows its own layers.
@@ -281,7 +343,7 @@ const ROOTFS_AT: &str = "/layers/rootfs";
 /// Moves the server into a mount namespace of its own whose root holds
 /// only what it serves: the host base directories bound read-only
 /// (symlinks among them recreated as symlinks), its upper layer and
-/// workspace bound read-write, a rootfs read-only, and /dev/fuse. The
+/// workspace bound read-write, and a rootfs read-only. The
 /// host's root is detached. Landlock confines opening files but not
 /// changing metadata by name (chown, chmod, utimes): here no host path
 /// outside the server's own layers resolves at all, the base is a
@@ -291,6 +353,8 @@ fn private_root(
     upper: &std::path::Path,
     ws: &OwnedFd,
     rootfs: Option<&OwnedFd>,
+    idmaps: &Idmaps,
+    ids: &IdMap,
 ) -> Result<(), String> {
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
     use rustix::mount::{MoveMountFlags, OpenTreeFlags, move_mount, open_tree};
@@ -305,6 +369,14 @@ fn private_root(
     let tree = |what: &str, r: rustix::io::Result<OwnedFd>| {
         r.map_err(|err| format!("clone the mount of {what}: {err}"))
     };
+    let idmapped = |what: &str, t: OwnedFd, userns: &OwnedFd| -> Result<OwnedFd, String> {
+        crate::sys::idmap_mount(t.as_fd(), userns.as_fd()).map_err(|err| {
+            format!(
+                "idmap the mount of {what} (its filesystem must support idmapped mounts): {err}"
+            )
+        })?;
+        Ok(t)
+    };
     // Detached copies of exactly what the server serves, taken while this
     // process still shares the broker's mount namespace (a mount of
     // another namespace cannot be bound into a new one).
@@ -316,12 +388,11 @@ fn private_root(
         ),
         (
             WORKSPACE_AT.into(),
-            tree("the workspace", open_tree(ws, "", by_fd))?,
-            false,
-        ),
-        (
-            "/dev/fuse".into(),
-            tree("/dev/fuse", open_tree(cwd, "/dev/fuse", clone))?,
+            idmapped(
+                "the workspace",
+                tree("the workspace", open_tree(ws, "", by_fd))?,
+                &idmaps.workspace,
+            )?,
             false,
         ),
     ];
@@ -329,7 +400,11 @@ fn private_root(
     if let Some(r) = rootfs {
         trees.push((
             ROOTFS_AT.into(),
-            tree("the rootfs", open_tree(r, "", by_fd))?,
+            idmapped(
+                "the rootfs",
+                tree("the rootfs", open_tree(r, "", by_fd))?,
+                &idmaps.base,
+            )?,
             true,
         ));
     } else {
@@ -343,6 +418,7 @@ fn private_root(
                 }
                 Ok(m) if m.is_dir() => {
                     let t = tree(&host, open_tree(cwd, host.as_str(), clone))?;
+                    let t = idmapped(&host, t, &idmaps.base)?;
                     trees.push((host, t, true));
                 }
                 _ => {}
@@ -359,7 +435,16 @@ fn private_root(
         new,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=64k"),
+        // Owned by sandbox root's host ids: it is the host base's root
+        // directory, shown to the sandbox as `/`, and read through no
+        // idmap.
+        Some(
+            format!(
+                "mode=0755,size=64k,uid={},gid={}",
+                ids.host_uid_base, ids.host_gid_base
+            )
+            .as_str(),
+        ),
     )
     .map_err(e("mount the private root"))?;
     let dir = |p: &str| {
@@ -372,12 +457,7 @@ fn private_root(
     }
     for (at, t, read_only) in &trees {
         let target = format!("{new}{at}");
-        if at == "/dev/fuse" {
-            dir("/dev")?;
-            std::fs::write(&target, b"").map_err(|err| format!("create {at}: {err}"))?;
-        } else {
-            dir(at)?;
-        }
+        dir(at)?;
         move_mount(
             t,
             "",
@@ -386,11 +466,8 @@ fn private_root(
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
         )
         .map_err(|err| format!("attach {at}: {err}"))?;
-        let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID;
-        // Every mount but the FUSE device's own refuses device nodes.
-        if at != "/dev/fuse" {
-            flags |= MsFlags::MS_NODEV;
-        }
+        let mut flags =
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
         if *read_only {
             flags |= MsFlags::MS_RDONLY;
         }
@@ -415,6 +492,32 @@ fn private_root(
         none,
     )
     .map_err(e("remount the private root read-only"))
+}
+
+/// The user namespaces whose maps the server's layers are attached
+/// through (see [`identity`]).
+struct Idmaps {
+    /// Ids `0..count` to the sandbox's host range: the base and rootfs.
+    base: OwnedFd,
+    /// The workspace's owner to [`identity::workspace_ids`].
+    workspace: OwnedFd,
+}
+
+impl Idmaps {
+    fn new(ids: &IdMap, ws: &OwnedFd) -> Result<Idmaps, String> {
+        let st = rustix::fs::fstat(ws).map_err(|e| format!("stat the workspace: {e}"))?;
+        let (wu, wg) = identity::workspace_ids(ids);
+        Ok(Idmaps {
+            base: identity::idmap_userns(
+                &format!("0 {} {}\n", ids.host_uid_base, ids.count),
+                &format!("0 {} {}\n", ids.host_gid_base, ids.count),
+            )?,
+            workspace: identity::idmap_userns(
+                &format!("{} {wu} 1\n", st.st_uid),
+                &format!("{} {wg} 1\n", st.st_gid),
+            )?,
+        })
+    }
 }
 
 /// The server's event sink: never blocks a FUSE thread; drops when the
@@ -450,6 +553,8 @@ mod tests {
     use super::*;
 
     const PROBE_ENV: &str = "AIRLOCK_TEST_FS_JAIL_PROBE";
+    /// Host uid (and gid) of the probe's sandbox root.
+    const PROBE_BASE: u32 = 0x3000_0000;
 
     fn try_read(p: &Path) -> &'static str {
         match std::fs::File::open(p) {
@@ -474,16 +579,39 @@ mod tests {
             upper: dir.join("upper"),
             workspace: dir.join("workspace"),
             ids: IdMap {
-                host_uid_base: 0x3000_0000,
-                host_gid_base: 0x3000_0000,
+                host_uid_base: PROBE_BASE,
+                host_gid_base: PROBE_BASE,
                 count: 65536,
             },
+            base_idmapped: false,
             sandbox_uid: 1000,
             sandbox_gid: 1000,
             sandbox_user: "sandbox".into(),
             hostname: "probe".into(),
         };
-        confine(&spec, 0, 256).unwrap();
+        // libtest runs this test on a thread of its own, and a process
+        // creates a user namespace only while single-threaded: the probe
+        // runs in a forked child, which has this thread only (libtest's
+        // main thread, blocked waiting for the test, holds no lock the
+        // probe takes).
+        match airlock_shim::sys::clone_fork(0).unwrap() {
+            airlock_shim::sys::Forked::Child => {
+                probe(dir, &spec);
+                airlock_shim::sys::exit_now(0)
+            }
+            airlock_shim::sys::Forked::Parent(child) => {
+                nix::sys::wait::waitpid(child, None).unwrap();
+            }
+        }
+    }
+
+    fn probe(dir: &Path, spec: &MountSpec) {
+        // The server's identity first, as in `serve`: its own user
+        // namespace mapping only the sandbox's range, then the jail.
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        let registrar = identity::Registrar::start(devnull.as_fd(), None, Vec::new(), 0).unwrap();
+        identity::enter_userns(&registrar, &spec.ids).unwrap();
+        confine(spec, 0, 256).unwrap();
         let own = std::fs::write(dir.join("upper/new"), b"x").is_ok();
         let ws = std::fs::write(dir.join("workspace/new"), b"x").is_ok();
         let tmp = match std::fs::write(dir.join("elsewhere"), b"x") {
@@ -491,30 +619,61 @@ mod tests {
             Ok(()) => "open",
             Err(_) => "error",
         };
+        let chown_to_root = std::os::unix::fs::chown(dir.join("upper/mine"), Some(0), Some(0));
         println!(
             "PROBE own_upper={own} workspace={ws} other_layer={} elsewhere={tmp} \
-             shadow={} root={} proc={} usr={}",
+             shadow={} root={} proc={} usr={} sandbox_owned={} host_root_owned={} \
+             chown_to_host_root={} uid={}",
             try_read(&dir.join("other/upper/secret")),
             try_read(Path::new("/etc/shadow")),
             try_read(Path::new("/root")),
             try_read(Path::new("/proc/1/environ")),
             try_read(Path::new("/usr/bin/env")),
+            try_read(&dir.join("upper/mine")),
+            try_read(&dir.join("upper/foreign")),
+            if chown_to_root.is_ok() {
+                "done"
+            } else {
+                "refused"
+            },
+            nix::unistd::getuid(),
         );
     }
 
     /// From inside a server's jail, nothing but its own layers (and the
     /// visible base) can be opened: not another sandbox's layer, not a
-    /// hidden /etc file, not any other host path.
+    /// hidden /etc file, not any other host path. Its rights over files
+    /// are those of the sandbox's host id range only: it runs as sandbox
+    /// root's host uid, reads a 0600 file owned within the range, and
+    /// neither reads a 0600 file of host root's nor gives a file to host
+    /// root.
     #[test]
     fn a_confined_server_reaches_only_its_own_layers() {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
         for d in ["upper", "workspace", "other/upper"] {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
         std::fs::write(dir.path().join("other/upper/secret"), b"s").unwrap();
+        // As the broker lays them out: the layers owned by sandbox root's
+        // host ids, reachable through a searchable directory.
+        let base = PROBE_BASE;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(dir.path().join("upper"), Some(base), Some(base)).unwrap();
+        // The workspace as the server sees it through its idmap.
+        let w = base + 65535;
+        std::os::unix::fs::chown(dir.path().join("workspace"), Some(w), Some(w)).unwrap();
+        // Mode 0600 files, one owned within the sandbox's range, one by
+        // host root: only the first is within the server's rights.
+        for (f, owner) in [("upper/mine", base + 5), ("upper/foreign", 0)] {
+            let p = dir.path().join(f);
+            std::fs::write(&p, b"s").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::chown(&p, Some(owner), Some(owner)).unwrap();
+        }
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -531,8 +690,12 @@ mod tests {
             .unwrap_or_else(|| panic!("no probe output: {text} {:?}", out.stderr));
         assert_eq!(
             line,
-            "PROBE own_upper=true workspace=true other_layer=denied elsewhere=denied \
-             shadow=denied root=denied proc=denied usr=open",
+            format!(
+                "PROBE own_upper=true workspace=true other_layer=denied elsewhere=denied \
+                 shadow=denied root=denied proc=denied usr=open sandbox_owned=open \
+                 host_root_owned=denied chown_to_host_root=refused uid={}",
+                PROBE_BASE + 65535
+            ),
         );
     }
 }

@@ -74,3 +74,79 @@ fn thread_setgroups(groups: &[u32]) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// `mount_setattr(tree, "", AT_EMPTY_PATH, {MOUNT_ATTR_IDMAP, userns})`:
+/// makes the detached mount `tree` (an `open_tree(OPEN_TREE_CLONE)`
+/// result, not yet attached anywhere) show its files' owners through the
+/// id maps of the user namespace `userns`: an owner stored as id `n` reads
+/// as the host id that `n` maps to there, and a file created through the
+/// mount by host id `h` is stored as the id that maps to `h`. Fails with
+/// EINVAL where the filesystem does not support idmapped mounts.
+pub fn idmap_mount(
+    tree: std::os::fd::BorrowedFd<'_>,
+    userns: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    /// `struct mount_attr` of <linux/mount.h> (size version 0, 32 bytes).
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: u64::try_from(userns.as_raw_fd()).unwrap_or(u64::MAX),
+    };
+    // SAFETY: the kernel reads `size_of::<MountAttr>()` bytes from `attr`,
+    // a live local with the layout of `struct mount_attr`, and the static
+    // NUL-terminated empty path; both descriptors are borrowed for the
+    // call. Nothing of ours is written.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Closes every descriptor of the calling process from 3 up except
+/// those in `keep` (`close_range` over the gaps between them).
+pub fn close_all_but(keep: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    let mut keep: Vec<u32> = keep.iter().filter_map(|&f| u32::try_from(f).ok()).collect();
+    keep.sort_unstable();
+    let mut first = 3u32;
+    for k in keep {
+        if k > first {
+            close_range(first, k - 1)?;
+        }
+        first = first.max(k.saturating_add(1));
+    }
+    close_range(first, u32::MAX)
+}
+
+fn close_range(first: u32, last: u32) -> std::io::Result<()> {
+    // SAFETY: close_range only closes descriptors. Its one caller is a
+    // freshly forked helper (single-threaded) dropping what it inherited;
+    // the Rust owners of those descriptors live on only in the parent, and
+    // the helper never uses them (nor drops them: it leaves by _exit).
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -96,13 +96,21 @@ enum Io {
 /// A backing id registered with the kernel; closed (`BACKING_CLOSE`) when
 /// the last reference goes.
 struct Backing {
-    id: BackingId,
+    /// Always `Some` until dropped.
+    id: Option<BackingId>,
     shared: Arc<Shared>,
 }
 
 impl Drop for Backing {
     fn drop(&mut self) {
         self.shared.live_backing.fetch_sub(1, Ordering::Relaxed);
+        // A delegated id is closed by its registrar: this process's own
+        // close ioctl (the BackingId's drop) would be refused.
+        if let (Some(files), Some(id)) = (self.shared.backing_files.get(), self.id.take())
+            && let Err(e) = files.close(id.into_raw())
+        {
+            tracing::debug!(error = %e, "closing a delegated backing id");
+        }
     }
 }
 
@@ -280,7 +288,15 @@ impl AirlockFs {
             gid: spec.sandbox_gid,
         });
         Ok(Self {
-            store: Store::new(base, upper, host_filter, base_owner, synth, ids),
+            store: Store::new(
+                base,
+                upper,
+                host_filter,
+                base_owner,
+                synth,
+                ids,
+                spec.base_idmapped,
+            ),
             ws: Arc::new(ws),
             ws_owner: (st.st_uid, st.st_gid),
             ids,
@@ -1283,7 +1299,7 @@ impl AirlockFs {
                 Ok(id) => {
                     self.shared.live_backing.fetch_add(1, Ordering::Relaxed);
                     let backing = Arc::new(Backing {
-                        id,
+                        id: Some(id),
                         shared: Arc::clone(&self.shared),
                     });
                     st.backing = Some((Arc::clone(&backing), key));
@@ -1766,16 +1782,22 @@ impl AirlockFs {
 
     fn xattr_name(&self, op: &str, loc: &Loc, name: &OsStr, write: bool) -> OpResult<()> {
         let b = name.as_bytes();
-        if b.starts_with(b"user.") && b.len() > 5 && b.len() <= 255 {
+        let reserved = b.starts_with(crate::layers::RESERVED_XATTR_PREFIX);
+        if b.starts_with(b"user.") && b.len() > 5 && b.len() <= 255 && !reserved {
             return Ok(());
         }
         if write {
-            if b.starts_with(b"trusted.") || b.starts_with(b"security.") {
+            if b.starts_with(b"trusted.") || b.starts_with(b"security.") || reserved {
                 let path = match loc {
                     Loc::Ws(rel) => ws_path(rel),
                     Loc::Merged(c) => sandbox_path(c),
                 };
-                self.deny(op, path, "only user.* xattrs are allowed");
+                let why = if reserved {
+                    "user.overlay.* xattrs belong to the layer format"
+                } else {
+                    "only user.* xattrs are allowed"
+                };
+                self.deny(op, path, why);
                 return Err(OpError::Perm);
             }
             return Err(OpError::NotSupported);
@@ -1859,7 +1881,10 @@ impl AirlockFs {
         let n = rustix::fs::flistxattr(&f, &mut buf[..])?;
         buf.truncate(n);
         let mut out = Vec::new();
-        for name in buf.split(|&c| c == 0).filter(|n| n.starts_with(b"user.")) {
+        let shown = |n: &&[u8]| {
+            n.starts_with(b"user.") && !n.starts_with(crate::layers::RESERVED_XATTR_PREFIX)
+        };
+        for name in buf.split(|&c| c == 0).filter(shown) {
             out.extend_from_slice(name);
             out.push(0);
         }
@@ -2139,13 +2164,22 @@ impl Filesystem for AirlockFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let make = |f: &File| reply.open_backing(f);
+        let make = |f: &File| match self.shared.backing_files.get() {
+            Some(files) => {
+                let id = files.open(f.as_fd())?;
+                Ok(crate::sys::wrap_delegated_backing(&reply, id))
+            }
+            None => reply.open_backing(f),
+        };
         match self.do_open(ino.0, flags.0, Some(&make), None) {
             Ok(Opened {
                 fh,
                 flags,
                 backing: Some(b),
-            }) => reply.opened_passthrough(FileHandle(fh), flags, &b.id),
+            }) => match &b.id {
+                Some(id) => reply.opened_passthrough(FileHandle(fh), flags, id),
+                None => reply.error(fuser::Errno::EIO),
+            },
             Ok(o) => reply.opened(FileHandle(o.fh), o.flags),
             Err(e) => reply.error(e.errno()),
         }

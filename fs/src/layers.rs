@@ -3,7 +3,9 @@
 //!
 //! Format (overlayfs conventions, so a layer can be inspected with `ls`):
 //! a whiteout is a character device 0:0, an opaque directory carries the
-//! xattr `trusted.overlay.opaque = "y"`.
+//! xattr `user.overlay.opaque = "y"` (overlayfs's `userxattr` form: the
+//! server runs in a user namespace, where `trusted.*` is out of reach).
+//! The sandbox can neither read nor write `user.overlay.*` names.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -21,7 +23,10 @@ use crate::policy::{Name, host_visible};
 use crate::resolve::{is_loop, open_dir, open_file, stat_at};
 use crate::synth::{Synth, SynthEntry};
 
-pub(crate) const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+pub(crate) const OPAQUE_XATTR: &str = "user.overlay.opaque";
+
+/// Xattr names the layer format reserves: hidden from the sandbox.
+pub(crate) const RESERVED_XATTR_PREFIX: &[u8] = b"user.overlay.";
 
 /// Permission bit: read (a file's contents, a directory's listing).
 pub(crate) const READ: u16 = 0o4;
@@ -181,6 +186,8 @@ pub(crate) struct Store {
     base_owner: Option<u32>,
     pub(crate) synth: Synth,
     ids: crate::IdMap,
+    /// See [`crate::MountSpec::base_idmapped`].
+    base_idmapped: bool,
     epoch: SystemTime,
     /// Serializes copy-ups so two threads never copy the same file at once.
     copy_lock: std::sync::Mutex<()>,
@@ -194,6 +201,7 @@ impl Store {
         base_owner: Option<u32>,
         synth: Synth,
         ids: crate::IdMap,
+        base_idmapped: bool,
     ) -> Self {
         Self {
             layers: RwLock::new(vec![Arc::new(base), Arc::new(upper)]),
@@ -201,6 +209,7 @@ impl Store {
             base_owner,
             synth,
             ids,
+            base_idmapped,
             epoch: SystemTime::now(),
             copy_lock: std::sync::Mutex::new(()),
         }
@@ -229,7 +238,9 @@ impl Store {
         let ids = &self.ids;
         match src {
             Src::Synth(_) => (ids.host_uid_base, ids.host_gid_base),
-            Src::Layer(0) => (ids.base_uid(meta.uid), ids.base_gid(meta.gid)),
+            Src::Layer(0) if !self.base_idmapped => {
+                (ids.base_uid(meta.uid), ids.base_gid(meta.gid))
+            }
             Src::Layer(_) => (ids.clamp_uid(meta.uid), ids.clamp_gid(meta.gid)),
         }
     }

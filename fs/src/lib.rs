@@ -164,6 +164,11 @@ pub struct MountSpec {
     pub workspace: PathBuf,
     /// The sandbox's id map.
     pub ids: IdMap,
+    /// Whether the base is mounted idmapped through the sandbox's id map,
+    /// so its owners already read as host ids in the sandbox's range (host
+    /// root's files as sandbox root's host uid). Otherwise the base shows
+    /// the host's own ids, translated with [`IdMap`] here.
+    pub base_idmapped: bool,
     /// In-sandbox uid of the sandbox user.
     pub sandbox_uid: u32,
     /// In-sandbox gid of the sandbox user.
@@ -176,7 +181,12 @@ pub struct MountSpec {
 
 /// The capabilities a confined server process keeps (all others are
 /// dropped from every set, the bounding set included), each with why.
-/// Numbers are the kernel's `CAP_*` values.
+/// Numbers are the kernel's `CAP_*` values. A jailed server holds them in
+/// a user namespace of its own that maps only the sandbox's host id range
+/// (see the broker's `fs_server` module): they reach only inodes whose
+/// owner and group are in that range, never a host file of anyone else,
+/// and none of them means anything to the host's mounts, devices or
+/// processes.
 pub const SERVER_CAPABILITIES: &[(u32, &str)] = &[
     (
         0,
@@ -192,7 +202,7 @@ pub const SERVER_CAPABILITIES: &[(u32, &str)] = &[
     ),
     (
         3,
-        "CAP_FOWNER: chmod, utimes and xattrs on upper-layer files owned by sandbox users",
+        "CAP_FOWNER: chmod, utimes and xattrs (user.overlay.opaque included) on upper-layer files owned by sandbox users",
     ),
     (
         4,
@@ -209,10 +219,6 @@ pub const SERVER_CAPABILITIES: &[(u32, &str)] = &[
     (
         31,
         "CAP_SETFCAP: a write removes the file's security.capability, as the kernel does for a local write",
-    ),
-    (
-        21,
-        "CAP_SYS_ADMIN: trusted.overlay.* xattrs (whiteouts, opaque directories) and FUSE passthrough backing ids; mounts and namespaces stay out of reach (no mount namespace of its own to change, landlock)",
     ),
 ];
 
@@ -254,8 +260,8 @@ pub struct HostPath {
 impl MountSpec {
     /// Every host path the server of this spec may ever touch, for
     /// confining its process (landlock) to exactly its own layers: the
-    /// upper layer and the workspace read-write, the base read-only, and
-    /// /dev/fuse (each session thread clones the connection). For the
+    /// upper layer and the workspace read-write, and the base read-only
+    /// (the FUSE connection is the descriptor the server was handed). For the
     /// host base, hidden `/etc` entries ([`policy::ETC_DENY`]) get no rule,
     /// so even a compromised server cannot read them.
     pub fn host_paths(&self) -> Vec<HostPath> {
@@ -269,11 +275,6 @@ impl MountSpec {
                 path: self.workspace.clone(),
                 access: HostAccess::ReadWrite,
                 why: "the workspace shown at /workspace",
-            },
-            HostPath {
-                path: PathBuf::from("/dev/fuse"),
-                access: HostAccess::Device,
-                why: "each session thread clones the FUSE connection (FUSE_DEV_IOC_CLONE)",
             },
         ];
         match &self.base {
@@ -421,11 +422,53 @@ pub struct MountStats {
     pub live_backing_ids: u64,
 }
 
+/// Registers FUSE passthrough backing files for a server that may not:
+/// the kernel takes `FUSE_DEV_IOC_BACKING_OPEN` and `..._CLOSE` only from
+/// a holder of CAP_SYS_ADMIN in the host's user namespace, and a confined
+/// server (in a user namespace of its own) holds none there. The
+/// registrar does both ioctls on the same FUSE connection for it.
+pub trait BackingFiles: Send + Sync + std::fmt::Debug {
+    /// Registers `file` (a read-only base file the server opened) as a
+    /// backing file of this connection; returns the kernel's backing id.
+    ///
+    /// # Errors
+    /// The ioctl's, or the registrar's transport's.
+    fn open(&self, file: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32>;
+    /// Closes a backing id [`BackingFiles::open`] returned.
+    ///
+    /// # Errors
+    /// The ioctl's, or the registrar's transport's.
+    fn close(&self, id: u32) -> std::io::Result<()>;
+}
+
+/// `FUSE_DEV_IOC_BACKING_OPEN`: registers `file` as a passthrough backing
+/// file of the FUSE connection `dev`, for a [`BackingFiles`] registrar.
+/// Needs CAP_SYS_ADMIN in the host's user namespace.
+///
+/// # Errors
+/// The kernel's (EPERM without the capability or passthrough).
+pub fn open_backing(
+    dev: std::os::fd::BorrowedFd<'_>,
+    file: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<u32> {
+    fuser::BackingId::create_raw(dev, file)
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: releases an id from [`open_backing`].
+///
+/// # Errors
+/// The kernel's.
+pub fn close_backing(dev: std::os::fd::BorrowedFd<'_>, id: u32) -> std::io::Result<()> {
+    sys::close_backing(dev, id)
+}
+
 /// State shared between the filesystem threads and the [`Mount`].
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     /// Passthrough negotiated and usable on this connection.
     pub(crate) passthrough: AtomicBool,
+    /// Who registers backing files, when not this process itself.
+    pub(crate) backing_files: std::sync::OnceLock<Arc<dyn BackingFiles>>,
     pub(crate) reads: AtomicU64,
     pub(crate) passthrough_opens: AtomicU64,
     pub(crate) live_backing: AtomicU64,
@@ -560,7 +603,10 @@ impl Server {
         let mut config = fuser::Config::default();
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(THREADS);
-        config.clone_fd = true;
+        // The session threads share the one descriptor the server was
+        // handed: a jailed server cannot open /dev/fuse (host root's
+        // 0600 node) to clone the connection, and needs no path to it.
+        config.clone_fd = false;
         let session = fuser::Session::from_fd(fs, dev.into(), fuser::SessionACL::All, config)
             .map_err(|source| FsError::Session {
                 path: PathBuf::from("/dev/fuse"),
@@ -595,6 +641,29 @@ impl Serving {
     /// [`Mount::passthrough_enabled`]).
     pub fn passthrough_enabled(&self) -> bool {
         self.shared.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Registers passthrough backing files through `files` from now on,
+    /// not with this process's own ioctls (which a confined server may no
+    /// longer make), and checks once that `files` works: if it does not,
+    /// passthrough is off and reads are served. Call before [`Serving::run`].
+    pub fn delegate_backing(&self, files: Arc<dyn BackingFiles>) {
+        if !self.passthrough_enabled() {
+            return;
+        }
+        let works = (|| -> std::io::Result<()> {
+            use std::os::fd::AsFd;
+            let memfd =
+                rustix::fs::memfd_create(c"airlock-probe", rustix::fs::MemfdFlags::CLOEXEC)?;
+            let id = files.open(memfd.as_fd())?;
+            files.close(id)
+        })();
+        if let Err(e) = works {
+            tracing::debug!(error = %e, "delegated fuse passthrough refused; serving reads");
+            self.shared.passthrough.store(false, Ordering::Relaxed);
+            return;
+        }
+        let _ = self.shared.backing_files.set(files);
     }
 
     /// Serves requests on [`THREADS`] threads until the mount goes away.

@@ -38,6 +38,29 @@ pub(crate) fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 /// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, u32)`.
 const FUSE_DEV_IOC_BACKING_CLOSE: libc::c_ulong = (1 << 30) | (4 << 16) | (229 << 8) | 2;
 
+/// A backing id that a [`crate::BackingFiles`] registrar just registered
+/// on `reply`'s connection, wrapped for `opened_passthrough`. The invariant
+/// fuser asks of `wrap_backing`: the id is live on this very connection and
+/// owned by nothing else. The caller hands it back to the registrar to
+/// close (`BackingId::into_raw`), never to the wrapper's own drop.
+pub(crate) fn wrap_delegated_backing(reply: &fuser::ReplyOpen, id: u32) -> fuser::BackingId {
+    // SAFETY: see above; the registrar returned `id` for this connection
+    // and this is its only wrapper.
+    unsafe { reply.wrap_backing(id) }
+}
+
+/// `FUSE_DEV_IOC_BACKING_CLOSE` of `id` on the connection `dev`.
+pub(crate) fn close_backing(dev: BorrowedFd<'_>, id: u32) -> io::Result<()> {
+    // SAFETY: the ioctl reads one u32 (the id, a live local) and writes
+    // nothing; `dev` is a live descriptor borrowed for the call (a non-FUSE
+    // descriptor fails with ENOTTY).
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE as _, &id) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Check that the kernel accepts backing files on this FUSE connection:
 /// register an empty memfd as a backing file and close the id again.
 /// Fails with EPERM or EOPNOTSUPP where passthrough was not granted.
@@ -45,13 +68,7 @@ pub(crate) fn probe_backing(dev: &std::fs::File) -> io::Result<()> {
     use std::os::fd::AsFd;
     let memfd = rustix::fs::memfd_create(c"airlock-probe", rustix::fs::MemfdFlags::CLOEXEC)?;
     let id = fuser::BackingId::create_raw(dev.as_fd(), memfd.as_fd())?;
-    // SAFETY: the ioctl reads one u32 (the id, a live local) and writes
-    // nothing; `dev` is a live /dev/fuse descriptor borrowed for the call.
-    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), FUSE_DEV_IOC_BACKING_CLOSE as _, &id) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    close_backing(dev.as_fd(), id)
 }
 
 /// The calling thread's filesystem identity switched to `(uid, gid)` until
@@ -97,12 +114,13 @@ fn set_fsuid(uid: u32) -> u32 {
     // SAFETY: setfsuid takes an integer and only changes this thread's
     // credentials; it touches no memory of ours.
     let prev = unsafe { libc::setfsuid(uid) };
-    u32::try_from(prev).unwrap_or(u32::MAX)
+    // An id of 2^31 or more comes back as a negative int: same bits.
+    u32::from_ne_bytes(prev.to_ne_bytes())
 }
 
 /// `setfsgid(gid)` for the calling thread; returns the previous fsgid.
 fn set_fsgid(gid: u32) -> u32 {
     // SAFETY: as for set_fsuid.
     let prev = unsafe { libc::setfsgid(gid) };
-    u32::try_from(prev).unwrap_or(u32::MAX)
+    u32::from_ne_bytes(prev.to_ne_bytes())
 }

@@ -203,9 +203,9 @@ fn pseudo_filesystems_are_refused_as_workspace_or_rootfs_and_below() {
     assert!(s.contains("done"), "{s}");
 }
 
-/// The filesystem server of sandbox `id`: the process of its cgroup whose
-/// argv\[0\] is `airlock-fs`.
-fn fs_server_of(id: &str) -> i32 {
+/// The process of sandbox `id`'s cgroup whose argv\[0\] is `airlock-fs`
+/// and whose name is (`want`) or is not (`!want`) `fs-registrar`.
+fn fs_process_of(id: &str, registrar: bool) -> i32 {
     let dirs = Env::cgroup_dirs(id);
     let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
     procs
@@ -214,8 +214,15 @@ fn fs_server_of(id: &str) -> i32 {
         .find(|p| {
             std::fs::read(format!("/proc/{p}/cmdline"))
                 .is_ok_and(|c| c.starts_with(b"airlock-fs\0"))
+                && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| (c.trim() == "fs-registrar") == registrar)
         })
-        .unwrap_or_else(|| panic!("no fs server in the cgroup of {id}: {procs}"))
+        .unwrap_or_else(|| panic!("no fs process in the cgroup of {id}: {procs}"))
+}
+
+/// The filesystem server of sandbox `id`.
+fn fs_server_of(id: &str) -> i32 {
+    fs_process_of(id, false)
 }
 
 fn status_field(pid: i32, key: &str) -> String {
@@ -289,7 +296,7 @@ fn the_fs_server_is_a_confined_process_charged_to_its_sandbox() {
     assert_eq!(fs["jail"]["caps_kept"].as_u64(), Some(bnd), "{fs}");
     // No CAP_SYS_PTRACE (19), CAP_NET_ADMIN (12), CAP_SYS_MODULE (16),
     // CAP_KILL (5) or CAP_SYS_RAWIO (17) in reach, ever.
-    for cap in [5, 12, 16, 17, 19] {
+    for cap in [5, 12, 16, 17, 19, 21] {
         assert_eq!(bnd & (1 << cap), 0, "capability {cap} kept: {bnd:#x}");
     }
     ok(&env.remote(&["exec", &id, "--", "sh", "-c", "echo x > /workspace/held"]));
@@ -326,6 +333,79 @@ fn the_fs_server_is_a_confined_process_charged_to_its_sandbox() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// A filesystem server holds no host-root identity: it runs as an id of
+/// the sandbox's host range with no supplementary groups, in a user
+/// namespace of its own that maps exactly that range, so its capabilities reach only inodes owned within that range.
+/// Its registrar, the one process beside it that keeps anything of host
+/// root, keeps only CAP_SYS_ADMIN (FUSE backing ids need it), under
+/// seccomp and no_new_privs. What the sandbox writes to /workspace is
+/// still its owner's on the host, and passthrough reads of the base work.
+#[test]
+fn the_fs_server_holds_only_the_sandboxs_host_ids() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let info = create(&env, &["--agent", "ids"]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let server = fs_server_of(&id);
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{server}/ns/user")).unwrap(),
+        std::fs::read_link("/proc/self/ns/user").unwrap()
+    );
+    let map = std::fs::read_to_string(format!("/proc/{server}/uid_map")).unwrap();
+    let fields: Vec<u32> = map.split_whitespace().map(|f| f.parse().unwrap()).collect();
+    let base = fields[0];
+    assert!(base != 0 && fields == [base, base, 65536], "{map}");
+    // Every id is the range's last one (what the workspace owner reads as).
+    let last = (base + 65535).to_string();
+    for key in ["Uid:", "Gid:"] {
+        let v = status_field(server, key);
+        assert!(v.split_whitespace().all(|u| u == last), "{key} {v}");
+    }
+    assert_eq!(status_field(server, "Groups:"), "");
+    // The sandbox's root is that same host uid: the range is the sandbox's.
+    let out = ok(&env.remote(&["exec", &id, "--", "cat", "/proc/self/uid_map"]));
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["0".to_string(), base.to_string(), "65536".to_string()],
+        "{out}"
+    );
+    let registrar = fs_process_of(&id, true);
+    let bnd = u64::from_str_radix(&status_field(registrar, "CapBnd:"), 16).unwrap();
+    assert_eq!(bnd, 1 << 21, "registrar bounding set {bnd:#x}");
+    assert_eq!(status_field(registrar, "Seccomp:"), "2");
+    assert_eq!(status_field(registrar, "NoNewPrivs:"), "1");
+    // Files still work end to end: a base binary runs (read through the
+    // registrar's passthrough where the kernel offers it), a workspace
+    // file belongs to its host owner, the copy-on-write layer takes writes.
+    let out = ok(&env.remote(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo w > /workspace/owned && /usr/bin/env true && echo ran",
+    ]));
+    assert_eq!(out.trim(), "ran");
+    let out = ok(&env.remote(&[
+        "exec",
+        &id,
+        "--user",
+        "root",
+        "--cwd",
+        "/",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /usr/local/x && rm -rf /usr/share/doc && ls /usr/share | grep -c '^doc$' || true",
+    ]));
+    assert_eq!(out.trim(), "0");
+    let ws = env.state.join("workspaces/ids");
+    let meta = std::fs::metadata(ws.join("owned")).unwrap();
+    let dir_meta = std::fs::metadata(&ws).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid()), (dir_meta.uid(), dir_meta.gid()));
 }
 
 /// Killing one sandbox's filesystem server ends that sandbox (audited

@@ -74,6 +74,7 @@ fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec, opts: &MountOpti
             host_gid_base: BASE_UID,
             count: 65536,
         },
+        base_idmapped: false,
         sandbox_uid: 1000,
         sandbox_gid: 1000,
         sandbox_user: "sandbox".into(),
