@@ -310,27 +310,17 @@ fn registrar_rules(rootfs: Option<&OwnedFd>) -> Vec<PolicyRule> {
             access: HostAccess::Read,
             why: "the read-only base (a rootfs)",
         }],
-        None => {
-            let host = MountSpec {
-                base: BaseSpec::Host,
-                upper: PathBuf::new(),
-                workspace: PathBuf::new(),
-                ids: IdMap {
-                    host_uid_base: 0,
-                    host_gid_base: 0,
-                    count: 0,
-                },
-                base_idmapped: true,
-                sandbox_uid: 0,
-                sandbox_gid: 0,
-                sandbox_user: String::new(),
-                hostname: String::new(),
-            };
-            host.host_paths()
-                .into_iter()
-                .filter(|h| matches!(h.access, HostAccess::Read | HostAccess::ReadDir))
-                .collect()
-        }
+        // The host's top-level base directories, whole: the registrar
+        // only ever reopens a file its server opened, and the server's own
+        // landlock rules already keep hidden /etc entries out of its reach.
+        None => airlock_fs::HOST_BASE_NAMES
+            .iter()
+            .map(|name| airlock_fs::HostPath {
+                path: PathBuf::from(format!("/{name}")),
+                access: HostAccess::Read,
+                why: "the read-only base (the host's system directories)",
+            })
+            .collect(),
     };
     landlock_rules(paths)
 }
@@ -507,16 +497,21 @@ impl Idmaps {
     fn new(ids: &IdMap, ws: &OwnedFd) -> Result<Idmaps, String> {
         let st = rustix::fs::fstat(ws).map_err(|e| format!("stat the workspace: {e}"))?;
         let (wu, wg) = identity::workspace_ids(ids);
-        Ok(Idmaps {
-            base: identity::idmap_userns(
-                &format!("0 {} {}\n", ids.host_uid_base, ids.count),
-                &format!("0 {} {}\n", ids.host_gid_base, ids.count),
-            )?,
-            workspace: identity::idmap_userns(
-                &format!("{} {wu} 1\n", st.st_uid),
-                &format!("{} {wg} 1\n", st.st_gid),
-            )?,
-        })
+        let mut fds = identity::idmap_userns(&[
+            (
+                format!("0 {} {}\n", ids.host_uid_base, ids.count),
+                format!("0 {} {}\n", ids.host_gid_base, ids.count),
+            ),
+            (
+                format!("{} {wu} 1\n", st.st_uid),
+                format!("{} {wg} 1\n", st.st_gid),
+            ),
+        ])?
+        .into_iter();
+        match (fds.next(), fds.next()) {
+            (Some(base), Some(workspace)) => Ok(Idmaps { base, workspace }),
+            _ => Err("idmap namespaces missing".into()),
+        }
     }
 }
 

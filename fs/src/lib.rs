@@ -645,24 +645,12 @@ impl Serving {
 
     /// Registers passthrough backing files through `files` from now on,
     /// not with this process's own ioctls (which a confined server may no
-    /// longer make), and checks once that `files` works: if it does not,
-    /// passthrough is off and reads are served. Call before [`Serving::run`].
+    /// longer make). Call before [`Serving::run`]. Not probed here (the
+    /// handshake's probe showed the connection takes backing files, and
+    /// the registrar may still be confining itself): if the first
+    /// registration is refused with EPERM or EOPNOTSUPP, passthrough turns
+    /// off and reads are served.
     pub fn delegate_backing(&self, files: Arc<dyn BackingFiles>) {
-        if !self.passthrough_enabled() {
-            return;
-        }
-        let works = (|| -> std::io::Result<()> {
-            use std::os::fd::AsFd;
-            let memfd =
-                rustix::fs::memfd_create(c"airlock-probe", rustix::fs::MemfdFlags::CLOEXEC)?;
-            let id = files.open(memfd.as_fd())?;
-            files.close(id)
-        })();
-        if let Err(e) = works {
-            tracing::debug!(error = %e, "delegated fuse passthrough refused; serving reads");
-            self.shared.passthrough.store(false, Ordering::Relaxed);
-            return;
-        }
         let _ = self.shared.backing_files.set(files);
     }
 

@@ -54,35 +54,55 @@ pub(crate) fn workspace_ids(ids: &IdMap) -> (u32, u32) {
     )
 }
 
-/// A user namespace whose uid and gid maps are `uid_map` and `gid_map`
-/// (`/proc/PID/uid_map` format), as a descriptor to idmap mounts with.
-/// A throwaway child holds it while the maps are written; it is gone when
-/// this returns.
+/// User namespaces whose uid and gid maps are the given pairs
+/// (`/proc/PID/uid_map` format), as descriptors to idmap mounts with. A
+/// throwaway child holds each while its maps are written (all children
+/// start first, so their set-up overlaps); they are gone when this returns.
 ///
 /// Call while single-threaded (it forks).
-pub(crate) fn idmap_userns(uid_map: &str, gid_map: &str) -> Result<OwnedFd, String> {
+pub(crate) fn idmap_userns(maps: &[(String, String)]) -> Result<Vec<OwnedFd>, String> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| format!("pipe for an idmap namespace: {e}"))?;
-    let child = match airlock_shim::sys::clone_fork(libc::CLONE_NEWUSER) {
-        Ok(Forked::Child) => {
-            drop(w);
-            // Wait for the parent to take the namespace (or die).
-            let mut b = [0u8; 1];
-            let _ = nix::unistd::read(&r, &mut b);
-            airlock_shim::sys::exit_now(0)
+        .map_err(|e| format!("pipe for idmap namespaces: {e}"))?;
+    let mut children = Vec::with_capacity(maps.len());
+    let mut failed = None;
+    for _ in maps {
+        match airlock_shim::sys::clone_fork(libc::CLONE_NEWUSER) {
+            Ok(Forked::Child) => {
+                drop(w);
+                // Wait for the parent to take the namespace (or die).
+                let mut b = [0u8; 1];
+                let _ = nix::unistd::read(&r, &mut b);
+                airlock_shim::sys::exit_now(0)
+            }
+            Ok(Forked::Parent(child)) => children.push(child),
+            Err(e) => {
+                failed = Some(format!("create an idmap user namespace: {e}"));
+                break;
+            }
         }
-        Ok(Forked::Parent(child)) => child,
-        Err(e) => return Err(format!("create an idmap user namespace: {e}")),
-    };
+    }
     drop(r);
-    let taken = (|| -> std::io::Result<OwnedFd> {
-        std::fs::write(format!("/proc/{child}/uid_map"), uid_map)?;
-        std::fs::write(format!("/proc/{child}/gid_map"), gid_map)?;
-        Ok(std::fs::File::open(format!("/proc/{child}/ns/user"))?.into())
-    })();
+    let taken = match failed {
+        Some(e) => Err(e),
+        None => children
+            .iter()
+            .zip(maps)
+            .map(|(child, (uid_map, gid_map))| {
+                (|| -> std::io::Result<OwnedFd> {
+                    std::fs::write(format!("/proc/{child}/uid_map"), uid_map)?;
+                    std::fs::write(format!("/proc/{child}/gid_map"), gid_map)?;
+                    Ok(std::fs::File::open(format!("/proc/{child}/ns/user"))?.into())
+                })()
+                .map_err(|e| format!("map an idmap user namespace ({uid_map:?}): {e}"))
+            })
+            .collect(),
+    };
+    // Every child reads EOF and exits.
     drop(w);
-    reap(child);
-    taken.map_err(|e| format!("map the idmap user namespace ({uid_map:?}): {e}"))
+    for child in children {
+        reap(child);
+    }
+    taken
 }
 
 fn reap(child: Pid) {
