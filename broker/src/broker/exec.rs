@@ -1,0 +1,256 @@
+//! Running commands: environment, identity and limits of an exec, the
+//! streams between the caller and the command, and the count of commands
+//! in flight that pool refills wait on.
+
+use super::*;
+
+/// A running exec: its events, and a way to signal it.
+#[derive(Debug)]
+pub struct ExecHandle {
+    /// Exec id.
+    pub exec_id: u64,
+    /// Output and the final exit.
+    pub events: mpsc::Receiver<ExecEvent>,
+    /// The sandbox, to forward signals.
+    pub sandbox: Arc<Sandbox>,
+}
+
+impl ExecHandle {
+    /// Forwards a signal to the command's process group.
+    pub fn signal(&self, sig: i32) {
+        self.sandbox.signal(self.exec_id, sig);
+    }
+}
+
+/// The sandbox's environment with an exec's entries on top: an entry of
+/// `extra` replaces the one with the same key (the last one wins), in
+/// time linear in the number of entries.
+pub(super) fn merge_env(base: &[String], extra: Vec<String>) -> Vec<String> {
+    pub(super) fn key(e: &str) -> &str {
+        e.split_once('=').map_or(e, |(k, _)| k)
+    }
+    let mut slot: HashMap<String, usize> = HashMap::with_capacity(base.len() + extra.len());
+    let mut out: Vec<Option<String>> = Vec::with_capacity(base.len() + extra.len());
+    for e in base.iter().cloned().chain(extra) {
+        if let Some(old) = slot.insert(key(&e).to_string(), out.len())
+            && let Some(o) = out.get_mut(old)
+        {
+            *o = None;
+        }
+        out.push(Some(e));
+    }
+    out.into_iter().flatten().collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn pump(
+    sb: &Arc<Sandbox>,
+    exec_id: u64,
+    stdin_w: OwnedFd,
+    out_r: OwnedFd,
+    err_r: OwnedFd,
+    stdin: Vec<u8>,
+    outcome: tokio::sync::oneshot::Receiver<ExecOutcome>,
+    tx: &mpsc::Sender<ExecEvent>,
+    started: Instant,
+    timeout: Option<Duration>,
+) -> ExecExit {
+    use tokio::net::unix::pipe;
+    // stdin: write what was given, then EOF.
+    if let Ok(mut w) = pipe::Sender::from_owned_fd(stdin_w) {
+        tokio::spawn(async move {
+            let _ = w.write_all(&stdin).await;
+        });
+    }
+    let mut readers = Vec::new();
+    for (fd, is_err) in [(out_r, false), (err_r, true)] {
+        let tx = tx.clone();
+        let sb = Arc::clone(sb);
+        readers.push(tokio::spawn(async move {
+            let Ok(mut r) = pipe::Receiver::from_owned_fd(fd) else {
+                return;
+            };
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let chunk = Chunk::new(buf[..n].to_vec());
+                        let ev = if is_err {
+                            ExecEvent::Stderr(chunk)
+                        } else {
+                            ExecEvent::Stdout(chunk)
+                        };
+                        if tx.send(ev).await.is_err() {
+                            // Nobody listens any more: stop the command.
+                            sb.signal(exec_id, libc::SIGKILL);
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    let mut timed_out = false;
+    let outcome = {
+        let closed = tx.clone();
+        let wait = async {
+            tokio::select! {
+                o = outcome => o.unwrap_or(ExecOutcome::SandboxGone),
+                _ = closed.closed() => {
+                    sb.signal(exec_id, libc::SIGKILL);
+                    ExecOutcome::SandboxGone
+                }
+            }
+        };
+        match timeout {
+            Some(t) => {
+                tokio::pin!(wait);
+                tokio::select! {
+                    o = &mut wait => o,
+                    _ = tokio::time::sleep(t) => {
+                        timed_out = true;
+                        sb.signal(exec_id, libc::SIGKILL);
+                        wait.await
+                    }
+                }
+            }
+            None => wait.await,
+        }
+    };
+    // Output written just before exit is still in the pipes: drain it, but
+    // do not wait forever on a background process that kept them open.
+    for mut r in readers {
+        if tokio::time::timeout(Duration::from_millis(500), &mut r)
+            .await
+            .is_err()
+        {
+            r.abort();
+        }
+    }
+    sb.exit_of(outcome, started, timed_out)
+}
+
+/// Counts one running command while alive.
+pub(super) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub(super) fn enter(n: &Arc<AtomicUsize>) -> InFlight {
+        n.fetch_add(1, Ordering::SeqCst);
+        InFlight(Arc::clone(n))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Broker {
+    /// Starts a command; output and the exit arrive on the handle.
+    pub async fn exec(
+        &self,
+        p: &Principal,
+        id: &str,
+        body: ExecSpec,
+    ) -> Result<ExecHandle, BrokerError> {
+        let sb = self.get(p, id)?;
+        if !sb.is_running() {
+            return Err(BrokerError::NotRunning(id.to_string()));
+        }
+        let env = merge_env(&lock_or_recover(&sb.env), body.env.clone());
+        let (uid, gid, user) = match body.user {
+            ExecUser::Default => (sb.user_ids.0, sb.user_ids.1, sb.user.clone()),
+            ExecUser::Named(u) => (u.ids().0, u.ids().1, u.name().to_string()),
+            ExecUser::Uid(u) => (u, u, u.to_string()),
+        };
+        let cwd = body.cwd.clone();
+        let pipe = || -> Result<(OwnedFd, OwnedFd), BrokerError> {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| BrokerError::Internal(format!("pipe: {e}")))
+        };
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let req = ExecRequest {
+            exec_id: 0,
+            argv: body.argv.clone(),
+            env,
+            cwd: cwd.clone(),
+            uid,
+            gid,
+        };
+        let before = sb.current_counters();
+        let started = Instant::now();
+        let in_flight = InFlight::enter(&self.execs_in_flight);
+        let (exec_id, outcome_rx) = sb
+            .send_exec(req, [in_r, out_w, err_w])
+            .map_err(BrokerError::Internal)?;
+        let (tx, rx) = mpsc::channel(64);
+        let _ = tx.try_send(ExecEvent::Started { exec_id });
+        let stdin_bytes = body.stdin.clone();
+        let sb2 = Arc::clone(&sb);
+        let timeout = body.timeout;
+        let argv = body.argv.clone();
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let exit = pump(
+                &sb2,
+                exec_id,
+                in_w,
+                out_r,
+                err_r,
+                stdin_bytes,
+                outcome_rx,
+                &tx,
+                started,
+                timeout,
+            )
+            .await;
+            let after = sb2.current_counters();
+            let mut exit = exit;
+            if after.oom_kills > before.oom_kills && exit.signal == Some(libc::SIGKILL) {
+                exit.oom = true;
+            }
+            if after.pids_max_hits > before.pids_max_hits {
+                exit.pids_limit_hit = true;
+            }
+            sb2.audit_limit_hits(before, after, Some(exec_id));
+            sb2.audit.event(
+                Some(&sb2.id),
+                Some(&sb2.agent),
+                AuditEvent::ExecExit {
+                    exec_id,
+                    argv,
+                    cwd,
+                    user: (user, uid),
+                    exit: exit.clone(),
+                },
+            );
+            let _ = tx.send(ExecEvent::Exit(exit)).await;
+        });
+        Ok(ExecHandle {
+            exec_id,
+            events: rx,
+            sandbox: sb,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn merged_env_replaces_by_key_and_keeps_order() {
+        let base = vec!["A=1".to_string(), "B=2".to_string(), "C=3".to_string()];
+        let extra = vec!["B=x".to_string(), "D=4".to_string(), "B=y".to_string()];
+        assert_eq!(merge_env(&base, extra), ["A=1", "C=3", "D=4", "B=y"]);
+        // Linear: 200,000 entries merge at once.
+        let many: Vec<String> = (0..200_000).map(|i| format!("K{i}=v")).collect();
+        assert_eq!(merge_env(&many, many.clone()).len(), 200_000);
+    }
+}

@@ -1,0 +1,599 @@
+//! Sandbox lifecycle: the shape a sandbox is built with, taking an id
+//! slot, building its resources (layers, cgroup, FUSE mount, filesystem
+//! server, shim), waiting for its jail to prove itself, and handing it to
+//! its caller. Any failure releases exactly what was built
+//! ([`Resources::release`], the single teardown path).
+
+use super::*;
+
+/// File events audited per sandbox per second (and burst), beyond which
+/// they are counted instead.
+pub(super) const FS_EVENTS_PER_SEC: f64 = 500.0;
+
+pub(super) const FS_EVENTS_BURST: f64 = 5000.0;
+
+/// Open files a sandbox's filesystem server may hold at least, whatever
+/// the sandbox's own limit (its layer roots, the FUSE device clones, and a
+/// margin for the sandbox's open files).
+pub(super) const FS_SERVER_MIN_NOFILE: u64 = 256;
+
+/// Audits one event of a sandbox's filesystem server.
+pub(super) type FsSink = Box<dyn FnMut(FsServerEvent) + Send>;
+
+/// What [`Broker::build`] made: the mountpoint, and the running server's
+/// channel and audit sink, to supervise once the sandbox exists.
+pub(super) struct BuiltFs {
+    mountpoint: PathBuf,
+    chan: Channel,
+    sink: FsSink,
+}
+
+/// Supervises a sandbox's filesystem server: its events become audit rows;
+/// its death (or a malformed message) is audited and tears the sandbox
+/// down, sparing every other sandbox and the broker.
+pub(super) fn supervise_fs(
+    sandbox: &Arc<Sandbox>,
+    chan: Channel,
+    sink: FsSink,
+) -> std::io::Result<()> {
+    let weak = Arc::downgrade(sandbox);
+    let res = lock_or_recover(&sandbox.resources);
+    let Some(server) = res.as_ref().and_then(|r| r.mount.as_ref()?.server.as_ref()) else {
+        return Err(std::io::Error::other("no filesystem server"));
+    };
+    server.supervise::<FsRole>(chan, sink, move |ended| {
+        let reason = match ended {
+            Ended::Stopped => return,
+            Ended::Died => "the filesystem server exited".to_string(),
+            Ended::Malformed(m) => format!("the filesystem server sent a malformed message: {m}"),
+            Ended::Failed(f) => format!("the filesystem server failed at {f}"),
+        };
+        let Some(sb) = weak.upgrade() else {
+            return;
+        };
+        if !sb.is_running() {
+            return;
+        }
+        tracing::warn!(sandbox = %sb.id, %reason, "component failed");
+        sb.audit.event(
+            Some(&sb.id),
+            Some(&sb.agent),
+            AuditEvent::ComponentFailed { role: "fs", reason },
+        );
+        sb.teardown("filesystem server failed");
+    })
+}
+
+/// How long a sandbox may take to come up.
+pub(super) const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a sandbox is built with and cannot change afterwards.
+#[derive(Debug, Clone)]
+pub(super) struct Shape {
+    pub(super) agent: String,
+    pub(super) user: String,
+    pub(super) user_ids: (u32, u32),
+    pub(super) workspace: HostDir,
+    pub(super) rootfs: Option<HostDir>,
+    pub(super) nofile: u64,
+}
+
+/// Limits must lie within the configured bounds.
+pub(super) fn check_limits(
+    limits: &AppliedLimits,
+    d: &crate::config::LimitsConfig,
+) -> Result<(), BrokerError> {
+    if limits.memory_bytes < (8 << 20) || limits.memory_bytes > d.max_memory_bytes {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.memory_bytes {} is outside 8 MiB..{} bytes",
+            limits.memory_bytes, d.max_memory_bytes
+        )));
+    }
+    if limits.pids < 4 || limits.pids > d.max_pids {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.pids {} is outside 4..{}",
+            limits.pids, d.max_pids
+        )));
+    }
+    if limits.cpu_millis < 10 || limits.cpu_millis > d.max_cpu_millis {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.cpu_millis {} is outside 10..{}",
+            limits.cpu_millis, d.max_cpu_millis
+        )));
+    }
+    if limits.timeout_secs > d.max_timeout_secs {
+        return Err(BrokerError::BadRequest(format!(
+            "timeout_secs {} exceeds the maximum {}",
+            limits.timeout_secs, d.max_timeout_secs
+        )));
+    }
+    if limits.nofile < 16 || limits.nofile > 1 << 20 {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.nofile {} is outside 16..1048576",
+            limits.nofile
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn cleanup_partial(mut res: Resources) {
+    for problem in res.release() {
+        tracing::warn!(%problem, "cleanup after a failed create");
+    }
+}
+
+impl Broker {
+    pub(super) fn take_slot(&self) -> Result<(u32, nix::fcntl::Flock<File>), BrokerError> {
+        for slot in 0..self.cfg.max_sandboxes {
+            let path = self
+                .cfg
+                .state_dir
+                .join("slots")
+                .join(format!("{slot}.lock"));
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(internal("open slot lock"))?;
+            if let Ok(lock) =
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            {
+                return Ok((slot, lock));
+            }
+        }
+        Err(BrokerError::Unavailable(format!(
+            "all {} sandbox slots are in use",
+            self.cfg.max_sandboxes
+        )))
+    }
+
+    /// Hands a ready sandbox to its caller: limits, environment and timeout
+    /// of the request, audit rows, registry.
+    pub(super) fn activate(
+        &self,
+        p: &Principal,
+        sandbox: Arc<Sandbox>,
+        ready: ReadyInfo,
+        limits: AppliedLimits,
+        env: Vec<String>,
+        pooled: bool,
+    ) -> Result<SandboxInfo, BrokerError> {
+        let id = sandbox.id.clone();
+        if pooled {
+            let res = lock_or_recover(&sandbox.resources);
+            let restored = match res.as_ref() {
+                Some(r) => r.cgroup.set_background(false),
+                None => Ok(()),
+            };
+            drop(res);
+            if let Err(e) = restored {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!("restore cpu weight: {e}")));
+            }
+        }
+        let current = *lock_or_recover(&sandbox.limits);
+        if current != limits {
+            let res = lock_or_recover(&sandbox.resources);
+            let applied = match res.as_ref() {
+                Some(r) => r.cgroup.set_limits(&CgroupLimits {
+                    memory_bytes: limits.memory_bytes,
+                    pids: limits.pids,
+                    cpu_millis: limits.cpu_millis,
+                }),
+                None => Ok(()),
+            };
+            drop(res);
+            if let Err(e) = applied {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!("apply limits: {e}")));
+            }
+            *lock_or_recover(&sandbox.limits) = limits;
+        }
+        *lock_or_recover(&sandbox.env) = env;
+        sandbox.created_ms.store(now_ms(), Ordering::SeqCst);
+        self.audit.event(
+            Some(&id),
+            Some(&sandbox.agent),
+            AuditEvent::SandboxCreated {
+                caller: (p.uid, p.pid),
+                user: sandbox.user.clone(),
+                limits,
+                workspace: sandbox.workspace.clone(),
+                rootfs: sandbox.rootfs.clone(),
+                host_uid_base: sandbox.host_uid_base,
+                cgroup_version: sandbox.cgroup_version,
+                hostname: sandbox.hostname.clone(),
+                pre_started: pooled,
+            },
+        );
+        self.audit.event(
+            Some(&id),
+            Some(&sandbox.agent),
+            AuditEvent::JailSelftest {
+                landlock_abi: ready.landlock_abi,
+                seccomp_profile: ready.seccomp_profile,
+                report: Box::new(ready.selftest),
+                setup_us: Some(ready.stages_us),
+                fs_server: sandbox.fs_ready.get().cloned().map(Box::new),
+            },
+        );
+        if limits.timeout_secs > 0 {
+            let sb = Arc::clone(&sandbox);
+            let t = Duration::from_secs(limits.timeout_secs);
+            let _ = std::thread::Builder::new()
+                .name(format!("timeout-{id}"))
+                .spawn(move || {
+                    if !sb.wait_ended(t) {
+                        sb.timed_out.store(true, Ordering::SeqCst);
+                        sb.audit.event(
+                            Some(&sb.id),
+                            Some(&sb.agent),
+                            AuditEvent::Timeout {
+                                timeout_secs: t.as_secs(),
+                            },
+                        );
+                        sb.teardown("timeout");
+                    }
+                });
+        }
+        let info = sandbox.info();
+        lock_or_recover(&self.sandboxes).insert(id, sandbox);
+        Ok(info)
+    }
+
+    /// Builds and starts a sandbox of `shape`, and waits for its jail to
+    /// prove itself. Everything is torn down on any failure.
+    /// `for_request`: a caller waits for it, so a pre-started sandbox may
+    /// be evicted to free a slot (never for a refill).
+    pub(super) fn spawn(
+        &self,
+        shape: &Shape,
+        limits: &AppliedLimits,
+        for_request: bool,
+    ) -> Result<(Arc<Sandbox>, ReadyInfo), BrokerError> {
+        let Shape {
+            agent,
+            user,
+            user_ids,
+            workspace,
+            rootfs,
+            ..
+        } = shape;
+        let user_ids = *user_ids;
+        let t0 = Instant::now();
+        let id = random_hex(6).map_err(internal("random id"))?;
+        let (slot, slot_lock) = match self.take_slot() {
+            Ok(s) => s,
+            // Pre-started sandboxes must never starve a real request.
+            Err(_) if for_request && self.evict_one() => self.take_slot()?,
+            Err(e) => return Err(e),
+        };
+        let base = self.cfg.id_range_start + slot * IDS_PER_SANDBOX;
+        let hostname = format!("airlock-{id}");
+
+        // From here on every resource is owned by `res`, so a failure tears
+        // down exactly what was built.
+        let sb_dir = self.cfg.state_dir.join("sandboxes").join(&id);
+        let layer_dir = self.cfg.state_dir.join("layers").join(&id);
+        let cg_limits = CgroupLimits {
+            memory_bytes: limits.memory_bytes,
+            pids: limits.pids,
+            cpu_millis: limits.cpu_millis,
+        };
+        // The layer directory and its owner record come first, so that a
+        // crash at any later point leaves something recovery can find.
+        let upper = layer_dir.join("upper");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&upper)
+            .map_err(internal("create upper layer"))?;
+        // The fs server serves it as sandbox root's host uid, in a user
+        // namespace that maps only the sandbox's range (host root's files
+        // are out of its reach).
+        if let Err(e) = std::os::unix::fs::chown(&upper, Some(base), Some(base)) {
+            let _ = crate::tree::remove_tree(&layer_dir);
+            return Err(BrokerError::Internal(format!("chown upper layer: {e}")));
+        }
+        let owner = OwnerRecord {
+            pid: self.me.0,
+            start_ticks: self.me.1,
+            agent: agent.clone(),
+        };
+        if let Err(e) = std::fs::write(
+            layer_dir.join("owner.json"),
+            serde_json::to_vec(&owner).unwrap_or_default(),
+        ) {
+            let _ = crate::tree::remove_tree(&layer_dir);
+            return Err(BrokerError::Internal(format!("write owner record: {e}")));
+        }
+        let cgroup = match self.cgroups.create(&id, &cg_limits) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = crate::tree::remove_tree(&layer_dir);
+                return Err(BrokerError::Internal(format!("create cgroup: {e}")));
+            }
+        };
+        if !for_request && let Err(e) = cgroup.set_background(true) {
+            // Only costs the foreground some CPU while this one is built.
+            tracing::debug!(error = %e, "background cpu weight");
+        }
+        let mut res = Resources {
+            mount: None,
+            cgroup,
+            dirs: vec![sb_dir.clone(), layer_dir.clone()],
+            slot: Some(slot_lock),
+        };
+        let built = self.build(
+            &id,
+            agent,
+            base,
+            &sb_dir,
+            &layer_dir,
+            workspace,
+            rootfs,
+            user,
+            user_ids,
+            &hostname,
+            limits.nofile,
+            &mut res,
+        );
+        let BuiltFs {
+            mountpoint,
+            chan: fs_chan,
+            sink: fs_sink,
+        } = match built {
+            Ok(x) => x,
+            Err(e) => {
+                cleanup_partial(res);
+                return Err(e);
+            }
+        };
+        let t_mounted = t0.elapsed();
+        let cg_procs = res.cgroup.join_files();
+        let cgroup_version = self.cgroups.version();
+        let (mine, theirs) = match Channel::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                cleanup_partial(res);
+                return Err(BrokerError::Internal(format!("control channel: {e}")));
+            }
+        };
+        let shim_pid =
+            match crate::component::spawn_role(&self.exe, crate::SHIM_ROLE, theirs.into_fd()) {
+                Ok(pid) => pid,
+                Err(e) => {
+                    cleanup_partial(res);
+                    return Err(BrokerError::Internal(format!(
+                        "start shim {}: {e}",
+                        self.exe.display()
+                    )));
+                }
+            };
+        let spec = SandboxSpec {
+            id: id.clone(),
+            hostname: hostname.clone(),
+            root: mountpoint,
+            ids: IdRange {
+                uid_base: base,
+                gid_base: base,
+                count: IDS_PER_SANDBOX,
+            },
+            cgroup_procs: cg_procs,
+            rlimits: Rlimits {
+                nofile: limits.nofile,
+                core: 0,
+            },
+            landlock_floor: self.cfg.landlock_floor,
+            probe_user: user_ids,
+        };
+        let sandbox = Arc::new(Sandbox {
+            id: id.clone(),
+            agent: agent.clone(),
+            created_ms: AtomicI64::new(now_ms()),
+            hostname,
+            user: user.clone(),
+            user_ids,
+            workspace: workspace.path.clone(),
+            rootfs: rootfs.as_ref().map(|r| r.path.clone()),
+            limits: Mutex::new(*limits),
+            host_uid_base: base,
+            env: Mutex::new(Vec::new()),
+            cgroup_version,
+            ctrl: mine,
+            shim_pid,
+            init_pid: OnceLock::new(),
+            ready: OnceLock::new(),
+            fs_ready: OnceLock::new(),
+            pending: Mutex::new(HashMap::new()),
+            next_exec: AtomicU64::new(1),
+            resources: Mutex::new(Some(res)),
+            dead: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+            ended: (Mutex::new(false), Condvar::new()),
+            audit: self.audit.clone(),
+            counters: Mutex::new(Default::default()),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let reader = Arc::clone(&sandbox);
+        let spawned = std::thread::Builder::new()
+            .name(format!("sandbox-{id}"))
+            .spawn(move || reader.reader_loop(ready_tx));
+        if let Err(e) = spawned {
+            sandbox.teardown("create failed");
+            let _ = nix::sys::wait::waitpid(shim_pid, None);
+            return Err(BrokerError::Internal(format!("control thread: {e}")));
+        }
+        if let Err(e) = sandbox
+            .ctrl
+            .send(&ToShim::Spec(Box::new(spec.clone())), &[])
+        {
+            sandbox.teardown("create failed");
+            return Err(BrokerError::Internal(format!("send spec to shim: {e}")));
+        }
+        let t_spawned = t0.elapsed();
+        // The filesystem server started before the shim and served it
+        // meanwhile; its own set-up must have succeeded too.
+        match Component::await_ready::<FsRole>(&fs_chan) {
+            Ok(ready) => {
+                tracing::debug!(sandbox = %id, ?ready, "fs server ready");
+                let _ = sandbox.fs_ready.set(ready);
+            }
+            Err(e) => {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!(
+                    "start the filesystem server: {e}"
+                )));
+            }
+        }
+        if let Err(e) = supervise_fs(&sandbox, fs_chan, fs_sink) {
+            sandbox.teardown("create failed");
+            return Err(BrokerError::Internal(format!("fs supervisor thread: {e}")));
+        }
+        let ready = match ready_rx.recv_timeout(SETUP_TIMEOUT) {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(e));
+            }
+            Err(_) => {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!(
+                    "sandbox {id} did not come up within {}s",
+                    SETUP_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        tracing::debug!(
+            sandbox = %id,
+            mounted_ms = t_mounted.as_secs_f64() * 1e3,
+            spawned_ms = t_spawned.as_secs_f64() * 1e3,
+            ready_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "create"
+        );
+        if !ready.selftest.passed {
+            self.audit.event(
+                Some(&id),
+                Some(agent),
+                AuditEvent::JailSelftest {
+                    landlock_abi: ready.landlock_abi,
+                    seccomp_profile: ready.seccomp_profile.clone(),
+                    report: Box::new(ready.selftest.clone()),
+                    setup_us: None,
+                    fs_server: None,
+                },
+            );
+            sandbox.teardown("jail self-test failed");
+            return Err(BrokerError::Internal(format!(
+                "sandbox {id} refused to start: jail self-test failed: {}",
+                ready.selftest.failures.join("; ")
+            )));
+        }
+        Ok((sandbox, ready))
+    }
+
+    /// Builds the sandbox directory and the FUSE mount, and starts the
+    /// mount's server process in the sandbox's cgroup.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn build(
+        &self,
+        id: &str,
+        agent: &str,
+        base: u32,
+        sb_dir: &Path,
+        layer_dir: &Path,
+        workspace: &HostDir,
+        rootfs: &Option<HostDir>,
+        user: &str,
+        user_ids: (u32, u32),
+        hostname: &str,
+        nofile: u64,
+        res: &mut Resources,
+    ) -> Result<BuiltFs, BrokerError> {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(sb_dir)
+            .map_err(internal("create sandbox directory"))?;
+        // Only host root and the sandbox's own root (pid 1 walks this path
+        // to pivot into it) may traverse to the mount.
+        std::os::unix::fs::chown(sb_dir, Some(base), Some(base))
+            .map_err(internal("chown sandbox directory"))?;
+        let mountpoint = sb_dir.join("root");
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&mountpoint)
+            .map_err(internal("create mountpoint"))?;
+        let upper = layer_dir.join("upper");
+        let audit = self.audit.clone();
+        let (sid, sagent) = (id.to_string(), agent.to_string());
+        // A sandbox can make file events as fast as it can loop: its server
+        // sends at most the budget and counts the rest (in the sandbox's
+        // own process), and the count lands in one row. The same budget
+        // here holds a server that would not keep to it.
+        let limiter = RateLimiter::new(FS_EVENTS_PER_SEC, FS_EVENTS_BURST);
+        let sink: FsSink = Box::new(move |ev: FsServerEvent| {
+            let (ev, dropped) = match ev {
+                FsServerEvent::Fs { event } => match limiter.admit() {
+                    Some(d) => (Some(event), d),
+                    None => return,
+                },
+                FsServerEvent::RateLimited { dropped } => (None, dropped),
+            };
+            if dropped > 0 {
+                audit.event(
+                    Some(&sid),
+                    Some(&sagent),
+                    AuditEvent::FsEventsDropped {
+                        dropped,
+                        events_per_sec: FS_EVENTS_PER_SEC,
+                    },
+                );
+            }
+            if let Some(ev) = ev {
+                audit.event(Some(&sid), Some(&sagent), AuditEvent::Fs(ev));
+            }
+        });
+        let dev = airlock_fs::mount_device(&mountpoint)
+            .map_err(|e| BrokerError::Internal(format!("mount sandbox filesystem: {e}")))?;
+        res.mount = Some(ServedMount {
+            mountpoint: mountpoint.clone(),
+            server: None,
+        });
+        let spec = FsServerSpec {
+            sandbox_id: id.to_string(),
+            rootfs: rootfs.is_some(),
+            upper,
+            ids: airlock_fs::IdMap {
+                host_uid_base: base,
+                host_gid_base: base,
+                count: IDS_PER_SANDBOX,
+            },
+            user_ids,
+            user: user.to_string(),
+            hostname: hostname.to_string(),
+            cgroup_procs: res.cgroup.join_files(),
+            nofile: nofile.max(FS_SERVER_MIN_NOFILE),
+            landlock_floor: self.cfg.landlock_floor,
+            events_per_sec: FS_EVENTS_PER_SEC,
+            events_burst: FS_EVENTS_BURST,
+        };
+        let mut fds = vec![dev.as_fd(), workspace.fd.as_fd()];
+        if let Some(r) = rootfs {
+            fds.push(r.fd.as_fd());
+        }
+        // Launched, not awaited: it answers INIT while the shim sets up
+        // (whose first steps wait on the mount), see Broker::spawn.
+        let (server, chan) = Component::launch::<FsRole>(&self.exe, &spec, &fds)
+            .map_err(|e| BrokerError::Internal(format!("start the filesystem server: {e}")))?;
+        drop(dev);
+        if let Some(m) = res.mount.as_mut() {
+            m.server = Some(server);
+        }
+        Ok(BuiltFs {
+            mountpoint,
+            chan,
+            sink,
+        })
+    }
+}
