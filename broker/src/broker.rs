@@ -24,8 +24,8 @@ use crate::component::{Component, Ended};
 use crate::config::BrokerConfig;
 use crate::fs_server::{FsRole, FsServerEvent, FsServerSpec};
 use crate::sandbox::{ExecOutcome, ReadyInfo, Resources, Sandbox, ServedMount};
-use crate::spec::{CreateSpec, ExecSpec, ExecUser};
-use crate::util::{RateLimiter, lock_or_recover, now_ms, random_hex};
+use crate::spec::{CreateSpec, ExecId, ExecSpec, ExecUser, SandboxId};
+use crate::util::{RateLimiter, lock_or_recover, now_ms};
 
 mod exec;
 mod host_dirs;
@@ -78,7 +78,7 @@ pub struct Broker {
     audit: AuditStore,
     cgroups: CgroupManager,
     exe: PathBuf,
-    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    sandboxes: Mutex<HashMap<SandboxId, Arc<Sandbox>>>,
     me: (i32, u64),
     /// Pre-started sandboxes by (agent, user), not yet handed out.
     pool: Mutex<HashMap<PoolKey, Vec<PoolEntry>>>,
@@ -284,7 +284,7 @@ impl Broker {
         );
     }
 
-    fn get(&self, p: &Principal, id: &str) -> Result<Arc<Sandbox>, BrokerError> {
+    fn get(&self, p: &Principal, id: &SandboxId) -> Result<Arc<Sandbox>, BrokerError> {
         if let Err(e) = p.check_mapped(&self.cfg) {
             self.audit_refusal(p, "access", &e);
             return Err(e.into());
@@ -301,8 +301,8 @@ impl Broker {
     pub fn signal_exec(
         &self,
         p: &Principal,
-        id: &str,
-        exec_id: u64,
+        id: &SandboxId,
+        exec_id: ExecId,
         signal: i32,
     ) -> Result<(), BrokerError> {
         let sb = self.get(p, id)?;
@@ -314,10 +314,10 @@ impl Broker {
                 "signal {signal} is not a valid signal number"
             )));
         }
-        if !sb.has_exec(exec_id) {
+        if !sb.has_exec(exec_id.0) {
             return Err(BrokerError::NotFound(format!("{id}/execs/{exec_id}")));
         }
-        sb.signal(exec_id, signal);
+        sb.signal(exec_id.0, signal);
         Ok(())
     }
 
@@ -338,12 +338,12 @@ impl Broker {
     }
 
     /// One sandbox.
-    pub fn inspect(&self, p: &Principal, id: &str) -> Result<SandboxInfo, BrokerError> {
+    pub fn inspect(&self, p: &Principal, id: &SandboxId) -> Result<SandboxInfo, BrokerError> {
         Ok(self.get(p, id)?.info())
     }
 
     /// Destroys a sandbox and forgets it. Blocking.
-    pub fn destroy(&self, p: &Principal, id: &str) -> Result<(), BrokerError> {
+    pub fn destroy(&self, p: &Principal, id: &SandboxId) -> Result<(), BrokerError> {
         let sb = self.get(p, id)?;
         sb.teardown("destroyed");
         lock_or_recover(&self.sandboxes).remove(id);
@@ -352,7 +352,7 @@ impl Broker {
 
     /// Starts destroying a sandbox and returns at once; it shows as
     /// "stopping" until every resource is released, then disappears.
-    pub fn destroy_detached(&self, p: &Principal, id: &str) -> Result<(), BrokerError> {
+    pub fn destroy_detached(&self, p: &Principal, id: &SandboxId) -> Result<(), BrokerError> {
         let sb = self.get(p, id)?;
         let Some(me) = self.me_ref.get().and_then(Weak::upgrade) else {
             return self.destroy(p, id);

@@ -15,7 +15,7 @@ use crate::authz::Principal;
 use crate::broker::{Broker, BrokerError};
 use crate::client::{ClientError, RemoteClient, enc};
 use crate::config::{BrokerConfig, DEFAULT_CONFIG};
-use crate::spec::{CreateSpec, ExecSpec};
+use crate::spec::{CreateSpec, ExecId, ExecSpec, SandboxId};
 use crate::util::{parse_duration, parse_size};
 
 /// Exit status for airlock's own errors (the command never ran).
@@ -324,7 +324,7 @@ impl Backend {
     async fn destroy(&self, id: &str) -> Result<(), CliError> {
         match self {
             Backend::Embedded(b, p) => {
-                let (b, p, id) = (Arc::clone(b), *p, id.to_string());
+                let (b, p, id) = (Arc::clone(b), *p, parse_id(id)?);
                 Ok(tokio::task::spawn_blocking(move || b.destroy(&p, &id))
                     .await
                     .map_err(|e| CliError::Usage(e.to_string()))??)
@@ -338,7 +338,7 @@ impl Backend {
         let (mut rx, embedded) = match self {
             Backend::Embedded(b, p) => {
                 let spec = ExecSpec::try_from(body).map_err(BrokerError::BadRequest)?;
-                let h = b.exec(p, id, spec).await?;
+                let h = b.exec(p, &parse_id(id)?, spec).await?;
                 (h.events, Some(((), h.exec_id)))
             }
             Backend::Remote(c) => (c.exec(id, &body).await?, None),
@@ -389,7 +389,9 @@ impl Backend {
         let Some(exec_id) = exec_id else { return };
         match self {
             Backend::Embedded(b, p) => {
-                let _ = b.signal_exec(p, id, exec_id, sig);
+                if let Ok(id) = parse_id(id) {
+                    let _ = b.signal_exec(p, &id, ExecId(exec_id), sig);
+                }
             }
             Backend::Remote(c) => {
                 let _ = c.signal(id, exec_id, sig).await;
@@ -635,4 +637,9 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
             Ok(0)
         }
     }
+}
+
+/// A sandbox id given on the command line.
+fn parse_id(id: &str) -> Result<SandboxId, CliError> {
+    SandboxId::try_from(id).map_err(CliError::Usage)
 }

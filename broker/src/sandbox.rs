@@ -156,7 +156,7 @@ impl Resources {
 #[derive(Debug)]
 pub struct Sandbox {
     /// Id.
-    pub id: String,
+    pub id: crate::spec::SandboxId,
     /// Owning agent.
     pub agent: String,
     /// Creation time, unix ms (when handed to its caller).
@@ -218,7 +218,7 @@ impl Sandbox {
         let ready = self.ready.get().cloned();
         let counters = self.current_counters();
         SandboxInfo {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             agent: self.agent.clone(),
             state: self.state().to_string(),
             created_ms: self.created_ms.load(Ordering::SeqCst),
@@ -251,7 +251,8 @@ impl Sandbox {
     }
 
     fn record(&self, ev: AuditEvent) {
-        self.audit.event(Some(&self.id), Some(&self.agent), ev);
+        self.audit
+            .event(Some(self.id.as_str()), Some(&self.agent), ev);
     }
 
     /// Audits limit counters that moved since the last look.
@@ -392,13 +393,22 @@ impl Sandbox {
     }
 
     /// Kills everything and releases every resource; safe to call twice.
+    /// If another teardown is under way, returns once it is done, so
+    /// "destroyed" means destroyed.
     pub fn teardown(&self, reason: &str) {
+        if !self.teardown_unless_underway(reason) {
+            self.wait_ended(Duration::from_secs(30));
+        }
+    }
+
+    /// [`Sandbox::teardown`], but returns at once (false) if another
+    /// teardown is under way. For a component's supervisor thread: the
+    /// teardown under way stops that component and joins its supervisor,
+    /// so the supervisor must not wait for it.
+    pub fn teardown_unless_underway(&self, reason: &str) -> bool {
         let taken = lock_or_recover(&self.resources).take();
         let Some(mut res) = taken else {
-            // Someone else is tearing down (timeout, shim exit): return only
-            // once everything is gone, so "destroyed" means destroyed.
-            self.wait_ended(Duration::from_secs(30));
-            return;
+            return false;
         };
         self.dead.store(true, Ordering::SeqCst);
         let t0 = Instant::now();
@@ -423,6 +433,7 @@ impl Sandbox {
         let (lock, cv) = &self.ended;
         *lock_or_recover(lock) = true;
         cv.notify_all();
+        true
     }
 
     /// Blocks until teardown or `d` passes; true if torn down.

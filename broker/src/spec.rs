@@ -17,6 +17,67 @@ pub const IDS_PER_SANDBOX: u32 = 65536;
 /// it travels to pid 1 in one control message.
 pub const MAX_EXEC_ARGS_BYTES: usize = 128 * 1024;
 
+/// A sandbox's id: 12 lowercase hex digits, chosen by the broker. Parsed
+/// once where an id enters from outside (an API path, a CLI argument), so
+/// the core never confuses it with another string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SandboxId(String);
+
+/// Hex digits of a [`SandboxId`].
+const SANDBOX_ID_LEN: usize = 12;
+
+impl SandboxId {
+    /// A fresh random id.
+    ///
+    /// # Errors
+    /// When /dev/urandom cannot be read.
+    pub fn random() -> std::io::Result<SandboxId> {
+        crate::util::random_hex(SANDBOX_ID_LEN / 2).map(SandboxId)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<&str> for SandboxId {
+    type Error = String;
+
+    fn try_from(s: &str) -> Result<Self, String> {
+        if s.len() == SANDBOX_ID_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(SandboxId(s.to_string()))
+        } else {
+            Err(format!(
+                "{:?} is not a sandbox id ({SANDBOX_ID_LEN} lowercase hex digits)",
+                s.chars().take(64).collect::<String>()
+            ))
+        }
+    }
+}
+
+impl std::fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for SandboxId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A command's id within its sandbox (counted from 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExecId(pub u64);
+
+impl std::fmt::Display for ExecId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// The user commands run as by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SandboxUser {
@@ -183,4 +244,28 @@ fn check_env(env: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn sandbox_ids_are_twelve_lowercase_hex_digits() {
+        let id = SandboxId::random().unwrap();
+        assert_eq!(SandboxId::try_from(id.as_str()), Ok(id.clone()));
+        for bad in [
+            "",
+            "0123456789a",
+            "0123456789abc",
+            "0123456789AB",
+            "../../../etc",
+            "01234567890g",
+        ] {
+            let e = SandboxId::try_from(bad).unwrap_err();
+            assert!(e.contains("is not a sandbox id"), "{bad}: {e}");
+        }
+    }
 }

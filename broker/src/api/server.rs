@@ -19,7 +19,7 @@ use crate::api::types::{CreateSandbox, ErrorBody, ExecBody, ExecEvent};
 use crate::audit::{AuditKind, AuditQuery};
 use crate::authz::Principal;
 use crate::broker::{Broker, BrokerError};
-use crate::spec::{CreateSpec, ExecSpec};
+use crate::spec::{CreateSpec, ExecId, ExecSpec, SandboxId};
 
 /// The peer's credentials, read once per connection.
 #[derive(Debug, Clone, Copy)]
@@ -145,13 +145,19 @@ async fn list(State(b): Shared, ConnectInfo(c): Peer) -> Result<Response, ApiErr
     Ok(Json(b.list(&p)?).into_response())
 }
 
+/// A sandbox id from a request path; one that cannot be an id names no
+/// sandbox.
+fn sandbox_id(s: &str) -> Result<SandboxId, ApiError> {
+    SandboxId::try_from(s).map_err(|e| ApiError(StatusCode::NOT_FOUND, e))
+}
+
 async fn inspect(
     State(b): Shared,
     ConnectInfo(c): Peer,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
-    Ok(Json(b.inspect(&p, &id)?).into_response())
+    Ok(Json(b.inspect(&p, &sandbox_id(&id)?)?).into_response())
 }
 
 /// `DELETE /v1/sandboxes/{id}` query string.
@@ -169,11 +175,12 @@ async fn destroy(
     Query(params): Query<DestroyParams>,
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
+    let id = sandbox_id(&id)?;
     if params.wait == Some(false) {
         b.destroy_detached(&p, &id)?;
         return Ok((
             StatusCode::ACCEPTED,
-            Json(serde_json::json!({"id": id, "destroyed": false, "state": "stopping"})),
+            Json(serde_json::json!({"id": id.as_str(), "destroyed": false, "state": "stopping"})),
         )
             .into_response());
     }
@@ -181,7 +188,7 @@ async fn destroy(
     tokio::task::spawn_blocking(move || b.destroy(&p, &id2))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(Json(serde_json::json!({"id": id, "destroyed": true})).into_response())
+    Ok(Json(serde_json::json!({"id": id.as_str(), "destroyed": true})).into_response())
 }
 
 async fn exec(
@@ -191,6 +198,7 @@ async fn exec(
     body: Body,
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
+    let id = sandbox_id(&id)?;
     let req: ExecBody = json_body(&read_body(body).await?)?;
     let spec = ExecSpec::try_from(req).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let handle = b.exec(&p, &id, spec).await?;
@@ -218,7 +226,7 @@ async fn signal(
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
     let req: SignalBody = json_body(&read_body(body).await?)?;
-    b.signal_exec(&p, &id, exec_id, req.signal)?;
+    b.signal_exec(&p, &sandbox_id(&id)?, ExecId(exec_id), req.signal)?;
     Ok(
         Json(serde_json::json!({"id": id, "exec_id": exec_id, "signal": req.signal}))
             .into_response(),

@@ -152,7 +152,7 @@ impl Broker {
     pub async fn exec(
         &self,
         p: &Principal,
-        id: &str,
+        id: &SandboxId,
         body: ExecSpec,
     ) -> Result<ExecHandle, BrokerError> {
         let sb = self.get(p, id)?;
@@ -218,7 +218,7 @@ impl Broker {
             }
             sb2.audit_limit_hits(before, after, Some(exec_id));
             sb2.audit.event(
-                Some(&sb2.id),
+                Some(sb2.id.as_str()),
                 Some(&sb2.agent),
                 AuditEvent::ExecExit {
                     exec_id,

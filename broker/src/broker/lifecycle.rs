@@ -56,11 +56,11 @@ pub(super) fn supervise_fs(
         }
         tracing::warn!(sandbox = %sb.id, %reason, "component failed");
         sb.audit.event(
-            Some(&sb.id),
+            Some(sb.id.as_str()),
             Some(&sb.agent),
             AuditEvent::ComponentFailed { role: "fs", reason },
         );
-        sb.teardown("filesystem server failed");
+        sb.teardown_unless_underway("filesystem server failed");
     })
 }
 
@@ -193,7 +193,7 @@ impl Broker {
         *lock_or_recover(&sandbox.env) = env;
         sandbox.created_ms.store(now_ms(), Ordering::SeqCst);
         self.audit.event(
-            Some(&id),
+            Some(id.as_str()),
             Some(&sandbox.agent),
             AuditEvent::SandboxCreated {
                 caller: (p.uid, p.pid),
@@ -208,7 +208,7 @@ impl Broker {
             },
         );
         self.audit.event(
-            Some(&id),
+            Some(id.as_str()),
             Some(&sandbox.agent),
             AuditEvent::JailSelftest {
                 landlock_abi: ready.landlock_abi,
@@ -227,7 +227,7 @@ impl Broker {
                     if !sb.wait_ended(t) {
                         sb.timed_out.store(true, Ordering::SeqCst);
                         sb.audit.event(
-                            Some(&sb.id),
+                            Some(sb.id.as_str()),
                             Some(&sb.agent),
                             AuditEvent::Timeout {
                                 timeout_secs: t.as_secs(),
@@ -262,7 +262,7 @@ impl Broker {
         } = shape;
         let user_ids = *user_ids;
         let t0 = Instant::now();
-        let id = random_hex(6).map_err(internal("random id"))?;
+        let id = crate::spec::SandboxId::random().map_err(internal("random id"))?;
         let (slot, slot_lock) = match self.take_slot() {
             Ok(s) => s,
             // Pre-started sandboxes must never starve a real request.
@@ -274,8 +274,8 @@ impl Broker {
 
         // From here on every resource is owned by `res`, so a failure tears
         // down exactly what was built.
-        let sb_dir = self.cfg.state_dir.join("sandboxes").join(&id);
-        let layer_dir = self.cfg.state_dir.join("layers").join(&id);
+        let sb_dir = self.cfg.state_dir.join("sandboxes").join(id.as_str());
+        let layer_dir = self.cfg.state_dir.join("layers").join(id.as_str());
         let cg_limits = CgroupLimits {
             memory_bytes: limits.memory_bytes,
             pids: limits.pids,
@@ -308,7 +308,7 @@ impl Broker {
             let _ = crate::tree::remove_tree(&layer_dir);
             return Err(BrokerError::Internal(format!("write owner record: {e}")));
         }
-        let cgroup = match self.cgroups.create(&id, &cg_limits) {
+        let cgroup = match self.cgroups.create(id.as_str(), &cg_limits) {
             Ok(c) => c,
             Err(e) => {
                 let _ = crate::tree::remove_tree(&layer_dir);
@@ -326,7 +326,7 @@ impl Broker {
             slot: Some(slot_lock),
         };
         let built = self.build(
-            &id,
+            id.as_str(),
             agent,
             base,
             &sb_dir,
@@ -372,7 +372,7 @@ impl Broker {
                 }
             };
         let spec = SandboxSpec {
-            id: id.clone(),
+            id: id.to_string(),
             hostname: hostname.clone(),
             root: mountpoint,
             ids: IdRange {
@@ -474,7 +474,7 @@ impl Broker {
         );
         if !ready.selftest.passed {
             self.audit.event(
-                Some(&id),
+                Some(id.as_str()),
                 Some(agent),
                 AuditEvent::JailSelftest {
                     landlock_abi: ready.landlock_abi,

@@ -121,7 +121,7 @@ impl Broker {
                     self.cfg
                         .state_dir
                         .join("layers")
-                        .join(&id)
+                        .join(id.as_str())
                         .join("owner.json"),
                 )
                 .ok()
@@ -145,7 +145,7 @@ impl Broker {
         if let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("layers")) {
             for e in rd.flatten() {
                 let id = e.file_name().to_string_lossy().into_owned();
-                if !live_elsewhere.contains(&id) && !sb_root.join(&id).exists() {
+                if !live_elsewhere.contains(&id) && !sb_root.join(id.as_str()).exists() {
                     self.remove_leftover(&id, None);
                 }
             }
