@@ -93,6 +93,10 @@ enum Io {
     Passthrough,
 }
 
+/// Smallest base file given a passthrough backing file when registering
+/// one costs a round trip to a registrar ([`crate::BackingFiles`]).
+const DELEGATED_PASSTHROUGH_MIN_BYTES: i64 = 128 * 1024;
+
 /// A backing id registered with the kernel; closed (`BACKING_CLOSE`) when
 /// the last reference goes.
 struct Backing {
@@ -1221,15 +1225,22 @@ impl AirlockFs {
                 // base (never writable through this mount; its files never
                 // change identity under an open handle), with the very file
                 // just opened through the safe resolution path.
-                let candidate = match (&kind, make_backing) {
-                    (HandleKind::File { file, .. }, Some(mk))
-                        if area == Area::Base && self.passthrough_on() =>
-                    {
-                        let st = rustix::fs::fstat(file)?;
-                        Some((file, (st.st_dev, st.st_ino), mk))
-                    }
-                    _ => None,
-                };
+                let candidate =
+                    match (&kind, make_backing) {
+                        (HandleKind::File { file, .. }, Some(mk))
+                            if area == Area::Base && self.passthrough_on() =>
+                        {
+                            let st = rustix::fs::fstat(file)?;
+                            // A delegated registration costs a round trip to
+                            // the registrar process, more than serving a small
+                            // file's reads (kept in the page cache across
+                            // opens): only larger files go through.
+                            let delegated = self.shared.backing_files.get().is_some();
+                            (!delegated || st.st_size >= DELEGATED_PASSTHROUGH_MIN_BYTES)
+                                .then_some((file, (st.st_dev, st.st_ino), mk))
+                        }
+                        _ => None,
+                    };
                 let (io, backing) = self.claim_io(ino, candidate)?;
                 let fh = self.add_handle(Handle {
                     ino,
