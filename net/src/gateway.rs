@@ -1,0 +1,1060 @@
+//! The gateway loop: one thread owns the veth's host end (an AF_PACKET
+//! socket), the smoltcp interface that terminates the sandbox's traffic,
+//! and every host socket opened for it, and waits in one `poll`.
+//!
+//! - **TCP.** A SYN to an endpoint the gateway has no socket for is judged
+//!   by the policy before smoltcp sees it. Allowed: a host socket starts
+//!   connecting and a smoltcp socket listens on exactly that endpoint, so
+//!   the handshake completes; if the host connect fails, the sandbox's
+//!   connection is reset. Denied: no socket listens, so smoltcp answers
+//!   the SYN with an RST at once (a refused connection never looks open).
+//!   Data moves between the two sockets only as far as the other side has
+//!   room (smoltcp's buffers are fixed; a full host socket stops reading
+//!   from smoltcp and the window closes), so no buffer grows with traffic.
+//! - **DNS.** The only UDP the gateway serves is its resolver at
+//!   [`DNS_V4`]:53 (see [`crate::dns`]); every allowed address it hands
+//!   out is pinned to the name it was asked for, and a domain rule admits
+//!   a connection only to a pinned address.
+//! - **ICMP.** Echo requests to the gateway's addresses are answered by
+//!   smoltcp; nothing else is forwarded.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant as StdInstant};
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Checksum, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::{tcp, udp};
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
+    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+};
+
+use crate::dns;
+use crate::policy::{Decision, Policy, Proto, Ranges};
+
+/// The gateway's address on the sandbox's link.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The resolver's address.
+pub const DNS_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+/// The sandbox's address.
+pub const SANDBOX_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// Prefix length of the sandbox's link.
+pub const PREFIX_V4: u8 = 24;
+/// Default MTU of the sandbox's link (both veth ends).
+pub const DEFAULT_MTU: usize = 65520;
+/// The gateway's MAC on the link (locally administered).
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x00, 0x0a, 0x00, 0x02, 0x02];
+
+/// smoltcp buffer per direction per TCP flow.
+const TCP_BUFFER: usize = 256 * 1024;
+/// Frames read per wakeup at most before the stack runs.
+const RX_BATCH: usize = 256;
+/// How long an upstream DNS answer is waited for.
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pinned addresses kept at most (the oldest go first).
+const MAX_PINS: usize = 4096;
+/// DNS queries answered per second at most (and burst).
+const DNS_PER_SEC: f64 = 50.0;
+const DNS_BURST: f64 = 200.0;
+
+/// How the gateway is set up.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The egress policy.
+    pub policy: Policy,
+    /// Always-denied ranges with the host's own addresses and the
+    /// operator's exceptions.
+    pub ranges: Ranges,
+    /// The upstream resolver.
+    pub dns_upstream: SocketAddr,
+    /// Link MTU.
+    pub mtu: usize,
+    /// Concurrent TCP flows at most.
+    pub max_flows: usize,
+}
+
+/// Something to audit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NetEvent {
+    /// A flow was refused, or an allowed one opened or ended.
+    Flow {
+        /// "refused", "open" (allowed, connecting) or "end" (with its
+        /// bytes and duration).
+        phase: FlowPhase,
+        /// Protocol.
+        proto: Proto,
+        /// The sandbox's end.
+        src: SocketAddr,
+        /// Where it went.
+        dst: SocketAddr,
+        /// The name the destination was pinned to, if any.
+        domain: Option<String>,
+        /// Whether it was allowed.
+        allowed: bool,
+        /// The rule or reason that decided.
+        reason: String,
+        /// Bytes from the sandbox to the destination.
+        bytes_out: u64,
+        /// Bytes from the destination to the sandbox.
+        bytes_in: u64,
+        /// How long it lasted.
+        duration_ms: u64,
+        /// Why it failed after being allowed (connect refused...).
+        error: Option<String>,
+    },
+    /// A DNS question.
+    Dns {
+        /// The name.
+        name: String,
+        /// The record type.
+        qtype: String,
+        /// Whether it was looked up.
+        allowed: bool,
+        /// The rule or reason that decided.
+        reason: String,
+        /// The addresses handed out.
+        answers: Vec<IpAddr>,
+        /// Addresses the upstream gave that were withheld, with why.
+        withheld: Vec<(IpAddr, String)>,
+    },
+    /// A per-sandbox limit was hit.
+    Limit {
+        /// Which.
+        what: String,
+    },
+}
+
+/// Where in its life a flow's row was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowPhase {
+    /// The policy refused it; the sandbox got an RST.
+    Refused,
+    /// The policy allowed it; the host connection is under way.
+    Open,
+    /// It ended.
+    End,
+}
+
+/// The veth's host end: frames in and out through an AF_PACKET socket.
+struct PacketDevice {
+    fd: OwnedFd,
+    rx: VecDeque<Vec<u8>>,
+    mtu: usize,
+}
+
+struct RxTok(Vec<u8>);
+struct TxTok<'a>(BorrowedFd<'a>);
+
+impl smoltcp::phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl smoltcp::phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut buf = vec![0u8; len];
+        let r = f(&mut buf);
+        // A full socket buffer drops the frame, as a link would; TCP
+        // retransmits.
+        let _ = rustix::net::send(self.0, &buf, rustix::net::SendFlags::DONTWAIT);
+        r
+    }
+}
+
+impl Device for PacketDevice {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok<'a>;
+
+    fn receive(&mut self, _t: Instant) -> Option<(RxTok, TxTok<'_>)> {
+        let frame = self.rx.pop_front()?;
+        Some((RxTok(frame), TxTok(self.fd.as_fd())))
+    }
+
+    fn transmit(&mut self, _t: Instant) -> Option<TxTok<'_>> {
+        Some(TxTok(self.fd.as_fd()))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + 14;
+        // Frames from the sandbox's kernel may carry partial checksums
+        // (CHECKSUM_PARTIAL over veth): never verify, always compute.
+        let mut cs = ChecksumCapabilities::default();
+        cs.ipv4 = Checksum::Tx;
+        cs.tcp = Checksum::Tx;
+        cs.udp = Checksum::Tx;
+        cs.icmpv4 = Checksum::Tx;
+        caps.checksum = cs;
+        caps
+    }
+}
+
+/// One TCP flow: the sandbox's side in smoltcp, the destination's on the
+/// host.
+struct Flow {
+    src: IpEndpoint,
+    dst: SocketAddr,
+    host: TcpStream,
+    connecting: bool,
+    /// The sandbox's handshake completed (so a closed receive side means
+    /// the sandbox closed, not that it has not connected yet).
+    established: bool,
+    host_eof: bool,
+    host_shut: bool,
+    domain: Option<String>,
+    reason: String,
+    started: StdInstant,
+    bytes_out: u64,
+    bytes_in: u64,
+    error: Option<String>,
+    /// For a flow admitted by name on port 443 or 80: the name check to
+    /// pass before any byte goes on, and the names the destination was
+    /// resolved for in this sandbox.
+    check: Option<(NameCheck, Vec<String>)>,
+    /// The sandbox's first bytes, held during the check, then sent first.
+    held: Vec<u8>,
+    /// Why the name check refused the flow.
+    refused: Option<String>,
+}
+
+/// Which name a flow's first bytes must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameCheck {
+    /// TLS ClientHello SNI (TCP 443).
+    Sni,
+    /// HTTP Host header (TCP 80).
+    Host,
+}
+
+/// A question waiting for the upstream.
+struct PendingDns {
+    q: dns::Question,
+    client: IpEndpoint,
+    reason: String,
+    sent: StdInstant,
+}
+
+/// A token bucket.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: StdInstant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: StdInstant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = StdInstant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A sandbox's gateway.
+pub struct Gateway {
+    cfg: GatewayConfig,
+    dev: PacketDevice,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    dns_socket: SocketHandle,
+    upstream: UdpSocket,
+    flows: HashMap<SocketHandle, Flow>,
+    pending: HashMap<u16, PendingDns>,
+    next_dns_id: u16,
+    pins: HashMap<IpAddr, Vec<(String, StdInstant)>>,
+    dns_bucket: Bucket,
+    epoch: StdInstant,
+    events: Box<dyn FnMut(NetEvent) + Send>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("flows", &self.flows.len())
+            .field("pins", &self.pins.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the gateway stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A socket call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> GatewayError {
+    move |source| GatewayError::Io { what, source }
+}
+
+impl Gateway {
+    /// A gateway on `packet` (an AF_PACKET socket bound to the veth's host
+    /// end, non-blocking) that reports to `events`.
+    ///
+    /// # Errors
+    /// When the upstream resolver's socket cannot be made.
+    pub fn new(
+        packet: OwnedFd,
+        cfg: GatewayConfig,
+        events: Box<dyn FnMut(NetEvent) + Send>,
+    ) -> Result<Gateway, GatewayError> {
+        let mut dev = PacketDevice {
+            fd: packet,
+            rx: VecDeque::new(),
+            mtu: cfg.mtu,
+        };
+        let epoch = StdInstant::now();
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
+        config.random_seed = seed();
+        let mut iface = Interface::new(config, &mut dev, Instant::from_micros(0));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(GATEWAY_V4), PREFIX_V4));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(DNS_V4), PREFIX_V4));
+        });
+        // Accept traffic to any address: the sandbox's default route
+        // points here, and every destination is judged by the policy.
+        iface.set_any_ip(true);
+        let _ = iface.routes_mut().add_default_ipv4_route(GATEWAY_V4);
+        let mut sockets = SocketSet::new(Vec::new());
+        let mut udp_sock = udp::Socket::new(
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; 64],
+                vec![0u8; 64 * dns::MAX_MESSAGE],
+            ),
+            udp::PacketBuffer::new(
+                vec![udp::PacketMetadata::EMPTY; 64],
+                vec![0u8; 64 * dns::MAX_MESSAGE],
+            ),
+        );
+        let _ = udp_sock.bind(IpListenEndpoint {
+            addr: Some(IpAddress::Ipv4(DNS_V4)),
+            port: 53,
+        });
+        let dns_socket = sockets.add(udp_sock);
+        let bind: SocketAddr = if cfg.dns_upstream.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let upstream = UdpSocket::bind(bind).map_err(io("bind the resolver's socket"))?;
+        upstream
+            .connect(cfg.dns_upstream)
+            .map_err(io("connect the resolver's socket"))?;
+        upstream
+            .set_nonblocking(true)
+            .map_err(io("resolver socket non-blocking"))?;
+        Ok(Gateway {
+            cfg,
+            dev,
+            iface,
+            sockets,
+            dns_socket,
+            upstream,
+            flows: HashMap::new(),
+            pending: HashMap::new(),
+            next_dns_id: u16::try_from(seed() & 0xffff).unwrap_or(1),
+            pins: HashMap::new(),
+            dns_bucket: Bucket::new(DNS_PER_SEC, DNS_BURST),
+            epoch,
+            events,
+        })
+    }
+
+    /// Replaces the policy for new flows and questions (flows already open
+    /// go on).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.cfg.policy = policy;
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.cfg.policy
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX))
+    }
+
+    /// Serves until `control` (polled beside the gateway's own sockets)
+    /// makes `on_control` return false, or the link goes away.
+    ///
+    /// # Errors
+    /// When polling fails.
+    pub fn run(
+        &mut self,
+        control: BorrowedFd<'_>,
+        mut on_control: impl FnMut(&mut Gateway) -> bool,
+    ) -> Result<(), GatewayError> {
+        loop {
+            let delay = self
+                .iface
+                .poll_delay(self.now(), &self.sockets)
+                .map(|d| Duration::from_micros(d.total_micros()))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            let handles: Vec<SocketHandle> = self.flows.keys().copied().collect();
+            let (ready, link_gone) = {
+                use rustix::event::{PollFd, PollFlags};
+                let mut pfds = Vec::with_capacity(3 + handles.len());
+                pfds.push(PollFd::new(&self.dev.fd, PollFlags::IN));
+                pfds.push(PollFd::new(&control, PollFlags::IN));
+                pfds.push(PollFd::new(&self.upstream, PollFlags::IN));
+                for h in &handles {
+                    let Some(flow) = self.flows.get(h) else {
+                        continue;
+                    };
+                    let sock = self.sockets.get::<tcp::Socket>(*h);
+                    let mut want = PollFlags::empty();
+                    if flow.connecting || sock.recv_queue() > 0 {
+                        want |= PollFlags::OUT;
+                    }
+                    if !flow.connecting && !flow.host_eof && sock.can_send() {
+                        want |= PollFlags::IN;
+                    }
+                    pfds.push(PollFd::new(&flow.host, want));
+                }
+                let timeout = rustix::event::Timespec::try_from(delay).ok();
+                match rustix::event::poll(&mut pfds, timeout.as_ref()) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => return Err(io("poll")(e.into())),
+                }
+                let link = pfds.first().map_or(PollFlags::empty(), |p| p.revents());
+                let ctl = pfds.get(1).map_or(PollFlags::empty(), |p| p.revents());
+                (
+                    !ctl.is_empty(),
+                    link.intersects(PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL),
+                )
+            };
+            if link_gone {
+                return Ok(());
+            }
+            if ready && !on_control(self) {
+                return Ok(());
+            }
+            self.read_frames();
+            self.read_upstream();
+            self.iface
+                .poll(self.now(), &mut self.dev, &mut self.sockets);
+            self.serve_dns();
+            let done = self.service_flows();
+            self.expire_dns();
+            self.iface
+                .poll(self.now(), &mut self.dev, &mut self.sockets);
+            for h in done {
+                self.end_flow(h);
+            }
+        }
+    }
+
+    /// Reads waiting frames; SYNs of new flows are judged on the way.
+    fn read_frames(&mut self) {
+        let mut buf = vec![0u8; self.cfg.mtu + 64];
+        for _ in 0..RX_BATCH {
+            match rustix::net::recv(&self.dev.fd, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _)) if n > 0 => {
+                    let frame = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
+                    self.inspect(&frame);
+                    self.dev.rx.push_back(frame);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// A TCP SYN from the sandbox to an endpoint nobody listens on yet:
+    /// judge it, and if allowed start the host connection and a listener.
+    fn inspect(&mut self, frame: &[u8]) {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return;
+        };
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return;
+        }
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            return;
+        };
+        if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+            return;
+        }
+        let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+            return;
+        };
+        if !tcp.syn() || tcp.ack() {
+            return;
+        }
+        let src = IpEndpoint::new(IpAddress::Ipv4(ip.src_addr()), tcp.src_port());
+        let dst_ip = ip.dst_addr();
+        let dst = SocketAddr::new(IpAddr::V4(dst_ip), tcp.dst_port());
+        if dst_ip == GATEWAY_V4 || dst_ip == DNS_V4 {
+            // Nothing listens on the gateway itself: smoltcp resets it.
+            return;
+        }
+        if self.flows.values().any(|f| f.src == src && f.dst == dst) {
+            return; // a retransmitted SYN
+        }
+        let names = self.pinned_names(dst.ip());
+        // The name that admits the flow: the first pinned name a rule
+        // allows (the policy checks it again).
+        let domain = names
+            .iter()
+            .find(|n| {
+                self.cfg
+                    .policy
+                    .flow_decision(Proto::Tcp, dst.ip(), dst.port(), Some(n), &self.cfg.ranges)
+                    .allowed
+            })
+            .or(names.first())
+            .cloned();
+        let decision = if self.flows.len() >= self.cfg.max_flows {
+            (self.events)(NetEvent::Limit {
+                what: format!("concurrent flows ({})", self.cfg.max_flows),
+            });
+            Decision {
+                allowed: false,
+                reason: format!("limit: {} concurrent flows", self.cfg.max_flows),
+            }
+        } else {
+            self.cfg.policy.flow_decision(
+                Proto::Tcp,
+                dst.ip(),
+                dst.port(),
+                domain.as_deref(),
+                &self.cfg.ranges,
+            )
+        };
+        let sandbox_src = SocketAddr::new(IpAddr::V4(ip.src_addr()), tcp.src_port());
+        if !decision.allowed {
+            (self.events)(NetEvent::Flow {
+                phase: FlowPhase::Refused,
+                proto: Proto::Tcp,
+                src: sandbox_src,
+                dst,
+                domain,
+                allowed: false,
+                reason: decision.reason,
+                bytes_out: 0,
+                bytes_in: 0,
+                duration_ms: 0,
+                error: None,
+            });
+            return;
+        }
+        let host = match connect_nonblocking(dst) {
+            Ok(s) => s,
+            Err(e) => {
+                (self.events)(NetEvent::Flow {
+                    phase: FlowPhase::End,
+                    proto: Proto::Tcp,
+                    src: sandbox_src,
+                    dst,
+                    domain,
+                    allowed: true,
+                    reason: decision.reason,
+                    bytes_out: 0,
+                    bytes_in: 0,
+                    duration_ms: 0,
+                    error: Some(format!("connect: {e}")),
+                });
+                return;
+            }
+        };
+        let mut sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+            tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+        );
+        sock.set_nagle_enabled(false);
+        sock.set_ack_delay(None);
+        if sock
+            .listen(IpListenEndpoint {
+                addr: Some(IpAddress::Ipv4(ip.dst_addr())),
+                port: tcp.dst_port(),
+            })
+            .is_err()
+        {
+            return;
+        }
+        let handle = self.sockets.add(sock);
+        // Admitted by a name: the first bytes must ask for one of the names
+        // this address was resolved for (no fronting another name).
+        let check = match (&domain, dst.port()) {
+            (Some(_), 443) => Some((NameCheck::Sni, names.clone())),
+            (Some(_), 80) => Some((NameCheck::Host, names.clone())),
+            _ => None,
+        };
+        (self.events)(NetEvent::Flow {
+            phase: FlowPhase::Open,
+            proto: Proto::Tcp,
+            src: sandbox_src,
+            dst,
+            domain: domain.clone(),
+            allowed: true,
+            reason: decision.reason.clone(),
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_ms: 0,
+            error: None,
+        });
+        self.flows.insert(
+            handle,
+            Flow {
+                src,
+                dst,
+                host,
+                connecting: true,
+                established: false,
+                host_eof: false,
+                host_shut: false,
+                domain,
+                reason: decision.reason,
+                started: StdInstant::now(),
+                bytes_out: 0,
+                bytes_in: 0,
+                error: None,
+                check,
+                held: Vec::new(),
+                refused: None,
+            },
+        );
+    }
+
+    /// The names `addr` was handed out for in this sandbox (live pins).
+    fn pinned_names(&mut self, addr: IpAddr) -> Vec<String> {
+        let now = StdInstant::now();
+        let Some(names) = self.pins.get_mut(&addr) else {
+            return Vec::new();
+        };
+        names.retain(|(_, until)| *until > now);
+        let out: Vec<String> = names.iter().map(|(n, _)| n.clone()).collect();
+        if out.is_empty() {
+            self.pins.remove(&addr);
+        }
+        out
+    }
+
+    /// Moves data between each flow's two sockets, and ends finished ones.
+    /// Returns the flows that are over; their sockets stay in the set
+    /// until the stack has run once more (an aborted one still owes the
+    /// sandbox its RST).
+    fn service_flows(&mut self) -> Vec<SocketHandle> {
+        let handles: Vec<SocketHandle> = self.flows.keys().copied().collect();
+        let mut done = Vec::new();
+        for h in handles {
+            let Some(flow) = self.flows.get_mut(&h) else {
+                continue;
+            };
+            let sock = self.sockets.get_mut::<tcp::Socket>(h);
+            if service(flow, sock) {
+                done.push(h);
+            }
+        }
+        done
+    }
+
+    fn end_flow(&mut self, h: SocketHandle) {
+        self.sockets.remove(h);
+        if let Some(f) = self.flows.remove(&h) {
+            let src = match f.src.addr {
+                IpAddress::Ipv4(a) => SocketAddr::new(IpAddr::V4(a), f.src.port),
+                #[allow(unreachable_patterns)]
+                _ => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), f.src.port),
+            };
+            let (phase, allowed, reason) = match f.refused {
+                Some(why) => (FlowPhase::Refused, false, why),
+                None => (FlowPhase::End, true, f.reason),
+            };
+            (self.events)(NetEvent::Flow {
+                phase,
+                proto: Proto::Tcp,
+                src,
+                dst: f.dst,
+                domain: f.domain,
+                allowed,
+                reason,
+                bytes_out: f.bytes_out,
+                bytes_in: f.bytes_in,
+                duration_ms: u64::try_from(f.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                error: f.error,
+            });
+        }
+    }
+
+    /// Questions from the sandbox: refused names get NXDOMAIN and never
+    /// leave; allowed ones go upstream.
+    fn serve_dns(&mut self) {
+        loop {
+            let (bytes, client) = {
+                let sock = self.sockets.get_mut::<udp::Socket>(self.dns_socket);
+                match sock.recv() {
+                    Ok((b, meta)) => (b.to_vec(), meta.endpoint),
+                    Err(_) => break,
+                }
+            };
+            if !self.dns_bucket.take() {
+                (self.events)(NetEvent::Limit {
+                    what: format!("DNS queries ({DNS_PER_SEC}/s)"),
+                });
+                if let Ok(q) = dns::parse_question(&bytes) {
+                    let reply = dns::empty_answer(&q, hickory_proto::op::ResponseCode::Refused);
+                    self.reply_dns(&reply, client);
+                }
+                continue;
+            }
+            let q = match dns::parse_question(&bytes) {
+                Ok(q) => q,
+                Err(dns::QuestionError::Malformed) => continue,
+                Err(
+                    dns::QuestionError::NotAQuery { id } | dns::QuestionError::BadName { id, .. },
+                ) => {
+                    let reply = dns::error_answer(id, hickory_proto::op::ResponseCode::FormErr);
+                    self.reply_dns(&reply, client);
+                    continue;
+                }
+            };
+            let decision = self.cfg.policy.name_decision(&q.name);
+            if !decision.allowed {
+                (self.events)(NetEvent::Dns {
+                    name: q.name.clone(),
+                    qtype: q.qtype_text(),
+                    allowed: false,
+                    reason: decision.reason,
+                    answers: Vec::new(),
+                    withheld: Vec::new(),
+                });
+                let reply = dns::empty_answer(&q, hickory_proto::op::ResponseCode::NXDomain);
+                self.reply_dns(&reply, client);
+                continue;
+            }
+            if !q.is_address() {
+                let reply = dns::empty_answer(&q, hickory_proto::op::ResponseCode::NoError);
+                self.reply_dns(&reply, client);
+                continue;
+            }
+            self.next_dns_id = self.next_dns_id.wrapping_add(1);
+            let id = self.next_dns_id;
+            let Some(query) = dns::upstream_query(&q, id) else {
+                continue;
+            };
+            if self.upstream.send(&query).is_err() {
+                let reply = dns::empty_answer(&q, hickory_proto::op::ResponseCode::ServFail);
+                self.reply_dns(&reply, client);
+                continue;
+            }
+            self.pending.insert(
+                id,
+                PendingDns {
+                    q,
+                    client,
+                    reason: decision.reason,
+                    sent: StdInstant::now(),
+                },
+            );
+        }
+    }
+
+    fn reply_dns(&mut self, reply: &[u8], client: IpEndpoint) {
+        let sock = self.sockets.get_mut::<udp::Socket>(self.dns_socket);
+        let _ = sock.send_slice(reply, client);
+    }
+
+    /// Upstream answers: only addresses the policy accepts for the name
+    /// reach the sandbox, and each is pinned to it.
+    fn read_upstream(&mut self) {
+        let mut buf = [0u8; dns::MAX_MESSAGE];
+        while let Ok(n) = self.upstream.recv(&mut buf) {
+            let bytes = buf.get(..n).unwrap_or_default();
+            let Some(id) = bytes.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+                continue;
+            };
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
+            let Some(up) = dns::parse_upstream(bytes, id) else {
+                self.pending.insert(id, p);
+                continue;
+            };
+            let mut kept = Vec::new();
+            let mut withheld = Vec::new();
+            for (addr, ttl) in &up.addresses {
+                let d = self
+                    .cfg
+                    .policy
+                    .answer_decision(&p.q.name, *addr, &self.cfg.ranges);
+                if d.allowed {
+                    let pin = (*ttl).clamp(dns::MIN_PIN_SECS, dns::MAX_PIN_SECS);
+                    kept.push((*addr, pin.min(*ttl).max(1)));
+                    self.pin(*addr, &p.q.name, pin);
+                } else {
+                    withheld.push((*addr, d.reason));
+                }
+            }
+            let reply = if kept.is_empty() && !withheld.is_empty() {
+                dns::empty_answer(&p.q, hickory_proto::op::ResponseCode::NXDomain)
+            } else {
+                dns::answer(&p.q, &up, &kept)
+            };
+            (self.events)(NetEvent::Dns {
+                name: p.q.name.clone(),
+                qtype: p.q.qtype_text(),
+                allowed: true,
+                reason: p.reason.clone(),
+                answers: kept.iter().map(|(a, _)| *a).collect(),
+                withheld,
+            });
+            self.reply_dns(&reply, p.client);
+        }
+    }
+
+    fn pin(&mut self, addr: IpAddr, name: &str, secs: u32) {
+        /// Names kept per address at most (the oldest go first).
+        const NAMES_PER_ADDR: usize = 16;
+        let now = StdInstant::now();
+        if self.pins.len() >= MAX_PINS && !self.pins.contains_key(&addr) {
+            self.pins.retain(|_, names| {
+                names.retain(|(_, until)| *until > now);
+                !names.is_empty()
+            });
+            if self.pins.len() >= MAX_PINS {
+                let oldest = self
+                    .pins
+                    .iter()
+                    .min_by_key(|(_, names)| names.iter().map(|(_, u)| *u).max())
+                    .map(|(a, _)| *a);
+                if let Some(a) = oldest {
+                    self.pins.remove(&a);
+                }
+            }
+        }
+        let until = now + Duration::from_secs(u64::from(secs));
+        let names = self.pins.entry(addr).or_default();
+        names.retain(|(n, _)| n != name);
+        if names.len() >= NAMES_PER_ADDR {
+            names.remove(0);
+        }
+        names.push((name.to_string(), until));
+    }
+
+    fn expire_dns(&mut self) {
+        let expired: Vec<u16> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.sent.elapsed() > DNS_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                let reply = dns::empty_answer(&p.q, hickory_proto::op::ResponseCode::ServFail);
+                self.reply_dns(&reply, p.client);
+            }
+        }
+    }
+}
+
+/// One step of a flow; true when it is over.
+fn service(flow: &mut Flow, sock: &mut tcp::Socket<'_>) -> bool {
+    if flow.connecting {
+        match flow.host.take_error() {
+            Ok(Some(e)) => {
+                flow.error = Some(format!("connect: {e}"));
+                sock.abort();
+                return true;
+            }
+            Err(e) => {
+                flow.error = Some(format!("connect: {e}"));
+                sock.abort();
+                return true;
+            }
+            Ok(None) => {}
+        }
+        if flow.host.peer_addr().is_ok() {
+            flow.connecting = false;
+        } else {
+            return matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait);
+        }
+    }
+    if !flow.established {
+        if sock.may_recv() || sock.may_send() {
+            flow.established = true;
+        } else {
+            return matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait);
+        }
+    }
+    // A flow admitted by name: hold its first bytes until they name one of
+    // the names its destination was resolved for.
+    if let Some((kind, names)) = &flow.check {
+        while sock.can_recv() && flow.held.len() < crate::inspect::MAX_HELD {
+            let room = crate::inspect::MAX_HELD - flow.held.len();
+            let held = &mut flow.held;
+            let _ = sock.recv(|buf| {
+                let n = buf.len().min(room);
+                held.extend_from_slice(buf.get(..n).unwrap_or_default());
+                (n, ())
+            });
+        }
+        let seen = match kind {
+            NameCheck::Sni => crate::inspect::tls_sni(&flow.held),
+            NameCheck::Host => crate::inspect::http_host(&flow.held),
+        };
+        let what = match kind {
+            NameCheck::Sni => "SNI",
+            NameCheck::Host => "Host",
+        };
+        match seen {
+            crate::inspect::Seen::Need if sock.may_recv() => return false,
+            crate::inspect::Seen::Need => {
+                flow.refused = Some(format!(
+                    "{what}: the connection closed before naming a host"
+                ));
+                sock.abort();
+                return true;
+            }
+            crate::inspect::Seen::Refuse(why) => {
+                flow.refused = Some(format!("{what}: {why}"));
+                sock.abort();
+                return true;
+            }
+            crate::inspect::Seen::Name(n) if names.contains(&n) => {
+                flow.check = None;
+            }
+            crate::inspect::Seen::Name(n) => {
+                flow.refused = Some(format!(
+                    "{what} {n:?} is not a name this sandbox resolved {} for",
+                    flow.dst.ip()
+                ));
+                sock.abort();
+                return true;
+            }
+        }
+    }
+    // Bytes held during the check go first.
+    if !flow.held.is_empty() {
+        match flow.host.write(&flow.held) {
+            Ok(n) => {
+                flow.bytes_out += n as u64;
+                flow.held.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                flow.error = Some(format!("send: {e}"));
+                sock.abort();
+                return true;
+            }
+        }
+        if !flow.held.is_empty() {
+            return false;
+        }
+    }
+    // Sandbox to destination, as far as the host socket takes it.
+    while sock.can_recv() {
+        let host = &mut flow.host;
+        let r = sock.recv(|buf| match host.write(buf) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match r {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => flow.bytes_out += n as u64,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Ok(Err(e)) => {
+                flow.error = Some(format!("send: {e}"));
+                sock.abort();
+                return true;
+            }
+            Err(_) => break,
+        }
+    }
+    if !sock.may_recv() && sock.recv_queue() == 0 && !flow.host_shut {
+        let _ = flow.host.shutdown(std::net::Shutdown::Write);
+        flow.host_shut = true;
+    }
+    // Destination to sandbox, as far as smoltcp has room.
+    while !flow.host_eof && sock.can_send() {
+        let host = &mut flow.host;
+        let r = sock.send(|buf| match host.read(buf) {
+            Ok(0) => (0, Ok(0)),
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match r {
+            Ok(Ok(0)) => {
+                flow.host_eof = true;
+                sock.close();
+            }
+            Ok(Ok(n)) => flow.bytes_in += n as u64,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Ok(Err(e)) => {
+                flow.error = Some(format!("recv: {e}"));
+                sock.abort();
+                return true;
+            }
+            Err(_) => break,
+        }
+    }
+    matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait)
+        || (flow.host_eof && flow.host_shut && sock.state() == tcp::State::Closed)
+}
+
+/// A non-blocking TCP connect to `dst`, under way.
+fn connect_nonblocking(dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if dst.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    match rustix::net::connect(&fd, &dst) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+    Ok(TcpStream::from(fd))
+}
+
+/// A seed for smoltcp's sequence numbers and the resolver's query ids.
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    if rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        return u64::try_from(t & u128::from(u64::MAX)).unwrap_or(1);
+    }
+    u64::from_ne_bytes(b)
+}
