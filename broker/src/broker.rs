@@ -30,6 +30,7 @@ use crate::util::{RateLimiter, lock_or_recover, now_ms};
 mod exec;
 mod host_dirs;
 mod lifecycle;
+mod network;
 mod pool;
 mod recovery;
 
@@ -204,6 +205,12 @@ impl Broker {
         check_limits(&limits, d)?;
         let (user, user_ids) = (req.user.name().to_string(), req.user.ids());
         let env = req.env.clone();
+        let network = match &req.network {
+            Some(n) => n.clone(),
+            None => airlock_net::policy::Policy::from_spec(&self.cfg.net.default).map_err(|e| {
+                BrokerError::Internal(format!("[net] default in the broker's config: {e}"))
+            })?,
+        };
         let rootfs = match &req.rootfs {
             Some(r) => Some(self.validate_dir_for(p, "rootfs", r)?),
             None => None,
@@ -230,6 +237,10 @@ impl Broker {
         };
         if let Some(k) = key {
             self.refill(k, shape.clone());
+        }
+        if let Err(e) = self.attach_network(&sandbox, &network) {
+            sandbox.teardown("create failed");
+            return Err(e);
         }
         self.activate(p, sandbox, ready, limits, env, was_pooled)
     }

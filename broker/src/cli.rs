@@ -73,6 +73,14 @@ struct CreateOpts {
     /// Kill the whole sandbox after this long, e.g. 30s, 5m.
     #[arg(long)]
     timeout: Option<String>,
+    /// Network: none (loopback only), open (any public address), or allow
+    /// (only --allow rules). Default: the broker's configured default.
+    #[arg(long = "net")]
+    net: Option<String>,
+    /// Allow DOMAIN, *.DOMAIN, CIDR or IP, optionally :PORT or :LOW-HIGH
+    /// (repeatable; implies --net allow).
+    #[arg(long = "allow")]
+    allow: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +215,27 @@ fn build_create(opts: &CreateOpts) -> Result<CreateSandbox, CliError> {
         },
     );
     let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    use airlock_net::policy::{Mode, NetworkSpec};
+    let mode = match opts.net.as_deref() {
+        None if opts.allow.is_empty() => None,
+        None | Some("allow") => Some(Mode::Allow),
+        Some("none") => Some(Mode::None),
+        Some("open") => Some(Mode::Open),
+        Some(other) => {
+            return Err(CliError::Usage(format!(
+                "--net {other:?}: use none, open or allow"
+            )));
+        }
+    };
+    if !opts.allow.is_empty() && mode != Some(Mode::Allow) {
+        return Err(CliError::Usage(
+            "--allow rules need --net allow (or no --net)".into(),
+        ));
+    }
+    let network = mode.map(|mode| NetworkSpec {
+        mode,
+        allow: opts.allow.clone(),
+    });
     Ok(CreateSandbox {
         agent: opts.agent.clone(),
         rootfs: opts.rootfs.as_ref().map(abs),
@@ -215,6 +244,7 @@ fn build_create(opts: &CreateOpts) -> Result<CreateSandbox, CliError> {
         limits,
         timeout_secs,
         env: (!opts.env.is_empty()).then(|| opts.env.clone()),
+        network,
     })
 }
 

@@ -64,6 +64,41 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The sandboxes' network: defaults and what the operator allows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetConfig {
+    /// Network of a sandbox whose request names none (shipped: none).
+    pub default: airlock_net::policy::NetworkSpec,
+    /// The resolver the gateways ask for allowed names ("IP" or
+    /// "IP:PORT"); unset: the first nameserver of the host's
+    /// /etc/resolv.conf.
+    pub dns_upstream: Option<String>,
+    /// A named network namespace (e.g. /run/netns/NAME) the gateways open
+    /// their outgoing sockets in; unset: the host's.
+    pub uplink_netns: Option<PathBuf>,
+    /// Always-denied ranges (private, loopback, metadata...) that a
+    /// sandbox may reach when its own rules name them by CIDR or IP.
+    pub allow_ranges: Vec<ipnet::IpNet>,
+    /// MTU of each sandbox's link.
+    pub mtu: u32,
+    /// Concurrent connections per sandbox at most.
+    pub max_flows: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            default: airlock_net::policy::NetworkSpec::default(),
+            dns_upstream: None,
+            uplink_netns: None,
+            allow_ranges: Vec::new(),
+            mtu: 65520,
+            max_flows: 256,
+        }
+    }
+}
+
 /// The whole config file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -93,6 +128,8 @@ pub struct BrokerConfig {
     pub limits: LimitsConfig,
     /// Agents and who may act for them. root is always admin.
     pub agents: Vec<AgentConfig>,
+    /// The sandboxes' network.
+    pub net: NetConfig,
 }
 
 impl Default for BrokerConfig {
@@ -109,6 +146,7 @@ impl Default for BrokerConfig {
             pool_size: 2,
             limits: LimitsConfig::default(),
             agents: Vec::new(),
+            net: NetConfig::default(),
         }
     }
 }

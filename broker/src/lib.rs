@@ -17,6 +17,8 @@ pub mod client;
 pub mod component;
 pub mod config;
 pub mod fs_server;
+pub mod net_server;
+pub mod netlink;
 pub mod sandbox;
 pub mod spec;
 pub mod sys;
@@ -27,6 +29,8 @@ pub mod util;
 pub const SHIM_ROLE: &str = "__shim";
 /// argv\[1\] that selects the filesystem server role.
 pub const FS_ROLE: &str = "__fs";
+/// argv\[1\] that selects the network gateway role.
+pub const NET_ROLE: &str = "__net";
 
 /// Runs the shim if this process was started in that role; never returns
 /// then. Call first thing in `main`.
@@ -40,6 +44,10 @@ pub fn dispatch_internal_role() {
     }
     if role.as_deref() == Some(std::ffi::OsStr::new(FS_ROLE)) {
         let code = fs_server::main();
+        std::process::exit(code);
+    }
+    if role.as_deref() == Some(std::ffi::OsStr::new(NET_ROLE)) {
+        let code = net_server::main();
         std::process::exit(code);
     }
 }

@@ -99,6 +99,8 @@ impl Drop for ServedMount {
 pub struct Resources {
     /// The FUSE root and its server.
     pub mount: Option<ServedMount>,
+    /// The network gateway, when the sandbox has a network.
+    pub net: Option<crate::component::Component>,
     /// The cgroup.
     pub cgroup: Cgroup,
     /// Directories to delete (mountpoint parent, layers).
@@ -113,6 +115,7 @@ impl Resources {
     pub fn leftover(id: &str, state_dir: &std::path::Path, cgroup: Cgroup) -> Resources {
         let sb_dir = state_dir.join("sandboxes").join(id);
         Resources {
+            net: None,
             mount: Some(ServedMount {
                 mountpoint: sb_dir.join("root"),
                 server: None,
@@ -132,6 +135,11 @@ impl Resources {
     /// memory whatever their shape), and last the id slot.
     pub fn release(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
+        // The gateway first: its link goes with it (the kernel deletes the
+        // veth pair with the link's namespace, which only its socket holds).
+        if let Some(net) = self.net.take() {
+            net.stop(Duration::ZERO);
+        }
         if let Some(m) = self.mount.take()
             && let Err(e) = m.unmount()
         {
@@ -193,6 +201,8 @@ pub struct Sandbox {
     pub(crate) ended: (Mutex<bool>, Condvar),
     pub(crate) audit: AuditStore,
     pub(crate) counters: Mutex<LimitCounters>,
+    /// The network policy in force (mode none until a link is attached).
+    pub(crate) network: Mutex<airlock_net::policy::NetworkSpec>,
 }
 
 impl Sandbox {
@@ -237,6 +247,7 @@ impl Sandbox {
                 .unwrap_or_default(),
             selftest: ready.map(|r| r.selftest),
             execs_running: lock_or_recover(&self.pending).len(),
+            network: lock_or_recover(&self.network).clone(),
         }
     }
 

@@ -122,6 +122,8 @@ pub struct CreateSpec {
     pub timeout_secs: Option<u64>,
     /// Default environment of execs, `KEY=VALUE` each.
     pub env: Vec<String>,
+    /// Network asked for, validated (None: the configured default).
+    pub network: Option<airlock_net::policy::Policy>,
 }
 
 impl TryFrom<CreateSandbox> for CreateSpec {
@@ -135,6 +137,12 @@ impl TryFrom<CreateSandbox> for CreateSpec {
         };
         let env = req.env.unwrap_or_default();
         check_env(&env)?;
+        let network = match &req.network {
+            Some(n) => Some(
+                airlock_net::policy::Policy::from_spec(n).map_err(|e| format!("network: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(CreateSpec {
             agent: req.agent,
             rootfs: req.rootfs,
@@ -143,6 +151,7 @@ impl TryFrom<CreateSandbox> for CreateSpec {
             limits: req.limits.unwrap_or_default(),
             timeout_secs: req.timeout_secs,
             env,
+            network,
         })
     }
 }

@@ -150,3 +150,52 @@ fn close_range(first: u32, last: u32) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Binds the AF_PACKET socket `fd` to interface `index` (all protocols).
+pub fn bind_packet(fd: std::os::fd::BorrowedFd<'_>, index: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    sll.sll_ifindex =
+        i32::try_from(index).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the kernel reads `size_of::<sockaddr_ll>()` bytes from a live
+    // local of that type; `fd` is borrowed for the call.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `PACKET_IGNORE_OUTGOING` on an AF_PACKET socket: it does not read back
+/// the frames it sends itself.
+pub fn packet_ignore_outgoing(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+    let one: libc::c_int = 1;
+    // SAFETY: the kernel reads one int from a live local; `fd` is borrowed
+    // for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            PACKET_IGNORE_OUTGOING,
+            (&one as *const libc::c_int).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -58,8 +58,10 @@ impl Synth {
             ),
             (
                 "etc/resolv.conf",
-                "# airlock: this sandbox has no network yet, so no resolver is configured\n"
-                    .to_owned(),
+                // The sandbox's gateway resolves the names its policy
+                // allows; without a network there is no route to it and
+                // lookups fail at once.
+                "nameserver 10.0.2.3\noptions edns0\n".to_owned(),
             ),
             ("etc/passwd", passwd(spec)),
             ("etc/group", group(spec)),

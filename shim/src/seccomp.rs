@@ -614,6 +614,13 @@ const COMMON: &[(&str, i64)] = &[
     ("vhangup", libc::SYS_vhangup),
     // Named by the broker components' allow-lists.
     ("openat", libc::SYS_openat),
+    ("connect", libc::SYS_connect),
+    ("getsockopt", libc::SYS_getsockopt),
+    ("setsockopt", libc::SYS_setsockopt),
+    ("getpeername", libc::SYS_getpeername),
+    ("shutdown", libc::SYS_shutdown),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("sendto", libc::SYS_sendto),
     ("openat2", libc::SYS_openat2),
     ("close", libc::SYS_close),
     ("read", libc::SYS_read),

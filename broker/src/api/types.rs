@@ -40,6 +40,9 @@ pub struct CreateSandbox {
     pub timeout_secs: Option<u64>,
     /// Environment every exec starts with (`KEY=VALUE`).
     pub env: Option<Vec<String>>,
+    /// Network: `{"mode": "none"|"open"|"allow", "allow": ["RULE", ...]}`
+    /// (default: the broker's configured default).
+    pub network: Option<airlock_net::policy::NetworkSpec>,
 }
 
 /// `POST /v1/sandboxes/{id}/exec`.
@@ -110,6 +113,9 @@ pub struct SandboxInfo {
     pub selftest: Option<SelfTestReport>,
     /// Execs running now.
     pub execs_running: usize,
+    /// The network policy in force.
+    #[serde(default)]
+    pub network: airlock_net::policy::NetworkSpec,
 }
 
 /// The end of an exec.

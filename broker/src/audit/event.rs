@@ -87,6 +87,10 @@ pub enum AuditEvent {
     },
     /// `fs/mutation` or `denial/fs_denied`: what the filesystem server saw.
     Fs(airlock_fs::FsEvent),
+    /// `net/flow`, `net/dns` or `limit/net`: what the network gateway
+    /// decided (every flow and question, allowed or refused, with the rule
+    /// or reason that decided).
+    Net(airlock_net::gateway::NetEvent),
     /// `limit/audit_rate_limited`: file events counted, not stored.
     FsEventsDropped {
         /// How many.
@@ -214,6 +218,15 @@ impl AuditEvent {
                 let (kind, action) = match &ev {
                     airlock_fs::FsEvent::Denied { .. } => (AuditKind::Denial, "fs_denied"),
                     _ => (AuditKind::Fs, "mutation"),
+                };
+                (kind, action, serde_json::to_value(&ev).unwrap_or_default())
+            }
+            AuditEvent::Net(ev) => {
+                use airlock_net::gateway::NetEvent;
+                let (kind, action) = match &ev {
+                    NetEvent::Flow { .. } => (AuditKind::Net, "flow"),
+                    NetEvent::Dns { .. } => (AuditKind::Net, "dns"),
+                    NetEvent::Limit { .. } => (AuditKind::Limit, "net"),
                 };
                 (kind, action, serde_json::to_value(&ev).unwrap_or_default())
             }

@@ -64,11 +64,14 @@ pub enum AuditKind {
     Jail,
     /// API authentication / authorisation refusals.
     Auth,
+    /// Network flows and DNS questions, allowed or refused, with the rule
+    /// that decided.
+    Net,
 }
 
 impl AuditKind {
     /// Every kind, in declaration order.
-    pub const ALL: [AuditKind; 7] = [
+    pub const ALL: [AuditKind; 8] = [
         AuditKind::Sandbox,
         AuditKind::Exec,
         AuditKind::Fs,
@@ -76,6 +79,7 @@ impl AuditKind {
         AuditKind::Limit,
         AuditKind::Jail,
         AuditKind::Auth,
+        AuditKind::Net,
     ];
 
     /// The lowercase name stored in the database and used on the wire.
@@ -88,6 +92,7 @@ impl AuditKind {
             AuditKind::Limit => "limit",
             AuditKind::Jail => "jail",
             AuditKind::Auth => "auth",
+            AuditKind::Net => "net",
         }
     }
 }

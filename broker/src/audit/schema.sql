@@ -12,7 +12,7 @@ CREATE TABLE IF NOT EXISTS events (
     id         INTEGER PRIMARY KEY,
     -- Unix time in milliseconds, stamped when the broker recorded the event.
     ts_ms      INTEGER NOT NULL,
-    -- One of: sandbox, exec, fs, denial, limit, jail, auth.
+    -- One of: sandbox, exec, fs, denial, limit, jail, auth, net.
     kind       TEXT    NOT NULL,
     -- What happened within the kind: create, destroy, exit, mutation, oom,
     -- pids_max, selftest, refused, audit_dropped, ...

@@ -320,6 +320,7 @@ impl Broker {
             tracing::debug!(error = %e, "background cpu weight");
         }
         let mut res = Resources {
+            net: None,
             mount: None,
             cgroup,
             dirs: vec![sb_dir.clone(), layer_dir.clone()],
@@ -414,6 +415,7 @@ impl Broker {
             ended: (Mutex::new(false), Condvar::new()),
             audit: self.audit.clone(),
             counters: Mutex::new(Default::default()),
+            network: Mutex::new(Default::default()),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = Arc::clone(&sandbox);

@@ -6,4 +6,5 @@ mod fs;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod net;
 mod run;

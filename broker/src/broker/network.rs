@@ -1,0 +1,173 @@
+//! A sandbox's network: its link (see [`crate::netlink`]) and its gateway
+//! process (see [`crate::net_server`]), attached once the sandbox runs and
+//! before it is handed to its caller. The gateway is part of the sandbox's
+//! resources: it is stopped first at teardown, and if it dies the sandbox
+//! is torn down and audited.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+
+use airlock_net::gateway::{DEFAULT_MTU, GATEWAY_V4, NetEvent, PREFIX_V4, SANDBOX_V4};
+use airlock_net::policy::{Mode, Policy};
+
+use super::*;
+use crate::net_server::{NetRole, NetServerSpec};
+
+/// Open files a gateway may hold at least (its sockets count against it).
+const NET_MIN_NOFILE: u64 = 256;
+
+impl Broker {
+    /// Gives `sb` a link and a gateway serving `policy`; nothing for mode
+    /// none (the sandbox keeps loopback only).
+    pub(super) fn attach_network(
+        &self,
+        sb: &Arc<Sandbox>,
+        policy: &Policy,
+    ) -> Result<(), BrokerError> {
+        if policy.mode() == Mode::None {
+            return Ok(());
+        }
+        let net = &self.cfg.net;
+        let Some(init) = sb.init_pid.get().copied() else {
+            return Err(BrokerError::Internal("the sandbox has no pid 1 yet".into()));
+        };
+        let ns = std::fs::File::open(format!("/proc/{init}/ns/net"))
+            .map_err(internal("open the sandbox's network namespace"))?;
+        let mtu = if net.mtu == 0 {
+            DEFAULT_MTU as u32
+        } else {
+            net.mtu
+        };
+        let packet = crate::netlink::make_link(
+            ns.as_fd(),
+            crate::netlink::LinkSpec {
+                addr: SANDBOX_V4,
+                prefix: PREFIX_V4,
+                gateway: GATEWAY_V4,
+                mtu,
+            },
+        )
+        .map_err(|e| BrokerError::Internal(format!("make the sandbox's link: {e}")))?;
+        let uplink = match &net.uplink_netns {
+            Some(p) => Some(std::fs::File::open(p).map_err(|e| {
+                BrokerError::Internal(format!("open uplink netns {}: {e}", p.display()))
+            })?),
+            None => None,
+        };
+        let dns_upstream = dns_upstream(net.dns_upstream.as_deref())?;
+        let (join_files, nofile) = {
+            let res = lock_or_recover(&sb.resources);
+            let Some(r) = res.as_ref() else {
+                return Err(BrokerError::NotRunning(sb.id.to_string()));
+            };
+            (r.cgroup.join_files(), lock_or_recover(&sb.limits).nofile)
+        };
+        let nobody = sb.host_uid_base.saturating_add(65534);
+        let spec = NetServerSpec {
+            sandbox_id: sb.id.to_string(),
+            policy: policy.spec(),
+            allowable: net.allow_ranges.clone(),
+            host_addrs: host_addrs(),
+            dns_upstream,
+            mtu: mtu as usize,
+            max_flows: net.max_flows,
+            uplink_netns: uplink.is_some(),
+            cgroup_procs: join_files,
+            nofile: nofile.max(NET_MIN_NOFILE),
+            run_as: (nobody, nobody),
+            landlock_floor: self.cfg.landlock_floor,
+        };
+        let mut fds = vec![packet.as_fd()];
+        if let Some(u) = &uplink {
+            fds.push(u.as_fd());
+        }
+        let (component, _ready, chan) = Component::start::<NetRole>(&self.exe, &spec, &fds)
+            .map_err(|e| BrokerError::Internal(format!("start the network gateway: {e}")))?;
+        drop(packet);
+        let audit = self.audit.clone();
+        let (sid, sagent) = (sb.id.to_string(), sb.agent.clone());
+        let weak = Arc::downgrade(sb);
+        component
+            .supervise::<NetRole>(
+                chan,
+                move |ev: NetEvent| {
+                    audit.event(Some(&sid), Some(&sagent), AuditEvent::Net(ev));
+                },
+                move |ended| {
+                    let reason = match ended {
+                        Ended::Stopped => return,
+                        Ended::Died => "the network gateway exited".to_string(),
+                        Ended::Malformed(m) => {
+                            format!("the network gateway sent a malformed message: {m}")
+                        }
+                        Ended::Failed(f) => format!("the network gateway failed at {f}"),
+                    };
+                    let Some(sb) = weak.upgrade() else {
+                        return;
+                    };
+                    if !sb.is_running() {
+                        return;
+                    }
+                    tracing::warn!(sandbox = %sb.id, %reason, "component failed");
+                    sb.audit.event(
+                        Some(sb.id.as_str()),
+                        Some(&sb.agent),
+                        AuditEvent::ComponentFailed {
+                            role: "net",
+                            reason,
+                        },
+                    );
+                    sb.teardown_unless_underway("network gateway failed");
+                },
+            )
+            .map_err(internal("network supervisor thread"))?;
+        let mut res = lock_or_recover(&sb.resources);
+        match res.as_mut() {
+            Some(r) => r.net = Some(component),
+            None => return Err(BrokerError::NotRunning(sb.id.to_string())),
+        }
+        drop(res);
+        *lock_or_recover(&sb.network) = policy.spec();
+        Ok(())
+    }
+}
+
+/// The upstream resolver: the configured one, or the host's first.
+fn dns_upstream(configured: Option<&str>) -> Result<SocketAddr, BrokerError> {
+    let parse = |s: &str| -> Option<SocketAddr> {
+        s.parse::<SocketAddr>()
+            .ok()
+            .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)))
+    };
+    if let Some(s) = configured {
+        return parse(s).ok_or_else(|| {
+            BrokerError::Internal(format!("[net] dns_upstream {s:?} is not an IP or IP:PORT"))
+        });
+    }
+    let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    conf.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .find_map(|ns| parse(ns.trim()))
+        .ok_or_else(|| {
+            BrokerError::Internal(
+                "no upstream resolver: set [net] dns_upstream (the host's /etc/resolv.conf names none)"
+                    .into(),
+            )
+        })
+}
+
+/// The host's own addresses (always denied to sandboxes).
+fn host_addrs() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect()
+}

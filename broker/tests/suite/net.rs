@@ -1,0 +1,416 @@
+//! The network: real sandboxes, real packets, against a private "internet"
+//! built here: an uplink network namespace holding HTTP servers on TEST-NET
+//! addresses and a DNS server that maps test names to them. brokerd opens
+//! every outgoing socket in that namespace (`[net] uplink_netns`), so no
+//! traffic leaves this machine.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::harness::*;
+
+/// The test names and where they point.
+const DNS_SERVER: &str = r#"
+import socket, struct, sys
+names = {
+    "allowed.test": "203.0.113.10",
+    "other.test": "203.0.113.11",
+    "rebind.test": "10.0.0.5",
+    "meta.test": "169.254.169.254",
+}
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("203.0.113.53", 53))
+print("ready", flush=True)
+while True:
+    q, addr = s.recvfrom(4096)
+    if len(q) < 12:
+        continue
+    tid, flags, qd = struct.unpack(">HHH", q[:6])
+    i, labels = 12, []
+    while i < len(q) and q[i] != 0:
+        n = q[i]; labels.append(q[i + 1:i + 1 + n].decode("ascii", "replace")); i += 1 + n
+    qname = ".".join(labels).lower()
+    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    ip = names.get(qname)
+    if ip is None:
+        s.sendto(struct.pack(">HHHHHH", tid, 0x8183, 1, 0, 0, 0) + question, addr)
+    elif qtype == 1:
+        ans = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 30, 4) + socket.inet_aton(ip)
+        s.sendto(struct.pack(">HHHHHH", tid, 0x8180, 1, 1, 0, 0) + question + ans, addr)
+    else:
+        s.sendto(struct.pack(">HHHHHH", tid, 0x8180, 1, 0, 0, 0) + question, addr)
+"#;
+
+/// An HTTP server answering every GET with `body`.
+fn http_server(ip: &str, body: &str) -> String {
+    format!(
+        r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = b"{body}"
+        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers()
+        self.wfile.write(b)
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("{ip}", 80), H)
+print("ready", flush=True)
+s.serve_forever()
+"#
+    )
+}
+
+/// On 203.0.113.10:443: answers each connection with how many bytes its
+/// first read got (a stand-in for a TLS server: it proves the ClientHello
+/// arrived).
+const BYTES_SERVER: &str = r#"
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("203.0.113.10", 443)); s.listen(16)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.settimeout(5)
+    try:
+        d = c.recv(65536)
+        c.sendall(b"got %d" % len(d))
+    except OSError:
+        pass
+    c.close()
+"#;
+
+/// A network namespace standing in for the internet, with its servers.
+struct Uplink {
+    name: String,
+    servers: Vec<Child>,
+}
+
+impl Uplink {
+    fn new() -> Uplink {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "al-up-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out.stderr));
+        };
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        for a in ["203.0.113.10/32", "203.0.113.11/32", "203.0.113.53/32"] {
+            ip(&["-n", &name, "addr", "add", a, "dev", "lo"]);
+        }
+        let mut up = Uplink {
+            name,
+            servers: Vec::new(),
+        };
+        up.serve(DNS_SERVER);
+        up.serve(&http_server("203.0.113.10", "hello from allowed"));
+        up.serve(&http_server("203.0.113.11", "hello from other"));
+        up.serve(BYTES_SERVER);
+        up
+    }
+
+    fn serve(&mut self, script: &str) {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3", "-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        {
+            use std::io::BufRead;
+            std::io::BufReader::new(c.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+        }
+        assert_eq!(line.trim(), "ready");
+        self.servers.push(c);
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "pool_size = 0\n[net]\nuplink_netns = \"/run/netns/{}\"\ndns_upstream = \"203.0.113.53\"\n",
+            self.name
+        )
+    }
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Runs `script` (Python) in a new sandbox with `net_args`; its stdout.
+fn py(env: &Env, net_args: &[&str], script: &str) -> String {
+    let mut args: Vec<&str> = net_args.to_vec();
+    args.extend(["--", "python3", "-c", script]);
+    ok(&env.run(&args))
+}
+
+/// What a TCP connection to `host:port` does from inside: "connected",
+/// or the error, and how long it took.
+const CONNECT: &str = r#"
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+t = time.monotonic()
+try:
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(b"GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % host.encode())
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        data += b
+    body = data.split(b"\r\n\r\n", 1)[-1].decode()
+    print("connected", body, round(time.monotonic() - t, 2))
+except Exception as e:
+    print("refused", type(e).__name__, round(time.monotonic() - t, 2))
+"#;
+
+fn connect(env: &Env, net: &[&str], host: &str, port: &str) -> String {
+    let mut args: Vec<&str> = net.to_vec();
+    args.extend(["--", "python3", "-c", CONNECT, host, port]);
+    ok(&env.run(&args)).trim().to_string()
+}
+
+fn net_rows(env: &Env) -> Vec<serde_json::Value> {
+    env.audit(&["--kind", "net"])
+}
+
+#[test]
+fn an_allowed_name_is_reached_by_curl_and_raw_tcp_and_nothing_else_is() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let allow = ["--allow", "allowed.test"];
+    let out = ok(&env.run(&[
+        "--allow",
+        "allowed.test",
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://allowed.test/",
+    ]));
+    assert_eq!(out, "hello from allowed");
+    let out = connect(&env, &allow, "allowed.test", "80");
+    assert!(out.starts_with("connected hello from allowed"), "{out}");
+    // A name no rule names: NXDOMAIN, and the question never left.
+    let out = py(
+        &env,
+        &allow,
+        "import socket\ntry:\n    print(socket.gethostbyname('other.test'))\nexcept OSError as e:\n    print('nxdomain', e.errno)",
+    );
+    assert!(out.starts_with("nxdomain"), "{out}");
+    let rows = net_rows(&env);
+    assert!(
+        rows.iter().any(|r| r["action"] == "dns"
+            && r["detail"]["name"] == "other.test"
+            && r["detail"]["allowed"] == false),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r["action"] == "flow"
+            && r["detail"]["allowed"] == true
+            && r["detail"]["domain"] == "allowed.test"
+            && r["detail"]["reason"] == "allowed.test"),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn a_hard_coded_ip_of_an_allowed_name_is_refused_until_resolved() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let allow = ["--allow", "allowed.test"];
+    // Never resolved in this sandbox: refused, at once.
+    let out = connect(&env, &allow, "203.0.113.10", "80");
+    assert!(out.starts_with("refused ConnectionRefusedError"), "{out}");
+    let secs: f64 = out.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(secs < 1.0, "a refusal took {secs}s: {out}");
+    // Another name's address stays refused even after resolving ours.
+    let out = py(
+        &env,
+        &allow,
+        "import socket\nsocket.gethostbyname('allowed.test')\ntry:\n    socket.create_connection(('203.0.113.11', 80), timeout=5); print('connected')\nexcept OSError as e:\n    print('refused', type(e).__name__)",
+    );
+    assert!(out.starts_with("refused ConnectionRefusedError"), "{out}");
+    let rows = net_rows(&env);
+    assert!(
+        rows.iter().any(|r| r["action"] == "flow"
+            && r["detail"]["allowed"] == false
+            && r["detail"]["reason"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("not pinned"))),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn private_metadata_and_loopback_addresses_are_refused_even_when_open() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let open = ["--net", "open"];
+    // A public (TEST-NET) address is reachable in open mode.
+    let out = connect(&env, &open, "203.0.113.11", "80");
+    assert!(out.starts_with("connected hello from other"), "{out}");
+    for (host, label) in [
+        ("169.254.169.254", "cloud metadata"),
+        ("127.0.0.1", "loopback"),
+        ("10.1.2.3", "RFC 1918"),
+        ("192.168.0.1", "RFC 1918"),
+    ] {
+        let t = Instant::now();
+        let out = connect(&env, &open, host, "80");
+        assert!(out.starts_with("refused"), "{host}: {out}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{host}");
+        let _ = label;
+    }
+    // DNS rebinding: an allowed (open) name answered with a private or
+    // metadata address is not handed out.
+    let out = py(
+        &env,
+        &open,
+        "import socket\nfor n in ('rebind.test', 'meta.test'):\n    try:\n        print(n, socket.gethostbyname(n))\n    except OSError:\n        print(n, 'refused')",
+    );
+    assert_eq!(
+        out.trim(),
+        "rebind.test refused\nmeta.test refused",
+        "{out}"
+    );
+    let rows = net_rows(&env);
+    assert!(
+        rows.iter().any(|r| r["action"] == "flow"
+            && r["detail"]["allowed"] == false
+            && r["detail"]["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("cloud metadata"))),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn without_a_network_there_is_no_eth0_and_no_gateway_is_left() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let out = py(
+        &env,
+        &["--net", "none"],
+        "import socket\nprint(sorted(n for _, n in socket.if_nameindex()))",
+    );
+    assert_eq!(out.trim(), "['lo']");
+    let out = py(
+        &env,
+        &["--net", "open"],
+        "import socket\nprint(sorted(n for _, n in socket.if_nameindex()))",
+    );
+    assert_eq!(out.trim(), "['eth0', 'lo']");
+    // The sandbox's end lived in its namespace and the host end in one
+    // that only the gateway held: nothing is left on the host.
+    let links = Command::new("ip").args(["-br", "link"]).output().unwrap();
+    assert!(
+        !text(&links.stdout).contains("gw0"),
+        "{}",
+        text(&links.stdout)
+    );
+    env.assert_no_leftovers(None);
+}
+
+#[test]
+fn bad_network_requests_are_refused_with_the_reason() {
+    let env = Env::new();
+    let out = env.run(&["--allow", "*.", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("empty domain"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = env.run(&["--net", "sometimes", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--net"), "{}", text(&out.stderr));
+}
+
+/// Sends a real TLS ClientHello naming `sni` to `host`:443 and prints what
+/// came back, or how the connection failed.
+const HELLO: &str = r#"
+import socket, ssl, sys
+host, sni = sys.argv[1], sys.argv[2]
+ctx = ssl.create_default_context()
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+obj = ctx.wrap_bio(inc, out, server_hostname=sni)
+try:
+    obj.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = out.read()
+s = socket.create_connection((host, 443), timeout=5)
+s.sendall(hello)
+try:
+    print(s.recv(100).decode() or "closed")
+except OSError as e:
+    print("refused", type(e).__name__)
+"#;
+
+#[test]
+fn a_name_admits_only_connections_that_ask_for_that_name() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let allow = ["--allow", "allowed.test"];
+    let run = |script: &str, args: &[&str]| {
+        let mut a: Vec<&str> = allow.to_vec();
+        a.extend(["--", "python3", "-c", script]);
+        a.extend(args);
+        ok(&env.run(&a)).trim().to_string()
+    };
+    let resolve_then =
+        |inner: &str| format!("import socket\nsocket.gethostbyname('allowed.test')\n{inner}");
+    // TLS: the SNI the pinned name: the ClientHello reaches the server.
+    let out = run(&resolve_then(HELLO), &["allowed.test", "allowed.test"]);
+    assert!(out.starts_with("got "), "{out}");
+    // Fronting another name through the allowed address: refused before
+    // a byte reaches the server.
+    let out = run(&resolve_then(HELLO), &["allowed.test", "other.test"]);
+    assert!(out.starts_with("refused") || out == "closed", "{out}");
+    // HTTP: the Host header must be the name too.
+    let curl = |host_header: &str| {
+        env.run(&[
+            "--allow",
+            "allowed.test",
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "-H",
+            host_header,
+            "http://allowed.test/",
+        ])
+    };
+    assert_eq!(ok(&curl("Host: allowed.test")), "hello from allowed");
+    assert!(!curl("Host: other.test").status.success());
+    let rows = net_rows(&env);
+    for what in ["SNI \"other.test\"", "Host \"other.test\""] {
+        assert!(
+            rows.iter().any(|r| r["action"] == "flow"
+                && r["detail"]["phase"] == "refused"
+                && r["detail"]["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(what))),
+            "{what}: {rows:?}"
+        );
+    }
+}
