@@ -54,12 +54,18 @@ pub trait Role {
     type Ready: Serialize + DeserializeOwned + std::fmt::Debug;
     /// What it reports while serving (audited).
     type Event: Serialize + DeserializeOwned + std::fmt::Debug;
+    /// What the broker may tell it while it serves (after the start).
+    type Command: Serialize + DeserializeOwned + std::fmt::Debug;
 }
+
+/// The command type of a role the broker never commands.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub enum NoCommand {}
 
 /// Broker to component.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum Control<S> {
+pub enum Control<S, C> {
     /// The first message: protocol version and what to serve.
     Start {
         /// [`PROTOCOL_VERSION`] of the broker.
@@ -67,6 +73,21 @@ pub enum Control<S> {
         /// The role's spec.
         spec: S,
     },
+    /// A role's command, while it serves.
+    Command {
+        /// The command.
+        command: C,
+    },
+}
+
+/// Sends `command` to a running component of role `R` on `chan` (the
+/// broker's end, or a duplicate of it).
+///
+/// # Errors
+/// When the channel is closed or the message too large.
+pub fn send_command<R: Role>(chan: &Channel, command: R::Command) -> Result<(), ChannelError> {
+    let msg: Control<R::Spec, R::Command> = Control::Command { command };
+    chan.send(&msg, &[])
 }
 
 /// Component to broker.
@@ -203,14 +224,11 @@ impl Component {
             supervisor: std::sync::Mutex::new(None),
             reaped: false,
         };
-        mine.send(
-            &Control::Start {
-                version: PROTOCOL_VERSION,
-                spec,
-            },
-            fds,
-        )
-        .map_err(chan)?;
+        let start: Control<&R::Spec, R::Command> = Control::Start {
+            version: PROTOCOL_VERSION,
+            spec,
+        };
+        mine.send(&start, fds).map_err(chan)?;
         Ok((owner, mine))
     }
 
@@ -421,7 +439,7 @@ pub fn accept_start<R: Role>() -> Option<(Channel, R::Spec, Vec<OwnedFd>)> {
         return None;
     };
     let chan = Channel::from_fd(fd);
-    match chan.recv::<Control<R::Spec>>() {
+    match chan.recv::<Control<R::Spec, R::Command>>() {
         Ok((Control::Start { version, spec }, fds)) if version == PROTOCOL_VERSION => {
             Some((chan, spec, fds))
         }
@@ -431,6 +449,10 @@ pub fn accept_start<R: Role>() -> Option<(Channel, R::Spec, Vec<OwnedFd>)> {
                 "start",
                 format!("protocol version {version}, component speaks {PROTOCOL_VERSION}"),
             );
+            None
+        }
+        Ok((Control::Command { .. }, _)) => {
+            report_failed::<R>(&chan, "start", "a command before the start");
             None
         }
         Err(e) => {
@@ -474,6 +496,7 @@ mod tests {
         type Spec = serde_json::Value;
         type Ready = serde_json::Value;
         type Event = serde_json::Value;
+        type Command = NoCommand;
     }
 
     /// A stand-in component: a Python script speaking the wire format (one

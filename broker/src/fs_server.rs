@@ -40,6 +40,7 @@ impl Role for FsRole {
     type Spec = FsServerSpec;
     type Ready = FsReady;
     type Event = FsServerEvent;
+    type Command = component::NoCommand;
 }
 
 /// What a filesystem server reports while it serves.

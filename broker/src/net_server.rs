@@ -35,6 +35,19 @@ impl Role for NetRole {
     type Spec = NetServerSpec;
     type Ready = NetReady;
     type Event = NetEvent;
+    type Command = NetCommand;
+}
+
+/// What the broker tells a running gateway.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NetCommand {
+    /// Judge new flows and questions by this policy from now on (flows
+    /// already open go on).
+    SetPolicy {
+        /// The policy.
+        policy: NetworkSpec,
+    },
 }
 
 /// What a gateway serves. One descriptor travels beside it: the link's
@@ -146,11 +159,28 @@ fn serve(chan: &Channel, spec: NetServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
     };
     chan.send(&ready, &[])
         .map_err(|e| ("report ready", e.to_string()))?;
-    // The broker sends nothing after Start: a readable channel means it
-    // closed (the broker died, or it is stopping this gateway).
+    // Commands from the broker; anything else (the broker closed its end:
+    // it died, or it is stopping this gateway) ends the gateway.
     let control = chan.fd();
     gateway
-        .run(control.as_fd(), |_| false)
+        .run(control.as_fd(), |g| {
+            match chan.recv::<component::Control<NetServerSpec, NetCommand>>() {
+                Ok((
+                    component::Control::Command {
+                        command: NetCommand::SetPolicy { policy },
+                    },
+                    _,
+                )) => {
+                    // The broker validated it; a policy that does not parse
+                    // here keeps the one in force.
+                    if let Ok(p) = Policy::from_spec(&policy) {
+                        g.set_policy(p);
+                    }
+                    true
+                }
+                _ => false,
+            }
+        })
         .map_err(|e| ("serve", e.to_string()))
 }
 

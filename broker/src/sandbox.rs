@@ -101,6 +101,8 @@ pub struct Resources {
     pub mount: Option<ServedMount>,
     /// The network gateway, when the sandbox has a network.
     pub net: Option<crate::component::Component>,
+    /// The broker's end for commanding that gateway.
+    pub net_ctl: Option<Channel>,
     /// The cgroup.
     pub cgroup: Cgroup,
     /// Directories to delete (mountpoint parent, layers).
@@ -116,6 +118,7 @@ impl Resources {
         let sb_dir = state_dir.join("sandboxes").join(id);
         Resources {
             net: None,
+            net_ctl: None,
             mount: Some(ServedMount {
                 mountpoint: sb_dir.join("root"),
                 server: None,
@@ -137,6 +140,7 @@ impl Resources {
         let mut problems = Vec::new();
         // The gateway first: its link goes with it (the kernel deletes the
         // veth pair with the link's namespace, which only its socket holds).
+        self.net_ctl = None;
         if let Some(net) = self.net.take() {
             net.stop(Duration::ZERO);
         }

@@ -57,6 +57,9 @@ const RX_BATCH: usize = 256;
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pinned addresses kept at most (the oldest go first).
 const MAX_PINS: usize = 4096;
+/// New flows per second at most (and burst).
+const FLOWS_PER_SEC: f64 = 200.0;
+const FLOWS_BURST: f64 = 400.0;
 /// DNS queries answered per second at most (and burst).
 const DNS_PER_SEC: f64 = 50.0;
 const DNS_BURST: f64 = 200.0;
@@ -287,6 +290,7 @@ pub struct Gateway {
     next_dns_id: u16,
     pins: HashMap<IpAddr, Vec<(String, StdInstant)>>,
     dns_bucket: Bucket,
+    flow_bucket: Bucket,
     epoch: StdInstant,
     events: Box<dyn FnMut(NetEvent) + Send>,
 }
@@ -386,6 +390,7 @@ impl Gateway {
             next_dns_id: u16::try_from(seed() & 0xffff).unwrap_or(1),
             pins: HashMap::new(),
             dns_bucket: Bucket::new(DNS_PER_SEC, DNS_BURST),
+            flow_bucket: Bucket::new(FLOWS_PER_SEC, FLOWS_BURST),
             epoch,
             events,
         })
@@ -543,6 +548,14 @@ impl Gateway {
             Decision {
                 allowed: false,
                 reason: format!("limit: {} concurrent flows", self.cfg.max_flows),
+            }
+        } else if !self.flow_bucket.take() {
+            (self.events)(NetEvent::Limit {
+                what: format!("new flows ({FLOWS_PER_SEC}/s)"),
+            });
+            Decision {
+                allowed: false,
+                reason: format!("limit: {FLOWS_PER_SEC} new flows per second"),
             }
         } else {
             self.cfg.policy.flow_decision(

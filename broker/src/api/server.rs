@@ -9,7 +9,7 @@ use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -120,6 +120,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(inspect).delete(destroy))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/network", put(set_network))
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(signal))
         .route("/v1/audit", get(audit))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1".into()) })
@@ -158,6 +159,21 @@ async fn inspect(
 ) -> Result<Response, ApiError> {
     let p = principal(c)?;
     Ok(Json(b.inspect(&p, &sandbox_id(&id)?)?).into_response())
+}
+
+async fn set_network(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let spec: airlock_net::policy::NetworkSpec = json_body(&read_body(body).await?)?;
+    let info = tokio::task::spawn_blocking(move || b.set_network(&p, &id, &spec))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(info).into_response())
 }
 
 /// `DELETE /v1/sandboxes/{id}` query string.

@@ -98,6 +98,20 @@ pub enum AuditEvent {
         /// The budget.
         events_per_sec: f64,
     },
+    /// `net/policy`: a running sandbox's network policy was changed.
+    NetPolicy {
+        /// Caller's uid and pid.
+        caller: (u32, i32),
+        /// The new policy.
+        policy: airlock_net::policy::NetworkSpec,
+    },
+    /// `limit/audit_rate_limited`: network events counted, not stored.
+    NetEventsDropped {
+        /// How many.
+        dropped: u64,
+        /// The budget.
+        events_per_sec: f64,
+    },
     /// `limit/oom`: the memory limit killed processes.
     Oom {
         /// How many OOM kills.
@@ -237,6 +251,19 @@ impl AuditEvent {
                 AuditKind::Limit,
                 "audit_rate_limited",
                 json!({"dropped_fs_events": dropped, "events_per_sec": events_per_sec}),
+            ),
+            AuditEvent::NetPolicy { caller, policy } => (
+                AuditKind::Net,
+                "policy",
+                json!({"caller_uid": caller.0, "caller_pid": caller.1, "policy": policy}),
+            ),
+            AuditEvent::NetEventsDropped {
+                dropped,
+                events_per_sec,
+            } => (
+                AuditKind::Limit,
+                "audit_rate_limited",
+                json!({"dropped_net_events": dropped, "events_per_sec": events_per_sec}),
             ),
             AuditEvent::Oom {
                 oom_kills,

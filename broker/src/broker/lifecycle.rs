@@ -321,6 +321,7 @@ impl Broker {
         }
         let mut res = Resources {
             net: None,
+            net_ctl: None,
             mount: None,
             cgroup,
             dirs: vec![sb_dir.clone(), layer_dir.clone()],

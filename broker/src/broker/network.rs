@@ -15,6 +15,11 @@ use crate::net_server::{NetRole, NetServerSpec};
 
 /// Open files a gateway may hold at least (its sockets count against it).
 const NET_MIN_NOFILE: u64 = 256;
+/// Network events audited per sandbox per second (and burst), beyond
+/// which they are counted instead: a sandbox can make refused flows as
+/// fast as it can send SYNs.
+const NET_EVENTS_PER_SEC: f64 = 500.0;
+const NET_EVENTS_BURST: f64 = 5000.0;
 
 impl Broker {
     /// Gives `sb` a link and a gateway serving `policy`; nothing for mode
@@ -84,13 +89,32 @@ impl Broker {
         let (component, _ready, chan) = Component::start::<NetRole>(&self.exe, &spec, &fds)
             .map_err(|e| BrokerError::Internal(format!("start the network gateway: {e}")))?;
         drop(packet);
+        let ctl = chan
+            .fd()
+            .try_clone_to_owned()
+            .map(Channel::from_fd)
+            .map_err(internal("network gateway command channel"))?;
         let audit = self.audit.clone();
         let (sid, sagent) = (sb.id.to_string(), sb.agent.clone());
         let weak = Arc::downgrade(sb);
+        let limiter = crate::util::RateLimiter::new(NET_EVENTS_PER_SEC, NET_EVENTS_BURST);
         component
             .supervise::<NetRole>(
                 chan,
                 move |ev: NetEvent| {
+                    let Some(dropped) = limiter.admit() else {
+                        return;
+                    };
+                    if dropped > 0 {
+                        audit.event(
+                            Some(&sid),
+                            Some(&sagent),
+                            AuditEvent::NetEventsDropped {
+                                dropped,
+                                events_per_sec: NET_EVENTS_PER_SEC,
+                            },
+                        );
+                    }
                     audit.event(Some(&sid), Some(&sagent), AuditEvent::Net(ev));
                 },
                 move |ended| {
@@ -123,12 +147,61 @@ impl Broker {
             .map_err(internal("network supervisor thread"))?;
         let mut res = lock_or_recover(&sb.resources);
         match res.as_mut() {
-            Some(r) => r.net = Some(component),
+            Some(r) => {
+                r.net = Some(component);
+                r.net_ctl = Some(ctl);
+            }
             None => return Err(BrokerError::NotRunning(sb.id.to_string())),
         }
         drop(res);
         *lock_or_recover(&sb.network) = policy.spec();
         Ok(())
+    }
+}
+
+impl Broker {
+    /// Changes a running sandbox's network policy for new flows and
+    /// questions (flows already open go on). A sandbox created without a
+    /// network gets its link and gateway now; one whose policy becomes
+    /// none keeps its link, and its gateway refuses everything.
+    pub fn set_network(
+        &self,
+        p: &Principal,
+        id: &SandboxId,
+        spec: &airlock_net::policy::NetworkSpec,
+    ) -> Result<SandboxInfo, BrokerError> {
+        let sb = self.get(p, id)?;
+        if !sb.is_running() {
+            return Err(BrokerError::NotRunning(id.to_string()));
+        }
+        let policy = Policy::from_spec(spec)
+            .map_err(|e| BrokerError::BadRequest(format!("network: {e}")))?;
+        let sent = {
+            let res = lock_or_recover(&sb.resources);
+            res.as_ref().and_then(|r| r.net_ctl.as_ref()).map(|ctl| {
+                crate::component::send_command::<NetRole>(
+                    ctl,
+                    crate::net_server::NetCommand::SetPolicy {
+                        policy: policy.spec(),
+                    },
+                )
+                .map_err(|e| BrokerError::Internal(format!("tell the gateway: {e}")))
+            })
+        };
+        match sent {
+            Some(r) => r?,
+            None => self.attach_network(&sb, &policy)?,
+        }
+        *lock_or_recover(&sb.network) = policy.spec();
+        self.audit.event(
+            Some(id.as_str()),
+            Some(&sb.agent),
+            AuditEvent::NetPolicy {
+                caller: (p.uid, p.pid),
+                policy: policy.spec(),
+            },
+        );
+        Ok(sb.info())
     }
 }
 

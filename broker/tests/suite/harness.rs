@@ -334,3 +334,30 @@ pub fn create(env: &Env, extra: &[&str]) -> serde_json::Value {
     let out = env.remote(&args);
     serde_json::from_str(&ok(&out)).unwrap()
 }
+
+/// Makes sure `bin` is on PATH, installing Debian's `package` if it is
+/// not (the suite runs as root; the README promises no manual set-up).
+pub fn require_tool(bin: &str, package: &str) {
+    let found = |b: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {b}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if found(bin) {
+        return;
+    }
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "(apt-get install -y --no-install-recommends {package} || \
+                 (apt-get update && apt-get install -y --no-install-recommends {package})) >/dev/null 2>&1"
+            ),
+        ])
+        .output();
+    assert!(
+        found(bin),
+        "{bin} is needed and could not be installed (apt-get install {package}): {out:?}"
+    );
+}

@@ -88,6 +88,8 @@ struct Uplink {
 
 impl Uplink {
     fn new() -> Uplink {
+        require_tool("ip", "iproute2");
+        require_tool("curl", "curl");
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "al-up-{}-{}",
@@ -413,4 +415,129 @@ fn a_name_admits_only_connections_that_ask_for_that_name() {
             "{what}: {rows:?}"
         );
     }
+}
+
+#[test]
+fn a_policy_change_on_a_live_sandbox_applies_to_new_flows() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let _b = env.start_brokerd();
+    let info = create(&env, &["--allow", "allowed.test"]);
+    let id = info["id"].as_str().unwrap().to_string();
+    assert_eq!(info["network"]["allow"][0], "allowed.test", "{info}");
+    let fetch = |name: &str| {
+        let out = env.remote(&[
+            "exec",
+            &id,
+            "--",
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{name}/"),
+        ]);
+        text(&out.stdout)
+    };
+    assert_eq!(fetch("other.test"), "");
+    let body = r#"{"mode": "allow", "allow": ["allowed.test", "other.test:80"]}"#;
+    let (status, resp) = env.http("PUT", &format!("/v1/sandboxes/{id}/network"), body);
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(fetch("other.test"), "hello from other");
+    assert_eq!(fetch("allowed.test"), "hello from allowed");
+    // A rule that does not parse is refused, naming it, and changes nothing.
+    let (status, resp) = env.http(
+        "PUT",
+        &format!("/v1/sandboxes/{id}/network"),
+        r#"{"mode": "allow", "allow": ["*.x.*"]}"#,
+    );
+    assert_eq!(status, 400, "{resp}");
+    assert!(resp.contains("*.x.*"), "{resp}");
+    assert_eq!(fetch("other.test"), "hello from other");
+    let rows = net_rows(&env);
+    assert!(rows.iter().any(|r| r["action"] == "policy"), "{rows:?}");
+}
+
+/// The process of sandbox `id`'s cgroup whose argv\[0\] is `airlock-net`.
+fn gateway_of(id: &str) -> i32 {
+    let dirs = Env::cgroup_dirs(id);
+    let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
+    procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"airlock-net\0"))
+        })
+        .unwrap_or_else(|| panic!("no gateway in the cgroup of {id}: {procs}"))
+}
+
+fn status_field(pid: i32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Each sandbox's gateway is a process of its own in the sandbox's cgroup
+/// that holds nothing of host root: the range's nobody, no capability in
+/// any set, no_new_privs, seccomp. Killing it ends that sandbox only.
+#[test]
+fn the_gateway_is_a_confined_process_whose_death_ends_only_its_sandbox() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let _b = env.start_brokerd();
+    let info = create(&env, &["--net", "open"]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let other = create(&env, &["--net", "open"]);
+    let other_id = other["id"].as_str().unwrap().to_string();
+    let base = info["host_uid_base"].as_u64().unwrap();
+    let gw = gateway_of(&id);
+    let nobody = (base + 65534).to_string();
+    for key in ["Uid:", "Gid:"] {
+        let v = status_field(gw, key);
+        assert!(v.split_whitespace().all(|u| u == nobody), "{key} {v}");
+    }
+    for key in ["CapEff:", "CapPrm:", "CapBnd:", "CapInh:", "CapAmb:"] {
+        assert_eq!(
+            u64::from_str_radix(&status_field(gw, key), 16).unwrap(),
+            0,
+            "{key}"
+        );
+    }
+    assert_eq!(status_field(gw, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(gw, "Seccomp:"), "2");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gw),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let insp: serde_json::Value =
+            serde_json::from_str(&ok(&env.remote(&["--json", "inspect", &id]))).unwrap();
+        if insp["state"] == "dead" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {}", insp["state"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rows = env.audit(&["--sandbox", &id, "--kind", "sandbox"]);
+    assert!(
+        rows.iter()
+            .any(|r| r["action"] == "component_failed" && r["detail"]["role"] == "net"),
+        "{rows:?}"
+    );
+    // The neighbour still reaches the uplink.
+    let out = env.remote(&[
+        "exec",
+        &other_id,
+        "--",
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://203.0.113.11/",
+    ]);
+    assert_eq!(ok(&out), "hello from other");
 }
