@@ -754,6 +754,31 @@ impl AirlockFs {
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
     ) -> OpResult<(FileAttr, Duration)> {
+        // ftruncate: through the caller's own writable handle, which stays
+        // valid when the name is gone (a file unlinked while open, as
+        // mkstemp-then-unlink users do).
+        if mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && atime.is_none()
+            && mtime.is_none()
+            && let Some(size) = size
+            && let Some(h) = fh
+                .and_then(|fh| self.handle(fh.0).ok())
+                .filter(|h| matches!(h.kind, HandleKind::File { writable: true, .. }))
+            && let HandleKind::File { file, .. } = &h.kind
+        {
+            if h.area == Area::Workspace {
+                kill_setid(file)?;
+                if let Some(p) = &h.ws_path {
+                    self.mutation(MutationOp::Truncate, p.clone(), None);
+                }
+            }
+            file.set_len(size)?;
+            if let Some(a) = self.handle_attr(ino, &h) {
+                return a;
+            }
+        }
         let loc = self.loc(ino)?;
         let (is_ws, path) = match &loc {
             Loc::Ws(rel) => (true, ws_path(rel)),

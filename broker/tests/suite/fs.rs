@@ -217,3 +217,24 @@ fn git_works_in_a_host_workspace() {
 fn run_in_workspace(env: &Env, user: &str, ws: &str, script: &str) -> String {
     ok(&env.run(&["--user", user, "--workspace", ws, "--", "sh", "-c", script]))
 }
+
+/// A file unlinked while open can still be truncated and written through
+/// its descriptor, on the copy-on-write root and in /workspace (mkstemp,
+/// unlink, ftruncate, mmap: what iperf3 and many runtimes do).
+#[test]
+fn an_unlinked_open_file_can_be_truncated_through_its_descriptor() {
+    let env = Env::new();
+    let script = r#"
+import mmap, os, tempfile
+for d in ("/tmp", "/workspace"):
+    fd, p = tempfile.mkstemp(dir=d)
+    os.unlink(p)
+    os.ftruncate(fd, 8192)
+    m = mmap.mmap(fd, 8192)
+    m[:5] = b"hello"
+    m.close()
+    print(d, os.fstat(fd).st_size, os.pread(fd, 5, 0).decode())
+"#;
+    let out = env.run(&["--", "python3", "-c", script]);
+    assert_eq!(ok(&out), "/tmp 8192 hello\n/workspace 8192 hello\n");
+}
