@@ -84,6 +84,9 @@ pub struct NetConfig {
     pub mtu: u32,
     /// Concurrent connections per sandbox at most.
     pub max_flows: usize,
+    /// New connections per sandbox per second at most (bursts of twice
+    /// that pass).
+    pub max_new_flows_per_sec: u32,
 }
 
 impl Default for NetConfig {
@@ -95,6 +98,7 @@ impl Default for NetConfig {
             allow_ranges: Vec::new(),
             mtu: 65520,
             max_flows: 256,
+            max_new_flows_per_sec: 5000,
         }
     }
 }

@@ -70,6 +70,11 @@ pub struct NetServerSpec {
     pub mtu: usize,
     /// Concurrent flows at most.
     pub max_flows: usize,
+    /// New flows per second at most.
+    pub flows_per_sec: u32,
+    /// Events sent to the broker per second at most (ten times that in a
+    /// burst); past that they are counted.
+    pub events_per_sec: f64,
     /// Whether the second descriptor is the uplink namespace to open host
     /// sockets in.
     pub uplink_netns: bool,
@@ -95,6 +100,7 @@ pub const NET_SECCOMP: &str = include_str!("../../net/seccomp.json");
 
 /// Entry point of the `__net` role; returns the exit status.
 pub fn main() -> i32 {
+    crate::sys::map_large_allocations();
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("airlock net component: set_dumpable: {e}");
     }
@@ -136,7 +142,19 @@ fn serve(chan: &Channel, spec: NetServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
         .with_host_addrs(spec.host_addrs.iter().copied())
         .with_allowable(spec.allowable.iter().copied());
     let events = chan_dup(chan).map_err(|e| ("control channel", e.to_string()))?;
+    // A sandbox makes flows as fast as it can connect: beyond the budget
+    // events are counted here, in its own process, and never sent.
+    let limiter = crate::util::RateLimiter::new(spec.events_per_sec, 10.0 * spec.events_per_sec);
     let sink = Box::new(move |event: NetEvent| {
+        let Some(dropped) = limiter.admit() else {
+            return;
+        };
+        if dropped > 0 {
+            let msg: Report<NetReady, NetEvent> = Report::Event {
+                event: NetEvent::Dropped { count: dropped },
+            };
+            let _ = events.send(&msg, &[]);
+        }
         let msg: Report<NetReady, NetEvent> = Report::Event { event };
         let _ = events.send(&msg, &[]);
     });
@@ -148,6 +166,7 @@ fn serve(chan: &Channel, spec: NetServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
             dns_upstream: spec.dns_upstream,
             mtu: spec.mtu,
             max_flows: spec.max_flows,
+            flows_per_sec: spec.flows_per_sec,
         },
         sink,
     )

@@ -17,6 +17,19 @@ pub fn tune_allocator() {
     let _ = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, ONE_MIB) };
 }
 
+/// Pins glibc's mmap threshold at 128 KiB for a network gateway: each
+/// flow's two 256 KiB socket buffers are then always fresh mappings whose
+/// pages are zero until touched (a short connection touches a few), never
+/// heap blocks that calloc must clear whole (512 KiB per connection once
+/// glibc's dynamic threshold has risen past them).
+pub fn map_large_allocations() {
+    const THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt only changes allocator tunables; it is called first
+    // thing in the gateway's entry point, before other threads exist, and
+    // takes plain integers.
+    let _ = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) };
+}
+
 /// Runs `f` on a thread of its own whose filesystem identity is a caller's:
 /// fsuid `uid`, fsgid `gid` and supplementary `groups`. The kernel then
 /// applies that caller's permissions (ACLs included) to every path `f`

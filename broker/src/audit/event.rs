@@ -241,6 +241,7 @@ impl AuditEvent {
                     NetEvent::Flow { .. } => (AuditKind::Net, "flow"),
                     NetEvent::Dns { .. } => (AuditKind::Net, "dns"),
                     NetEvent::Limit { .. } => (AuditKind::Limit, "net"),
+                    NetEvent::Dropped { .. } => (AuditKind::Limit, "audit_rate_limited"),
                 };
                 (kind, action, serde_json::to_value(&ev).unwrap_or_default())
             }

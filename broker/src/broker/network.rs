@@ -76,6 +76,8 @@ impl Broker {
             dns_upstream,
             mtu: mtu as usize,
             max_flows: net.max_flows,
+            flows_per_sec: net.max_new_flows_per_sec.max(1),
+            events_per_sec: NET_EVENTS_PER_SEC,
             uplink_netns: uplink.is_some(),
             cgroup_procs: join_files,
             nofile: nofile.max(NET_MIN_NOFILE),
@@ -102,6 +104,17 @@ impl Broker {
             .supervise::<NetRole>(
                 chan,
                 move |ev: NetEvent| {
+                    if let NetEvent::Dropped { count } = ev {
+                        audit.event(
+                            Some(&sid),
+                            Some(&sagent),
+                            AuditEvent::NetEventsDropped {
+                                dropped: count,
+                                events_per_sec: NET_EVENTS_PER_SEC,
+                            },
+                        );
+                        return;
+                    }
                     let Some(dropped) = limiter.admit() else {
                         return;
                     };
