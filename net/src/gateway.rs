@@ -491,7 +491,7 @@ impl Gateway {
                             ready = n;
                             break;
                         }
-                        Ok(_) | Err(rustix::io::Errno::INTR) => std::hint::spin_loop(),
+                        Ok(_) | Err(rustix::io::Errno::INTR) => std::thread::yield_now(),
                         Err(e) => return Err(io("poll")(e.into())),
                     }
                 }
