@@ -541,3 +541,59 @@ fn the_gateway_is_a_confined_process_whose_death_ends_only_its_sandbox() {
     ]);
     assert_eq!(ok(&out), "hello from other");
 }
+
+/// Whether any gateway process of a sandbox in this environment's id
+/// ranges is alive (they run as their range's nobody).
+fn gateways_alive(ids: &[u64]) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_gw = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.starts_with(b"airlock-net\0"));
+        if is_gw {
+            let uid: u64 = status_field(pid, "Uid:")
+                .split_whitespace()
+                .next()
+                .and_then(|u| u.parse().ok())
+                .unwrap_or(0);
+            if ids.iter().any(|b| uid == b + 65534) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// A brokerd killed with SIGKILL takes its gateways along (each sees its
+/// control channel close), and with them the links' namespaces and veth
+/// pairs; the next start removes the rest and leaves nothing.
+#[test]
+fn a_killed_broker_leaves_no_gateway_link_or_namespace() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let mut b = env.start_brokerd();
+    let bases: Vec<u64> = (0..2)
+        .map(|_| {
+            create(&env, &["--net", "open"])["host_uid_base"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(gateways_alive(&bases).len(), 2);
+    b.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gateways_alive(&bases).is_empty() {
+        assert!(Instant::now() < deadline, "gateways outlived their broker");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _b = env.start_brokerd();
+    env.assert_no_leftovers(None);
+    let links = Command::new("ip").args(["-br", "link"]).output().unwrap();
+    assert!(
+        !text(&links.stdout).contains("gw0"),
+        "{}",
+        text(&links.stdout)
+    );
+}
