@@ -550,27 +550,12 @@ impl Gateway {
     /// A TCP SYN from the sandbox to an endpoint nobody listens on yet:
     /// judge it, and if allowed start the host connection and a listener.
     fn inspect(&mut self, frame: &[u8]) {
-        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        let Some((src_ip, src_port, dst_ip, dst_port)) = new_tcp_syn(frame) else {
             return;
         };
-        if eth.ethertype() != EthernetProtocol::Ipv4 {
-            return;
-        }
-        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
-            return;
-        };
-        if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
-            return;
-        }
-        let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
-            return;
-        };
-        if !tcp.syn() || tcp.ack() {
-            return;
-        }
-        let src = IpEndpoint::new(IpAddress::Ipv4(ip.src_addr()), tcp.src_port());
-        let dst_ip = ip.dst_addr();
-        let dst = SocketAddr::new(IpAddr::V4(dst_ip), tcp.dst_port());
+        let src = IpEndpoint::new(IpAddress::Ipv4(src_ip), src_port);
+
+        let dst = SocketAddr::new(IpAddr::V4(dst_ip), dst_port);
         if dst_ip == GATEWAY_V4 || dst_ip == DNS_V4 {
             // Nothing listens on the gateway itself: smoltcp resets it.
             return;
@@ -616,7 +601,7 @@ impl Gateway {
                 &self.cfg.ranges,
             )
         };
-        let sandbox_src = SocketAddr::new(IpAddr::V4(ip.src_addr()), tcp.src_port());
+        let sandbox_src = SocketAddr::new(IpAddr::V4(src_ip), src_port);
         if !decision.allowed {
             (self.events)(NetEvent::Flow {
                 phase: FlowPhase::Refused,
@@ -660,8 +645,8 @@ impl Gateway {
         sock.set_ack_delay(None);
         if sock
             .listen(IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(ip.dst_addr())),
-                port: tcp.dst_port(),
+                addr: Some(IpAddress::Ipv4(dst_ip)),
+                port: dst_port,
             })
             .is_err()
         {
@@ -943,6 +928,25 @@ impl Gateway {
     }
 }
 
+/// The (source address, source port, destination address, destination
+/// port) of `frame` if it is an unfragmented IPv4 TCP SYN (no ACK); any
+/// other frame, malformed ones included, is `None`.
+pub fn new_tcp_syn(frame: &[u8]) -> Option<(Ipv4Addr, u16, Ipv4Addr, u16)> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    if !tcp.syn() || tcp.ack() {
+        return None;
+    }
+    Some((ip.src_addr(), tcp.src_port(), ip.dst_addr(), tcp.dst_port()))
+}
+
 /// One step of a flow; true when it is over.
 fn service(flow: &mut Flow, sock: &mut tcp::Socket<'_>) -> bool {
     if flow.connecting {
@@ -1120,4 +1124,169 @@ fn seed() -> u64 {
         return u64::try_from(t & u128::from(u64::MAX)).unwrap_or(1);
     }
     u64::from_ne_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::policy::NetworkSpec;
+
+    /// A TCP SYN from the sandbox to `dst`:`port`, as raw Ethernet bytes.
+    fn syn_frame(dst: [u8; 4], port: u16) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&GATEWAY_MAC);
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x0f]);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+        f.extend_from_slice(&SANDBOX_V4.octets());
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&port.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        f
+    }
+
+    type Events = Arc<Mutex<Vec<NetEvent>>>;
+
+    /// A gateway on a datagram socket pair standing in for the link (no
+    /// privilege needed); returns the test's end of the link, the control
+    /// end that stops it when dropped, the events, and its thread.
+    fn gateway(
+        spec: NetworkSpec,
+    ) -> (
+        OwnedFd,
+        OwnedFd,
+        Events,
+        std::thread::JoinHandle<Result<(), GatewayError>>,
+    ) {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let (link_gw, link_test) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let (ctl_gw, ctl_test) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let events: Events = Arc::default();
+        let sink = Arc::clone(&events);
+        let cfg = GatewayConfig {
+            policy: Policy::from_spec(&spec).unwrap(),
+            ranges: Ranges::builtin(),
+            dns_upstream: "127.0.0.1:9".parse().unwrap(),
+            mtu: 1500,
+            max_flows: 16,
+            flows_per_sec: 1_000_000,
+        };
+        let handle = std::thread::spawn(move || {
+            let mut g = Gateway::new(
+                link_gw,
+                cfg,
+                Box::new(move |e| sink.lock().unwrap().push(e)),
+            )?;
+            g.run(ctl_gw.as_fd(), |_| false)
+        });
+        (link_test, ctl_test, events, handle)
+    }
+
+    fn wait_for(events: &Events, what: impl Fn(&NetEvent) -> bool) -> NetEvent {
+        let deadline = StdInstant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = events.lock().unwrap().iter().find(|e| what(e)) {
+                return e.clone();
+            }
+            assert!(StdInstant::now() < deadline, "no such event");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn refused_to(port: u16) -> impl Fn(&NetEvent) -> bool {
+        move |e| matches!(e, NetEvent::Flow { phase: FlowPhase::Refused, dst, .. } if dst.port() == port)
+    }
+
+    #[test]
+    fn a_syn_to_a_refused_destination_is_audited_with_the_reason() {
+        let spec = NetworkSpec {
+            mode: crate::policy::Mode::Open,
+            allow: Vec::new(),
+        };
+        let (link, ctl, events, handle) = gateway(spec);
+        rustix::net::send(
+            &link,
+            &syn_frame([169, 254, 169, 254], 80),
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        match wait_for(&events, refused_to(80)) {
+            NetEvent::Flow {
+                reason, allowed, ..
+            } => {
+                assert!(!allowed);
+                assert!(reason.contains("cloud metadata"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(ctl);
+        handle.join().unwrap().unwrap();
+    }
+
+    /// Frames of every shape (truncated, bad lengths and checksums,
+    /// fragments, options, garbage) are dropped without harm: the gateway
+    /// still judges a well-formed SYN after them.
+    #[test]
+    fn malformed_frames_are_dropped_without_harm() {
+        let spec = NetworkSpec {
+            mode: crate::policy::Mode::Allow,
+            allow: Vec::new(),
+        };
+        let (link, ctl, events, handle) = gateway(spec);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let good = syn_frame([203, 0, 113, 9], 443);
+        for i in 0..20_000 {
+            let frame: Vec<u8> = if i % 2 == 0 {
+                let len = usize::try_from(next() % 1600).unwrap();
+                (0..len).map(|_| (next() & 0xff) as u8).collect()
+            } else {
+                let mut f = good.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = usize::try_from(next()).unwrap() % f.len();
+                    f[at] = (next() & 0xff) as u8;
+                }
+                let cut = usize::try_from(next()).unwrap() % (f.len() + 1);
+                f.truncate(cut.max(1));
+                f
+            };
+            // A full link queue drops frames, as a real link would.
+            let _ = rustix::net::send(&link, &frame, rustix::net::SendFlags::DONTWAIT);
+            if i % 256 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        rustix::net::send(
+            &link,
+            &syn_frame([203, 0, 113, 9], 8443),
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        wait_for(&events, refused_to(8443));
+        assert!(!handle.is_finished());
+        drop(ctl);
+        handle.join().unwrap().unwrap();
+    }
 }
