@@ -134,6 +134,18 @@ enum Cmd {
         /// Sandbox id.
         id: String,
     },
+    /// Serve a host port (127.0.0.1 by default) by a sandbox port, e.g.
+    /// an agent's dev server: `airlock port-forward ID 8000` or
+    /// `ID 9000:8000`. The forward lasts as long as the sandbox.
+    PortForward {
+        /// Sandbox id.
+        id: String,
+        /// `PORT` (any free host port) or `HOSTPORT:PORT`.
+        ports: String,
+        /// Host address to listen on (default 127.0.0.1).
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
+    },
     /// Destroy sandboxes.
     Rm {
         /// Sandbox ids.
@@ -606,6 +618,38 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                 return Ok(0);
             };
             print_info(&c.inspect(id).await?, json);
+            Ok(0)
+        }
+        Cmd::PortForward { id, ports, address } => {
+            let (host_port, port) = match ports.split_once(':') {
+                Some((h, p)) => (Some(h), p),
+                None => (None, ports.as_str()),
+            };
+            let parse = |what: &str, v: &str| {
+                v.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0 || what == "HOSTPORT")
+                    .ok_or_else(|| CliError::Usage(format!("{what} {v:?} is not a port")))
+            };
+            let req = crate::api::types::PortForward {
+                port: parse("PORT", port)?,
+                host_port: host_port.map(|h| parse("HOSTPORT", h)).transpose()?,
+                host_addr: *address,
+            };
+            let Backend::Remote(c) = backend(&cli, Some("port-forward")).await? else {
+                return Ok(0);
+            };
+            let out = c.forward_port(id, &req).await?;
+            if json {
+                println!("{out}");
+            } else {
+                println!(
+                    "{}:{} -> {id}:{}",
+                    out["host_addr"].as_str().unwrap_or("?"),
+                    out["host_port"],
+                    req.port
+                );
+            }
             Ok(0)
         }
         Cmd::Rm { ids } => {

@@ -141,6 +141,21 @@ impl RemoteClient {
             .await
     }
 
+    /// `POST /v1/sandboxes/{id}/ports`: the host address now forwarded.
+    pub async fn forward_port(
+        &self,
+        id: &str,
+        req: &crate::api::types::PortForward,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Http(e.to_string()))?;
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/ports", enc(id)),
+            Some(body),
+        )
+        .await
+    }
+
     /// `DELETE /v1/sandboxes/{id}`.
     pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self

@@ -86,8 +86,20 @@ pub enum Control<S, C> {
 /// # Errors
 /// When the channel is closed or the message too large.
 pub fn send_command<R: Role>(chan: &Channel, command: R::Command) -> Result<(), ChannelError> {
+    send_command_with::<R>(chan, command, &[])
+}
+
+/// [`send_command`] with descriptors beside it.
+///
+/// # Errors
+/// As [`send_command`].
+pub fn send_command_with<R: Role>(
+    chan: &Channel,
+    command: R::Command,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ChannelError> {
     let msg: Control<R::Spec, R::Command> = Control::Command { command };
-    chan.send(&msg, &[])
+    chan.send(&msg, fds)
 }
 
 /// Component to broker.

@@ -48,6 +48,12 @@ pub enum NetCommand {
         /// The policy.
         policy: NetworkSpec,
     },
+    /// Serve the listening socket sent beside (bound by the broker on the
+    /// host) by connecting each accepted connection to this sandbox port.
+    Forward {
+        /// The sandbox's port.
+        port: u16,
+    },
 }
 
 /// What a gateway serves. One descriptor travels beside it: the link's
@@ -184,6 +190,17 @@ fn serve(chan: &Channel, spec: NetServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
     gateway
         .run(control.as_fd(), |g| {
             match chan.recv::<component::Control<NetServerSpec, NetCommand>>() {
+                Ok((
+                    component::Control::Command {
+                        command: NetCommand::Forward { port },
+                    },
+                    fds,
+                )) => {
+                    if let Some(fd) = fds.into_iter().next() {
+                        g.forward(std::net::TcpListener::from(fd), port);
+                    }
+                    true
+                }
                 Ok((
                     component::Control::Command {
                         command: NetCommand::SetPolicy { policy },

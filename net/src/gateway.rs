@@ -315,6 +315,12 @@ pub struct Gateway {
     flow_bucket: Bucket,
     /// Reused for every frame read (no allocation per wakeup).
     rx_buf: Vec<u8>,
+    /// Listening host sockets forwarded into the sandbox: (listener,
+    /// sandbox port).
+    forwards: Vec<(std::net::TcpListener, u16)>,
+    /// The next local port of the gateway's own connections to the
+    /// sandbox (forwarded connections).
+    next_port: u16,
     epoch: StdInstant,
     events: Box<dyn FnMut(NetEvent) + Send>,
 }
@@ -418,6 +424,8 @@ impl Gateway {
             dns_bucket: Bucket::new(DNS_PER_SEC, DNS_BURST),
             flow_bucket: Bucket::new(f64::from(flows_per_sec), 2.0 * f64::from(flows_per_sec)),
             rx_buf: Vec::new(),
+            forwards: Vec::new(),
+            next_port: 49152,
             epoch,
             events,
         })
@@ -432,6 +440,93 @@ impl Gateway {
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
         &self.cfg.policy
+    }
+
+    /// Serves connections accepted on `listener` (a listening host socket
+    /// the broker bound, already non-blocking) by connecting each to the
+    /// sandbox's `port`.
+    pub fn forward(&mut self, listener: std::net::TcpListener, port: u16) {
+        self.forwards.push((listener, port));
+    }
+
+    /// Accepts waiting forwarded connections and starts each one's
+    /// connection to the sandbox.
+    fn accept_forwards(&mut self) {
+        for i in 0..self.forwards.len() {
+            let flags = rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC;
+            while let Some((Ok(fd), port)) = self
+                .forwards
+                .get(i)
+                .map(|(l, port)| (rustix::net::accept_with(l, flags), *port))
+            {
+                let host = TcpStream::from(fd);
+                let Ok(peer) = host.peer_addr() else {
+                    continue;
+                };
+                if self.flows.len() >= self.cfg.max_flows {
+                    continue;
+                }
+                let _ = rustix::net::sockopt::set_tcp_nodelay(&host, true);
+                let mut sock = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+                    tcp::SocketBuffer::new(vec![0u8; TCP_BUFFER]),
+                );
+                sock.set_nagle_enabled(false);
+                sock.set_ack_delay(None);
+                self.next_port = if self.next_port == u16::MAX {
+                    49152
+                } else {
+                    self.next_port + 1
+                };
+                let local = IpEndpoint::new(IpAddress::Ipv4(GATEWAY_V4), self.next_port);
+                let remote = IpEndpoint::new(IpAddress::Ipv4(SANDBOX_V4), port);
+                if sock.connect(self.iface.context(), remote, local).is_err() {
+                    continue;
+                }
+                let handle = self.sockets.add(sock);
+                let dst = SocketAddr::new(IpAddr::V4(SANDBOX_V4), port);
+                (self.events)(NetEvent::Flow {
+                    phase: FlowPhase::Open,
+                    proto: Proto::Tcp,
+                    src: peer,
+                    dst,
+                    domain: None,
+                    allowed: true,
+                    reason: format!("port forward to {port}"),
+                    bytes_out: 0,
+                    bytes_in: 0,
+                    duration_ms: 0,
+                    error: None,
+                });
+                self.flows.insert(
+                    handle,
+                    Flow {
+                        src: IpEndpoint::new(
+                            IpAddress::Ipv4(match peer.ip() {
+                                IpAddr::V4(a) => a,
+                                IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+                            }),
+                            peer.port(),
+                        ),
+                        dst,
+                        host,
+                        connecting: false,
+                        established: false,
+                        host_eof: false,
+                        host_shut: false,
+                        domain: None,
+                        reason: format!("port forward to {port}"),
+                        started: StdInstant::now(),
+                        bytes_out: 0,
+                        bytes_in: 0,
+                        error: None,
+                        check: None,
+                        held: Vec::new(),
+                        refused: None,
+                    },
+                );
+            }
+        }
     }
 
     fn now(&self) -> Instant {
@@ -462,6 +557,9 @@ impl Gateway {
                 pfds.push(PollFd::new(&self.dev.fd, PollFlags::IN));
                 pfds.push(PollFd::new(&control, PollFlags::IN));
                 pfds.push(PollFd::new(&self.upstream, PollFlags::IN));
+                for (l, _) in &self.forwards {
+                    pfds.push(PollFd::new(l, PollFlags::IN));
+                }
                 for h in &handles {
                     let Some(flow) = self.flows.get(h) else {
                         continue;
@@ -517,6 +615,7 @@ impl Gateway {
             }
             self.read_frames();
             self.read_upstream();
+            self.accept_forwards();
             self.iface
                 .poll(self.now(), &mut self.dev, &mut self.sockets);
             self.serve_dns();

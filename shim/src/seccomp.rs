@@ -615,6 +615,7 @@ const COMMON: &[(&str, i64)] = &[
     // Named by the broker components' allow-lists.
     ("openat", libc::SYS_openat),
     ("connect", libc::SYS_connect),
+    ("accept4", libc::SYS_accept4),
     ("getsockopt", libc::SYS_getsockopt),
     ("setsockopt", libc::SYS_setsockopt),
     ("getpeername", libc::SYS_getpeername),

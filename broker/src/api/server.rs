@@ -121,6 +121,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/sandboxes/{id}", get(inspect).delete(destroy))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/network", put(set_network))
+        .route("/v1/sandboxes/{id}/ports", post(forward_port))
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(signal))
         .route("/v1/audit", get(audit))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1".into()) })
@@ -174,6 +175,27 @@ async fn set_network(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(Json(info).into_response())
+}
+
+async fn forward_port(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let req: crate::api::types::PortForward = json_body(&read_body(body).await?)?;
+    let port = req.port;
+    let bound = tokio::task::spawn_blocking(move || b.forward_port(&p, &id, &req))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(serde_json::json!({
+        "host_addr": bound.ip(),
+        "host_port": bound.port(),
+        "port": port,
+    }))
+    .into_response())
 }
 
 /// `DELETE /v1/sandboxes/{id}` query string.

@@ -45,6 +45,19 @@ pub struct CreateSandbox {
     pub network: Option<airlock_net::policy::NetworkSpec>,
 }
 
+/// `POST /v1/sandboxes/{id}/ports`: serve a host port by a sandbox port.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// The sandbox's port (its server listens on 0.0.0.0 or 10.0.2.15).
+    pub port: u16,
+    /// The host port (default: any free one).
+    pub host_port: Option<u16>,
+    /// The host address to listen on (default 127.0.0.1; other addresses
+    /// only for root).
+    pub host_addr: Option<std::net::IpAddr>,
+}
+
 /// `POST /v1/sandboxes/{id}/exec`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

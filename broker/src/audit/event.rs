@@ -105,6 +105,15 @@ pub enum AuditEvent {
         /// The new policy.
         policy: airlock_net::policy::NetworkSpec,
     },
+    /// `net/port_forward`: a host port now reaches a sandbox port.
+    PortForward {
+        /// Caller's uid and pid.
+        caller: (u32, i32),
+        /// The host address bound.
+        host: std::net::SocketAddr,
+        /// The sandbox's port.
+        port: u16,
+    },
     /// `limit/audit_rate_limited`: network events counted, not stored.
     NetEventsDropped {
         /// How many.
@@ -252,6 +261,11 @@ impl AuditEvent {
                 AuditKind::Limit,
                 "audit_rate_limited",
                 json!({"dropped_fs_events": dropped, "events_per_sec": events_per_sec}),
+            ),
+            AuditEvent::PortForward { caller, host, port } => (
+                AuditKind::Net,
+                "port_forward",
+                json!({"caller_uid": caller.0, "caller_pid": caller.1, "host": host, "port": port}),
             ),
             AuditEvent::NetPolicy { caller, policy } => (
                 AuditKind::Net,

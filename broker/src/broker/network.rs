@@ -218,6 +218,77 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// Serves `req.host_addr:req.host_port` on the host by the sandbox's
+    /// `req.port`: the broker binds the listening socket (with the
+    /// caller's say over which address and port) and hands it to the
+    /// sandbox's gateway, which connects each accepted connection into
+    /// the sandbox. Returns the address bound.
+    pub fn forward_port(
+        &self,
+        p: &Principal,
+        id: &SandboxId,
+        req: &crate::api::types::PortForward,
+    ) -> Result<std::net::SocketAddr, BrokerError> {
+        let sb = self.get(p, id)?;
+        if !sb.is_running() {
+            return Err(BrokerError::NotRunning(id.to_string()));
+        }
+        if req.port == 0 {
+            return Err(BrokerError::BadRequest("port: 0 is not a port".into()));
+        }
+        let addr = req
+            .host_addr
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let host_port = req.host_port.unwrap_or(0);
+        if p.uid != 0 {
+            if !addr.is_loopback() {
+                return Err(BrokerError::BadRequest(format!(
+                    "host_addr {addr}: only root may forward on a non-loopback address"
+                )));
+            }
+            if host_port != 0 && host_port < 1024 {
+                return Err(BrokerError::BadRequest(format!(
+                    "host_port {host_port}: only root may forward a port below 1024"
+                )));
+            }
+        }
+        let listener = std::net::TcpListener::bind(SocketAddr::new(addr, host_port))
+            .map_err(|e| BrokerError::BadRequest(format!("bind {addr}:{host_port}: {e}")))?;
+        let bound = listener
+            .local_addr()
+            .map_err(internal("forwarded socket address"))?;
+        // The gateway's seccomp list has no ioctl: the flag travels with
+        // the descriptor.
+        listener
+            .set_nonblocking(true)
+            .map_err(internal("forwarded socket non-blocking"))?;
+        let res = lock_or_recover(&sb.resources);
+        let Some(ctl) = res.as_ref().and_then(|r| r.net_ctl.as_ref()) else {
+            return Err(BrokerError::BadRequest(format!(
+                "sandbox {id} has no network: create it with --net or --allow (or PUT a policy) to forward a port"
+            )));
+        };
+        crate::component::send_command_with::<NetRole>(
+            ctl,
+            crate::net_server::NetCommand::Forward { port: req.port },
+            &[listener.as_fd()],
+        )
+        .map_err(|e| BrokerError::Internal(format!("tell the gateway: {e}")))?;
+        drop(res);
+        self.audit.event(
+            Some(id.as_str()),
+            Some(&sb.agent),
+            AuditEvent::PortForward {
+                caller: (p.uid, p.pid),
+                host: bound,
+                port: req.port,
+            },
+        );
+        Ok(bound)
+    }
+}
+
 /// The upstream resolver: the configured one, or the host's first.
 fn dns_upstream(configured: Option<&str>) -> Result<SocketAddr, BrokerError> {
     let parse = |s: &str| -> Option<SocketAddr> {

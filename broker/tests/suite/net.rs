@@ -597,3 +597,61 @@ fn a_killed_broker_leaves_no_gateway_link_or_namespace() {
         text(&links.stdout)
     );
 }
+
+/// `airlock port-forward` serves a page from a server inside the sandbox
+/// on the host's loopback, and a sandbox without a network is refused
+/// with how to give it one.
+#[test]
+fn port_forward_serves_a_page_from_inside() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let _b = env.start_brokerd();
+    let id = create(&env, &["--net", "open"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A server inside, running as long as its exec.
+    let mut server = env.airlock();
+    server.args(["--socket"]).arg(&env.socket).args([
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/site && echo served-from-inside > /tmp/site/index.html && \
+         cd /tmp/site && exec python3 -m http.server 8000",
+    ]);
+    server.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut server = server.spawn().unwrap();
+    let out = ok(&env.remote(&["--json", "port-forward", &id, "8000"]));
+    let fwd: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(fwd["host_addr"], "127.0.0.1", "{fwd}");
+    let url = format!("http://127.0.0.1:{}/", fwd["host_port"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "2", &url])
+            .output()
+            .unwrap();
+        if out.status.success() && !out.stdout.is_empty() {
+            break text(&out.stdout);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no page at {url}: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(page.trim(), "served-from-inside");
+    let _ = server.kill();
+    let _ = server.wait();
+    let none = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let out = env.remote(&["port-forward", &none, "8000"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no network"),
+        "{}",
+        text(&out.stderr)
+    );
+}
