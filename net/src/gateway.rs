@@ -250,6 +250,38 @@ struct Flow {
     refused: Option<String>,
 }
 
+impl Flow {
+    /// A flow whose host side is `host` (connecting or not yet).
+    fn new(
+        src: IpEndpoint,
+        dst: SocketAddr,
+        host: TcpStream,
+        connecting: bool,
+        domain: Option<String>,
+        reason: String,
+        check: Option<(NameCheck, Vec<String>)>,
+    ) -> Flow {
+        Flow {
+            src,
+            dst,
+            host,
+            connecting,
+            established: false,
+            host_eof: false,
+            host_shut: false,
+            domain,
+            reason,
+            started: StdInstant::now(),
+            bytes_out: 0,
+            bytes_in: 0,
+            error: None,
+            check,
+            held: Vec::new(),
+            refused: None,
+        }
+    }
+}
+
 /// Which name a flow's first bytes must carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum NameCheck {
@@ -498,33 +530,16 @@ impl Gateway {
                     duration_ms: 0,
                     error: None,
                 });
-                self.flows.insert(
-                    handle,
-                    Flow {
-                        src: IpEndpoint::new(
-                            IpAddress::Ipv4(match peer.ip() {
-                                IpAddr::V4(a) => a,
-                                IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-                            }),
-                            peer.port(),
-                        ),
-                        dst,
-                        host,
-                        connecting: false,
-                        established: false,
-                        host_eof: false,
-                        host_shut: false,
-                        domain: None,
-                        reason: format!("port forward to {port}"),
-                        started: StdInstant::now(),
-                        bytes_out: 0,
-                        bytes_in: 0,
-                        error: None,
-                        check: None,
-                        held: Vec::new(),
-                        refused: None,
-                    },
+                let src = IpEndpoint::new(
+                    IpAddress::Ipv4(match peer.ip() {
+                        IpAddr::V4(a) => a,
+                        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+                    }),
+                    peer.port(),
                 );
+                let reason = format!("port forward to {port}");
+                self.flows
+                    .insert(handle, Flow::new(src, dst, host, false, None, reason, None));
             }
         }
     }
@@ -774,24 +789,7 @@ impl Gateway {
         });
         self.flows.insert(
             handle,
-            Flow {
-                src,
-                dst,
-                host,
-                connecting: true,
-                established: false,
-                host_eof: false,
-                host_shut: false,
-                domain,
-                reason: decision.reason,
-                started: StdInstant::now(),
-                bytes_out: 0,
-                bytes_in: 0,
-                error: None,
-                check,
-                held: Vec::new(),
-                refused: None,
-            },
+            Flow::new(src, dst, host, true, domain, decision.reason, check),
         );
     }
 

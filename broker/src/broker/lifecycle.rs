@@ -42,26 +42,40 @@ pub(super) fn supervise_fs(
         return Err(std::io::Error::other("no filesystem server"));
     };
     server.supervise::<FsRole>(chan, sink, move |ended| {
-        let reason = match ended {
-            Ended::Stopped => return,
-            Ended::Died => "the filesystem server exited".to_string(),
-            Ended::Malformed(m) => format!("the filesystem server sent a malformed message: {m}"),
-            Ended::Failed(f) => format!("the filesystem server failed at {f}"),
-        };
-        let Some(sb) = weak.upgrade() else {
-            return;
-        };
-        if !sb.is_running() {
-            return;
-        }
-        tracing::warn!(sandbox = %sb.id, %reason, "component failed");
-        sb.audit.event(
-            Some(sb.id.as_str()),
-            Some(&sb.agent),
-            AuditEvent::ComponentFailed { role: "fs", reason },
-        );
-        sb.teardown_unless_underway("filesystem server failed");
+        component_ended(&weak, "fs", "the filesystem server", ended);
     })
+}
+
+/// What a sandbox's component ending on its own means: the sandbox is
+/// torn down (unless that is what stopped it) and the reason audited as a
+/// `component_failed` row of `role`. `what` names the component in the
+/// reason. Never waits for a teardown under way: it runs on the
+/// component's supervisor thread, which that teardown joins.
+pub(super) fn component_ended(
+    sandbox: &std::sync::Weak<Sandbox>,
+    role: &'static str,
+    what: &str,
+    ended: Ended,
+) {
+    let reason = match ended {
+        Ended::Stopped => return,
+        Ended::Died => format!("{what} exited"),
+        Ended::Malformed(m) => format!("{what} sent a malformed message: {m}"),
+        Ended::Failed(f) => format!("{what} failed at {f}"),
+    };
+    let Some(sb) = sandbox.upgrade() else {
+        return;
+    };
+    if !sb.is_running() {
+        return;
+    }
+    tracing::warn!(sandbox = %sb.id, %reason, "component failed");
+    sb.audit.event(
+        Some(sb.id.as_str()),
+        Some(&sb.agent),
+        AuditEvent::ComponentFailed { role, reason },
+    );
+    sb.teardown_unless_underway(&format!("{what} failed"));
 }
 
 /// How long a sandbox may take to come up.

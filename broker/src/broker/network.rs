@@ -131,30 +131,7 @@ impl Broker {
                     audit.event(Some(&sid), Some(&sagent), AuditEvent::Net(ev));
                 },
                 move |ended| {
-                    let reason = match ended {
-                        Ended::Stopped => return,
-                        Ended::Died => "the network gateway exited".to_string(),
-                        Ended::Malformed(m) => {
-                            format!("the network gateway sent a malformed message: {m}")
-                        }
-                        Ended::Failed(f) => format!("the network gateway failed at {f}"),
-                    };
-                    let Some(sb) = weak.upgrade() else {
-                        return;
-                    };
-                    if !sb.is_running() {
-                        return;
-                    }
-                    tracing::warn!(sandbox = %sb.id, %reason, "component failed");
-                    sb.audit.event(
-                        Some(sb.id.as_str()),
-                        Some(&sb.agent),
-                        AuditEvent::ComponentFailed {
-                            role: "net",
-                            reason,
-                        },
-                    );
-                    sb.teardown_unless_underway("network gateway failed");
+                    super::lifecycle::component_ended(&weak, "net", "the network gateway", ended);
                 },
             )
             .map_err(internal("network supervisor thread"))?;

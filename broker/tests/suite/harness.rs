@@ -361,3 +361,33 @@ pub fn require_tool(bin: &str, package: &str) {
         "{bin} is needed and could not be installed (apt-get install {package}): {out:?}"
     );
 }
+
+/// A field of /proc/PID/status (`key` with its colon), trimmed.
+pub fn status_field(pid: i32, key: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The first process of sandbox `id`'s cgroup that `is` picks (given its
+/// pid); panics naming the cgroup's processes if none.
+pub fn process_in_cgroup_of(id: &str, is: impl Fn(i32) -> bool) -> i32 {
+    let dirs = Env::cgroup_dirs(id);
+    let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
+    procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .find(|p| is(*p))
+        .unwrap_or_else(|| panic!("no such process in the cgroup of {id}: {procs}"))
+}
+
+/// Whether process `pid`'s argv\[0\] is `argv0`.
+pub fn argv0_is(pid: i32, argv0: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        c.split(|b| *b == 0)
+            .next()
+            .is_some_and(|a| a == argv0.as_bytes())
+    })
+}

@@ -6,7 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::harness::{Env, create, ok, procs_in_range, text};
+use super::harness::{
+    Env, argv0_is, create, ok, process_in_cgroup_of, procs_in_range, status_field, text,
+};
 
 /// A broker killed with SIGKILL is a zombie until its parent reaps it; the
 /// next broker must treat it as dead and remove everything it left.
@@ -206,31 +208,16 @@ fn pseudo_filesystems_are_refused_as_workspace_or_rootfs_and_below() {
 /// The process of sandbox `id`'s cgroup whose argv\[0\] is `airlock-fs`
 /// and whose name is (`want`) or is not (`!want`) `fs-registrar`.
 fn fs_process_of(id: &str, registrar: bool) -> i32 {
-    let dirs = Env::cgroup_dirs(id);
-    let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
-    procs
-        .lines()
-        .filter_map(|l| l.trim().parse::<i32>().ok())
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.starts_with(b"airlock-fs\0"))
-                && std::fs::read_to_string(format!("/proc/{p}/comm"))
-                    .is_ok_and(|c| (c.trim() == "fs-registrar") == registrar)
-        })
-        .unwrap_or_else(|| panic!("no fs process in the cgroup of {id}: {procs}"))
+    process_in_cgroup_of(id, |p| {
+        argv0_is(p, "airlock-fs")
+            && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| (c.trim() == "fs-registrar") == registrar)
+    })
 }
 
 /// The filesystem server of sandbox `id`.
 fn fs_server_of(id: &str) -> i32 {
     fs_process_of(id, false)
-}
-
-fn status_field(pid: i32, key: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
 }
 
 fn open_fds(pid: i32) -> usize {

@@ -459,24 +459,7 @@ fn a_policy_change_on_a_live_sandbox_applies_to_new_flows() {
 
 /// The process of sandbox `id`'s cgroup whose argv\[0\] is `airlock-net`.
 fn gateway_of(id: &str) -> i32 {
-    let dirs = Env::cgroup_dirs(id);
-    let procs = std::fs::read_to_string(dirs[0].join("cgroup.procs")).unwrap();
-    procs
-        .lines()
-        .filter_map(|l| l.trim().parse::<i32>().ok())
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.starts_with(b"airlock-net\0"))
-        })
-        .unwrap_or_else(|| panic!("no gateway in the cgroup of {id}: {procs}"))
-}
-
-fn status_field(pid: i32, key: &str) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default()
+    process_in_cgroup_of(id, |p| argv0_is(p, "airlock-net"))
 }
 
 /// Each sandbox's gateway is a process of its own in the sandbox's cgroup
@@ -550,9 +533,7 @@ fn gateways_alive(ids: &[u64]) -> Vec<i32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let is_gw = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .is_ok_and(|c| c.starts_with(b"airlock-net\0"));
-        if is_gw {
+        if argv0_is(pid, "airlock-net") {
             let uid: u64 = status_field(pid, "Uid:")
                 .split_whitespace()
                 .next()
