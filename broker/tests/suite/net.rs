@@ -192,6 +192,17 @@ fn net_rows(env: &Env) -> Vec<serde_json::Value> {
     env.audit(&["--kind", "net"])
 }
 
+/// Asserts a refused flow was audited with a reason `why` accepts.
+fn assert_refused_flow(env: &Env, why: impl Fn(&str) -> bool) {
+    let rows = net_rows(env);
+    assert!(
+        rows.iter().any(|r| r["action"] == "flow"
+            && r["detail"]["allowed"] == false
+            && r["detail"]["reason"].as_str().is_some_and(&why)),
+        "{rows:?}"
+    );
+}
+
 #[test]
 fn an_allowed_name_is_reached_by_curl_and_raw_tcp_and_nothing_else_is() {
     let up = Uplink::new();
@@ -250,15 +261,7 @@ fn a_hard_coded_ip_of_an_allowed_name_is_refused_until_resolved() {
         "import socket\nsocket.gethostbyname('allowed.test')\ntry:\n    socket.create_connection(('203.0.113.11', 80), timeout=5); print('connected')\nexcept OSError as e:\n    print('refused', type(e).__name__)",
     );
     assert!(out.starts_with("refused ConnectionRefusedError"), "{out}");
-    let rows = net_rows(&env);
-    assert!(
-        rows.iter().any(|r| r["action"] == "flow"
-            && r["detail"]["allowed"] == false
-            && r["detail"]["reason"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("not pinned"))),
-        "{rows:?}"
-    );
+    assert_refused_flow(&env, |reason| reason.starts_with("not pinned"));
 }
 
 #[test]
@@ -293,15 +296,7 @@ fn private_metadata_and_loopback_addresses_are_refused_even_when_open() {
         "rebind.test refused\nmeta.test refused",
         "{out}"
     );
-    let rows = net_rows(&env);
-    assert!(
-        rows.iter().any(|r| r["action"] == "flow"
-            && r["detail"]["allowed"] == false
-            && r["detail"]["reason"]
-                .as_str()
-                .is_some_and(|s| s.contains("cloud metadata"))),
-        "{rows:?}"
-    );
+    assert_refused_flow(&env, |reason| reason.contains("cloud metadata"));
 }
 
 #[test]
