@@ -631,3 +631,28 @@ fn port_forward_serves_a_page_from_inside() {
         text(&out.stderr)
     );
 }
+
+/// A sandbox with a network that reaches its wall-clock limit goes with
+/// its gateway and link.
+#[test]
+fn a_timed_out_sandbox_takes_its_gateway_along() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let _b = env.start_brokerd();
+    let info = create(&env, &["--net", "open", "--timeout", "1s"]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let base = info["host_uid_base"].as_u64().unwrap();
+    assert_eq!(gateways_alive(&[base]).len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let insp: serde_json::Value =
+            serde_json::from_str(&ok(&env.remote(&["--json", "inspect", &id]))).unwrap();
+        if insp["state"] == "dead" && gateways_alive(&[base]).is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {}", insp["state"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok(&env.remote(&["rm", &id]));
+    env.assert_no_leftovers(Some(u32::try_from(base).unwrap()));
+}
