@@ -48,6 +48,9 @@ pub enum NetCommand {
         /// The policy.
         policy: NetworkSpec,
     },
+    /// Write the end rows of the flows still open and exit: the sandbox
+    /// is going.
+    Drain,
     /// Serve the listening socket sent beside (bound by the broker on the
     /// host) by connecting each accepted connection to this sandbox port.
     Forward {
@@ -190,6 +193,15 @@ fn serve(chan: &Channel, spec: NetServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
     gateway
         .run(control.as_fd(), |g| {
             match chan.recv::<component::Control<NetServerSpec, NetCommand>>() {
+                Ok((
+                    component::Control::Command {
+                        command: NetCommand::Drain,
+                    },
+                    _,
+                )) => {
+                    g.end_all();
+                    false
+                }
                 Ok((
                     component::Control::Command {
                         command: NetCommand::Forward { port },

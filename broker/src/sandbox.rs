@@ -53,6 +53,10 @@ pub enum ExecOutcome {
     SandboxGone,
 }
 
+/// How long a network gateway gets to write its open flows' end rows and
+/// exit before it is killed.
+const NET_DRAIN_GRACE: Duration = Duration::from_millis(200);
+
 /// How long a filesystem server gets to exit by itself once its mount is
 /// gone (it sends its last events first) before it is killed.
 const SERVER_EXIT_GRACE: Duration = Duration::from_millis(500);
@@ -140,9 +144,21 @@ impl Resources {
         let mut problems = Vec::new();
         // The gateway first: its link goes with it (the kernel deletes the
         // veth pair with the link's namespace, which only its socket holds).
-        self.net_ctl = None;
+        // Asked to drain, it writes the end rows of its open flows and
+        // exits; the stop waits a moment for that, then kills.
+        let drained = self.net_ctl.take().is_some_and(|ctl| {
+            crate::component::send_command::<crate::net_server::NetRole>(
+                &ctl,
+                crate::net_server::NetCommand::Drain,
+            )
+            .is_ok()
+        });
         if let Some(net) = self.net.take() {
-            net.stop(Duration::ZERO);
+            net.stop(if drained {
+                NET_DRAIN_GRACE
+            } else {
+                Duration::ZERO
+            });
         }
         if let Some(m) = self.mount.take()
             && let Err(e) = m.unmount()

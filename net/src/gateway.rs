@@ -474,6 +474,20 @@ impl Gateway {
         &self.cfg.policy
     }
 
+    /// Ends every open flow, writing each one's end row (bytes so far),
+    /// before the gateway stops with its sandbox.
+    pub fn end_all(&mut self) {
+        let handles: Vec<SocketHandle> = self.flows.keys().copied().collect();
+        for h in handles {
+            if let Some(f) = self.flows.get_mut(&h)
+                && f.error.is_none()
+            {
+                f.error = Some("the sandbox ended".into());
+            }
+            self.end_flow(h);
+        }
+    }
+
     /// Serves connections accepted on `listener` (a listening host socket
     /// the broker bound, already non-blocking) by connecting each to the
     /// sandbox's `port`.
@@ -623,6 +637,9 @@ impl Gateway {
                 )
             };
             if link_gone {
+                // The sandbox's end went (the sandbox is going): its open
+                // flows end here.
+                self.end_all();
                 return Ok(());
             }
             if ready && !on_control(self) {

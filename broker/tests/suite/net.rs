@@ -656,3 +656,39 @@ fn a_timed_out_sandbox_takes_its_gateway_along() {
     ok(&env.remote(&["rm", &id]));
     env.assert_no_leftovers(Some(u32::try_from(base).unwrap()));
 }
+
+/// Destroying a sandbox writes the end row of a connection still open.
+#[test]
+fn an_open_flow_gets_its_end_row_when_the_sandbox_goes() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let _b = env.start_brokerd();
+    let id = create(&env, &["--net", "open"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut held = env.airlock();
+    held.args(["--socket"]).arg(&env.socket).args([
+        "exec",
+        &id,
+        "--",
+        "python3",
+        "-c",
+        "import socket, time\ns = socket.create_connection(('203.0.113.11', 80))\ns.sendall(b'GET')\ntime.sleep(60)",
+    ]);
+    held.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut held = held.spawn().unwrap();
+    env.audit_wait(&["--sandbox", &id, "--kind", "net"], |r| {
+        r["detail"]["phase"] == "open"
+    });
+    ok(&env.remote(&["rm", &id]));
+    let _ = held.kill();
+    let _ = held.wait();
+    let rows = env.audit(&["--sandbox", &id, "--kind", "net"]);
+    assert!(
+        rows.iter().any(|r| r["detail"]["phase"] == "end"
+            && r["detail"]["error"] == "the sandbox ended"
+            && r["detail"]["bytes_out"] == 3),
+        "{rows:?}"
+    );
+}
