@@ -55,6 +55,8 @@ const TCP_BUFFER: usize = 256 * 1024;
 const RX_BATCH: usize = 256;
 /// How long the loop polls without sleeping before it waits (see `run`).
 const SPIN: Duration = Duration::from_micros(50);
+/// How long a flow may take to be connected on both sides.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an upstream DNS answer is waited for.
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pinned addresses kept at most (the oldest go first).
@@ -695,42 +697,26 @@ impl Gateway {
             return; // a retransmitted SYN
         }
         let names = self.pinned_names(dst.ip());
-        // The name that admits the flow: the first pinned name a rule
-        // allows (the policy checks it again).
-        let domain = names
-            .iter()
-            .find(|n| {
-                self.cfg
-                    .policy
-                    .flow_decision(Proto::Tcp, dst.ip(), dst.port(), Some(n), &self.cfg.ranges)
-                    .allowed
-            })
-            .or(names.first())
-            .cloned();
-        let decision = if self.flows.len() >= self.cfg.max_flows {
+        let (domain, decision) = if self.flows.len() >= self.cfg.max_flows {
             (self.events)(NetEvent::Limit {
                 what: format!("concurrent flows ({})", self.cfg.max_flows),
             });
-            Decision {
+            let d = Decision {
                 allowed: false,
                 reason: format!("limit: {} concurrent flows", self.cfg.max_flows),
-            }
+            };
+            (names.first().cloned(), d)
         } else if !self.flow_bucket.take() {
             (self.events)(NetEvent::Limit {
                 what: format!("new flows ({}/s)", self.cfg.flows_per_sec),
             });
-            Decision {
+            let d = Decision {
                 allowed: false,
                 reason: format!("limit: {} new flows per second", self.cfg.flows_per_sec),
-            }
+            };
+            (names.first().cloned(), d)
         } else {
-            self.cfg.policy.flow_decision(
-                Proto::Tcp,
-                dst.ip(),
-                dst.port(),
-                domain.as_deref(),
-                &self.cfg.ranges,
-            )
+            self.judge(dst, &names)
         };
         let sandbox_src = SocketAddr::new(IpAddr::V4(src_ip), src_port);
         if !decision.allowed {
@@ -808,6 +794,26 @@ impl Gateway {
             handle,
             Flow::new(src, dst, host, true, domain, decision.reason, check),
         );
+    }
+
+    /// The policy's decision on a TCP flow to `dst`, and the name that
+    /// admits it: the first of `names` (those `dst` was resolved for) a
+    /// rule allows, or the first one (or none) when none does.
+    fn judge(&self, dst: SocketAddr, names: &[String]) -> (Option<String>, Decision) {
+        let decide = |name: Option<&str>| {
+            self.cfg
+                .policy
+                .flow_decision(Proto::Tcp, dst.ip(), dst.port(), name, &self.cfg.ranges)
+        };
+        for n in names {
+            let d = decide(Some(n));
+            if d.allowed {
+                return (Some(n.clone()), d);
+            }
+        }
+        let first = names.first().cloned();
+        let d = decide(first.as_deref());
+        (first, d)
     }
 
     /// The names `addr` was handed out for in this sandbox (live pins).
@@ -1063,6 +1069,17 @@ pub fn new_tcp_syn(frame: &[u8]) -> Option<(Ipv4Addr, u16, Ipv4Addr, u16)> {
 
 /// One step of a flow; true when it is over.
 fn service(flow: &mut Flow, sock: &mut tcp::Socket<'_>) -> bool {
+    // A flow that never finishes setting up (a SYN never followed by the
+    // handshake, a destination that never answers) would hold one of the
+    // sandbox's flows for good.
+    if (flow.connecting || !flow.established) && flow.started.elapsed() > SETUP_TIMEOUT {
+        flow.error = Some(format!(
+            "connection set-up took over {}s",
+            SETUP_TIMEOUT.as_secs()
+        ));
+        sock.abort();
+        return true;
+    }
     if flow.connecting {
         match flow.host.take_error() {
             Ok(Some(e)) => {

@@ -192,6 +192,30 @@ fn net_rows(env: &Env) -> Vec<serde_json::Value> {
     env.audit(&["--kind", "net"])
 }
 
+/// Waits (10 s at most) until `done` accepts sandbox `id`'s state.
+fn wait_until(env: &Env, id: &str, done: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let insp: serde_json::Value =
+            serde_json::from_str(&ok(&env.remote(&["--json", "inspect", id]))).unwrap();
+        if done(insp["state"].as_str().unwrap_or_default()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still {}", insp["state"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `airlock exec ID -- argv` through brokerd, left running.
+fn spawn_exec(env: &Env, id: &str, argv: &[&str]) -> Child {
+    let mut c = env.airlock();
+    c.args(["--socket"])
+        .arg(&env.socket)
+        .args(["exec", id, "--"]);
+    c.args(argv).stdout(Stdio::null()).stderr(Stdio::null());
+    c.spawn().unwrap()
+}
+
 /// Asserts a refused flow was audited with a reason `why` accepts.
 fn assert_refused_flow(env: &Env, why: impl Fn(&str) -> bool) {
     let rows = net_rows(env);
@@ -490,16 +514,7 @@ fn the_gateway_is_a_confined_process_whose_death_ends_only_its_sandbox() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let insp: serde_json::Value =
-            serde_json::from_str(&ok(&env.remote(&["--json", "inspect", &id]))).unwrap();
-        if insp["state"] == "dead" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {}", insp["state"]);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(&env, &id, |state| state == "dead");
     let rows = env.audit(&["--sandbox", &id, "--kind", "sandbox"]);
     assert!(
         rows.iter()
@@ -587,18 +602,16 @@ fn port_forward_serves_a_page_from_inside() {
         .unwrap()
         .to_string();
     // A server inside, running as long as its exec.
-    let mut server = env.airlock();
-    server.args(["--socket"]).arg(&env.socket).args([
-        "exec",
+    let mut server = spawn_exec(
+        &env,
         &id,
-        "--",
-        "sh",
-        "-c",
-        "mkdir -p /tmp/site && echo served-from-inside > /tmp/site/index.html && \
-         cd /tmp/site && exec python3 -m http.server 8000",
-    ]);
-    server.stdout(Stdio::null()).stderr(Stdio::null());
-    let mut server = server.spawn().unwrap();
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /tmp/site && echo served-from-inside > /tmp/site/index.html && \
+             cd /tmp/site && exec python3 -m http.server 8000",
+        ],
+    );
     let out = ok(&env.remote(&["--json", "port-forward", &id, "8000"]));
     let fwd: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(fwd["host_addr"], "127.0.0.1", "{fwd}");
@@ -643,16 +656,9 @@ fn a_timed_out_sandbox_takes_its_gateway_along() {
     let id = info["id"].as_str().unwrap().to_string();
     let base = info["host_uid_base"].as_u64().unwrap();
     assert_eq!(gateways_alive(&[base]).len(), 1);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let insp: serde_json::Value =
-            serde_json::from_str(&ok(&env.remote(&["--json", "inspect", &id]))).unwrap();
-        if insp["state"] == "dead" && gateways_alive(&[base]).is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still {}", insp["state"]);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(&env, &id, |state| {
+        state == "dead" && gateways_alive(&[base]).is_empty()
+    });
     ok(&env.remote(&["rm", &id]));
     env.assert_no_leftovers(Some(u32::try_from(base).unwrap()));
 }
@@ -667,17 +673,15 @@ fn an_open_flow_gets_its_end_row_when_the_sandbox_goes() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut held = env.airlock();
-    held.args(["--socket"]).arg(&env.socket).args([
-        "exec",
+    let mut held = spawn_exec(
+        &env,
         &id,
-        "--",
-        "python3",
-        "-c",
-        "import socket, time\ns = socket.create_connection(('203.0.113.11', 80))\ns.sendall(b'GET')\ntime.sleep(60)",
-    ]);
-    held.stdout(Stdio::null()).stderr(Stdio::null());
-    let mut held = held.spawn().unwrap();
+        &[
+            "python3",
+            "-c",
+            "import socket, time\ns = socket.create_connection(('203.0.113.11', 80))\ns.sendall(b'GET')\ntime.sleep(60)",
+        ],
+    );
     env.audit_wait(&["--sandbox", &id, "--kind", "net"], |r| {
         r["detail"]["phase"] == "open"
     });
