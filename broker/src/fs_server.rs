@@ -4,10 +4,12 @@
 //! need CAP_SYS_ADMIN in the host's namespaces) and opens the caller's
 //! workspace and rootfs with the caller's rights; the component gets
 //! exactly those descriptors, joins the sandbox's cgroup (its CPU, memory,
-//! threads and open files count against the sandbox's limits), moves into
-//! a private mount namespace that holds only what it serves
-//! (`private_root`), opens its layer roots, answers the kernel's INIT,
-//! then confines itself before the first request: the sandbox's open-files
+//! threads and open files count against the sandbox's limits), forks its
+//! registrar, moves into a private mount namespace that holds only what
+//! it serves with its layers attached idmapped (`private_root`), opens its
+//! layer roots, answers the kernel's INIT, leaves host root for a user
+//! namespace of the sandbox's ids (see [`identity`]), then confines itself
+//! before the first request: the sandbox's open-files
 //! limit, only the capabilities in [`airlock_fs::SERVER_CAPABILITIES`],
 //! no_new_privs, landlock limited to its own layers
 //! ([`airlock_fs::MountSpec::host_paths`]) and the seccomp allow-list

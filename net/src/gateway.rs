@@ -17,6 +17,12 @@
 //!   a connection only to a pinned address.
 //! - **ICMP.** Echo requests to the gateway's addresses are answered by
 //!   smoltcp; nothing else is forwarded.
+//! - **Port forwarding.** Listening host sockets the broker hands over
+//!   ([`Gateway::forward`]): each accepted connection is connected to the
+//!   sandbox's port through smoltcp and relayed like any flow.
+//!
+//! The loop polls for up to 50 µs (yielding the CPU) before it sleeps:
+//! a wakeup across CPUs costs more than the next packet's wait.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
