@@ -291,22 +291,27 @@ impl fmt::Display for Ports {
 ///   the addresses it contains; the always-denied check still sees the
 ///   embedded IPv4 address first.
 ///
-/// IPv6 with a port is bracketed: `[2001:db8::1]:443`. Surrounding
-/// whitespace is ignored.
+/// IPv6 with a port is bracketed: `[2001:db8::1]:443`. A rule applies to
+/// TCP and UDP alike unless it ends in `/tcp` or `/udp` (as in
+/// `dns.example:53/udp` or `203.0.113.0/24/tcp`). Surrounding whitespace
+/// is ignored.
 ///
 /// The canonical text ([`Rule::text`], `Display`) lowercases names, drops a
 /// trailing dot, writes a one-address rule as the bare address
 /// (`10.0.0.1/32` becomes `10.0.0.1`), a one-port range as the port
-/// (`:80-80` becomes `:80`), and brackets IPv6 only when a port follows.
+/// (`:80-80` becomes `:80`), brackets IPv6 only when a port follows, and
+/// writes the protocol in lowercase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     text: String,
     target: Target,
     ports: Option<Ports>,
+    /// The one protocol the rule allows; `None`: both.
+    proto: Option<Proto>,
 }
 
 impl Rule {
-    fn new(target: Target, ports: Option<Ports>) -> Self {
+    fn new(target: Target, ports: Option<Ports>, proto: Option<Proto>) -> Self {
         let host = match &target {
             Target::Domain(name) => name.clone(),
             Target::Wildcard(suffix) => format!("*.{suffix}"),
@@ -318,10 +323,15 @@ impl Rule {
             Some(p) if matches!(target, Target::Net(IpNet::V6(_))) => format!("[{host}]:{p}"),
             Some(p) => format!("{host}:{p}"),
         };
+        let text = match proto {
+            Some(p) => format!("{text}/{p}"),
+            None => text,
+        };
         Self {
             text,
             target,
             ports,
+            proto,
         }
     }
 
@@ -354,9 +364,13 @@ impl Rule {
         }
     }
 
-    /// Whether the rule's ports allow `port` over `proto`. UDP 443 (QUIC)
-    /// needs a port range that names 443; a portless rule does not.
+    /// Whether the rule's protocol and ports allow `port` over `proto`.
+    /// UDP 443 (QUIC) needs a port range that names 443; a portless rule
+    /// does not.
     fn allows_port(&self, proto: Proto, port: u16) -> bool {
+        if self.proto.is_some_and(|p| p != proto) {
+            return false;
+        }
         match self.ports {
             Some(p) => p.contains(port),
             None => !(proto == Proto::Udp && port == QUIC_PORT),
@@ -384,11 +398,29 @@ impl FromStr for Rule {
         if trimmed.is_empty() {
             return Err(PolicyError::EmptyRule);
         }
-        let (host, ports, bracketed) = split_host_ports(input, trimmed)?;
+        let (rest, proto) = split_proto(trimmed);
+        if rest.is_empty() {
+            return Err(PolicyError::MissingHost { rule: input.into() });
+        }
+        let (host, ports, bracketed) = split_host_ports(input, rest)?;
         let ports = ports.map(|p| parse_ports(input, p)).transpose()?;
         let target = parse_target(input, host, bracketed)?;
-        Ok(Self::new(target, ports))
+        Ok(Self::new(target, ports, proto))
     }
+}
+
+/// Splits a trailing `/tcp` or `/udp` (any case) off `s`. A CIDR's `/N`
+/// is digits, so it never reads as a protocol.
+fn split_proto(s: &str) -> (&str, Option<Proto>) {
+    for (suffix, proto) in [("/tcp", Proto::Tcp), ("/udp", Proto::Udp)] {
+        if let Some(at) = s.len().checked_sub(suffix.len())
+            && s.is_char_boundary(at)
+            && s.get(at..).is_some_and(|t| t.eq_ignore_ascii_case(suffix))
+        {
+            return (s.get(..at).unwrap_or_default(), Some(proto));
+        }
+    }
+    (s, None)
 }
 
 /// Splits `s` into its host part, its port part (if a `:` introduces one)
@@ -757,6 +789,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("172.16.0.0/12", "private (RFC 1918)"),
     ("192.168.0.0/16", "private (RFC 1918)"),
     ("10.0.2.0/24", "sandbox network"),
+    ("fd00:a1::/64", "sandbox network"),
     ("100.64.0.0/10", "carrier-grade NAT"),
     ("fc00::/7", "unique local (ULA)"),
     ("fe80::/10", "link-local"),
@@ -783,7 +816,7 @@ impl Ranges {
     /// and `::1/128`; cloud metadata `169.254.0.0/16` (all of IPv4
     /// link-local) and `fd00:ec2::254/128`; RFC 1918 `10.0.0.0/8`,
     /// `172.16.0.0/12`, `192.168.0.0/16`; the gateway's sandbox-side network
-    /// `10.0.2.0/24`; CGNAT `100.64.0.0/10`; ULA `fc00::/7`; link-local
+    /// `10.0.2.0/24` and `fd00:a1::/64`; CGNAT `100.64.0.0/10`; ULA `fc00::/7`; link-local
     /// `fe80::/10`; deprecated site-local `fec0::/10`; multicast
     /// `224.0.0.0/4` and `ff00::/8`; reserved `240.0.0.0/4`; broadcast
     /// `255.255.255.255/32`; unspecified `::/128`.
@@ -1219,6 +1252,33 @@ mod tests {
             udp(&p, "192.0.2.1", 443, Some("quic.example")),
             Decision::allow("quic.example:443")
         );
+    }
+
+    #[test]
+    fn a_protocol_suffix_limits_a_rule_to_that_protocol() {
+        assert_eq!(rule("DNS.example:53/UDP").text(), "dns.example:53/udp");
+        assert_eq!(rule(" 203.0.113.0/24/tcp ").text(), "203.0.113.0/24/tcp");
+        assert_eq!(
+            rule("[2001:db8::1]:443/udp").text(),
+            "[2001:db8::1]:443/udp"
+        );
+        assert_eq!(rule("192.0.2.0/24").text(), "192.0.2.0/24");
+        assert!("/udp".parse::<Rule>().is_err());
+        assert!("example.com/icmp".parse::<Rule>().is_err());
+        let p = allow(&[
+            "203.0.113.0/24/tcp",
+            "198.51.100.1:53/udp",
+            "quic.example:443/udp",
+        ]);
+        assert!(tcp(&p, "203.0.113.7", 22, None).allowed);
+        assert!(!udp(&p, "203.0.113.7", 22, None).allowed);
+        assert!(udp(&p, "198.51.100.1", 53, None).allowed);
+        assert!(!tcp(&p, "198.51.100.1", 53, None).allowed);
+        assert_eq!(
+            udp(&p, "192.0.2.1", 443, Some("quic.example")),
+            Decision::allow("quic.example:443/udp")
+        );
+        assert!(!tcp(&p, "192.0.2.1", 443, Some("quic.example")).allowed);
     }
 
     #[test]
