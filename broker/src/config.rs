@@ -87,6 +87,9 @@ pub struct NetConfig {
     /// New connections per sandbox per second at most (bursts of twice
     /// that pass).
     pub max_new_flows_per_sec: u32,
+    /// Bytes per second per sandbox at most, each way, over all its
+    /// flows (0: no limit).
+    pub max_bytes_per_sec: u64,
 }
 
 impl Default for NetConfig {
@@ -99,6 +102,7 @@ impl Default for NetConfig {
             mtu: 65520,
             max_flows: 256,
             max_new_flows_per_sec: 5000,
+            max_bytes_per_sec: 0,
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct NetServerSpec {
     pub max_flows: usize,
     /// New flows per second at most.
     pub flows_per_sec: u32,
+    /// Bytes per second at most each way (0: no limit).
+    pub bytes_per_sec: u64,
     /// Events sent to the broker per second at most (ten times that in a
     /// burst); past that they are counted.
     pub events_per_sec: f64,
@@ -176,6 +178,7 @@ fn serve(chan: &Channel, spec: NetServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
             mtu: spec.mtu,
             max_flows: spec.max_flows,
             flows_per_sec: spec.flows_per_sec,
+            bytes_per_sec: spec.bytes_per_sec,
         },
         sink,
     )

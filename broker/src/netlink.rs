@@ -7,14 +7,14 @@
 //! gateway (or the sandbox) goes, the kernel deletes the pair with it and
 //! nothing is left to clean up.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
     NetlinkPayload,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -33,6 +33,12 @@ pub struct LinkSpec {
     pub prefix: u8,
     /// The default gateway.
     pub gateway: Ipv4Addr,
+    /// The sandbox's IPv6 address.
+    pub addr6: Ipv6Addr,
+    /// Its prefix length.
+    pub prefix6: u8,
+    /// The default IPv6 gateway.
+    pub gateway6: Ipv6Addr,
     /// MTU of both ends.
     pub mtu: u32,
 }
@@ -77,7 +83,16 @@ fn link_on_this_thread(sandbox_ns: OwnedFd, spec: LinkSpec) -> Result<OwnedFd, S
     let eth0 = nl.index_of(SANDBOX_END)?;
     nl.add_addr(eth0, IpAddr::V4(spec.addr), spec.prefix)?;
     nl.set_up(eth0)?;
-    nl.add_default_route(eth0, spec.gateway)?;
+    nl.add_default_route(eth0, IpAddr::V4(spec.gateway))?;
+    // IPv6 where the kernel has it (a host booted without it keeps its
+    // sandboxes IPv4-only). No duplicate-address detection: nothing else
+    // is on the link, and the address must be usable at once.
+    let v6 = nl
+        .add_addr(eth0, IpAddr::V6(spec.addr6), spec.prefix6)
+        .and_then(|()| nl.add_default_route(eth0, IpAddr::V6(spec.gateway6)));
+    if let Err(e) = v6 {
+        tracing::warn!("the sandbox's link stays IPv4-only: {e}");
+    }
     Ok(packet)
 }
 
@@ -229,10 +244,16 @@ impl Netlink {
         };
         m.header.prefix_len = prefix;
         m.header.index = index;
-        m.attributes = vec![
-            AddressAttribute::Local(addr),
-            AddressAttribute::Address(addr),
-        ];
+        m.attributes = match addr {
+            IpAddr::V4(_) => vec![
+                AddressAttribute::Local(addr),
+                AddressAttribute::Address(addr),
+            ],
+            IpAddr::V6(_) => vec![
+                AddressAttribute::Address(addr),
+                AddressAttribute::Flags(AddressFlags::Nodad),
+            ],
+        };
         self.call(
             RouteNetlinkMessage::NewAddress(m),
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
@@ -241,15 +262,18 @@ impl Netlink {
         .map_err(|e| format!("add address {addr}/{prefix}: {e}"))
     }
 
-    fn add_default_route(&self, index: u32, gateway: Ipv4Addr) -> Result<(), String> {
+    fn add_default_route(&self, index: u32, gateway: IpAddr) -> Result<(), String> {
         let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet;
+        m.header.address_family = match gateway {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
         m.header.table = RouteHeader::RT_TABLE_MAIN;
         m.header.protocol = RouteProtocol::Boot;
         m.header.scope = RouteScope::Universe;
         m.header.kind = RouteType::Unicast;
         m.attributes = vec![
-            RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
+            RouteAttribute::Gateway(RouteAddress::from(gateway)),
             RouteAttribute::Oif(index),
         ];
         self.call(

@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant as StdInstant};
 
@@ -36,7 +36,7 @@ use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
     EthernetAddress, EthernetFrame, EthernetProtocol, HardwareAddress, IpAddress, IpCidr,
-    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, TcpPacket,
+    IpEndpoint, IpListenEndpoint, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
 };
 
 use crate::dns;
@@ -50,6 +50,15 @@ pub const DNS_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 pub const SANDBOX_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// Prefix length of the sandbox's link.
 pub const PREFIX_V4: u8 = 24;
+/// The gateway's IPv6 address on the sandbox's link (a ULA, the same in
+/// every sandbox).
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa1, 0, 0, 0, 0, 0, 2);
+/// The resolver's IPv6 address.
+pub const DNS_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa1, 0, 0, 0, 0, 0, 3);
+/// The sandbox's IPv6 address.
+pub const SANDBOX_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xa1, 0, 0, 0, 0, 0, 0x15);
+/// Prefix length of the sandbox's IPv6 link.
+pub const PREFIX_V6: u8 = 64;
 /// Default MTU of the sandbox's link (both veth ends).
 pub const DEFAULT_MTU: usize = 65520;
 /// The gateway's MAC on the link (locally administered).
@@ -70,6 +79,11 @@ const MAX_PINS: usize = 4096;
 /// DNS queries answered per second at most (and burst).
 const DNS_PER_SEC: f64 = 50.0;
 const DNS_BURST: f64 = 200.0;
+/// Datagrams queued per UDP destination socket each way, and their bytes.
+const UDP_PACKETS: usize = 32;
+const UDP_BUFFER: usize = 128 * 1024;
+/// A UDP flow with no datagram either way for this long ends.
+const UDP_IDLE: Duration = Duration::from_secs(60);
 
 /// How the gateway is set up.
 #[derive(Debug, Clone)]
@@ -87,6 +101,8 @@ pub struct GatewayConfig {
     pub max_flows: usize,
     /// New flows per second at most (bursts of twice that pass).
     pub flows_per_sec: u32,
+    /// Bytes per second at most each way, over all flows (0: no limit).
+    pub bytes_per_sec: u64,
 }
 
 /// Something to audit.
@@ -225,6 +241,7 @@ impl Device for PacketDevice {
         cs.tcp = Checksum::Tx;
         cs.udp = Checksum::Tx;
         cs.icmpv4 = Checksum::Tx;
+        cs.icmpv6 = Checksum::Tx;
         caps.checksum = cs;
         caps
     }
@@ -233,7 +250,7 @@ impl Device for PacketDevice {
 /// One TCP flow: the sandbox's side in smoltcp, the destination's on the
 /// host.
 struct Flow {
-    src: IpEndpoint,
+    src: SocketAddr,
     dst: SocketAddr,
     host: TcpStream,
     connecting: bool,
@@ -261,7 +278,7 @@ struct Flow {
 impl Flow {
     /// A flow whose host side is `host` (connecting or not yet).
     fn new(
-        src: IpEndpoint,
+        src: SocketAddr,
         dst: SocketAddr,
         host: TcpStream,
         connecting: bool,
@@ -303,6 +320,8 @@ enum NameCheck {
 struct PendingDns {
     q: dns::Question,
     client: IpEndpoint,
+    /// The address the question was sent to (the answer comes from it).
+    local: Option<IpAddress>,
     reason: String,
     sent: StdInstant,
 }
@@ -339,6 +358,80 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// Whole tokens available now.
+    fn available(&mut self) -> u64 {
+        let now = StdInstant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        // Truncation is the point: whole tokens only.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let whole = self.tokens.max(0.0) as u64;
+        whole
+    }
+
+    /// Takes `n` tokens (never below zero).
+    #[allow(clippy::cast_precision_loss)]
+    fn spend(&mut self, n: u64) {
+        self.tokens = (self.tokens - n as f64).max(0.0);
+    }
+}
+
+/// A direction of traffic, for the bandwidth limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// From the sandbox.
+    Out = 0,
+    /// To the sandbox.
+    In = 1,
+}
+
+/// What one round of relaying may still move each way, and whether a
+/// flow had more to move than that.
+struct Budget {
+    left: [u64; 2],
+    starved: [bool; 2],
+}
+
+impl Budget {
+    /// How many bytes may move in direction `i` now (0: none; the
+    /// direction is marked starved).
+    fn take(&mut self, i: usize) -> usize {
+        let left = self.left.get(i).copied().unwrap_or(0);
+        if left == 0 {
+            if let Some(s) = self.starved.get_mut(i) {
+                *s = true;
+            }
+            return 0;
+        }
+        usize::try_from(left).unwrap_or(usize::MAX)
+    }
+
+    /// `n` bytes moved in direction `i`.
+    fn spent(&mut self, i: usize, n: usize) {
+        if let Some(l) = self.left.get_mut(i) {
+            *l = l.saturating_sub(n as u64);
+        }
+    }
+}
+
+/// One UDP flow: datagrams between a sandbox endpoint and a destination.
+struct UdpFlow {
+    /// The host socket, connected to the destination.
+    host: UdpSocket,
+    /// The smoltcp socket bound to the destination (shared by every flow
+    /// to it).
+    socket: SocketHandle,
+    domain: Option<String>,
+    reason: String,
+    started: StdInstant,
+    /// The last datagram either way.
+    active: StdInstant,
+    bytes_out: u64,
+    bytes_in: u64,
+}
+
 /// A sandbox's gateway.
 pub struct Gateway {
     cfg: GatewayConfig,
@@ -348,6 +441,19 @@ pub struct Gateway {
     dns_socket: SocketHandle,
     upstream: UdpSocket,
     flows: HashMap<SocketHandle, Flow>,
+    /// UDP flows by (sandbox end, destination).
+    udp_flows: HashMap<(SocketAddr, SocketAddr), UdpFlow>,
+    /// smoltcp sockets bound to UDP destinations, with how many flows use
+    /// each.
+    udp_ends: HashMap<SocketAddr, (SocketHandle, usize)>,
+    /// UDP pairs refused lately (audited once a second at most).
+    udp_refused: HashMap<(SocketAddr, SocketAddr), StdInstant>,
+    /// Byte buckets out of and into the sandbox, when limited.
+    bandwidth: [Option<Bucket>; 2],
+    /// When each direction's limit hit was last audited.
+    bandwidth_reported: [Option<StdInstant>; 2],
+    /// Directions whose budget ran out with bytes waiting.
+    throttled: [bool; 2],
     pending: HashMap<u16, PendingDns>,
     next_dns_id: u16,
     pins: HashMap<IpAddr, Vec<(String, StdInstant)>>,
@@ -411,17 +517,29 @@ impl Gateway {
         };
         let epoch = StdInstant::now();
         let flows_per_sec = cfg.flows_per_sec;
+        // A burst of a quarter second's worth, and never less than one
+        // full flow buffer, so a limit shapes rates without stalling.
+        #[allow(clippy::cast_precision_loss)]
+        let bandwidth = [(); 2].map(|()| {
+            (cfg.bytes_per_sec > 0).then(|| {
+                let rate = cfg.bytes_per_sec as f64;
+                Bucket::new(rate, (rate / 4.0).max(TCP_BUFFER as f64))
+            })
+        });
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(GATEWAY_MAC)));
         config.random_seed = seed();
         let mut iface = Interface::new(config, &mut dev, Instant::from_micros(0));
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(GATEWAY_V4), PREFIX_V4));
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(DNS_V4), PREFIX_V4));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv6(GATEWAY_V6), PREFIX_V6));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv6(DNS_V6), PREFIX_V6));
         });
         // Accept traffic to any address: the sandbox's default route
         // points here, and every destination is judged by the policy.
         iface.set_any_ip(true);
         let _ = iface.routes_mut().add_default_ipv4_route(GATEWAY_V4);
+        let _ = iface.routes_mut().add_default_ipv6_route(GATEWAY_V6);
         let mut sockets = SocketSet::new(Vec::new());
         let mut udp_sock = udp::Socket::new(
             udp::PacketBuffer::new(
@@ -433,15 +551,18 @@ impl Gateway {
                 vec![0u8; 64 * dns::MAX_MESSAGE],
             ),
         );
+        // DNS to any address is the resolver's: a program that asks a
+        // resolver of its own choosing gets this one (answered from the
+        // address it asked), so no query leaves unjudged.
         let _ = udp_sock.bind(IpListenEndpoint {
-            addr: Some(IpAddress::Ipv4(DNS_V4)),
+            addr: None,
             port: 53,
         });
         let dns_socket = sockets.add(udp_sock);
         let bind: SocketAddr = if cfg.dns_upstream.is_ipv4() {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            (Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let upstream = UdpSocket::bind(bind).map_err(io("bind the resolver's socket"))?;
         upstream
@@ -458,6 +579,12 @@ impl Gateway {
             dns_socket,
             upstream,
             flows: HashMap::new(),
+            udp_flows: HashMap::new(),
+            udp_ends: HashMap::new(),
+            udp_refused: HashMap::new(),
+            bandwidth,
+            bandwidth_reported: [None; 2],
+            throttled: [false; 2],
             pending: HashMap::new(),
             next_dns_id: u16::try_from(seed() & 0xffff).unwrap_or(1),
             pins: HashMap::new(),
@@ -493,6 +620,10 @@ impl Gateway {
                 f.error = Some("the sandbox ended".into());
             }
             self.end_flow(h);
+        }
+        let keys: Vec<(SocketAddr, SocketAddr)> = self.udp_flows.keys().copied().collect();
+        for key in keys {
+            self.end_udp(key, Some("the sandbox ended".into()));
         }
     }
 
@@ -552,13 +683,7 @@ impl Gateway {
                     duration_ms: 0,
                     error: None,
                 });
-                let src = IpEndpoint::new(
-                    IpAddress::Ipv4(match peer.ip() {
-                        IpAddr::V4(a) => a,
-                        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-                    }),
-                    peer.port(),
-                );
+                let src = peer;
                 let reason = format!("port forward to {port}");
                 self.flows
                     .insert(handle, Flow::new(src, dst, host, false, None, reason, None));
@@ -586,7 +711,12 @@ impl Gateway {
                 .poll_delay(self.now(), &self.sockets)
                 .map(|d| Duration::from_micros(d.total_micros()))
                 .unwrap_or(Duration::from_secs(1))
-                .min(Duration::from_secs(1));
+                .min(if self.throttled.contains(&true) {
+                    // Waiting for the bandwidth budget to refill.
+                    Duration::from_millis(1)
+                } else {
+                    Duration::from_secs(1)
+                });
             let handles: Vec<SocketHandle> = self.flows.keys().copied().collect();
             let (ready, link_gone) = {
                 use rustix::event::{PollFd, PollFlags};
@@ -603,13 +733,16 @@ impl Gateway {
                     };
                     let sock = self.sockets.get::<tcp::Socket>(*h);
                     let mut want = PollFlags::empty();
-                    if flow.connecting || sock.recv_queue() > 0 {
+                    if flow.connecting || (sock.recv_queue() > 0 && !self.throttled[0]) {
                         want |= PollFlags::OUT;
                     }
-                    if !flow.connecting && !flow.host_eof && sock.can_send() {
+                    if !flow.connecting && !flow.host_eof && sock.can_send() && !self.throttled[1] {
                         want |= PollFlags::IN;
                     }
                     pfds.push(PollFd::new(&flow.host, want));
+                }
+                for f in self.udp_flows.values() {
+                    pfds.push(PollFd::new(&f.host, PollFlags::IN));
                 }
                 // A bounded spin before sleeping: on these machines a wakeup
                 // across CPUs costs more than the next packet's wait, and
@@ -660,6 +793,7 @@ impl Gateway {
                 .poll(self.now(), &mut self.dev, &mut self.sockets);
             self.serve_dns();
             let done = self.service_flows();
+            self.service_udp();
             self.expire_dns();
             self.iface
                 .poll(self.now(), &mut self.dev, &mut self.sockets);
@@ -669,7 +803,8 @@ impl Gateway {
         }
     }
 
-    /// Reads waiting frames; SYNs of new flows are judged on the way.
+    /// Reads waiting frames; new TCP flows and UDP destinations are judged
+    /// on the way, before smoltcp sees them.
     fn read_frames(&mut self) {
         let mut buf = std::mem::take(&mut self.rx_buf);
         buf.resize(self.cfg.mtu + 64, 0);
@@ -677,7 +812,11 @@ impl Gateway {
             match rustix::net::recv(&self.dev.fd, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
                 Ok((n, _)) if n > 0 => {
                     let frame = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
-                    self.inspect(&frame);
+                    match classify(&frame) {
+                        Some(Intercept::TcpSyn { src, dst }) => self.tcp_syn(src, dst),
+                        Some(Intercept::Udp { src, dst }) => self.udp_datagram(src, dst),
+                        None => {}
+                    }
                     self.dev.rx.push_back(frame);
                 }
                 _ => break,
@@ -686,24 +825,12 @@ impl Gateway {
         self.rx_buf = buf;
     }
 
-    /// A TCP SYN from the sandbox to an endpoint nobody listens on yet:
-    /// judge it, and if allowed start the host connection and a listener.
-    fn inspect(&mut self, frame: &[u8]) {
-        let Some((src_ip, src_port, dst_ip, dst_port)) = new_tcp_syn(frame) else {
-            return;
-        };
-        let src = IpEndpoint::new(IpAddress::Ipv4(src_ip), src_port);
-
-        let dst = SocketAddr::new(IpAddr::V4(dst_ip), dst_port);
-        if dst_ip == GATEWAY_V4 || dst_ip == DNS_V4 {
-            // Nothing listens on the gateway itself: smoltcp resets it.
-            return;
-        }
-        if self.flows.values().any(|f| f.src == src && f.dst == dst) {
-            return; // a retransmitted SYN
-        }
+    /// The policy's decision on a new flow, limits first: the number of
+    /// flows open and the rate of new ones.
+    fn admit(&mut self, proto: Proto, dst: SocketAddr) -> (Option<String>, Decision) {
         let names = self.pinned_names(dst.ip());
-        let (domain, decision) = if self.flows.len() >= self.cfg.max_flows {
+        let open = self.flows.len() + self.udp_flows.len();
+        if open >= self.cfg.max_flows {
             (self.events)(NetEvent::Limit {
                 what: format!("concurrent flows ({})", self.cfg.max_flows),
             });
@@ -711,8 +838,9 @@ impl Gateway {
                 allowed: false,
                 reason: format!("limit: {} concurrent flows", self.cfg.max_flows),
             };
-            (names.first().cloned(), d)
-        } else if !self.flow_bucket.take() {
+            return (names.first().cloned(), d);
+        }
+        if !self.flow_bucket.take() {
             (self.events)(NetEvent::Limit {
                 what: format!("new flows ({}/s)", self.cfg.flows_per_sec),
             });
@@ -720,43 +848,65 @@ impl Gateway {
                 allowed: false,
                 reason: format!("limit: {} new flows per second", self.cfg.flows_per_sec),
             };
-            (names.first().cloned(), d)
-        } else {
-            self.judge(dst, &names)
-        };
-        let sandbox_src = SocketAddr::new(IpAddr::V4(src_ip), src_port);
+            return (names.first().cloned(), d);
+        }
+        self.judge(proto, dst, &names)
+    }
+
+    /// A flow's row without bytes (refused, open, or failed at once).
+    fn flow_row(
+        &mut self,
+        phase: FlowPhase,
+        proto: Proto,
+        (src, dst): (SocketAddr, SocketAddr),
+        domain: Option<String>,
+        decision: &Decision,
+        error: Option<String>,
+    ) {
+        (self.events)(NetEvent::Flow {
+            phase,
+            proto,
+            src,
+            dst,
+            domain,
+            allowed: decision.allowed,
+            reason: decision.reason.clone(),
+            bytes_out: 0,
+            bytes_in: 0,
+            duration_ms: 0,
+            error,
+        });
+    }
+
+    /// A TCP SYN from the sandbox: unless it belongs to a flow already
+    /// under way, judge it, and if allowed start the host connection and a
+    /// listener on exactly that endpoint.
+    fn tcp_syn(&mut self, src: SocketAddr, dst: SocketAddr) {
+        if is_gateway_addr(dst.ip()) {
+            // Nothing listens on the gateway itself: smoltcp resets it.
+            return;
+        }
+        if self.flows.values().any(|f| f.src == src && f.dst == dst) {
+            return; // a retransmitted SYN
+        }
+        let (domain, decision) = self.admit(Proto::Tcp, dst);
         if !decision.allowed {
-            (self.events)(NetEvent::Flow {
-                phase: FlowPhase::Refused,
-                proto: Proto::Tcp,
-                src: sandbox_src,
-                dst,
-                domain,
-                allowed: false,
-                reason: decision.reason,
-                bytes_out: 0,
-                bytes_in: 0,
-                duration_ms: 0,
-                error: None,
-            });
+            let row = (FlowPhase::Refused, Proto::Tcp, (src, dst));
+            self.flow_row(row.0, row.1, row.2, domain, &decision, None);
             return;
         }
         let host = match connect_nonblocking(dst) {
             Ok(s) => s,
             Err(e) => {
-                (self.events)(NetEvent::Flow {
-                    phase: FlowPhase::End,
-                    proto: Proto::Tcp,
-                    src: sandbox_src,
-                    dst,
+                let error = Some(format!("connect: {e}"));
+                self.flow_row(
+                    FlowPhase::End,
+                    Proto::Tcp,
+                    (src, dst),
                     domain,
-                    allowed: true,
-                    reason: decision.reason,
-                    bytes_out: 0,
-                    bytes_in: 0,
-                    duration_ms: 0,
-                    error: Some(format!("connect: {e}")),
-                });
+                    &decision,
+                    error,
+                );
                 return;
             }
         };
@@ -766,50 +916,272 @@ impl Gateway {
         );
         sock.set_nagle_enabled(false);
         sock.set_ack_delay(None);
-        if sock
-            .listen(IpListenEndpoint {
-                addr: Some(IpAddress::Ipv4(dst_ip)),
-                port: dst_port,
-            })
-            .is_err()
-        {
+        if sock.listen(IpListenEndpoint::from(dst)).is_err() {
             return;
         }
         let handle = self.sockets.add(sock);
         // Admitted by a name: the first bytes must ask for one of the names
         // this address was resolved for (no fronting another name).
+        let names = self.pinned_names(dst.ip());
         let check = match (&domain, dst.port()) {
-            (Some(_), 443) => Some((NameCheck::Sni, names.clone())),
-            (Some(_), 80) => Some((NameCheck::Host, names.clone())),
+            (Some(_), 443) => Some((NameCheck::Sni, names)),
+            (Some(_), 80) => Some((NameCheck::Host, names)),
             _ => None,
         };
-        (self.events)(NetEvent::Flow {
-            phase: FlowPhase::Open,
-            proto: Proto::Tcp,
-            src: sandbox_src,
-            dst,
-            domain: domain.clone(),
-            allowed: true,
-            reason: decision.reason.clone(),
-            bytes_out: 0,
-            bytes_in: 0,
-            duration_ms: 0,
-            error: None,
-        });
+        self.flow_row(
+            FlowPhase::Open,
+            Proto::Tcp,
+            (src, dst),
+            domain.clone(),
+            &decision,
+            None,
+        );
         self.flows.insert(
             handle,
             Flow::new(src, dst, host, true, domain, decision.reason, check),
         );
     }
 
-    /// The policy's decision on a TCP flow to `dst`, and the name that
-    /// admits it: the first of `names` (those `dst` was resolved for) a
-    /// rule allows, or the first one (or none) when none does.
-    fn judge(&self, dst: SocketAddr, names: &[String]) -> (Option<String>, Decision) {
+    /// A UDP datagram from the sandbox. DNS (port 53, to any address) is
+    /// the resolver's; the first datagram of a new (source, destination)
+    /// pair is judged, and if allowed a host socket connected to the
+    /// destination and a smoltcp socket bound to it relay the pair's
+    /// datagrams. A refused one reaches no socket, so smoltcp answers it
+    /// with an ICMP port unreachable (the sender's next call fails with
+    /// ECONNREFUSED at once).
+    fn udp_datagram(&mut self, src: SocketAddr, dst: SocketAddr) {
+        if dst.port() == 53 || is_gateway_addr(dst.ip()) {
+            return;
+        }
+        if self.udp_flows.contains_key(&(src, dst)) {
+            return;
+        }
+        // A sender that keeps trying a refused destination is audited once
+        // a second, not once a datagram.
+        if self
+            .udp_refused
+            .get(&(src, dst))
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        let (domain, decision) = self.admit(Proto::Udp, dst);
+        if !decision.allowed {
+            if self.udp_refused.len() >= MAX_PINS {
+                self.udp_refused.clear();
+            }
+            self.udp_refused.insert((src, dst), StdInstant::now());
+            self.flow_row(
+                FlowPhase::Refused,
+                Proto::Udp,
+                (src, dst),
+                domain,
+                &decision,
+                None,
+            );
+            return;
+        }
+        let host = match udp_connect(dst) {
+            Ok(s) => s,
+            Err(e) => {
+                let error = Some(format!("connect: {e}"));
+                self.flow_row(
+                    FlowPhase::End,
+                    Proto::Udp,
+                    (src, dst),
+                    domain,
+                    &decision,
+                    error,
+                );
+                return;
+            }
+        };
+        let handle = if let Some((h, n)) = self.udp_ends.get_mut(&dst) {
+            *n += 1;
+            *h
+        } else {
+            let mut sock = udp::Socket::new(
+                udp::PacketBuffer::new(
+                    vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+                    vec![0u8; UDP_BUFFER],
+                ),
+                udp::PacketBuffer::new(
+                    vec![udp::PacketMetadata::EMPTY; UDP_PACKETS],
+                    vec![0u8; UDP_BUFFER],
+                ),
+            );
+            if sock.bind(IpListenEndpoint::from(dst)).is_err() {
+                return;
+            }
+            let h = self.sockets.add(sock);
+            self.udp_ends.insert(dst, (h, 1));
+            h
+        };
+        self.flow_row(
+            FlowPhase::Open,
+            Proto::Udp,
+            (src, dst),
+            domain.clone(),
+            &decision,
+            None,
+        );
+        self.udp_flows.insert(
+            (src, dst),
+            UdpFlow {
+                host,
+                socket: handle,
+                domain,
+                reason: decision.reason,
+                started: StdInstant::now(),
+                active: StdInstant::now(),
+                bytes_out: 0,
+                bytes_in: 0,
+            },
+        );
+    }
+
+    /// Moves datagrams both ways for every UDP flow, and ends idle ones.
+    /// Over the bandwidth limit, datagrams are dropped (as a policer
+    /// would), in both directions.
+    fn service_udp(&mut self) {
+        let mut buf = std::mem::take(&mut self.rx_buf);
+        buf.resize(self.cfg.mtu + 64, 0);
+        // Sandbox to destinations.
+        let ends: Vec<(SocketAddr, SocketHandle)> =
+            self.udp_ends.iter().map(|(d, (h, _))| (*d, *h)).collect();
+        for (dst, h) in ends {
+            loop {
+                let (n, src) = {
+                    let sock = self.sockets.get_mut::<udp::Socket>(h);
+                    match sock.recv_slice(&mut buf) {
+                        Ok((n, meta)) => (n, endpoint_addr(meta.endpoint)),
+                        Err(_) => break,
+                    }
+                };
+                let allowed = self.spend(Direction::Out, n);
+                let Some(flow) = self.udp_flows.get_mut(&(src, dst)) else {
+                    continue;
+                };
+                flow.active = StdInstant::now();
+                if allowed && let Some(d) = buf.get(..n) {
+                    // A full host socket drops the datagram, as a link would.
+                    if flow.host.send(d).is_ok() {
+                        flow.bytes_out += n as u64;
+                    }
+                }
+            }
+        }
+        // Destinations to the sandbox.
+        let keys: Vec<(SocketAddr, SocketAddr)> = self.udp_flows.keys().copied().collect();
+        for key in keys {
+            while let Some(flow) = self.udp_flows.get_mut(&key) {
+                if !self.sockets.get::<udp::Socket>(flow.socket).can_send() {
+                    break;
+                }
+                let n = match flow.host.recv(&mut buf) {
+                    Ok(n) => n,
+                    // Includes ICMP errors reported on the connected socket.
+                    Err(_) => break,
+                };
+                flow.active = StdInstant::now();
+                let socket = flow.socket;
+                if !self.spend(Direction::In, n) {
+                    continue;
+                }
+                let meta = udp::UdpMetadata {
+                    endpoint: IpEndpoint::from(key.0),
+                    local_address: Some(IpAddress::from(key.1.ip())),
+                    meta: smoltcp::phy::PacketMeta::default(),
+                };
+                let sock = self.sockets.get_mut::<udp::Socket>(socket);
+                if sock
+                    .send_slice(buf.get(..n).unwrap_or_default(), meta)
+                    .is_ok()
+                    && let Some(flow) = self.udp_flows.get_mut(&key)
+                {
+                    flow.bytes_in += n as u64;
+                }
+            }
+        }
+        self.rx_buf = buf;
+        let idle: Vec<(SocketAddr, SocketAddr)> = self
+            .udp_flows
+            .iter()
+            .filter(|(_, f)| f.active.elapsed() > UDP_IDLE)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in idle {
+            self.end_udp(key, None);
+        }
+    }
+
+    /// Ends a UDP flow and writes its end row.
+    fn end_udp(&mut self, key: (SocketAddr, SocketAddr), error: Option<String>) {
+        let Some(f) = self.udp_flows.remove(&key) else {
+            return;
+        };
+        if let Some((h, n)) = self.udp_ends.get_mut(&key.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                let h = *h;
+                self.udp_ends.remove(&key.1);
+                self.sockets.remove(h);
+            }
+        }
+        (self.events)(NetEvent::Flow {
+            phase: FlowPhase::End,
+            proto: Proto::Udp,
+            src: key.0,
+            dst: key.1,
+            domain: f.domain,
+            allowed: true,
+            reason: f.reason,
+            bytes_out: f.bytes_out,
+            bytes_in: f.bytes_in,
+            duration_ms: u64::try_from(f.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            error,
+        });
+    }
+
+    /// Takes `n` bytes from the direction's bandwidth budget; false (and
+    /// an audited limit hit, at most one per direction each 10 s) when it
+    /// has not that much.
+    fn spend(&mut self, dir: Direction, n: usize) -> bool {
+        let i = dir as usize;
+        let Some(bucket) = self.bandwidth[i].as_mut() else {
+            return true;
+        };
+        if bucket.available() >= n as u64 {
+            bucket.spend(n as u64);
+            return true;
+        }
+        self.bandwidth_hit(dir);
+        false
+    }
+
+    fn bandwidth_hit(&mut self, dir: Direction) {
+        let i = dir as usize;
+        if self.bandwidth_reported[i].is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        self.bandwidth_reported[i] = Some(StdInstant::now());
+        let way = match dir {
+            Direction::Out => "out",
+            Direction::In => "in",
+        };
+        (self.events)(NetEvent::Limit {
+            what: format!("bytes per second {way} ({})", self.cfg.bytes_per_sec),
+        });
+    }
+
+    /// The policy's decision on a flow to `dst`, and the name that admits
+    /// it: the first of `names` (those `dst` was resolved for) a rule
+    /// allows, or the first one (or none) when none does.
+    fn judge(&self, proto: Proto, dst: SocketAddr, names: &[String]) -> (Option<String>, Decision) {
         let decide = |name: Option<&str>| {
             self.cfg
                 .policy
-                .flow_decision(Proto::Tcp, dst.ip(), dst.port(), name, &self.cfg.ranges)
+                .flow_decision(proto, dst.ip(), dst.port(), name, &self.cfg.ranges)
         };
         for n in names {
             let d = decide(Some(n));
@@ -836,20 +1208,40 @@ impl Gateway {
         out
     }
 
-    /// Moves data between each flow's two sockets, and ends finished ones.
-    /// Returns the flows that are over; their sockets stay in the set
-    /// until the stack has run once more (an aborted one still owes the
-    /// sandbox its RST).
+    /// Moves data between each flow's two sockets, as far as the
+    /// bandwidth budget goes, and ends finished ones. Returns the flows
+    /// that are over; their sockets stay in the set until the stack has
+    /// run once more (an aborted one still owes the sandbox its RST).
     fn service_flows(&mut self) -> Vec<SocketHandle> {
         let handles: Vec<SocketHandle> = self.flows.keys().copied().collect();
+        let mut budget = Budget {
+            left: [u64::MAX; 2],
+            starved: [false; 2],
+        };
+        for (i, b) in self.bandwidth.iter_mut().enumerate() {
+            if let (Some(b), Some(slot)) = (b.as_mut(), budget.left.get_mut(i)) {
+                *slot = b.available();
+            }
+        }
+        let start = budget.left;
         let mut done = Vec::new();
         for h in handles {
             let Some(flow) = self.flows.get_mut(&h) else {
                 continue;
             };
             let sock = self.sockets.get_mut::<tcp::Socket>(h);
-            if service(flow, sock) {
+            if service(flow, sock, &mut budget) {
                 done.push(h);
+            }
+        }
+        self.throttled = budget.starved;
+        for dir in [Direction::Out, Direction::In] {
+            let i = dir as usize;
+            if let Some(b) = self.bandwidth[i].as_mut() {
+                b.spend(start[i] - budget.left[i]);
+                if budget.starved[i] {
+                    self.bandwidth_hit(dir);
+                }
             }
         }
         done
@@ -858,11 +1250,6 @@ impl Gateway {
     fn end_flow(&mut self, h: SocketHandle) {
         self.sockets.remove(h);
         if let Some(f) = self.flows.remove(&h) {
-            let src = match f.src.addr {
-                IpAddress::Ipv4(a) => SocketAddr::new(IpAddr::V4(a), f.src.port),
-                #[allow(unreachable_patterns)]
-                _ => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), f.src.port),
-            };
             let (phase, allowed, reason) = match f.refused {
                 Some(why) => (FlowPhase::Refused, false, why),
                 None => (FlowPhase::End, true, f.reason),
@@ -870,7 +1257,7 @@ impl Gateway {
             (self.events)(NetEvent::Flow {
                 phase,
                 proto: Proto::Tcp,
-                src,
+                src: f.src,
                 dst: f.dst,
                 domain: f.domain,
                 allowed,
@@ -890,7 +1277,7 @@ impl Gateway {
             let (bytes, client) = {
                 let sock = self.sockets.get_mut::<udp::Socket>(self.dns_socket);
                 match sock.recv() {
-                    Ok((b, meta)) => (b.to_vec(), meta.endpoint),
+                    Ok((b, meta)) => (b.to_vec(), (meta.endpoint, meta.local_address)),
                     Err(_) => break,
                 }
             };
@@ -948,7 +1335,8 @@ impl Gateway {
                 id,
                 PendingDns {
                     q,
-                    client,
+                    client: client.0,
+                    local: client.1,
                     reason: decision.reason,
                     sent: StdInstant::now(),
                 },
@@ -956,9 +1344,15 @@ impl Gateway {
         }
     }
 
-    fn reply_dns(&mut self, reply: &[u8], client: IpEndpoint) {
+    /// Sends `reply` to `client` from `local`, the address it asked.
+    fn reply_dns(&mut self, reply: &[u8], (client, local): (IpEndpoint, Option<IpAddress>)) {
+        let meta = udp::UdpMetadata {
+            endpoint: client,
+            local_address: local,
+            meta: smoltcp::phy::PacketMeta::default(),
+        };
         let sock = self.sockets.get_mut::<udp::Socket>(self.dns_socket);
-        let _ = sock.send_slice(reply, client);
+        let _ = sock.send_slice(reply, meta);
     }
 
     /// Upstream answers: only addresses the policy accepts for the name
@@ -1005,7 +1399,7 @@ impl Gateway {
                 answers: kept.iter().map(|(a, _)| *a).collect(),
                 withheld,
             });
-            self.reply_dns(&reply, p.client);
+            self.reply_dns(&reply, (p.client, p.local));
         }
     }
 
@@ -1048,33 +1442,76 @@ impl Gateway {
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
                 let reply = dns::empty_answer(&p.q, hickory_proto::op::ResponseCode::ServFail);
-                self.reply_dns(&reply, p.client);
+                self.reply_dns(&reply, (p.client, p.local));
             }
         }
     }
 }
 
-/// The (source address, source port, destination address, destination
-/// port) of `frame` if it is an unfragmented IPv4 TCP SYN (no ACK); any
-/// other frame, malformed ones included, is `None`.
-pub fn new_tcp_syn(frame: &[u8]) -> Option<(Ipv4Addr, u16, Ipv4Addr, u16)> {
+/// What the gateway must judge before smoltcp sees a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intercept {
+    /// A TCP SYN (no ACK): a new connection attempt.
+    TcpSyn {
+        /// The sandbox's end.
+        src: SocketAddr,
+        /// Where it goes.
+        dst: SocketAddr,
+    },
+    /// A UDP datagram.
+    Udp {
+        /// The sandbox's end.
+        src: SocketAddr,
+        /// Where it goes.
+        dst: SocketAddr,
+    },
+}
+
+/// What `frame` asks of the gateway if it is an unfragmented IPv4 or IPv6
+/// (no extension headers) TCP SYN or UDP datagram; any other frame,
+/// malformed ones included, is `None` and goes to smoltcp as it is (which
+/// answers what it serves itself and drops the rest).
+pub fn classify(frame: &[u8]) -> Option<Intercept> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return None;
+    let (src, dst, proto, payload) = match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {
+            let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+            if ip.more_frags() || ip.frag_offset() != 0 {
+                return None;
+            }
+            let proto = ip.next_header();
+            let (s, d) = (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()));
+            (s, d, proto, ip.payload())
+        }
+        EthernetProtocol::Ipv6 => {
+            let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
+            let proto = ip.next_header();
+            let (s, d) = (IpAddr::V6(ip.src_addr()), IpAddr::V6(ip.dst_addr()));
+            (s, d, proto, ip.payload())
+        }
+        _ => return None,
+    };
+    match proto {
+        IpProtocol::Tcp => {
+            let tcp = TcpPacket::new_checked(payload).ok()?;
+            (tcp.syn() && !tcp.ack()).then(|| Intercept::TcpSyn {
+                src: SocketAddr::new(src, tcp.src_port()),
+                dst: SocketAddr::new(dst, tcp.dst_port()),
+            })
+        }
+        IpProtocol::Udp => {
+            let udp = UdpPacket::new_checked(payload).ok()?;
+            Some(Intercept::Udp {
+                src: SocketAddr::new(src, udp.src_port()),
+                dst: SocketAddr::new(dst, udp.dst_port()),
+            })
+        }
+        _ => None,
     }
-    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
-        return None;
-    }
-    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-    if !tcp.syn() || tcp.ack() {
-        return None;
-    }
-    Some((ip.src_addr(), tcp.src_port(), ip.dst_addr(), tcp.dst_port()))
 }
 
 /// One step of a flow; true when it is over.
-fn service(flow: &mut Flow, sock: &mut tcp::Socket<'_>) -> bool {
+fn service(flow: &mut Flow, sock: &mut tcp::Socket<'_>, budget: &mut Budget) -> bool {
     // A flow that never finishes setting up (a SYN never followed by the
     // handshake, a destination that never answers) would hold one of the
     // sandbox's flows for good.
@@ -1178,16 +1615,28 @@ fn service(flow: &mut Flow, sock: &mut tcp::Socket<'_>) -> bool {
             return false;
         }
     }
-    // Sandbox to destination, as far as the host socket takes it.
+    // Sandbox to destination, as far as the host socket takes it and the
+    // budget allows.
+    let out = Direction::Out as usize;
     while sock.can_recv() {
+        let cap = budget.take(out);
+        if cap == 0 {
+            break;
+        }
         let host = &mut flow.host;
-        let r = sock.recv(|buf| match host.write(buf) {
-            Ok(n) => (n, Ok(n)),
-            Err(e) => (0, Err(e)),
+        let r = sock.recv(|buf| {
+            let buf = buf.get(..buf.len().min(cap)).unwrap_or_default();
+            match host.write(buf) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            }
         });
         match r {
             Ok(Ok(0)) => break,
-            Ok(Ok(n)) => flow.bytes_out += n as u64,
+            Ok(Ok(n)) => {
+                flow.bytes_out += n as u64;
+                budget.spent(out, n);
+            }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Ok(Err(e)) => {
                 flow.error = Some(format!("send: {e}"));
@@ -1201,20 +1650,32 @@ fn service(flow: &mut Flow, sock: &mut tcp::Socket<'_>) -> bool {
         let _ = flow.host.shutdown(std::net::Shutdown::Write);
         flow.host_shut = true;
     }
-    // Destination to sandbox, as far as smoltcp has room.
+    // Destination to sandbox, as far as smoltcp has room and the budget
+    // allows.
+    let inn = Direction::In as usize;
     while !flow.host_eof && sock.can_send() {
+        let cap = budget.take(inn);
+        if cap == 0 {
+            break;
+        }
         let host = &mut flow.host;
-        let r = sock.send(|buf| match host.read(buf) {
-            Ok(0) => (0, Ok(0)),
-            Ok(n) => (n, Ok(n)),
-            Err(e) => (0, Err(e)),
+        let r = sock.send(|buf| {
+            let len = buf.len().min(cap);
+            match host.read(buf.get_mut(..len).unwrap_or_default()) {
+                Ok(0) => (0, Ok(0)),
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            }
         });
         match r {
             Ok(Ok(0)) => {
                 flow.host_eof = true;
                 sock.close();
             }
-            Ok(Ok(n)) => flow.bytes_in += n as u64,
+            Ok(Ok(n)) => {
+                flow.bytes_in += n as u64;
+                budget.spent(inn, n);
+            }
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Ok(Err(e)) => {
                 flow.error = Some(format!("recv: {e}"));
@@ -1226,6 +1687,38 @@ fn service(flow: &mut Flow, sock: &mut tcp::Socket<'_>) -> bool {
     }
     matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait)
         || (flow.host_eof && flow.host_shut && sock.state() == tcp::State::Closed)
+}
+
+/// Whether `addr` is one of the gateway's own addresses.
+fn is_gateway_addr(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(a) => a == GATEWAY_V4 || a == DNS_V4,
+        IpAddr::V6(a) => a == GATEWAY_V6 || a == DNS_V6,
+    }
+}
+
+/// `e` as a socket address.
+fn endpoint_addr(e: IpEndpoint) -> SocketAddr {
+    SocketAddr::new(IpAddr::from(e.addr), e.port)
+}
+
+/// A non-blocking UDP socket connected to `dst` (so only `dst` can answer
+/// through it). The connect binds it (the jail has no `bind`).
+fn udp_connect(dst: SocketAddr) -> std::io::Result<UdpSocket> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if dst.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::DGRAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &dst)?;
+    Ok(UdpSocket::from(fd))
 }
 
 /// A non-blocking TCP connect to `dst`, under way.
@@ -1324,6 +1817,7 @@ mod tests {
             mtu: 1500,
             max_flows: 16,
             flows_per_sec: 1_000_000,
+            bytes_per_sec: 0,
         };
         let handle = std::thread::spawn(move || {
             let mut g = Gateway::new(

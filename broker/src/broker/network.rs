@@ -7,7 +7,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 
-use airlock_net::gateway::{DEFAULT_MTU, GATEWAY_V4, NetEvent, PREFIX_V4, SANDBOX_V4};
+use airlock_net::gateway::{
+    DEFAULT_MTU, GATEWAY_V4, GATEWAY_V6, NetEvent, PREFIX_V4, PREFIX_V6, SANDBOX_V4, SANDBOX_V6,
+};
 use airlock_net::policy::{Mode, Policy};
 
 use super::*;
@@ -49,6 +51,9 @@ impl Broker {
                 addr: SANDBOX_V4,
                 prefix: PREFIX_V4,
                 gateway: GATEWAY_V4,
+                addr6: SANDBOX_V6,
+                prefix6: PREFIX_V6,
+                gateway6: GATEWAY_V6,
                 mtu,
             },
         )
@@ -77,6 +82,7 @@ impl Broker {
             mtu: mtu as usize,
             max_flows: net.max_flows,
             flows_per_sec: net.max_new_flows_per_sec.max(1),
+            bytes_per_sec: net.max_bytes_per_sec,
             events_per_sec: NET_EVENTS_PER_SEC,
             uplink_netns: uplink.is_some(),
             cgroup_procs: join_files,
