@@ -19,6 +19,10 @@ names = {
     "rebind.test": "10.0.0.5",
     "meta.test": "169.254.169.254",
 }
+names6 = {
+    "allowed.test": "2001:db8:113::10",
+    "other.test": "2001:db8:113::11",
+}
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("203.0.113.53", 53))
 print("ready", flush=True)
@@ -39,22 +43,28 @@ while True:
     elif qtype == 1:
         ans = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 30, 4) + socket.inet_aton(ip)
         s.sendto(struct.pack(">HHHHHH", tid, 0x8180, 1, 1, 0, 0) + question + ans, addr)
+    elif qtype == 28 and qname in names6:
+        a6 = socket.inet_pton(socket.AF_INET6, names6[qname])
+        ans = b"\xc0\x0c" + struct.pack(">HHIH", 28, 1, 30, 16) + a6
+        s.sendto(struct.pack(">HHHHHH", tid, 0x8180, 1, 1, 0, 0) + question + ans, addr)
     else:
         s.sendto(struct.pack(">HHHHHH", tid, 0x8180, 1, 0, 0, 0) + question, addr)
 "#;
 
-/// An HTTP server answering every GET with `body`.
+/// An HTTP server on `ip` (IPv4 or IPv6) answering every GET with `body`.
 fn http_server(ip: &str, body: &str) -> String {
     format!(
         r#"
-import http.server
+import http.server, socket
+class S(http.server.HTTPServer):
+    address_family = socket.AF_INET6 if ":" in "{ip}" else socket.AF_INET
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         b = b"{body}"
         self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers()
         self.wfile.write(b)
     def log_message(self, *a): pass
-s = http.server.HTTPServer(("{ip}", 80), H)
+s = S(("{ip}", 80), H)
 print("ready", flush=True)
 s.serve_forever()
 "#
@@ -78,6 +88,48 @@ while True:
     except OSError:
         pass
     c.close()
+"#;
+
+/// On 203.0.113.10 and 2001:db8:113::10, UDP port 7: echoes each datagram
+/// back with "echo:" in front.
+const UDP_ECHO: &str = r#"
+import select, socket
+socks = []
+for fam, ip in ((socket.AF_INET, "203.0.113.10"), (socket.AF_INET6, "2001:db8:113::10")):
+    s = socket.socket(fam, socket.SOCK_DGRAM); s.bind((ip, 7)); socks.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        d, a = s.recvfrom(65536)
+        s.sendto(b"echo:" + d, a)
+"#;
+
+/// On 203.0.113.10: port 9 reads everything and answers with the count;
+/// port 19 sends as many bytes as the decimal number in the first line.
+const BULK_SERVER: &str = r#"
+import socket, threading
+def sink(c):
+    n = 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b: break
+        n += len(b)
+    c.sendall(b"%d" % n); c.close()
+def source(c):
+    f = c.makefile("rb"); n = int(f.readline())
+    chunk = b"x" * 65536
+    while n > 0:
+        c.sendall(chunk[:min(n, len(chunk))]); n -= min(n, len(chunk))
+    c.close()
+def serve(port, fn):
+    l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("203.0.113.10", port)); l.listen(16)
+    while True:
+        c, _ = l.accept(); threading.Thread(target=fn, args=(c,), daemon=True).start()
+threading.Thread(target=serve, args=(9, sink), daemon=True).start()
+threading.Thread(target=serve, args=(19, source), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
 "#;
 
 /// A network namespace standing in for the internet, with its servers.
@@ -105,6 +157,9 @@ impl Uplink {
         for a in ["203.0.113.10/32", "203.0.113.11/32", "203.0.113.53/32"] {
             ip(&["-n", &name, "addr", "add", a, "dev", "lo"]);
         }
+        for a in ["2001:db8:113::10/128", "2001:db8:113::11/128"] {
+            ip(&["-n", &name, "-6", "addr", "add", a, "dev", "lo", "nodad"]);
+        }
         let mut up = Uplink {
             name,
             servers: Vec::new(),
@@ -112,7 +167,14 @@ impl Uplink {
         up.serve(DNS_SERVER);
         up.serve(&http_server("203.0.113.10", "hello from allowed"));
         up.serve(&http_server("203.0.113.11", "hello from other"));
+        up.serve(&http_server("2001:db8:113::10", "hello over ipv6"));
+        up.serve(&http_server(
+            "2001:db8:113::11",
+            "hello from other over ipv6",
+        ));
         up.serve(BYTES_SERVER);
+        up.serve(UDP_ECHO);
+        up.serve(BULK_SERVER);
         up
     }
 
@@ -695,4 +757,171 @@ fn an_open_flow_gets_its_end_row_when_the_sandbox_goes() {
             && r["detail"]["bytes_out"] == 3),
         "{rows:?}"
     );
+}
+
+/// IPv6 gets exactly IPv4's policy: a name's AAAA answer is pinned and
+/// reached, an address never handed out is refused, and NAT64 or ULA
+/// forms of always-denied addresses are refused with the reason.
+#[test]
+fn ipv6_destinations_get_the_same_policy_as_ipv4() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let out = py(
+        &env,
+        &["--allow", "allowed.test"],
+        "import socket\n\
+         a = socket.getaddrinfo('allowed.test', 80, socket.AF_INET6, socket.SOCK_STREAM)[0][4][0]\n\
+         s = socket.create_connection((a, 80), timeout=5)\n\
+         s.sendall(b'GET / HTTP/1.0\\r\\nHost: allowed.test\\r\\n\\r\\n')\n\
+         d = b''\n\
+         while True:\n\
+         \x20   b = s.recv(4096)\n\
+         \x20   if not b: break\n\
+         \x20   d += b\n\
+         print(a, d.split(b'\\r\\n\\r\\n', 1)[-1].decode())\n\
+         try:\n\
+         \x20   socket.create_connection(('2001:db8:113::11', 80), timeout=5); print('connected')\n\
+         except OSError as e:\n\
+         \x20   print('refused', type(e).__name__)",
+    );
+    assert_eq!(
+        out.trim(),
+        "2001:db8:113::10 hello over ipv6\nrefused ConnectionRefusedError"
+    );
+    assert_refused_flow(&env, |r| r.starts_with("not pinned"));
+    let open = ["--net", "open"];
+    let out = connect(&env, &open, "2001:db8:113::11", "80");
+    assert!(
+        out.starts_with("connected hello from other over ipv6"),
+        "{out}"
+    );
+    for (addr, why) in [
+        ("64:ff9b::a9fe:a9fe", "cloud metadata"),
+        ("fd00:ec2::254", "cloud metadata"),
+        ("::ffff:10.0.0.5", "private (RFC 1918)"),
+        ("fd12:3456::1", "unique local"),
+    ] {
+        let out = connect(&env, &open, addr, "80");
+        assert!(
+            out.starts_with("refused ConnectionRefusedError"),
+            "{addr}: {out}"
+        );
+        let secs: f64 = out.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(secs < 1.0, "{addr}: {out}");
+        assert_refused_flow(&env, |r| r.contains(why) && r.contains("always denied"));
+    }
+}
+
+/// UDP other than DNS goes where a rule allows it and nowhere else: a
+/// refused datagram gets an ICMP error at once (a connected socket's next
+/// call fails), and DNS sent to any address is answered by the gateway's
+/// resolver.
+#[test]
+fn udp_reaches_only_what_a_rule_allows() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&up.config());
+    let script = "import socket, struct, sys\n\
+        def echo(fam, ip):\n\
+        \x20   s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(3); s.connect((ip, 7))\n\
+        \x20   try:\n\
+        \x20       s.send(b'ping'); s.recv(100)\n\
+        \x20       s.send(b'ping'); return s.recv(100).decode()\n\
+        \x20   except OSError as e:\n\
+        \x20       return type(e).__name__\n\
+        print(echo(socket.AF_INET, '203.0.113.10'))\n\
+        print(echo(socket.AF_INET6, '2001:db8:113::10'))\n\
+        print(echo(socket.AF_INET, '203.0.113.11'))\n\
+        q = struct.pack('>HHHHHH', 7, 0x100, 1, 0, 0, 0) + b'\\x07allowed\\x04test\\x00' + struct.pack('>HH', 1, 1)\n\
+        d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); d.settimeout(3)\n\
+        d.sendto(q, ('198.51.100.99', 53)); r, src = d.recvfrom(512)\n\
+        print(src[0], socket.inet_ntoa(r[-4:]))";
+    let out = py(
+        &env,
+        &[
+            "--allow",
+            "203.0.113.10:7/udp",
+            "--allow",
+            "[2001:db8:113::10]:7",
+            "--allow",
+            "allowed.test",
+        ],
+        script,
+    );
+    assert_eq!(
+        out.trim(),
+        "echo:ping\necho:ping\nConnectionRefusedError\n198.51.100.99 203.0.113.10"
+    );
+    let rows = net_rows(&env);
+    assert!(
+        rows.iter().any(|r| r["detail"]["proto"] == "udp"
+            && r["detail"]["phase"] == "end"
+            && r["detail"]["reason"] == "203.0.113.10:7/udp"
+            && r["detail"]["bytes_out"] == 8
+            && r["detail"]["bytes_in"] == 18),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r["detail"]["proto"] == "udp"
+            && r["detail"]["phase"] == "refused"
+            && r["detail"]["dst"] == "203.0.113.11:7"),
+        "{rows:?}"
+    );
+    // A TCP-only rule admits no UDP.
+    let out = py(&env, &["--allow", "203.0.113.10/tcp"], script);
+    assert!(out.starts_with("ConnectionRefusedError\n"), "{out}");
+}
+
+/// Per-sandbox limits hold: past the concurrent-flow cap a connection is
+/// refused at once, and bytes move no faster than the cap each way; each
+/// hit is audited.
+#[test]
+fn flow_and_bandwidth_limits_hold() {
+    let up = Uplink::new();
+    let env = Env::with_extra(&format!(
+        "{}max_flows = 4\nmax_bytes_per_sec = 1000000\n",
+        up.config()
+    ));
+    let out = py(
+        &env,
+        &["--allow", "203.0.113.0/24"],
+        "import socket, time\n\
+         held = [socket.create_connection(('203.0.113.11', 80), timeout=5) for _ in range(4)]\n\
+         t = time.monotonic()\n\
+         try:\n\
+         \x20   socket.create_connection(('203.0.113.11', 80), timeout=5); print('connected')\n\
+         except OSError as e:\n\
+         \x20   print('refused', type(e).__name__, time.monotonic() - t < 1)\n\
+         for s in held: s.close()\n\
+         time.sleep(0.5)\n\
+         n = 3_000_000\n\
+         t = time.monotonic()\n\
+         s = socket.create_connection(('203.0.113.10', 19), timeout=30)\n\
+         s.sendall(b'%d\\n' % n); got = 0\n\
+         while True:\n\
+         \x20   b = s.recv(1 << 16)\n\
+         \x20   if not b: break\n\
+         \x20   got += len(b)\n\
+         down = time.monotonic() - t\n\
+         t = time.monotonic()\n\
+         s = socket.create_connection(('203.0.113.10', 9), timeout=30)\n\
+         s.sendall(b'x' * n); s.shutdown(socket.SHUT_WR)\n\
+         count = s.recv(100).decode()\n\
+         up = time.monotonic() - t\n\
+         print(got, count, down > 2.0, up > 2.0)",
+    );
+    assert_eq!(
+        out.trim(),
+        "refused ConnectionRefusedError True\n3000000 3000000 True True"
+    );
+    let limits = env.audit(&["--kind", "limit"]);
+    for what in [
+        "concurrent flows (4)",
+        "bytes per second in (1000000)",
+        "bytes per second out (1000000)",
+    ] {
+        assert!(
+            limits.iter().any(|r| r["detail"]["what"] == what),
+            "{what}: {limits:?}"
+        );
+    }
 }
