@@ -57,6 +57,14 @@ pub enum BrokerError {
     /// No such sandbox (or not visible to the caller).
     #[error("no sandbox {0:?}")]
     NotFound(String),
+    /// The sandbox serves no such host port.
+    #[error("sandbox {id} does not forward host port {port}")]
+    NoSuchForward {
+        /// The sandbox.
+        id: String,
+        /// The host port asked for.
+        port: u16,
+    },
     /// The sandbox is not running.
     #[error("sandbox {0} is not running")]
     NotRunning(String),

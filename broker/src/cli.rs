@@ -136,15 +136,20 @@ enum Cmd {
     },
     /// Serve a host port (127.0.0.1 by default) by a sandbox port, e.g.
     /// an agent's dev server: `airlock port-forward ID 8000` or
-    /// `ID 9000:8000`. The forward lasts as long as the sandbox.
+    /// `ID 9000:8000`. The forward lasts as long as the sandbox, or until
+    /// `--remove HOSTPORT`; with no port, lists the sandbox's forwards.
     PortForward {
         /// Sandbox id.
         id: String,
         /// `PORT` (any free host port) or `HOSTPORT:PORT`.
-        ports: String,
+        #[arg(conflicts_with = "remove")]
+        ports: Option<String>,
         /// Host address to listen on (default 127.0.0.1).
         #[arg(long)]
         address: Option<std::net::IpAddr>,
+        /// Stop serving this host port (connections already made go on).
+        #[arg(long, value_name = "HOSTPORT")]
+        remove: Option<u16>,
     },
     /// Destroy sandboxes.
     Rm {
@@ -620,7 +625,35 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
             print_info(&c.inspect(id).await?, json);
             Ok(0)
         }
-        Cmd::PortForward { id, ports, address } => {
+        Cmd::PortForward {
+            id,
+            ports: None,
+            remove,
+            ..
+        } => {
+            let Backend::Remote(c) = backend(&cli, Some("port-forward")).await? else {
+                return Ok(0);
+            };
+            let list = match remove {
+                Some(p) => c.unforward_port(id, *p).await?,
+                None => c.ports(id).await?,
+            };
+            if json {
+                println!("{}", serde_json::to_string(&list).unwrap_or_default());
+            } else {
+                for f in list {
+                    let host = std::net::SocketAddr::new(f.host_addr, f.host_port);
+                    println!("{host} -> {id}:{}", f.port);
+                }
+            }
+            Ok(0)
+        }
+        Cmd::PortForward {
+            id,
+            ports: Some(ports),
+            address,
+            ..
+        } => {
             let (host_port, port) = match ports.split_once(':') {
                 Some((h, p)) => (Some(h), p),
                 None => (None, ports.as_str()),

@@ -156,6 +156,33 @@ impl RemoteClient {
         .await
     }
 
+    /// `GET /v1/sandboxes/{id}/ports`.
+    pub async fn ports(
+        &self,
+        id: &str,
+    ) -> Result<Vec<crate::api::types::ForwardedPort>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/ports", enc(id)),
+            None,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}/ports/{host_port}`.
+    pub async fn unforward_port(
+        &self,
+        id: &str,
+        host_port: u16,
+    ) -> Result<Vec<crate::api::types::ForwardedPort>, ClientError> {
+        self.call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{}/ports/{host_port}", enc(id)),
+            None,
+        )
+        .await
+    }
+
     /// `DELETE /v1/sandboxes/{id}`.
     pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self

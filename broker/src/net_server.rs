@@ -56,6 +56,14 @@ pub enum NetCommand {
     Forward {
         /// The sandbox's port.
         port: u16,
+        /// Where the socket listens (the key to stop it by).
+        host: SocketAddr,
+    },
+    /// Stop serving the listening socket bound at `host` (connections
+    /// already accepted go on).
+    Unforward {
+        /// Where it listens.
+        host: SocketAddr,
     },
 }
 
@@ -207,13 +215,22 @@ fn serve(chan: &Channel, spec: NetServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
                 }
                 Ok((
                     component::Control::Command {
-                        command: NetCommand::Forward { port },
+                        command: NetCommand::Forward { port, host },
                     },
                     fds,
                 )) => {
                     if let Some(fd) = fds.into_iter().next() {
-                        g.forward(std::net::TcpListener::from(fd), port);
+                        g.forward(std::net::TcpListener::from(fd), port, host);
                     }
+                    true
+                }
+                Ok((
+                    component::Control::Command {
+                        command: NetCommand::Unforward { host },
+                    },
+                    _,
+                )) => {
+                    g.unforward(host);
                     true
                 }
                 Ok((

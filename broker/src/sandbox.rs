@@ -223,6 +223,8 @@ pub struct Sandbox {
     pub(crate) counters: Mutex<LimitCounters>,
     /// The network policy in force (mode none until a link is attached).
     pub(crate) network: Mutex<airlock_net::policy::NetworkSpec>,
+    /// Host ports its gateway serves.
+    pub(crate) ports: Mutex<Vec<crate::api::types::ForwardedPort>>,
 }
 
 impl Sandbox {
@@ -268,6 +270,7 @@ impl Sandbox {
             selftest: ready.map(|r| r.selftest),
             execs_running: lock_or_recover(&self.pending).len(),
             network: lock_or_recover(&self.network).clone(),
+            ports: lock_or_recover(&self.ports).clone(),
         }
     }
 

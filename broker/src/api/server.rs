@@ -9,7 +9,7 @@ use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -51,7 +51,7 @@ impl From<BrokerError> for ApiError {
         let code = match &e {
             BrokerError::BadRequest(_) => StatusCode::BAD_REQUEST,
             BrokerError::Forbidden(_) => StatusCode::FORBIDDEN,
-            BrokerError::NotFound(_) => StatusCode::NOT_FOUND,
+            BrokerError::NotFound(_) | BrokerError::NoSuchForward { .. } => StatusCode::NOT_FOUND,
             BrokerError::NotRunning(_) => StatusCode::CONFLICT,
             BrokerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -121,7 +121,14 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/sandboxes/{id}", get(inspect).delete(destroy))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/network", put(set_network))
-        .route("/v1/sandboxes/{id}/ports", post(forward_port))
+        .route(
+            "/v1/sandboxes/{id}/ports",
+            post(forward_port).get(list_ports),
+        )
+        .route(
+            "/v1/sandboxes/{id}/ports/{host_port}",
+            delete(unforward_port),
+        )
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(signal))
         .route("/v1/audit", get(audit))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1".into()) })
@@ -196,6 +203,40 @@ async fn forward_port(
         "port": port,
     }))
     .into_response())
+}
+
+async fn list_ports(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let info = b.inspect(&p, &id)?;
+    Ok(Json(info.ports).into_response())
+}
+
+async fn unforward_port(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path((id, host_port)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let host_port = host_port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("host port {host_port:?} is not a port"),
+            )
+        })?;
+    let gone = tokio::task::spawn_blocking(move || b.unforward_port(&p, &id, host_port))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(gone).into_response())
 }
 
 /// `DELETE /v1/sandboxes/{id}` query string.

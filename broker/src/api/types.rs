@@ -129,6 +129,20 @@ pub struct SandboxInfo {
     /// The network policy in force.
     #[serde(default)]
     pub network: airlock_net::policy::NetworkSpec,
+    /// Host ports served by sandbox ports.
+    #[serde(default)]
+    pub ports: Vec<ForwardedPort>,
+}
+
+/// A host port served by a sandbox port (`POST /v1/sandboxes/{id}/ports`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ForwardedPort {
+    /// The host address listened on.
+    pub host_addr: std::net::IpAddr,
+    /// The host port.
+    pub host_port: u16,
+    /// The sandbox's port.
+    pub port: u16,
 }
 
 /// The end of an exec.

@@ -114,6 +114,15 @@ pub enum AuditEvent {
         /// The sandbox's port.
         port: u16,
     },
+    /// `net/port_forward_removed`: a host port no longer served.
+    PortForwardRemoved {
+        /// Caller's uid and pid.
+        caller: (u32, i32),
+        /// The host address that was bound.
+        host: std::net::SocketAddr,
+        /// The sandbox's port.
+        port: u16,
+    },
     /// `limit/audit_rate_limited`: network events counted, not stored.
     NetEventsDropped {
         /// How many.
@@ -265,6 +274,11 @@ impl AuditEvent {
             AuditEvent::PortForward { caller, host, port } => (
                 AuditKind::Net,
                 "port_forward",
+                json!({"caller_uid": caller.0, "caller_pid": caller.1, "host": host, "port": port}),
+            ),
+            AuditEvent::PortForwardRemoved { caller, host, port } => (
+                AuditKind::Net,
+                "port_forward_removed",
                 json!({"caller_uid": caller.0, "caller_pid": caller.1, "host": host, "port": port}),
             ),
             AuditEvent::NetPolicy { caller, policy } => (

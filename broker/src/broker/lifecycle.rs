@@ -431,6 +431,7 @@ impl Broker {
             audit: self.audit.clone(),
             counters: Mutex::new(Default::default()),
             network: Mutex::new(Default::default()),
+            ports: Mutex::new(Vec::new()),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = Arc::clone(&sandbox);

@@ -13,6 +13,7 @@ use airlock_net::gateway::{
 use airlock_net::policy::{Mode, Policy};
 
 use super::*;
+use crate::api::types::ForwardedPort;
 use crate::net_server::{NetRole, NetServerSpec};
 
 /// Open files a gateway may hold at least (its sockets count against it).
@@ -254,11 +255,19 @@ impl Broker {
         };
         crate::component::send_command_with::<NetRole>(
             ctl,
-            crate::net_server::NetCommand::Forward { port: req.port },
+            crate::net_server::NetCommand::Forward {
+                port: req.port,
+                host: bound,
+            },
             &[listener.as_fd()],
         )
         .map_err(|e| BrokerError::Internal(format!("tell the gateway: {e}")))?;
         drop(res);
+        lock_or_recover(&sb.ports).push(ForwardedPort {
+            host_addr: bound.ip(),
+            host_port: bound.port(),
+            port: req.port,
+        });
         self.audit.event(
             Some(id.as_str()),
             Some(&sb.agent),
@@ -269,6 +278,54 @@ impl Broker {
             },
         );
         Ok(bound)
+    }
+
+    /// Stops serving host port `host_port` (on every address it was bound
+    /// at) for sandbox `id`; connections already made go on. Returns the
+    /// forwards removed.
+    pub fn unforward_port(
+        &self,
+        p: &Principal,
+        id: &SandboxId,
+        host_port: u16,
+    ) -> Result<Vec<ForwardedPort>, BrokerError> {
+        let sb = self.get(p, id)?;
+        let gone: Vec<ForwardedPort> = {
+            let mut ports = lock_or_recover(&sb.ports);
+            let (gone, kept) = ports.drain(..).partition(|f| f.host_port == host_port);
+            *ports = kept;
+            gone
+        };
+        if gone.is_empty() {
+            return Err(BrokerError::NoSuchForward {
+                id: id.to_string(),
+                port: host_port,
+            });
+        }
+        let res = lock_or_recover(&sb.resources);
+        if let Some(ctl) = res.as_ref().and_then(|r| r.net_ctl.as_ref()) {
+            for f in &gone {
+                let host = SocketAddr::new(f.host_addr, f.host_port);
+                crate::component::send_command::<NetRole>(
+                    ctl,
+                    crate::net_server::NetCommand::Unforward { host },
+                )
+                .map_err(|e| BrokerError::Internal(format!("tell the gateway: {e}")))?;
+            }
+        }
+        drop(res);
+        for f in &gone {
+            self.audit.event(
+                Some(id.as_str()),
+                Some(&sb.agent),
+                AuditEvent::PortForwardRemoved {
+                    caller: (p.uid, p.pid),
+                    host: SocketAddr::new(f.host_addr, f.host_port),
+                    port: f.port,
+                },
+            );
+        }
+        Ok(gone)
     }
 }
 

@@ -695,6 +695,29 @@ fn port_forward_serves_a_page_from_inside() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(page.trim(), "served-from-inside");
+    // Listed, then removed: the host port is closed.
+    let host_port = fwd["host_port"].as_u64().unwrap().to_string();
+    let listed = ok(&env.remote(&["port-forward", &id]));
+    assert_eq!(listed.trim(), format!("127.0.0.1:{host_port} -> {id}:8000"));
+    ok(&env.remote(&["port-forward", "--remove", &host_port, &id]));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "2", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(ok(&env.remote(&["port-forward", &id])).trim().is_empty());
+    let out = env.remote(&["port-forward", "--remove", &host_port, &id]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!("does not forward host port {host_port}")),
+        "{}",
+        text(&out.stderr)
+    );
+    let rows = net_rows(&env);
+    assert!(
+        rows.iter().any(|r| r["action"] == "port_forward_removed"),
+        "{rows:?}"
+    );
     let _ = server.kill();
     let _ = server.wait();
     let none = create(&env, &[])["id"].as_str().unwrap().to_string();
