@@ -462,12 +462,16 @@ pub struct Gateway {
     /// Reused for every frame read (no allocation per wakeup).
     rx_buf: Vec<u8>,
     /// Listening host sockets forwarded into the sandbox: (listener,
-    /// sandbox port).
-    forwards: Vec<(std::net::TcpListener, u16)>,
+    /// sandbox port, where it listens).
+    forwards: Vec<(std::net::TcpListener, u16, SocketAddr)>,
     /// The next local port of the gateway's own connections to the
     /// sandbox (forwarded connections).
     next_port: u16,
     epoch: StdInstant,
+    /// How long the loop polls before it sleeps: [`SPIN`] where the
+    /// gateway may use more than one CPU, else nothing (on one CPU a spin
+    /// only delays the process it waits for).
+    spin: Duration,
     events: Box<dyn FnMut(NetEvent) + Send>,
 }
 
@@ -594,6 +598,10 @@ impl Gateway {
             forwards: Vec::new(),
             next_port: 49152,
             epoch,
+            spin: match std::thread::available_parallelism() {
+                Ok(n) if n.get() == 1 => Duration::ZERO,
+                _ => SPIN,
+            },
             events,
         })
     }
@@ -628,10 +636,16 @@ impl Gateway {
     }
 
     /// Serves connections accepted on `listener` (a listening host socket
-    /// the broker bound, already non-blocking) by connecting each to the
-    /// sandbox's `port`.
-    pub fn forward(&mut self, listener: std::net::TcpListener, port: u16) {
-        self.forwards.push((listener, port));
+    /// the broker bound at `host`, already non-blocking) by connecting
+    /// each to the sandbox's `port`.
+    pub fn forward(&mut self, listener: std::net::TcpListener, port: u16, host: SocketAddr) {
+        self.forwards.push((listener, port, host));
+    }
+
+    /// Closes the forwarded listener bound at `host`; connections already
+    /// accepted through it go on.
+    pub fn unforward(&mut self, host: SocketAddr) {
+        self.forwards.retain(|(_, _, h)| *h != host);
     }
 
     /// Accepts waiting forwarded connections and starts each one's
@@ -642,7 +656,7 @@ impl Gateway {
             while let Some((Ok(fd), port)) = self
                 .forwards
                 .get(i)
-                .map(|(l, port)| (rustix::net::accept_with(l, flags), *port))
+                .map(|(l, port, _)| (rustix::net::accept_with(l, flags), *port))
             {
                 let host = TcpStream::from(fd);
                 let Ok(peer) = host.peer_addr() else {
@@ -724,7 +738,7 @@ impl Gateway {
                 pfds.push(PollFd::new(&self.dev.fd, PollFlags::IN));
                 pfds.push(PollFd::new(&control, PollFlags::IN));
                 pfds.push(PollFd::new(&self.upstream, PollFlags::IN));
-                for (l, _) in &self.forwards {
+                for (l, _, _) in &self.forwards {
                     pfds.push(PollFd::new(l, PollFlags::IN));
                 }
                 for h in &handles {
@@ -747,7 +761,7 @@ impl Gateway {
                 // A bounded spin before sleeping: on these machines a wakeup
                 // across CPUs costs more than the next packet's wait, and
                 // request/response traffic arrives within microseconds.
-                let spin_until = StdInstant::now() + SPIN;
+                let spin_until = StdInstant::now() + self.spin;
                 let zero = rustix::event::Timespec {
                     tv_sec: 0,
                     tv_nsec: 0,
@@ -1778,6 +1792,83 @@ mod tests {
         f.extend_from_slice(&port.to_be_bytes());
         f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
         f
+    }
+
+    /// A TCP SYN from the sandbox's IPv6 address to `dst`:`port`.
+    fn syn6_frame(dst: Ipv6Addr, port: u16) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&GATEWAY_MAC);
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x0f]);
+        f.extend_from_slice(&[0x86, 0xdd]);
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+        f.extend_from_slice(&SANDBOX_V6.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&40000u16.to_be_bytes());
+        f.extend_from_slice(&port.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        f
+    }
+
+    #[test]
+    fn frames_are_classified_by_family_and_protocol() {
+        let dst: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(
+            classify(&syn6_frame(dst, 443)),
+            Some(Intercept::TcpSyn {
+                src: SocketAddr::new(IpAddr::V6(SANDBOX_V6), 40000),
+                dst: SocketAddr::new(IpAddr::V6(dst), 443),
+            })
+        );
+        // The same bytes with protocol UDP (an 8-byte header, length 20).
+        let mut udp = syn6_frame(dst, 7);
+        udp[20] = 17;
+        udp[58..60].copy_from_slice(&20u16.to_be_bytes());
+        assert_eq!(
+            classify(&udp),
+            Some(Intercept::Udp {
+                src: SocketAddr::new(IpAddr::V6(SANDBOX_V6), 40000),
+                dst: SocketAddr::new(IpAddr::V6(dst), 7),
+            })
+        );
+        // A SYN-ACK is no new flow; a fragment is nobody's to judge.
+        let mut synack = syn_frame([203, 0, 113, 9], 80);
+        synack[47] = 0x12;
+        assert_eq!(classify(&synack), None);
+        let mut frag = syn_frame([203, 0, 113, 9], 80);
+        frag[20] = 0x20;
+        assert_eq!(classify(&frag), None);
+        assert!(matches!(
+            classify(&syn_frame([203, 0, 113, 9], 80)),
+            Some(Intercept::TcpSyn { .. })
+        ));
+    }
+
+    #[test]
+    fn an_ipv6_syn_is_judged_by_the_ipv4_address_it_embeds() {
+        let spec = NetworkSpec {
+            mode: crate::policy::Mode::Open,
+            allow: Vec::new(),
+        };
+        let (link, ctl, events, handle) = gateway(spec);
+        let nat64: Ipv6Addr = "64:ff9b::a9fe:a9fe".parse().unwrap();
+        rustix::net::send(
+            &link,
+            &syn6_frame(nat64, 80),
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        match wait_for(&events, refused_to(80)) {
+            NetEvent::Flow {
+                reason, allowed, ..
+            } => {
+                assert!(!allowed);
+                assert!(reason.contains("cloud metadata"), "{reason}");
+                assert!(reason.contains("embeds 169.254.169.254"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(ctl);
+        handle.join().unwrap().unwrap();
     }
 
     type Events = Arc<Mutex<Vec<NetEvent>>>;
