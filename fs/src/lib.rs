@@ -15,7 +15,7 @@
 //!    `etc` ([`policy::ETC_DENY`]), or a rootfs directory.
 //!
 //! Lookups and listings walk that order and stop at whiteouts (character
-//! device 0:0) and opaque directories (`trusted.overlay.opaque = "y"`), the
+//! device 0:0) and opaque directories (`user.overlay.opaque = "y"`), the
 //! overlayfs format. Writes copy the entry (and its directory chain) up into
 //! the writable layer first.
 //!

@@ -1,18 +1,72 @@
 //! Capability dropping for jailed processes, and reading the sets back.
 //!
 //! The shim's pid 1 is uid 0 of the sandbox's user namespace and holds a full
-//! capability set there. An exec child gives all of it up before it runs a
-//! command: first the bounding and ambient sets (this needs CAP_SETPCAP, so
-//! it runs before the switch to the target user), then, after the lead's
-//! setresuid, the effective, permitted and inheritable sets (capset with all
-//! zero, which also works for uid 0), then `no_new_privs`, so that no later
-//! execve (setuid binaries, file capabilities) can grant anything back.
+//! capability set there. An exec child gives up all of it but [`caps_for`]
+//! its user before it runs a command: first the bounding and ambient sets
+//! (this needs CAP_SETPCAP, so it runs before the switch to the target
+//! user), then, after the lead's setresuid, the effective, permitted and
+//! inheritable sets (capset to exactly the kept set, which also works for
+//! uid 0), then `no_new_privs`, so that no later execve (setuid binaries,
+//! file capabilities) can grant anything back.
+//!
+//! Sandbox root keeps [`ROOT_CAPS`], a container root's file and process
+//! capabilities, so it is root over the sandbox's own files (chown, any
+//! mode, setuid to any sandbox user). They are capabilities in the
+//! sandbox's user namespace only: the kernel lets them act on inodes whose
+//! owner and group are mapped there (the sandbox's own 65536 ids) and on
+//! processes of that namespace, never on anything of the host's. Every
+//! other user keeps none.
 //! [`current_sets`] reads the result back from `/proc/self/status` for the
 //! self-test.
 
 use std::io;
 
 use serde::{Deserialize, Serialize};
+
+/// Capability numbers (linux/capability.h).
+pub mod cap {
+    /// Change file owners and groups.
+    pub const CHOWN: u32 = 0;
+    /// Bypass file read, write and execute permission checks.
+    pub const DAC_OVERRIDE: u32 = 1;
+    /// Bypass checks that need the file's owner (chmod, utimes...).
+    pub const FOWNER: u32 = 3;
+    /// Keep set-user/group-id bits when a file is written.
+    pub const FSETID: u32 = 4;
+    /// Signal processes of other users.
+    pub const KILL: u32 = 5;
+    /// Change group ids.
+    pub const SETGID: u32 = 6;
+    /// Change user ids.
+    pub const SETUID: u32 = 7;
+    /// Bind ports below 1024.
+    pub const NET_BIND_SERVICE: u32 = 10;
+    /// Write to the kernel's audit log (refused anyway outside the host's
+    /// user namespace; some login tools insist on holding it).
+    pub const AUDIT_WRITE: u32 = 29;
+    /// Set file capabilities (they grant nothing under `no_new_privs`).
+    pub const SETFCAP: u32 = 31;
+}
+
+/// What sandbox root holds, in the sandbox's user namespace only: what a
+/// container's root needs over its own files and processes. Not
+/// CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_PTRACE, CAP_MKNOD,
+/// CAP_DAC_READ_SEARCH, CAP_SETPCAP or any other.
+pub const ROOT_CAPS: u64 = (1 << cap::CHOWN)
+    | (1 << cap::DAC_OVERRIDE)
+    | (1 << cap::FOWNER)
+    | (1 << cap::FSETID)
+    | (1 << cap::KILL)
+    | (1 << cap::SETGID)
+    | (1 << cap::SETUID)
+    | (1 << cap::NET_BIND_SERVICE)
+    | (1 << cap::AUDIT_WRITE)
+    | (1 << cap::SETFCAP);
+
+/// The capabilities a command run as sandbox user `uid` keeps.
+pub fn caps_for(uid: u32) -> u64 {
+    if uid == 0 { ROOT_CAPS } else { 0 }
+}
 
 /// A capability operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,8 +83,8 @@ pub enum CapsError {
     /// Clearing the ambient set failed.
     #[error("cannot clear the ambient capability set")]
     ClearAmbient(#[source] io::Error),
-    /// capset with all sets empty failed.
-    #[error("cannot clear the effective, permitted and inheritable capability sets")]
+    /// capset to the kept set failed.
+    #[error("cannot set the effective, permitted and inheritable capability sets")]
     Capset(#[source] io::Error),
     /// Setting no_new_privs failed.
     #[error("cannot set no_new_privs")]
@@ -132,6 +186,12 @@ pub fn drop_bounding_and_ambient_except(keep: u64) -> Result<(), CapsError> {
 /// thread (also for uid 0, whose sets would otherwise survive execve).
 pub fn clear_all_capability_sets() -> Result<(), CapsError> {
     crate::sys::capset_all_zero().map_err(CapsError::Capset)
+}
+
+/// Makes the effective and permitted sets of the calling thread exactly
+/// `keep` and empties the inheritable set. Only lowers.
+pub fn keep_only(keep: u64) -> Result<(), CapsError> {
+    crate::sys::capset_mask(keep).map_err(CapsError::Capset)
 }
 
 /// Sets `no_new_privs`: execve can never grant privileges again. Seccomp and

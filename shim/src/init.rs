@@ -165,12 +165,13 @@ fn setup(spec: &SandboxSpec, clock: &mut Stages) -> Result<Jail, StageError> {
 
 /// Applies the whole jail to the calling (forked) process and self-tests it.
 fn jail_self(jail: &Jail, uid: u32, gid: u32) -> Result<SelfTestReport, String> {
-    caps::drop_bounding_and_ambient().map_err(|e| format!("drop capabilities: {e}"))?;
+    let keep = caps::caps_for(uid);
+    caps::drop_bounding_and_ambient_except(keep).map_err(|e| format!("drop capabilities: {e}"))?;
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
     let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
     nix::unistd::setresgid(g, g, g).map_err(|e| format!("setresgid {gid}: {e}"))?;
     nix::unistd::setresuid(u, u, u).map_err(|e| format!("setresuid {uid}: {e}"))?;
-    caps::clear_all_capability_sets().map_err(|e| format!("clear capabilities: {e}"))?;
+    caps::keep_only(keep).map_err(|e| format!("drop capabilities: {e}"))?;
     caps::set_no_new_privs().map_err(|e| format!("no_new_privs: {e}"))?;
     let status = jail
         .landlock
@@ -183,6 +184,7 @@ fn jail_self(jail: &Jail, uid: u32, gid: u32) -> Result<SelfTestReport, String> 
         &Expect {
             fuse_root: true,
             landlock_floor: jail.floor,
+            caps: keep,
         },
         Some(status),
     );
@@ -203,6 +205,7 @@ fn failed_report(why: String) -> SelfTestReport {
         &Expect {
             fuse_root: true,
             landlock_floor: 0,
+            caps: 0,
         },
         None,
     );

@@ -4,7 +4,8 @@
 //! A sandbox that silently runs unconfined is the worst failure there is, so
 //! every property of the jail is checked where it matters, from the inside,
 //! by reading what the kernel reports: seccomp mode 2 (filter) and
-//! `no_new_privs` from `/proc/self/status`, all five capability sets empty,
+//! `no_new_privs` from `/proc/self/status`, the capability sets exactly
+//! what the user keeps (none but sandbox root's [`crate::caps::ROOT_CAPS`]),
 //! no line of `/proc/self/uid_map` or `gid_map` mapping the host's root, `/`
 //! being the sandbox's FUSE tree, and landlock applied at or above the floor.
 //! Every failure is a readable line naming the check and the value seen; the
@@ -25,6 +26,9 @@ pub struct Expect {
     pub fuse_root: bool,
     /// Landlock ABI must reach this (0: landlock may be absent).
     pub landlock_floor: u8,
+    /// The effective, permitted and bounding sets must be exactly this
+    /// (the inheritable and ambient sets empty).
+    pub caps: u64,
 }
 
 /// What the self-test saw.
@@ -36,7 +40,7 @@ pub struct SelfTestReport {
     pub seccomp_mode: u8,
     /// `no_new_privs` is set.
     pub no_new_privs: bool,
-    /// The capability sets (all must be 0).
+    /// The capability sets (the user's kept set; none for most users).
     pub caps: CapSets,
     /// Landlock as enforced on this process.
     pub landlock: Option<LandlockStatus>,
@@ -89,10 +93,25 @@ pub fn run(expect: &Expect, landlock: Option<LandlockStatus>) -> SelfTestReport 
 
     let caps = match parse_status(&status) {
         Ok(c) => {
-            if !c.all_empty() {
+            let k = expect.caps;
+            let want = CapSets {
+                inheritable: 0,
+                permitted: k,
+                effective: k,
+                bounding: k,
+                ambient: 0,
+            };
+            if c != want && k == 0 {
                 failures.push(format!(
                     "capabilities: sets are not empty: CapInh {:016x} CapPrm {:016x} \
                      CapEff {:016x} CapBnd {:016x} CapAmb {:016x}",
+                    c.inheritable, c.permitted, c.effective, c.bounding, c.ambient
+                ));
+            } else if c != want {
+                failures.push(format!(
+                    "capabilities: want CapPrm, CapEff and CapBnd {k:016x} and nothing \
+                     else, see CapInh {:016x} CapPrm {:016x} CapEff {:016x} CapBnd {:016x} \
+                     CapAmb {:016x}",
                     c.inheritable, c.permitted, c.effective, c.bounding, c.ambient
                 ));
             }
@@ -300,6 +319,7 @@ pub(crate) mod tests {
             &Expect {
                 fuse_root: true,
                 landlock_floor: 1,
+                caps: 0,
             },
             None,
         );
@@ -341,6 +361,7 @@ pub(crate) mod tests {
         let e = Expect {
             fuse_root: false,
             landlock_floor: 5,
+            caps: 0,
         };
         let low = run(
             &e,
@@ -370,8 +391,7 @@ pub(crate) mod tests {
 
     /// The full jail, in the order the shim applies it, inside a fresh user
     /// namespace whose maps the parent writes (as the launcher does).
-    #[test]
-    fn a_fully_jailed_child_passes() {
+    fn fully_jailed_report(keep: u64) -> SelfTestReport {
         let floor = crate::landlock::kernel_abi().min(1);
         let prepared = crate::landlock::prepare(floor).unwrap();
         let bpf = crate::seccomp::compile_sandbox_profile().unwrap();
@@ -381,12 +401,12 @@ pub(crate) mod tests {
                 link.tx.write_all(b"u").unwrap();
                 let mut b = [0u8; 1];
                 link.rx.read_exact(&mut b).unwrap();
-                crate::caps::drop_bounding_and_ambient().unwrap();
+                crate::caps::drop_bounding_and_ambient_except(keep).unwrap();
                 nix::unistd::setgroups(&[]).unwrap();
                 let (u, g) = (Uid::from_raw(0), Gid::from_raw(0));
                 nix::unistd::setresgid(g, g, g).unwrap();
                 nix::unistd::setresuid(u, u, u).unwrap();
-                crate::caps::clear_all_capability_sets().unwrap();
+                crate::caps::keep_only(keep).unwrap();
                 crate::caps::set_no_new_privs().unwrap();
                 let status = prepared.restrict_self().unwrap();
                 crate::seccomp::install_on_current_thread(&bpf).unwrap();
@@ -394,6 +414,7 @@ pub(crate) mod tests {
                     &Expect {
                         fuse_root: false,
                         landlock_floor: floor,
+                        caps: keep,
                     },
                     Some(status),
                 );
@@ -408,12 +429,47 @@ pub(crate) mod tests {
                 link.tx.write_all(b"g").unwrap();
             },
         );
-        let report: SelfTestReport = serde_json::from_str(&out).expect(&out);
+        serde_json::from_str(&out).expect(&out)
+    }
+
+    /// The full jail, in the order the shim applies it, inside a fresh user
+    /// namespace whose maps the parent writes (as the launcher does).
+    #[test]
+    fn a_fully_jailed_child_passes() {
+        let report = fully_jailed_report(0);
         assert!(report.passed, "{report:#?}");
         assert_eq!(report.seccomp_mode, 2);
         assert!(report.no_new_privs);
         assert!(report.caps.all_empty());
         assert!(!report.uid_map_maps_host_root);
         assert!(report.failures.is_empty());
+    }
+
+    /// Sandbox root keeps exactly its set; a set other than the one
+    /// expected fails with both named.
+    #[test]
+    fn a_jailed_root_keeps_exactly_its_capabilities() {
+        let report = fully_jailed_report(crate::caps::ROOT_CAPS);
+        assert!(report.passed, "{report:#?}");
+        assert_eq!(report.caps.effective, crate::caps::ROOT_CAPS);
+        assert_eq!(report.caps.bounding, crate::caps::ROOT_CAPS);
+        assert_eq!(report.caps.ambient | report.caps.inheritable, 0);
+        let wrong = run(
+            &Expect {
+                fuse_root: false,
+                landlock_floor: 0,
+                caps: crate::caps::ROOT_CAPS & !(1 << crate::caps::cap::CHOWN),
+            },
+            None,
+        );
+        assert!(
+            wrong
+                .failures
+                .iter()
+                .any(|f| f
+                    .starts_with("capabilities: want CapPrm, CapEff and CapBnd 00000000a00004fa")),
+            "{:?}",
+            wrong.failures
+        );
     }
 }

@@ -7,4 +7,5 @@ mod hostile;
 mod lifecycle;
 mod limits;
 mod net;
+mod root;
 mod run;
