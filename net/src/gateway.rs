@@ -469,8 +469,8 @@ pub struct Gateway {
     next_port: u16,
     epoch: StdInstant,
     /// How long the loop polls before it sleeps: [`SPIN`] where the
-    /// gateway may use more than one CPU, else nothing (on one CPU a spin
-    /// only delays the process it waits for).
+    /// gateway may run on more than one CPU, else nothing (on one CPU a
+    /// spin only delays the process it waits for).
     spin: Duration,
     events: Box<dyn FnMut(NetEvent) + Send>,
 }
@@ -598,8 +598,10 @@ impl Gateway {
             forwards: Vec::new(),
             next_port: 49152,
             epoch,
-            spin: match std::thread::available_parallelism() {
-                Ok(n) if n.get() == 1 => Duration::ZERO,
+            // Affinity, not the CPU quota: under a one-CPU quota the
+            // gateway still runs beside the sandbox on another CPU.
+            spin: match rustix::thread::sched_getaffinity(None) {
+                Ok(set) if set.count() == 1 => Duration::ZERO,
                 _ => SPIN,
             },
             events,
