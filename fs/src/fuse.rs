@@ -140,6 +140,16 @@ struct Opened {
     backing: Option<Arc<Backing>>,
 }
 
+/// The changes of one setattr, for a file reached through its handle.
+struct Detached {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
+
 #[derive(Debug)]
 struct Handle {
     /// The inode it was opened on.
@@ -779,7 +789,29 @@ impl AirlockFs {
                 return a;
             }
         }
-        let loc = self.loc(ino)?;
+        let loc = match self.loc(ino) {
+            Ok(loc) => loc,
+            // Every name is gone (unlinked, or renamed over) but the file
+            // is still open: fchmod, fchown and futimens reach it through
+            // an open handle, as on a local filesystem.
+            Err(OpError::Stale(_)) => {
+                let h = fh
+                    .and_then(|fh| self.handle(fh.0).ok())
+                    .filter(|h| h.ino == ino)
+                    .or_else(|| self.open_handle_of(ino))
+                    .ok_or(OpError::Stale(ino))?;
+                let change = Detached {
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    atime,
+                    mtime,
+                };
+                return self.setattr_detached(ino, &h, change);
+            }
+            Err(e) => return Err(e),
+        };
         let (is_ws, path) = match &loc {
             Loc::Ws(rel) => (true, ws_path(rel)),
             Loc::Merged(c) => (false, sandbox_path(c)),
@@ -892,6 +924,95 @@ impl AirlockFs {
             }
         }
         self.do_getattr(ino, None)
+    }
+
+    /// A setattr on a file no name shows any more, through its open
+    /// handle `h`, under the rules a named one meets: in the workspace
+    /// only the owner's files change mode or take explicit times, owners
+    /// stay the workspace's, and set-id bits are dropped; elsewhere owners
+    /// stay within the sandbox's ids. A base file is never changed (its
+    /// copy-up needs a name).
+    fn setattr_detached(
+        &self,
+        ino: u64,
+        h: &Handle,
+        c: Detached,
+    ) -> OpResult<(FileAttr, Duration)> {
+        let HandleKind::File { file, writable } = &h.kind else {
+            return Err(OpError::Stale(ino));
+        };
+        if matches!(h.area, Area::Base | Area::Synth) {
+            return Err(OpError::Stale(ino));
+        }
+        let ws = h.area == Area::Workspace;
+        let path = h
+            .ws_path
+            .clone()
+            .unwrap_or_else(|| "(unlinked file)".to_string());
+        let st = rustix::fs::fstat(file)?;
+        let owns = !ws || self.ws_owns(&Meta::from_stat(&st));
+        if c.uid.is_some() || c.gid.is_some() {
+            if ws {
+                if c.uid.is_some_and(|u| u != self.user.0)
+                    || c.gid.is_some_and(|g| g != self.user.1)
+                {
+                    self.deny("chown", path, "workspace files belong to the sandbox user");
+                    return Err(OpError::Perm);
+                }
+            } else {
+                if c.uid.is_some_and(|u| !self.ids.uid_mapped(u))
+                    || c.gid.is_some_and(|g| !self.ids.gid_mapped(g))
+                {
+                    self.deny("chown", path, "id outside the sandbox's id map");
+                    return Err(OpError::Perm);
+                }
+                rustix::fs::fchown(
+                    file,
+                    c.uid.map(rustix::fs::Uid::from_raw),
+                    c.gid.map(rustix::fs::Gid::from_raw),
+                )?;
+            }
+        }
+        if let Some(mode) = c.mode {
+            if !owns {
+                self.deny("setattr", path, NOT_OWNER_REASON);
+                return Err(OpError::Perm);
+            }
+            let mut mode = mode & 0o7777;
+            if ws && mode & setid_bits(false) != 0 {
+                self.deny("chmod", path.clone(), SETID_REASON);
+                mode &= !setid_bits(false);
+            }
+            crate::sys::chmod_fd(file.as_fd(), mode)?;
+        }
+        if let Some(size) = c.size {
+            if !writable {
+                return Err(OpError::BadHandle(0));
+            }
+            if ws {
+                kill_setid(file)?;
+            }
+            file.set_len(size)?;
+        }
+        if c.atime.is_some() || c.mtime.is_some() {
+            let explicit = matches!(c.atime, Some(TimeOrNow::SpecificTime(_)))
+                || matches!(c.mtime, Some(TimeOrNow::SpecificTime(_)));
+            if !owns && explicit {
+                self.deny("setattr", path, NOT_OWNER_REASON);
+                return Err(OpError::Perm);
+            }
+            if !owns {
+                self.ws_require("setattr", path, &Meta::from_stat(&st), WRITE)?;
+            }
+            rustix::fs::futimens(
+                file,
+                &Timestamps {
+                    last_access: to_ts(c.atime),
+                    last_modification: to_ts(c.mtime),
+                },
+            )?;
+        }
+        self.handle_attr(ino, h).unwrap_or(Err(OpError::Stale(ino)))
     }
 
     fn do_readlink(&self, ino: u64) -> OpResult<Vec<u8>> {

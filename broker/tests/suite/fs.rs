@@ -238,3 +238,67 @@ for d in ("/tmp", "/workspace"):
     let out = env.run(&["--", "python3", "-c", script]);
     assert_eq!(ok(&out), "/tmp 8192 hello\n/workspace 8192 hello\n");
 }
+
+/// What a file opened, then unlinked or renamed over, still lets its
+/// descriptor do; printed one line per step.
+const OPEN_FILE_OUTLIVES_ITS_NAME: &str = r#"
+import os, sys, tempfile
+d = sys.argv[1]
+p, q = os.path.join(d, "f"), os.path.join(d, "g")
+fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"hello world")
+os.unlink(p)
+os.ftruncate(fd, 5)
+os.fchmod(fd, 0o600)
+os.utime(fd, (1000000000, 1000000000))
+os.fsync(fd)
+os.lseek(fd, 0, 0)
+st = os.fstat(fd)
+print(st.st_size, oct(st.st_mode & 0o777), int(st.st_mtime), os.read(fd, 100).decode())
+os.posix_fallocate(fd, 0, 8192)
+print(os.fstat(fd).st_size)
+os.close(fd)
+# Renamed over: the open file changes, the file now at the name does not.
+fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, b"old")
+with open(q, "w") as f:
+    f.write("new")
+os.rename(q, p)
+os.fchmod(fd, 0o640)
+os.ftruncate(fd, 1)
+print(oct(os.stat(p).st_mode & 0o777), open(p).read(), os.fstat(fd).st_size, oct(os.fstat(fd).st_mode & 0o777))
+os.close(fd)
+# As CPython's SpooledTemporaryFile uses it: an unlinked temporary file,
+# truncated through its descriptor.
+t = tempfile.SpooledTemporaryFile(max_size=10, dir=d)
+t.write(b"x" * 100)
+t.truncate(20)
+t.seek(0)
+print(len(t.read()))
+"#;
+
+#[test]
+fn open_files_outlive_their_names_in_the_workspace_and_on_the_root() {
+    let env = Env::new();
+    for (user, dir) in [
+        ("sandbox", "/workspace"),
+        ("sandbox", "/tmp"),
+        ("root", "/tmp"),
+    ] {
+        let out = env.run(&[
+            "--user",
+            user,
+            "--",
+            "python3",
+            "-c",
+            OPEN_FILE_OUTLIVES_ITS_NAME,
+            dir,
+        ]);
+        assert_eq!(
+            ok(&out),
+            "5 0o600 1000000000 hello\n8192\n0o644 new 1 0o640\n20\n",
+            "{user} in {dir}: {}",
+            text(&out.stderr)
+        );
+    }
+}
