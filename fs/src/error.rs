@@ -97,6 +97,8 @@ pub(crate) enum OpError {
     NoData,
     #[error("stale inode {0}")]
     Stale(u64),
+    #[error("name longer than 255 bytes")]
+    NameTooLong,
     #[error("bad file handle {0}")]
     BadHandle(u64),
     #[error("host i/o failed")]
@@ -124,6 +126,7 @@ impl OpError {
             Self::NotSupported => E::EOPNOTSUPP,
             Self::NoData => E::from_i32(libc::ENODATA),
             Self::Stale(_) => E::from_i32(libc::ESTALE),
+            Self::NameTooLong => E::from_i32(libc::ENAMETOOLONG),
             Self::BadHandle(_) => E::EBADF,
             Self::Io(e) => E::from_i32(e.raw_os_error().unwrap_or(libc::EIO)),
             Self::Sys(e) => E::from_i32(e.raw_os_error()),

@@ -11,10 +11,16 @@ use crate::error::{OpError, OpResult};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Name(OsString);
 
+/// The longest name, in bytes (as on the host's filesystems).
+pub(crate) const NAME_MAX: usize = 255;
+
 impl Name {
     pub(crate) fn new(name: &OsStr) -> OpResult<Self> {
         let b = name.as_bytes();
-        if b.is_empty() || b.len() > 255 || b == b"." || b == b".." {
+        if b.len() > NAME_MAX {
+            return Err(OpError::NameTooLong);
+        }
+        if b.is_empty() || b == b"." || b == b".." {
             return Err(OpError::Invalid);
         }
         if b.iter().any(|&c| c == b'/' || c == 0) {
