@@ -302,3 +302,19 @@ fn open_files_outlive_their_names_in_the_workspace_and_on_the_root() {
         );
     }
 }
+
+/// pjdfstest's subset (scripts/pjdfstest.sh --subset) as sandbox root, in
+/// /workspace and on the copy-on-write root: nothing fails but the
+/// subtests scripts/pjdfstest-exceptions.txt lists with their reasons.
+#[test]
+fn pjdfstest_passes_as_root_but_for_the_listed_exceptions() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new(root.join("scripts/pjdfstest.sh"))
+        .arg("--subset")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("root unexpected: none"), "{stdout}");
+    assert!(stdout.contains("workspace unexpected: none"), "{stdout}");
+}
