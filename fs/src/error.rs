@@ -99,6 +99,8 @@ pub(crate) enum OpError {
     Stale(u64),
     #[error("name longer than 255 bytes")]
     NameTooLong,
+    #[error("disk quota reached")]
+    NoSpace,
     #[error("bad file handle {0}")]
     BadHandle(u64),
     #[error("host i/o failed")]
@@ -127,6 +129,7 @@ impl OpError {
             Self::NoData => E::from_i32(libc::ENODATA),
             Self::Stale(_) => E::from_i32(libc::ESTALE),
             Self::NameTooLong => E::from_i32(libc::ENAMETOOLONG),
+            Self::NoSpace => E::from_i32(libc::ENOSPC),
             Self::BadHandle(_) => E::EBADF,
             Self::Io(e) => E::from_i32(e.raw_os_error().unwrap_or(libc::EIO)),
             Self::Sys(e) => E::from_i32(e.raw_os_error()),

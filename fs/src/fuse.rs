@@ -185,6 +185,8 @@ pub(crate) struct AirlockFs {
     shared: Arc<Shared>,
     /// Bytes held by open directory listings (see [`LISTING_BUDGET`]).
     listing_bytes: AtomicUsize,
+    /// What the sandbox's writable layers hold, against its quota.
+    usage: Arc<crate::quota::Usage>,
 }
 
 impl std::fmt::Debug for AirlockFs {
@@ -257,6 +259,7 @@ impl AirlockFs {
         events: EventSink,
         opts: &MountOptions,
         shared: Arc<Shared>,
+        usage: Arc<crate::quota::Usage>,
     ) -> Result<Self, FsError> {
         let ids = spec.ids;
         if ids.count == 0 || spec.sandbox_uid >= ids.count || spec.sandbox_gid >= ids.count {
@@ -327,7 +330,66 @@ impl AirlockFs {
             stack_depth,
             shared,
             listing_bytes: AtomicUsize::new(0),
+            usage,
         })
+    }
+
+    /// Duplicates of the writable layers' roots (upper, workspace), for the
+    /// quota's start-up walk.
+    pub(crate) fn usage_roots(&self) -> Vec<std::os::fd::OwnedFd> {
+        [self.store.upper_root(), Arc::clone(&self.ws)]
+            .iter()
+            .filter_map(|d| d.as_fd().try_clone_to_owned().ok())
+            .collect()
+    }
+
+    /// Sets the length of writable file `f` and settles what that did to
+    /// its allocation (growing a file allocates nothing; shrinking frees).
+    fn set_len_charged(&self, f: &File, size: u64) -> OpResult<()> {
+        let before = crate::quota::allocated(&rustix::fs::fstat(f)?);
+        let r = f.set_len(size);
+        let after = rustix::fs::fstat(f).map_or(before, |st| crate::quota::allocated(&st));
+        self.usage.settle(before, after);
+        Ok(r?)
+    }
+
+    /// Runs `op` on writable file `f`, which may allocate up to `most`
+    /// bytes: refused with ENOSPC unless that fits, then charged what it
+    /// did allocate.
+    fn allocating<T>(&self, f: &File, most: u64, op: impl FnOnce() -> OpResult<T>) -> OpResult<T> {
+        self.usage.fits_bytes(most)?;
+        let before = crate::quota::allocated(&rustix::fs::fstat(f)?);
+        let r = op();
+        let after = rustix::fs::fstat(f).map_or(before, |st| crate::quota::allocated(&st));
+        self.usage.settle(before, after);
+        r
+    }
+
+    /// Refunds what a host entry about to go for good holds: its inode,
+    /// and its bytes when this is its last name.
+    fn refund_entry(&self, dir: &Dir, name: &Name) {
+        if let Ok(st) = stat_at(dir, name) {
+            self.refund_stat(st.as_ref());
+        }
+    }
+
+    /// Refunds what the host entry `st` described held, now that one of its
+    /// names went: all of it when that was its last name (or a directory).
+    /// Whiteouts were never charged.
+    fn refund_stat(&self, st: Option<&rustix::fs::Stat>) {
+        let Some(st) = st else {
+            return;
+        };
+        let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+        if ft == rustix::fs::FileType::CharacterDevice && st.st_rdev == 0 {
+            return;
+        }
+        if ft == rustix::fs::FileType::Directory {
+            self.usage.refund_inodes(1);
+        } else if st.st_nlink <= 1 {
+            self.usage.refund_inodes(1);
+            self.usage.refund_bytes(crate::quota::allocated(st));
+        }
     }
 
     // ---- events -------------------------------------------------------
@@ -611,7 +673,24 @@ impl AirlockFs {
 
     /// Copy `comps` up, auditing a refusal to copy a private base file.
     fn copy_up(&self, comps: &[Name], found: &Found, truncate: bool) -> OpResult<()> {
+        let (top, _) = self.store.top();
+        let charged = if found.src == Src::Layer(top) {
+            (0, 0)
+        } else if found.meta.is_dir() || truncate {
+            (0, 1)
+        } else {
+            (found.meta.blocks.saturating_mul(512), 1)
+        };
+        self.usage.charge_inodes(charged.1)?;
+        if let Err(e) = self.usage.charge_bytes(charged.0) {
+            self.usage.refund_inodes(charged.1);
+            return Err(e);
+        }
         let r = self.store.copy_up(comps, found, truncate);
+        if r.is_err() {
+            self.usage.refund_inodes(charged.1);
+            self.usage.refund_bytes(charged.0);
+        }
         if let Err(OpError::HostPrivate) = r {
             self.deny("copy-up", sandbox_path(comps), PRIVATE_REASON);
         }
@@ -784,7 +863,7 @@ impl AirlockFs {
                     self.mutation(MutationOp::Truncate, p.clone(), None);
                 }
             }
-            file.set_len(size)?;
+            self.set_len_charged(file, size)?;
             if let Some(a) = self.handle_attr(ino, &h) {
                 return a;
             }
@@ -892,7 +971,7 @@ impl AirlockFs {
                 if is_ws {
                     kill_setid(file)?;
                 }
-                file.set_len(size)?;
+                self.set_len_charged(file, size)?;
             } else {
                 let (d, name) = self.writable(&loc, size == 0)?;
                 let f = open_file(&*d, &name, OFlags::WRONLY | OFlags::NONBLOCK, 0)?;
@@ -902,7 +981,7 @@ impl AirlockFs {
                     self.ws_require("truncate", path.clone(), &meta, WRITE)?;
                     kill_setid(&f)?;
                 }
-                f.set_len(size)?;
+                self.set_len_charged(&f, size)?;
             }
             if is_ws {
                 self.mutation(MutationOp::Truncate, path.clone(), None);
@@ -992,7 +1071,7 @@ impl AirlockFs {
             if ws {
                 kill_setid(file)?;
             }
-            file.set_len(size)?;
+            self.set_len_charged(file, size)?;
         }
         if c.atime.is_some() || c.mtime.is_some() {
             let explicit = matches!(c.atime, Some(TimeOrNow::SpecificTime(_)))
@@ -1063,7 +1142,11 @@ impl AirlockFs {
                     // name, chmod) has only that owner's rights, so a name
                     // swapped in meanwhile cannot be changed as root.
                     let _as_owner = crate::sys::FsIds::switch(self.ws_owner.0, self.ws_owner.1)?;
-                    make(&d, &name, 0o7777 & !setid)?;
+                    self.usage.charge_inodes(1)?;
+                    if let Err(e) = make(&d, &name, 0o7777 & !setid) {
+                        self.usage.refund_inodes(1);
+                        return Err(e);
+                    }
                 }
                 self.mutation(op, ws_path(rel), None);
                 let st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
@@ -1085,7 +1168,11 @@ impl AirlockFs {
                 }
                 let d = self.store.upper_dir(dir)?;
                 let had_whiteout = unlink_whiteout(&d, &name)?;
-                make(&d, &name, 0o7777)?;
+                self.usage.charge_inodes(1)?;
+                if let Err(e) = make(&d, &name, 0o7777) {
+                    self.usage.refund_inodes(1);
+                    return Err(e);
+                }
                 chown_at(
                     &d,
                     &name,
@@ -1546,7 +1633,11 @@ impl AirlockFs {
                 if h.area == Area::Workspace && !h.written.load(Ordering::Relaxed) {
                     kill_setid(file)?;
                 }
-                file.write_all_at(data, offset)?;
+                // A write the quota could not hold is refused before it
+                // changes anything.
+                self.allocating(file, data.len() as u64, || {
+                    Ok(file.write_all_at(data, offset)?)
+                })?;
                 h.written.store(true, Ordering::Relaxed);
                 Ok(u32::try_from(data.len()).unwrap_or(u32::MAX))
             }
@@ -1578,7 +1669,9 @@ impl AirlockFs {
                 } else {
                     AtFlags::empty()
                 };
+                let st = stat_at(&*d, &name)?;
                 rustix::fs::unlinkat(&*d, name.as_os_str(), flags)?;
+                self.refund_stat(st.as_ref());
                 let op = if dir_op {
                     MutationOp::Rmdir
                 } else {
@@ -1603,6 +1696,7 @@ impl AirlockFs {
                 let lower = self.store.lower_has(&parts, dir, &name)?;
                 if found.src == Src::Layer(top) {
                     let d = self.store.upper_dir(dir)?;
+                    self.refund_entry(&d, &name);
                     if dir_op {
                         clear_whiteouts(&*open_dir(&*d, &name)?)?;
                         rustix::fs::unlinkat(&*d, name.as_os_str(), AtFlags::REMOVEDIR)?;
@@ -1648,6 +1742,11 @@ impl AirlockFs {
                 self.ws_require_sticky("rename", a, &da, &name)?;
                 self.ws_require_sticky("rename", b, &db, &new_name)?;
                 let rflags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
+                let replaced = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    None
+                } else {
+                    stat_at(&*db, &new_name)?
+                };
                 rustix::fs::renameat_with(
                     &*da,
                     name.as_os_str(),
@@ -1655,6 +1754,7 @@ impl AirlockFs {
                     new_name.as_os_str(),
                     rflags,
                 )?;
+                self.refund_stat(replaced.as_ref());
                 self.mutation(MutationOp::Rename, ws_path(a), Some(ws_path(b)));
                 let mut t = lock(&self.inodes);
                 if flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -1707,7 +1807,7 @@ impl AirlockFs {
                     // Two names of one file: rename(2) does nothing.
                     return Ok(());
                 }
-                self.store.copy_up(a, &src_found, false)?;
+                self.copy_up(a, &src_found, false)?;
                 let ua = self.store.upper_dir(dir_a)?;
                 let ub = self.store.upper_dir(dir_b)?;
                 let dst_lower = self.store.lower_has(&parts_b, dir_b, &new_name)?;
@@ -1719,7 +1819,9 @@ impl AirlockFs {
                 {
                     clear_whiteouts(&*open_dir(&*ub, &new_name)?)?;
                 }
+                let replaced = stat_at(&*ub, &new_name)?;
                 rustix::fs::renameat(&*ua, name.as_os_str(), &*ub, new_name.as_os_str())?;
+                self.refund_stat(replaced.as_ref());
                 if src_lower {
                     make_whiteout(&ua, &name)?;
                 }
@@ -1799,7 +1901,7 @@ impl AirlockFs {
                 {
                     return Err(OpError::Exists);
                 }
-                self.store.copy_up(a, &found, false)?;
+                self.copy_up(a, &found, false)?;
                 let ua = self.store.upper_dir(ad)?;
                 let ub = self.store.upper_dir(dir_b)?;
                 unlink_whiteout(&ub, &new_name)?;
@@ -2624,12 +2726,10 @@ impl Filesystem for AirlockFs {
                 if h.area == Area::Workspace {
                     kill_setid(file)?;
                 }
-                rustix::fs::fallocate(
-                    file,
-                    rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
-                    offset,
-                    length,
-                )?;
+                let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+                self.allocating(file, length, || {
+                    Ok(rustix::fs::fallocate(file, flags, offset, length)?)
+                })?;
                 h.written.store(true, Ordering::Relaxed);
                 Ok(())
             }

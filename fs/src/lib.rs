@@ -54,6 +54,7 @@ mod fuse;
 mod inode;
 mod layers;
 mod policy;
+mod quota;
 mod resolve;
 mod synth;
 mod sys;
@@ -177,7 +178,12 @@ pub struct MountSpec {
     pub sandbox_user: String,
     /// For /etc/hostname and /etc/hosts.
     pub hostname: String,
+    /// What the sandbox may add across its copy-on-write layer and its
+    /// workspace (see [`DiskQuota`]).
+    pub quota: DiskQuota,
 }
+
+pub use quota::DiskQuota;
 
 /// The capabilities a confined server process keeps (all others are
 /// dropped from every set, the bounding set included), each with why.
@@ -390,6 +396,28 @@ pub enum FsEvent {
         /// Why.
         reason: String,
     },
+    /// The disk quota refused a change for the first time (later refusals
+    /// are not reported): ENOSPC.
+    QuotaHit {
+        /// "disk bytes" or "inodes".
+        what: String,
+        /// The limit.
+        limit: u64,
+        /// The usage then.
+        used: u64,
+    },
+    /// What the sandbox's layers hold now (sent when it changed, once a
+    /// second at most; not an audit row).
+    Usage {
+        /// Bytes.
+        bytes: u64,
+        /// Inodes.
+        inodes: u64,
+        /// The bytes limit (0: none).
+        bytes_limit: u64,
+        /// The inodes limit (0: none).
+        inodes_limit: u64,
+    },
 }
 
 /// Receives events on FUSE threads; must be cheap and never block.
@@ -511,6 +539,7 @@ pub fn mount_with(
         }
     };
     let shared = Arc::clone(&serving.shared);
+    quota::start_reporting(&serving.usage, serving.usage_roots);
     let session = match serving.session.spawn() {
         Ok(s) => s,
         Err(source) => {
@@ -570,6 +599,10 @@ pub fn mount_device(mountpoint: &Path) -> Result<std::os::fd::OwnedFd, FsError> 
 pub struct Server {
     fs: fuse::AirlockFs,
     shared: Arc<Shared>,
+    usage: Arc<quota::Usage>,
+    /// The layers the quota counts (upper, workspace), for the start-up
+    /// walk.
+    usage_roots: Vec<std::os::fd::OwnedFd>,
 }
 
 impl std::fmt::Debug for Server {
@@ -585,8 +618,15 @@ impl Server {
     /// When the spec is inconsistent or a layer root cannot be opened.
     pub fn new(spec: &MountSpec, events: EventSink, opts: &MountOptions) -> Result<Self, FsError> {
         let shared = Arc::new(Shared::default());
-        let fs = fuse::AirlockFs::new(spec, events, opts, Arc::clone(&shared))?;
-        Ok(Self { fs, shared })
+        let usage = Arc::new(quota::Usage::new(spec.quota, Arc::clone(&events)));
+        let fs = fuse::AirlockFs::new(spec, events, opts, Arc::clone(&shared), Arc::clone(&usage))?;
+        let usage_roots = fs.usage_roots();
+        Ok(Self {
+            fs,
+            shared,
+            usage,
+            usage_roots,
+        })
     }
 
     /// Answers the kernel's INIT on `dev` (a device from [`mount_device`])
@@ -595,7 +635,12 @@ impl Server {
     /// # Errors
     /// When the handshake fails.
     pub fn handshake(self, dev: std::os::fd::OwnedFd) -> Result<Serving, FsError> {
-        let Server { fs, shared } = self;
+        let Server {
+            fs,
+            shared,
+            usage,
+            usage_roots,
+        } = self;
         let dev = std::fs::File::from(dev);
         // A second reference to the device, only for the passthrough probe
         // after the handshake; closed before this function returns.
@@ -620,7 +665,12 @@ impl Server {
             tracing::debug!(error = %e, "fuse passthrough refused; serving reads");
             shared.passthrough.store(false, Ordering::Relaxed);
         }
-        Ok(Serving { session, shared })
+        Ok(Serving {
+            session,
+            shared,
+            usage,
+            usage_roots,
+        })
     }
 }
 
@@ -628,6 +678,8 @@ impl Server {
 pub struct Serving {
     session: fuser::Session<fuse::AirlockFs>,
     shared: Arc<Shared>,
+    usage: Arc<quota::Usage>,
+    usage_roots: Vec<std::os::fd::OwnedFd>,
 }
 
 impl std::fmt::Debug for Serving {
@@ -659,6 +711,7 @@ impl Serving {
     /// # Errors
     /// When the session ends with an error other than the unmount.
     pub fn run(self) -> std::io::Result<()> {
+        quota::start_reporting(&self.usage, self.usage_roots);
         self.session.run()
     }
 }

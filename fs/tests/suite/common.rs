@@ -79,6 +79,7 @@ fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec, opts: &MountOpti
         sandbox_gid: 1000,
         sandbox_user: "sandbox".into(),
         hostname: "testbox".into(),
+        quota: airlock_fs::DiskQuota::default(),
     };
     let mount = airlock_fs::mount_with(
         spec,
