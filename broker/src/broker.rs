@@ -209,6 +209,8 @@ impl Broker {
             cpu_millis: l.cpu_millis.unwrap_or(d.cpu_millis),
             nofile: l.nofile.unwrap_or(d.nofile),
             timeout_secs: req.timeout_secs.unwrap_or(d.timeout_secs),
+            disk_bytes: l.disk_bytes.unwrap_or(d.disk_bytes),
+            inodes: l.inodes.unwrap_or(d.inodes),
         };
         check_limits(&limits, d)?;
         let (user, user_ids) = (req.user.name().to_string(), req.user.ids());
@@ -234,6 +236,10 @@ impl Broker {
             workspace,
             rootfs,
             nofile: limits.nofile,
+            disk: airlock_fs::DiskQuota {
+                bytes: limits.disk_bytes,
+                inodes: limits.inodes,
+            },
         };
         let _reservation = self.reserve_for_agent(&shape.agent)?;
         let key = self.pool_key(&shape);

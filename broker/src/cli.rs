@@ -67,6 +67,13 @@ struct CreateOpts {
     /// Most processes and threads (default 512).
     #[arg(long)]
     pids: Option<u64>,
+    /// Disk the sandbox may add across /tmp, every other write outside
+    /// /workspace and /workspace itself, e.g. 500M, 20G (default 10G).
+    #[arg(long)]
+    disk: Option<String>,
+    /// Files and directories it may add there (default 1048576).
+    #[arg(long)]
+    inodes: Option<u64>,
     /// CPUs, e.g. 0.5, 2 (default 1).
     #[arg(long)]
     cpus: Option<f64>,
@@ -223,14 +230,25 @@ fn build_create(opts: &CreateOpts) -> Result<CreateSandbox, CliError> {
         .map(|t| parse_duration(t).map(|d| d.as_secs().max(1)))
         .transpose()
         .map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
-    let limits = (memory.is_some() || opts.pids.is_some() || cpu_millis.is_some()).then_some(
-        LimitsRequest {
-            memory_bytes: memory,
-            pids: opts.pids,
-            cpu_millis,
-            nofile: None,
-        },
-    );
+    let disk = opts
+        .disk
+        .as_deref()
+        .map(parse_size)
+        .transpose()
+        .map_err(|e| CliError::Usage(format!("--disk: {e}")))?;
+    let limits = (memory.is_some()
+        || opts.pids.is_some()
+        || cpu_millis.is_some()
+        || disk.is_some()
+        || opts.inodes.is_some())
+    .then_some(LimitsRequest {
+        memory_bytes: memory,
+        pids: opts.pids,
+        cpu_millis,
+        nofile: None,
+        disk_bytes: disk,
+        inodes: opts.inodes,
+    });
     let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
     use airlock_net::policy::{Mode, NetworkSpec};
     let mode = match opts.net.as_deref() {
@@ -489,6 +507,13 @@ fn print_info(info: &SandboxInfo, json: bool) {
     println!(
         "counters:    oom kills {}, pids-limit hits {}",
         info.counters.oom_kills, info.counters.pids_max_hits
+    );
+    println!(
+        "disk:        {} of {} MiB, {} of {} inodes",
+        info.disk.used_bytes >> 20,
+        info.disk.limit_bytes >> 20,
+        info.disk.used_inodes,
+        info.disk.limit_inodes
     );
     println!("landlock:    ABI {}", info.landlock_abi);
     println!("seccomp:     profile {}", info.seccomp_profile);

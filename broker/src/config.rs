@@ -46,6 +46,15 @@ pub struct LimitsConfig {
     pub max_cpu_millis: u64,
     /// Ceiling for the lifetime of a sandbox, seconds.
     pub max_timeout_secs: u64,
+    /// Bytes a sandbox may add across its copy-on-write layer (/tmp and
+    /// every write outside /workspace) and its workspace.
+    pub disk_bytes: u64,
+    /// Inodes it may add there.
+    pub inodes: u64,
+    /// Ceiling for disk requests.
+    pub max_disk_bytes: u64,
+    /// Ceiling for inode requests.
+    pub max_inodes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -60,6 +69,10 @@ impl Default for LimitsConfig {
             max_pids: 8192,
             max_cpu_millis: 64_000,
             max_timeout_secs: 7 * 24 * 3600,
+            disk_bytes: 10 << 30,
+            inodes: 1 << 20,
+            max_disk_bytes: 1 << 40,
+            max_inodes: 1 << 26,
         }
     }
 }

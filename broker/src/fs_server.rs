@@ -88,6 +88,9 @@ pub struct FsServerSpec {
     pub cgroup_procs: Vec<PathBuf>,
     /// Open-files limit of the server (the sandbox's).
     pub nofile: u64,
+    /// What the sandbox may add to its layers and workspace.
+    #[serde(default)]
+    pub quota: airlock_fs::DiskQuota,
     /// Lowest landlock ABI accepted.
     pub landlock_floor: u8,
     /// Events sent to the broker per second at most (and burst); past
@@ -186,6 +189,7 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         sandbox_gid: spec.user_ids.1,
         sandbox_user: spec.user.clone(),
         hostname: spec.hostname.clone(),
+        quota: spec.quota,
     };
     mark("private root");
     let (tx, rx) = sync_channel::<FsEvent>(EVENT_QUEUE);
@@ -226,6 +230,14 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
                 events.send(&msg, &[]).is_ok()
             };
             while let Ok(event) = rx.recv() {
+                // Usage reports (once a second at most) and the quota's
+                // first hits are state, not a flood: never dropped.
+                if matches!(event, FsEvent::Usage { .. } | FsEvent::QuotaHit { .. }) {
+                    if !send(FsServerEvent::Fs { event }) {
+                        return;
+                    }
+                    continue;
+                }
                 let Some(dropped) = limiter.admit() else {
                     continue;
                 };
@@ -586,6 +598,7 @@ mod tests {
             sandbox_gid: 1000,
             sandbox_user: "sandbox".into(),
             hostname: "probe".into(),
+            quota: airlock_fs::DiskQuota::default(),
         };
         // libtest runs this test on a thread of its own, and a process
         // creates a user namespace only while single-threaded: the probe

@@ -225,6 +225,8 @@ pub struct Sandbox {
     pub(crate) network: Mutex<airlock_net::policy::NetworkSpec>,
     /// Host ports its gateway serves.
     pub(crate) ports: Mutex<Vec<crate::api::types::ForwardedPort>>,
+    /// What its layers hold, as its filesystem server last reported.
+    pub(crate) disk: Arc<Mutex<crate::api::types::DiskUsage>>,
 }
 
 impl Sandbox {
@@ -271,6 +273,7 @@ impl Sandbox {
             execs_running: lock_or_recover(&self.pending).len(),
             network: lock_or_recover(&self.network).clone(),
             ports: lock_or_recover(&self.ports).clone(),
+            disk: *lock_or_recover(&self.disk),
         }
     }
 

@@ -20,6 +20,10 @@ pub struct LimitsRequest {
     pub cpu_millis: Option<u64>,
     /// Open files per process.
     pub nofile: Option<u64>,
+    /// Bytes the sandbox may add to its copy-on-write layer and workspace.
+    pub disk_bytes: Option<u64>,
+    /// Inodes it may add there.
+    pub inodes: Option<u64>,
 }
 
 /// `POST /v1/sandboxes`.
@@ -89,6 +93,26 @@ pub struct AppliedLimits {
     pub nofile: u64,
     /// Lifetime, seconds (0: none).
     pub timeout_secs: u64,
+    /// Bytes it may add to its copy-on-write layer and workspace.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Inodes it may add there.
+    #[serde(default)]
+    pub inodes: u64,
+}
+
+/// What a sandbox's copy-on-write layer and workspace hold, against its
+/// quota (reported by its filesystem server once a second at most).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Bytes.
+    pub used_bytes: u64,
+    /// Inodes.
+    pub used_inodes: u64,
+    /// The bytes limit.
+    pub limit_bytes: u64,
+    /// The inodes limit.
+    pub limit_inodes: u64,
 }
 
 /// What `GET /v1/sandboxes/{id}` returns.
@@ -132,6 +156,9 @@ pub struct SandboxInfo {
     /// Host ports served by sandbox ports.
     #[serde(default)]
     pub ports: Vec<ForwardedPort>,
+    /// Disk usage against the quota.
+    #[serde(default)]
+    pub disk: DiskUsage,
 }
 
 /// A host port served by a sandbox port (`POST /v1/sandboxes/{id}/ports`).

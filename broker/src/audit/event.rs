@@ -249,6 +249,7 @@ impl AuditEvent {
             AuditEvent::Fs(ev) => {
                 let (kind, action) = match &ev {
                     airlock_fs::FsEvent::Denied { .. } => (AuditKind::Denial, "fs_denied"),
+                    airlock_fs::FsEvent::QuotaHit { .. } => (AuditKind::Limit, "disk"),
                     _ => (AuditKind::Fs, "mutation"),
                 };
                 (kind, action, serde_json::to_value(&ev).unwrap_or_default())

@@ -26,6 +26,8 @@ pub(super) struct BuiltFs {
     mountpoint: PathBuf,
     chan: Channel,
     sink: FsSink,
+    /// Where the server's usage reports land.
+    disk: Arc<Mutex<crate::api::types::DiskUsage>>,
 }
 
 /// Supervises a sandbox's filesystem server: its events become audit rows;
@@ -90,6 +92,8 @@ pub(super) struct Shape {
     pub(super) workspace: HostDir,
     pub(super) rootfs: Option<HostDir>,
     pub(super) nofile: u64,
+    /// The disk quota (fixed when the filesystem server starts).
+    pub(super) disk: airlock_fs::DiskQuota,
 }
 
 /// Limits must lie within the configured bounds.
@@ -119,6 +123,18 @@ pub(super) fn check_limits(
         return Err(BrokerError::BadRequest(format!(
             "timeout_secs {} exceeds the maximum {}",
             limits.timeout_secs, d.max_timeout_secs
+        )));
+    }
+    if limits.disk_bytes < (1 << 20) || limits.disk_bytes > d.max_disk_bytes {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.disk_bytes {} is outside 1 MiB..{} bytes",
+            limits.disk_bytes, d.max_disk_bytes
+        )));
+    }
+    if limits.inodes < 64 || limits.inodes > d.max_inodes {
+        return Err(BrokerError::BadRequest(format!(
+            "limits.inodes {} is outside 64..{}",
+            limits.inodes, d.max_inodes
         )));
     }
     if limits.nofile < 16 || limits.nofile > 1 << 20 {
@@ -353,12 +369,17 @@ impl Broker {
             user_ids,
             &hostname,
             limits.nofile,
+            airlock_fs::DiskQuota {
+                bytes: limits.disk_bytes,
+                inodes: limits.inodes,
+            },
             &mut res,
         );
         let BuiltFs {
             mountpoint,
             chan: fs_chan,
             sink: fs_sink,
+            disk,
         } = match built {
             Ok(x) => x,
             Err(e) => {
@@ -432,6 +453,7 @@ impl Broker {
             counters: Mutex::new(Default::default()),
             network: Mutex::new(Default::default()),
             ports: Mutex::new(Vec::new()),
+            disk,
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = Arc::clone(&sandbox);
@@ -527,6 +549,7 @@ impl Broker {
         user_ids: (u32, u32),
         hostname: &str,
         nofile: u64,
+        quota: airlock_fs::DiskQuota,
         res: &mut Resources,
     ) -> Result<BuiltFs, BrokerError> {
         std::fs::DirBuilder::new()
@@ -550,7 +573,32 @@ impl Broker {
         // own process), and the count lands in one row. The same budget
         // here holds a server that would not keep to it.
         let limiter = RateLimiter::new(FS_EVENTS_PER_SEC, FS_EVENTS_BURST);
+        let disk = Arc::new(Mutex::new(crate::api::types::DiskUsage {
+            limit_bytes: quota.bytes,
+            limit_inodes: quota.inodes,
+            ..Default::default()
+        }));
+        let disk_slot = Arc::clone(&disk);
         let sink: FsSink = Box::new(move |ev: FsServerEvent| {
+            // Usage reports are state for `inspect`, not audit rows.
+            if let FsServerEvent::Fs {
+                event:
+                    airlock_fs::FsEvent::Usage {
+                        bytes,
+                        inodes,
+                        bytes_limit,
+                        inodes_limit,
+                    },
+            } = ev
+            {
+                *lock_or_recover(&disk_slot) = crate::api::types::DiskUsage {
+                    used_bytes: bytes,
+                    used_inodes: inodes,
+                    limit_bytes: bytes_limit,
+                    limit_inodes: inodes_limit,
+                };
+                return;
+            }
             let (ev, dropped) = match ev {
                 FsServerEvent::Fs { event } => match limiter.admit() {
                     Some(d) => (Some(event), d),
@@ -592,6 +640,7 @@ impl Broker {
             hostname: hostname.to_string(),
             cgroup_procs: res.cgroup.join_files(),
             nofile: nofile.max(FS_SERVER_MIN_NOFILE),
+            quota,
             landlock_floor: self.cfg.landlock_floor,
             events_per_sec: FS_EVENTS_PER_SEC,
             events_burst: FS_EVENTS_BURST,
@@ -612,6 +661,7 @@ impl Broker {
             mountpoint,
             chan,
             sink,
+            disk,
         })
     }
 }

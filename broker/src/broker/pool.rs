@@ -29,12 +29,15 @@ pub(super) type PoolEntry = (Arc<Sandbox>, ReadyInfo);
 
 impl Broker {
     /// Requests the pool can serve: the agent's own workspace, the host
-    /// base, the default open-files limit (fixed at start); any user,
+    /// base, the default open-files limit and disk quota (fixed at start);
+    /// any user,
     /// memory, pids, CPU, timeout and environment (applied when handed out).
     pub(super) fn pool_key(&self, shape: &Shape) -> Option<PoolKey> {
         (self.cfg.pool_size > 0
             && shape.rootfs.is_none()
             && shape.nofile == self.cfg.limits.nofile
+            && shape.disk.bytes == self.cfg.limits.disk_bytes
+            && shape.disk.inodes == self.cfg.limits.inodes
             && shape.workspace.path == self.cfg.state_dir.join("workspaces").join(&shape.agent))
         .then(|| (shape.agent.clone(), shape.user.clone()))
     }
@@ -71,6 +74,8 @@ impl Broker {
                     cpu_millis: me.cfg.limits.cpu_millis,
                     nofile: me.cfg.limits.nofile,
                     timeout_secs: 0,
+                    disk_bytes: me.cfg.limits.disk_bytes,
+                    inodes: me.cfg.limits.inodes,
                 };
                 loop {
                     let have = lock_or_recover(&me.pool).get(&key).map_or(0, Vec::len);
