@@ -277,3 +277,68 @@ echo done
         "{rows:?}"
     );
 }
+
+/// A directory swapped for a symlink to a host path, over and over, while
+/// other threads open and list paths through it: the filesystem server
+/// never follows a host symlink, so nothing outside is ever read, in the
+/// workspace or on the copy-on-write root.
+#[test]
+fn a_directory_swapped_for_a_symlink_never_reaches_outside() {
+    let env = Env::new();
+    let (_d, path) = canary();
+    let dir = std::path::Path::new(&path)
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let script = format!(
+        r#"
+import os, sys, threading, time
+base = sys.argv[1]
+os.makedirs(base + "/real", exist_ok=True)
+open(base + "/real/secret", "w").write("inside")
+stop = time.monotonic() + 2.0
+seen = set()
+def swap():
+    while time.monotonic() < stop:
+        for make in (lambda: os.symlink("{dir}", base + "/tmp-l"), lambda: os.symlink(base + "/real", base + "/tmp-l")):
+            try:
+                make(); os.rename(base + "/tmp-l", base + "/d")
+            except OSError:
+                pass
+            try:
+                os.unlink(base + "/d")
+            except OSError:
+                pass
+            try:
+                os.rename(base + "/real", base + "/d"); os.rename(base + "/d", base + "/real")
+            except OSError:
+                pass
+def probe():
+    while time.monotonic() < stop:
+        for p in (base + "/d/secret", base + "/d/../d/secret"):
+            try:
+                with open(p) as f:
+                    seen.add(f.read())
+            except OSError:
+                pass
+        try:
+            seen.update(os.listdir(base + "/d"))
+        except OSError:
+            pass
+ts = [threading.Thread(target=swap)] + [threading.Thread(target=probe) for _ in range(3)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(sorted(seen))
+"#
+    );
+    for base in ["/workspace/race", "/tmp/race"] {
+        let out = env.run(&["--", "python3", "-c", &script, base]);
+        let s = ok(&out);
+        assert!(!s.contains(CANARY), "{base}: {s}");
+        assert!(
+            s.contains("inside"),
+            "{base}: the race never hit the real directory: {s}"
+        );
+    }
+}
