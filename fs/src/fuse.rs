@@ -140,6 +140,25 @@ struct Opened {
     backing: Option<Arc<Backing>>,
 }
 
+/// Who asked for a new entry (the request's ids, in the server's view).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caller {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+}
+
+impl Caller {
+    fn of(req: &Request) -> Caller {
+        Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+        }
+    }
+}
+
+/// The most one READ returns (the kernel's max_pages is at most 256 pages).
+const MAX_READ: usize = 1 << 20;
+
 /// The changes of one setattr, for a file reached through its handle.
 struct Detached {
     mode: Option<u32>,
@@ -1112,7 +1131,7 @@ impl AirlockFs {
     /// the new entry's attributes.
     fn create_entry(
         &self,
-        req: &Request,
+        req: Caller,
         parent: u64,
         name: &OsStr,
         op: MutationOp,
@@ -1176,8 +1195,8 @@ impl AirlockFs {
                 chown_at(
                     &d,
                     &name,
-                    self.ids.req_uid(req.uid()),
-                    self.ids.req_gid(req.gid()),
+                    self.ids.req_uid(req.uid),
+                    self.ids.req_gid(req.gid),
                 )?;
                 if op == MutationOp::Mkdir && had_whiteout {
                     set_opaque(&*open_dir(&*d, &name)?)?;
@@ -1194,7 +1213,7 @@ impl AirlockFs {
 
     fn do_mknod(
         &self,
-        req: &Request,
+        req: Caller,
         parent: u64,
         name: &OsStr,
         mode: u32,
@@ -1237,7 +1256,7 @@ impl AirlockFs {
 
     fn do_mkdir(
         &self,
-        req: &Request,
+        req: Caller,
         parent: u64,
         name: &OsStr,
         mode: u32,
@@ -1254,7 +1273,7 @@ impl AirlockFs {
 
     fn do_symlink(
         &self,
-        req: &Request,
+        req: Caller,
         parent: u64,
         name: &OsStr,
         target: &Path,
@@ -1271,7 +1290,7 @@ impl AirlockFs {
 
     fn do_create(
         &self,
-        req: &Request,
+        req: Caller,
         parent: u64,
         name: &OsStr,
         mode: u32,
@@ -1593,16 +1612,52 @@ impl AirlockFs {
         drop(closed);
     }
 
+    fn do_fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> OpResult<()> {
+        let h = self.handle(fh)?;
+        match &h.kind {
+            HandleKind::File {
+                file,
+                writable: true,
+            } => {
+                if h.area == Area::Workspace {
+                    kill_setid(file)?;
+                }
+                let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+                self.allocating(file, length, || {
+                    Ok(rustix::fs::fallocate(file, flags, offset, length)?)
+                })?;
+                h.written.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(OpError::BadHandle(fh)),
+        }
+    }
+
+    fn do_release(&self, fh: u64) {
+        let h = lock(&self.handles).remove(&fh);
+        if let Some(h) = h {
+            self.report_written(&h);
+            if let Some(io) = h.io {
+                self.release_io(h.ino, io);
+            }
+        }
+    }
+
     fn do_read(&self, fh: u64, offset: u64, size: u32) -> OpResult<Vec<u8>> {
         self.shared.reads.fetch_add(1, Ordering::Relaxed);
         let h = self.handle(fh)?;
-        let size = size as usize;
+        // The kernel never asks for more than max_pages at once; a larger
+        // size is not a reason to allocate it.
+        let size = (size as usize).min(MAX_READ);
         match &h.kind {
             HandleKind::File { file, .. } => {
                 let mut buf = vec![0u8; size];
                 let mut got = 0;
                 while got < size {
-                    match file.read_at(&mut buf[got..], offset + got as u64) {
+                    let Some(at) = offset.checked_add(got as u64) else {
+                        break;
+                    };
+                    match file.read_at(&mut buf[got..], at) {
                         Ok(0) => break,
                         Ok(n) => got += n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -2266,6 +2321,153 @@ fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
     }
 }
 
+/// The operations as crafted requests reach them, with results reduced to
+/// what the next request may name (see [`crate::hostile`]).
+impl AirlockFs {
+    pub(crate) fn op_lookup(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        self.do_lookup(parent, name).ok().map(|(a, _)| a.ino.0)
+    }
+
+    pub(crate) fn op_getattr(&self, ino: u64, fh: Option<FileHandle>) -> Option<u64> {
+        self.do_getattr(ino, fh).ok().map(|(a, _)| a.ino.0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn op_setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> Option<u64> {
+        self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh)
+            .ok()
+            .map(|(a, _)| a.ino.0)
+    }
+
+    pub(crate) fn op_mknod(
+        &self,
+        c: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Option<u64> {
+        self.do_mknod(c, parent, name, mode, umask)
+            .ok()
+            .map(|(a, _)| a.ino.0)
+    }
+
+    pub(crate) fn op_mkdir(
+        &self,
+        c: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Option<u64> {
+        self.do_mkdir(c, parent, name, mode, umask)
+            .ok()
+            .map(|(a, _)| a.ino.0)
+    }
+
+    pub(crate) fn op_symlink(
+        &self,
+        c: Caller,
+        parent: u64,
+        name: &OsStr,
+        target: &Path,
+    ) -> Option<u64> {
+        self.do_symlink(c, parent, name, target)
+            .ok()
+            .map(|(a, _)| a.ino.0)
+    }
+
+    pub(crate) fn op_create(
+        &self,
+        c: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: u32,
+    ) -> Option<(u64, u64)> {
+        #[allow(clippy::cast_possible_wrap)]
+        self.do_create(c, parent, name, mode, umask, flags as i32)
+            .ok()
+            .map(|(a, _, fh, _)| (a.ino.0, fh))
+    }
+
+    pub(crate) fn op_open(&self, ino: u64, flags: u32) -> Option<u64> {
+        #[allow(clippy::cast_possible_wrap)]
+        self.do_open(ino, flags as i32, None, None)
+            .ok()
+            .map(|o| o.fh)
+    }
+
+    pub(crate) fn op_read(&self, fh: u64, offset: u64, size: u32) {
+        let _ = self.do_read(fh, offset, size);
+    }
+
+    pub(crate) fn op_write(&self, fh: u64, offset: u64, data: &[u8]) {
+        let _ = self.do_write(fh, offset, data);
+    }
+
+    pub(crate) fn op_unlink(&self, parent: u64, name: &OsStr, dir: bool) {
+        let _ = self.do_unlink(parent, name, dir);
+    }
+
+    pub(crate) fn op_rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        to: u64,
+        to_name: &OsStr,
+        flags: RenameFlags,
+    ) {
+        let _ = self.do_rename(parent, name, to, to_name, flags);
+    }
+
+    pub(crate) fn op_link(&self, ino: u64, parent: u64, name: &OsStr) -> Option<u64> {
+        self.do_link(ino, parent, name).ok().map(|(a, _)| a.ino.0)
+    }
+
+    pub(crate) fn op_opendir(&self, ino: u64) -> Option<u64> {
+        self.do_opendir(ino).ok()
+    }
+
+    pub(crate) fn op_xattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: u32) {
+        #[allow(clippy::cast_possible_wrap)]
+        let _ = self.do_setxattr(ino, name, value, flags as i32);
+        let _ = self.do_getxattr(ino, name);
+        let _ = self.do_listxattr(ino);
+        if flags & 4 != 0 {
+            let _ = self.do_removexattr(ino, name);
+        }
+    }
+
+    pub(crate) fn op_release(&self, fh: u64) {
+        self.do_release(fh);
+    }
+
+    pub(crate) fn op_fallocate(&self, fh: u64, offset: u64, length: u64, mode: u32) {
+        #[allow(clippy::cast_possible_wrap)]
+        let _ = self.do_fallocate(fh, offset, length, mode as i32);
+    }
+
+    pub(crate) fn op_readlink(&self, ino: u64) -> Option<Vec<u8>> {
+        self.do_readlink(ino).ok()
+    }
+
+    pub(crate) fn op_statfs(&self, ino: u64) -> Option<u64> {
+        self.do_statfs(ino).ok().map(|s| s.f_blocks)
+    }
+}
+
 impl Filesystem for AirlockFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
@@ -2343,7 +2545,7 @@ impl Filesystem for AirlockFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mknod(req, parent.0, name, mode, umask) {
+        match self.do_mknod(Caller::of(req), parent.0, name, mode, umask) {
             Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
             Err(e) => reply.error(e.errno()),
         }
@@ -2358,7 +2560,7 @@ impl Filesystem for AirlockFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.do_mkdir(req, parent.0, name, mode, umask) {
+        match self.do_mkdir(Caller::of(req), parent.0, name, mode, umask) {
             Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
             Err(e) => reply.error(e.errno()),
         }
@@ -2386,7 +2588,7 @@ impl Filesystem for AirlockFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.do_symlink(req, parent.0, link_name, target) {
+        match self.do_symlink(Caller::of(req), parent.0, link_name, target) {
             Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
             Err(e) => reply.error(e.errno()),
         }
@@ -2503,13 +2705,7 @@ impl Filesystem for AirlockFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let h = lock(&self.handles).remove(&fh.0);
-        if let Some(h) = h {
-            self.report_written(&h);
-            if let Some(io) = h.io {
-                self.release_io(h.ino, io);
-            }
-        }
+        self.do_release(fh.0);
         reply.ok();
     }
 
@@ -2702,7 +2898,7 @@ impl Filesystem for AirlockFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, parent.0, name, mode, umask, flags) {
+        match self.do_create(Caller::of(req), parent.0, name, mode, umask, flags) {
             Ok((attr, ttl, fh, f)) => reply.created(&ttl, &attr, Generation(0), FileHandle(fh), f),
             Err(e) => reply.error(e.errno()),
         }
@@ -2718,24 +2914,7 @@ impl Filesystem for AirlockFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let res = self.handle(fh.0).and_then(|h| match &h.kind {
-            HandleKind::File {
-                file,
-                writable: true,
-            } => {
-                if h.area == Area::Workspace {
-                    kill_setid(file)?;
-                }
-                let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
-                self.allocating(file, length, || {
-                    Ok(rustix::fs::fallocate(file, flags, offset, length)?)
-                })?;
-                h.written.store(true, Ordering::Relaxed);
-                Ok(())
-            }
-            _ => Err(OpError::BadHandle(fh.0)),
-        });
-        match res {
+        match self.do_fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e.errno()),
         }

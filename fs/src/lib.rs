@@ -51,6 +51,7 @@
 
 mod error;
 mod fuse;
+mod hostile;
 mod inode;
 mod layers;
 mod policy;
@@ -184,6 +185,17 @@ pub struct MountSpec {
 }
 
 pub use quota::DiskQuota;
+
+/// Runs the requests `data` describes straight through the operations a
+/// FUSE request reaches, on a private temporary tree: the fuzz target's
+/// entry (see `fs/fuzz`). Needs root, as a server does.
+///
+/// # Panics
+/// When a request made the server touch anything outside its layers.
+#[doc(hidden)]
+pub fn fuzz_requests(data: &[u8]) {
+    hostile::run(data);
+}
 
 /// The capabilities a confined server process keeps (all others are
 /// dropped from every set, the bounding set included), each with why.
