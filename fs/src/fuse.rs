@@ -17,8 +17,8 @@ use cap_std::fs::Dir;
 use fuser::{
     AccessFlags, BackingId, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
@@ -2471,6 +2471,12 @@ impl AirlockFs {
 impl Filesystem for AirlockFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // Listings carry each entry's attributes when the kernel sees they
+        // will be looked up anyway (`ls -l`, `find -ls`, `git status`):
+        // one request per buffer of entries instead of one per entry.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+        );
         // Passthrough needs a stack depth (1: the base is a plain fs; 2: it
         // is itself stacked) and the capability; where either is refused,
         // every read stays a request to this server.
@@ -2773,6 +2779,65 @@ impl Filesystem for AirlockFs {
                 _ => {
                     let (child, kind, name) = &entries[i - 2];
                     reply.add(INodeNo(*child), next, *kind, name.as_os_str())
+                }
+            };
+            if full {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// A listing with each entry's attributes: every entry sent is looked
+    /// up as LOOKUP would (the kernel takes a reference for each but "."
+    /// and ".."); one the reply has no room for is forgotten again, and one
+    /// gone since the listing was made is left out.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let h = match self.handle(fh.0) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let HandleKind::Dir(entries) = &h.kind else {
+            return reply.error(fuser::Errno::ENOTDIR);
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let total = entries.len() + 2;
+        // The kernel ignores the attributes of "." and ".." and takes no
+        // reference for them: the directory's own do for both.
+        let dot = if start < 2 {
+            match self.do_getattr(ino.0, None) {
+                Ok(a) => Some(a),
+                Err(e) => return reply.error(e.errno()),
+            }
+        } else {
+            None
+        };
+        for i in start..total {
+            let next = (i + 1) as u64;
+            let full = match (i, &dot) {
+                (0 | 1, Some((attr, ttl))) => {
+                    let name = if i == 0 { "." } else { ".." };
+                    reply.add(ino, next, name, ttl, attr, Generation(0))
+                }
+                (0 | 1, None) => false,
+                _ => {
+                    let (_, _, name) = &entries[i - 2];
+                    let Ok((attr, ttl)) = self.do_lookup(ino.0, name.as_os_str()) else {
+                        continue;
+                    };
+                    let full =
+                        reply.add(attr.ino, next, name.as_os_str(), &ttl, &attr, Generation(0));
+                    if full {
+                        lock(&self.inodes).forget(attr.ino.0, 1);
+                    }
+                    full
                 }
             };
             if full {

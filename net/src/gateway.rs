@@ -1718,39 +1718,33 @@ fn endpoint_addr(e: IpEndpoint) -> SocketAddr {
     SocketAddr::new(IpAddr::from(e.addr), e.port)
 }
 
-/// A non-blocking UDP socket connected to `dst` (so only `dst` can answer
-/// through it). The connect binds it (the jail has no `bind`).
-fn udp_connect(dst: SocketAddr) -> std::io::Result<UdpSocket> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+/// A non-blocking, close-on-exec socket of `dst`'s family.
+fn socket_for(dst: SocketAddr, ty: rustix::net::SocketType) -> std::io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags};
     let family = if dst.is_ipv4() {
         AddressFamily::INET
     } else {
         AddressFamily::INET6
     };
-    let fd = rustix::net::socket_with(
+    Ok(rustix::net::socket_with(
         family,
-        SocketType::DGRAM,
+        ty,
         SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
         None,
-    )?;
+    )?)
+}
+
+/// A non-blocking UDP socket connected to `dst` (so only `dst` can answer
+/// through it). The connect binds it (the jail has no `bind`).
+fn udp_connect(dst: SocketAddr) -> std::io::Result<UdpSocket> {
+    let fd = socket_for(dst, rustix::net::SocketType::DGRAM)?;
     rustix::net::connect(&fd, &dst)?;
     Ok(UdpSocket::from(fd))
 }
 
 /// A non-blocking TCP connect to `dst`, under way.
 fn connect_nonblocking(dst: SocketAddr) -> std::io::Result<TcpStream> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType};
-    let family = if dst.is_ipv4() {
-        AddressFamily::INET
-    } else {
-        AddressFamily::INET6
-    };
-    let fd = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let fd = socket_for(dst, rustix::net::SocketType::STREAM)?;
     match rustix::net::connect(&fd, &dst) {
         Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
         Err(e) => return Err(e.into()),
