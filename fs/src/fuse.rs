@@ -353,13 +353,10 @@ impl AirlockFs {
         })
     }
 
-    /// Duplicates of the writable layers' roots (upper, workspace), for the
-    /// quota's start-up walk.
+    /// A duplicate of the workspace's root, for the quota's start-up walk
+    /// (the upper layer is new with every sandbox, so it starts empty).
     pub(crate) fn usage_roots(&self) -> Vec<std::os::fd::OwnedFd> {
-        [self.store.upper_root(), Arc::clone(&self.ws)]
-            .iter()
-            .filter_map(|d| d.as_fd().try_clone_to_owned().ok())
-            .collect()
+        self.ws.as_fd().try_clone_to_owned().into_iter().collect()
     }
 
     /// Sets the length of writable file `f` and settles what that did to

@@ -612,8 +612,7 @@ pub struct Server {
     fs: fuse::AirlockFs,
     shared: Arc<Shared>,
     usage: Arc<quota::Usage>,
-    /// The layers the quota counts (upper, workspace), for the start-up
-    /// walk.
+    /// What the quota's start-up walk counts (the workspace).
     usage_roots: Vec<std::os::fd::OwnedFd>,
 }
 
