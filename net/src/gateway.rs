@@ -11,10 +11,19 @@
 //!   Data moves between the two sockets only as far as the other side has
 //!   room (smoltcp's buffers are fixed; a full host socket stops reading
 //!   from smoltcp and the window closes), so no buffer grows with traffic.
-//! - **DNS.** The only UDP the gateway serves is its resolver at
-//!   [`DNS_V4`]:53 (see [`crate::dns`]); every allowed address it hands
-//!   out is pinned to the name it was asked for, and a domain rule admits
-//!   a connection only to a pinned address.
+//! - **DNS.** UDP to port 53 of any address is answered by the gateway's
+//!   resolver (see [`crate::dns`]), from the address asked; every allowed
+//!   address it hands out is pinned to the name it was asked for, and a
+//!   domain rule admits a flow only to a pinned address.
+//! - **Other UDP.** The first datagram of a (source, destination) pair is
+//!   judged like a SYN; an allowed pair is relayed through a host socket
+//!   connected to the destination until it is idle for 60 s; a
+//!   refused one reaches no socket and smoltcp answers ICMP unreachable.
+//! - **IPv6** is served like IPv4 ([`GATEWAY_V6`], [`SANDBOX_V6`]), under
+//!   the same policy and always-denied ranges.
+//! - **Bandwidth.** With [`GatewayConfig::bytes_per_sec`], a token bucket
+//!   per direction bounds what all flows move: TCP stops being read (its
+//!   window closes), UDP over the budget is dropped.
 //! - **ICMP.** Echo requests to the gateway's addresses are answered by
 //!   smoltcp; nothing else is forwarded.
 //! - **Port forwarding.** Listening host sockets the broker hands over
