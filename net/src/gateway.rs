@@ -851,8 +851,9 @@ impl Gateway {
     }
 
     /// The policy's decision on a new flow, limits first: the number of
-    /// flows open and the rate of new ones.
-    fn admit(&mut self, proto: Proto, dst: SocketAddr) -> (Option<String>, Decision) {
+    /// flows open and the rate of new ones; with the names `dst` was
+    /// resolved for in this sandbox.
+    fn admit(&mut self, proto: Proto, dst: SocketAddr) -> (Option<String>, Decision, Vec<String>) {
         let names = self.pinned_names(dst.ip());
         let open = self.flows.len() + self.udp_flows.len();
         if open >= self.cfg.max_flows {
@@ -863,7 +864,7 @@ impl Gateway {
                 allowed: false,
                 reason: format!("limit: {} concurrent flows", self.cfg.max_flows),
             };
-            return (names.first().cloned(), d);
+            return (names.first().cloned(), d, names);
         }
         if !self.flow_bucket.take() {
             (self.events)(NetEvent::Limit {
@@ -873,9 +874,10 @@ impl Gateway {
                 allowed: false,
                 reason: format!("limit: {} new flows per second", self.cfg.flows_per_sec),
             };
-            return (names.first().cloned(), d);
+            return (names.first().cloned(), d, names);
         }
-        self.judge(proto, dst, &names)
+        let (domain, d) = self.judge(proto, dst, &names);
+        (domain, d, names)
     }
 
     /// A flow's row without bytes (refused, open, or failed at once).
@@ -914,7 +916,7 @@ impl Gateway {
         if self.flows.values().any(|f| f.src == src && f.dst == dst) {
             return; // a retransmitted SYN
         }
-        let (domain, decision) = self.admit(Proto::Tcp, dst);
+        let (domain, decision, names) = self.admit(Proto::Tcp, dst);
         if !decision.allowed {
             let row = (FlowPhase::Refused, Proto::Tcp, (src, dst));
             self.flow_row(row.0, row.1, row.2, domain, &decision, None);
@@ -947,7 +949,6 @@ impl Gateway {
         let handle = self.sockets.add(sock);
         // Admitted by a name: the first bytes must ask for one of the names
         // this address was resolved for (no fronting another name).
-        let names = self.pinned_names(dst.ip());
         let check = match (&domain, dst.port()) {
             (Some(_), 443) => Some((NameCheck::Sni, names)),
             (Some(_), 80) => Some((NameCheck::Host, names)),
@@ -990,7 +991,7 @@ impl Gateway {
         {
             return;
         }
-        let (domain, decision) = self.admit(Proto::Udp, dst);
+        let (domain, decision, _) = self.admit(Proto::Udp, dst);
         if !decision.allowed {
             if self.udp_refused.len() >= MAX_PINS {
                 self.udp_refused.clear();
@@ -1069,6 +1070,9 @@ impl Gateway {
     /// Over the bandwidth limit, datagrams are dropped (as a policer
     /// would), in both directions.
     fn service_udp(&mut self) {
+        if self.udp_flows.is_empty() {
+            return;
+        }
         let mut buf = std::mem::take(&mut self.rx_buf);
         buf.resize(self.cfg.mtu + 64, 0);
         // Sandbox to destinations.
@@ -1862,16 +1866,7 @@ mod tests {
             rustix::net::SendFlags::empty(),
         )
         .unwrap();
-        match wait_for(&events, refused_to(80)) {
-            NetEvent::Flow {
-                reason, allowed, ..
-            } => {
-                assert!(!allowed);
-                assert!(reason.contains("cloud metadata"), "{reason}");
-                assert!(reason.contains("embeds 169.254.169.254"), "{reason}");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_refused(&events, 80, &["cloud metadata", "embeds 169.254.169.254"]);
         drop(ctl);
         handle.join().unwrap().unwrap();
     }
@@ -1937,6 +1932,22 @@ mod tests {
         }
     }
 
+    /// Waits for the refusal of a flow to `port` and checks its reason
+    /// names each of `why`.
+    fn assert_refused(events: &Events, port: u16, why: &[&str]) {
+        match wait_for(events, refused_to(port)) {
+            NetEvent::Flow {
+                reason, allowed, ..
+            } => {
+                assert!(!allowed);
+                for w in why {
+                    assert!(reason.contains(w), "{reason}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn refused_to(port: u16) -> impl Fn(&NetEvent) -> bool {
         move |e| matches!(e, NetEvent::Flow { phase: FlowPhase::Refused, dst, .. } if dst.port() == port)
     }
@@ -1954,15 +1965,7 @@ mod tests {
             rustix::net::SendFlags::empty(),
         )
         .unwrap();
-        match wait_for(&events, refused_to(80)) {
-            NetEvent::Flow {
-                reason, allowed, ..
-            } => {
-                assert!(!allowed);
-                assert!(reason.contains("cloud metadata"), "{reason}");
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_refused(&events, 80, &["cloud metadata"]);
         drop(ctl);
         handle.join().unwrap().unwrap();
     }

@@ -143,9 +143,7 @@ async fn create(State(b): Shared, ConnectInfo(c): Peer, body: Body) -> Result<Re
     let p = principal(c)?;
     let req: CreateSandbox = json_body(&read_body(body).await?)?;
     let spec = CreateSpec::try_from(req).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let info = tokio::task::spawn_blocking(move || b.create(&p, spec))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let info = blocking(move || b.create(&p, spec)).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
@@ -178,9 +176,7 @@ async fn set_network(
     let p = principal(c)?;
     let id = sandbox_id(&id)?;
     let spec: airlock_net::policy::NetworkSpec = json_body(&read_body(body).await?)?;
-    let info = tokio::task::spawn_blocking(move || b.set_network(&p, &id, &spec))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let info = blocking(move || b.set_network(&p, &id, &spec)).await?;
     Ok(Json(info).into_response())
 }
 
@@ -194,15 +190,27 @@ async fn forward_port(
     let id = sandbox_id(&id)?;
     let req: crate::api::types::PortForward = json_body(&read_body(body).await?)?;
     let port = req.port;
-    let bound = tokio::task::spawn_blocking(move || b.forward_port(&p, &id, &req))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let bound = blocking(move || b.forward_port(&p, &id, &req)).await?;
     Ok(Json(serde_json::json!({
         "host_addr": bound.ip(),
         "host_port": bound.port(),
         "port": port,
     }))
     .into_response())
+}
+
+/// Runs broker work that may block (process start-up, teardown, SQLite)
+/// off the async threads.
+async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+    ApiError: From<E>,
+{
+    let r = tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(r?)
 }
 
 async fn list_ports(
@@ -233,9 +241,7 @@ async fn unforward_port(
                 format!("host port {host_port:?} is not a port"),
             )
         })?;
-    let gone = tokio::task::spawn_blocking(move || b.unforward_port(&p, &id, host_port))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let gone = blocking(move || b.unforward_port(&p, &id, host_port)).await?;
     Ok(Json(gone).into_response())
 }
 
@@ -264,9 +270,7 @@ async fn destroy(
             .into_response());
     }
     let id2 = id.clone();
-    tokio::task::spawn_blocking(move || b.destroy(&p, &id2))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    blocking(move || b.destroy(&p, &id2)).await?;
     Ok(Json(serde_json::json!({"id": id.as_str(), "destroyed": true})).into_response())
 }
 
@@ -411,9 +415,7 @@ async fn audit(
     let p = principal(c)?;
     let q = audit_query(&params)?;
     let agent = params.agent.clone();
-    let rows = tokio::task::spawn_blocking(move || b.audit(&p, q, agent.as_deref()))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let rows = blocking(move || b.audit(&p, q, agent.as_deref())).await?;
     Ok(Json(rows).into_response())
 }
 
