@@ -14,6 +14,9 @@ use airlock_net::policy::{Mode, Policy};
 
 use super::*;
 use crate::api::types::ForwardedPort;
+
+/// Host ports one sandbox may have forwarded at once.
+const MAX_FORWARDS: usize = 64;
 use crate::net_server::{NetRole, NetServerSpec};
 
 /// Open files a gateway may hold at least (its sockets count against it).
@@ -225,6 +228,13 @@ impl Broker {
             .host_addr
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         let host_port = req.host_port.unwrap_or(0);
+        // Each forward is a listening socket held by the sandbox's gateway
+        // and a row in its info: a caller may not pile them up without end.
+        if lock_or_recover(&sb.ports).len() >= MAX_FORWARDS {
+            return Err(BrokerError::BadRequest(format!(
+                "sandbox {id} already forwards {MAX_FORWARDS} ports, the most: remove one first"
+            )));
+        }
         if p.uid != 0 {
             if !addr.is_loopback() {
                 return Err(BrokerError::BadRequest(format!(

@@ -718,6 +718,17 @@ fn port_forward_serves_a_page_from_inside() {
         rows.iter().any(|r| r["action"] == "port_forward_removed"),
         "{rows:?}"
     );
+    // A caller cannot pile up forwards (each a listening socket) without end.
+    for _ in 0..64 {
+        ok(&env.remote(&["port-forward", &id, "8000"]));
+    }
+    let out = env.remote(&["port-forward", &id, "8000"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("already forwards 64 ports"),
+        "{}",
+        text(&out.stderr)
+    );
     let _ = server.kill();
     let _ = server.wait();
     let none = create(&env, &[])["id"].as_str().unwrap().to_string();
