@@ -599,6 +599,7 @@ mod tests {
             sandbox_user: "sandbox".into(),
             hostname: "probe".into(),
             quota: airlock_fs::DiskQuota::default(),
+            snapshots: None,
         };
         // libtest runs this test on a thread of its own, and a process
         // creates a user namespace only while single-threaded: the probe

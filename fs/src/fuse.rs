@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
 use cap_std::ambient_authority;
@@ -25,8 +25,8 @@ use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 use crate::error::{FsError, OpError, OpResult};
 use crate::inode::{HostKey, Inodes, Link, ROOT};
 use crate::layers::{
-    Found, Meta, READ, SEARCH, Src, Store, WRITE, chown_at, is_whiteout, make_whiteout, set_opaque,
-    unlink_whiteout,
+    Found, Meta, Part, READ, SEARCH, Src, Store, WRITE, chown_at, is_reserved, is_whiteout,
+    make_whiteout, set_opaque, unlink_whiteout,
 };
 use crate::policy::Name;
 use crate::resolve::{open_dir, open_file, open_path, stat_at};
@@ -57,6 +57,9 @@ const ECRYPTFS_MAGIC: i64 = 0xf15f;
 const XATTR_MAX: usize = 64 * 1024;
 
 const WORKSPACE: &str = "workspace";
+
+/// Audit reason for refusing to create or move onto [`LAYERS_DIR`].
+const RESERVED_REASON: &str = "the name holds the snapshot layers";
 
 /// Where an entry is served from, for ownership, caching and events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +189,14 @@ struct Handle {
 pub(crate) struct AirlockFs {
     store: Store,
     ws: Arc<Dir>,
+    /// The workspace's frozen layers under its live tree `ws`, once it has
+    /// any (see [`Store::workspace`]); `None` while it is a plain tree.
+    ws_stack: RwLock<Option<Arc<Store>>>,
+    /// Whether snapshots are on: [`LAYERS_DIR`] is reserved at the roots
+    /// of the sandbox and of its workspace.
+    layered: bool,
+    /// The frozen layers' names, bottom first (see [`crate::LayerChain`]).
+    chain: Mutex<crate::LayerChain>,
     ws_owner: (u32, u32),
     ids: IdMap,
     /// Host ids of the sandbox user.
@@ -317,23 +328,45 @@ impl AirlockFs {
             path: spec.workspace.clone(),
             source: e.into(),
         })?;
+        let chain = spec.snapshots.clone().unwrap_or_default();
+        let open_layers = |root: &Dir, names: &[String], path: &Path| {
+            names
+                .iter()
+                .map(|n| {
+                    crate::snapshot::open_layer(root, n).map_err(|e| FsError::OpenLayer {
+                        path: path.join(crate::layers::LAYERS_DIR).join("layers").join(n),
+                        source: std::io::Error::from_raw_os_error(e.errno().code()),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let upper_frozen = open_layers(&upper, &chain.upper, &spec.upper)?;
+        let ws_frozen = open_layers(&ws, &chain.workspace, &spec.workspace)?;
         let synth = Synth::new(&SynthSpec {
             hostname: &spec.hostname,
             user: &spec.sandbox_user,
             uid: spec.sandbox_uid,
             gid: spec.sandbox_gid,
         });
+        let store = Store::new(
+            base,
+            upper,
+            host_filter,
+            base_owner,
+            synth,
+            ids,
+            spec.base_idmapped,
+        );
+        store.set_frozen(upper_frozen);
+        let ws = Arc::new(ws);
+        let ws_stack = (!ws_frozen.is_empty())
+            .then(|| Arc::new(Store::workspace(ws_frozen, Arc::clone(&ws), st.st_uid, ids)));
         Ok(Self {
-            store: Store::new(
-                base,
-                upper,
-                host_filter,
-                base_owner,
-                synth,
-                ids,
-                spec.base_idmapped,
-            ),
-            ws: Arc::new(ws),
+            store,
+            ws_stack: RwLock::new(ws_stack),
+            layered: spec.snapshots.is_some(),
+            chain: Mutex::new(chain),
+            ws,
             ws_owner: (st.st_uid, st.st_gid),
             ids,
             user: (
@@ -478,10 +511,34 @@ impl AirlockFs {
     /// [`Self::ws_dir`] for listing `rel`: its last directory needs no
     /// search permission (listing needs read, checked by the caller).
     fn ws_walk(&self, rel: &[Name], search_last: bool) -> OpResult<Arc<Dir>> {
+        let stack = self.ws_stack();
         let mut cur = Arc::clone(&self.ws);
         for (i, c) in rel.iter().enumerate() {
+            if i == 0 && self.layered && is_reserved(&[], c) {
+                return Err(OpError::NotFound);
+            }
             cur = match open_dir(&*cur, c) {
                 Ok(d) => d,
+                Err(e) if e.is_absent() && stack.is_some() => {
+                    // Only a frozen layer has it: copied up (empty, with its
+                    // owner, mode and times), so every operation below finds
+                    // a live directory, as the first change under it would.
+                    let Some(stack) = &stack else {
+                        return Err(OpError::NotFound);
+                    };
+                    let found = stack.resolve(&rel[..=i])?;
+                    if !found.meta.is_dir() {
+                        return Err(OpError::NotDir);
+                    }
+                    self.usage.charge_inodes(1)?;
+                    match stack.upper_dir(&rel[..=i]) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            self.usage.refund_inodes(1);
+                            return Err(e);
+                        }
+                    }
+                }
                 Err(e) if e.is_absent() || crate::resolve::is_loop(&e) => {
                     return Err(OpError::NotFound);
                 }
@@ -495,6 +552,231 @@ impl AirlockFs {
         Ok(cur)
     }
 
+    fn ws_stack(&self) -> Option<Arc<Store>> {
+        match self.ws_stack.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The workspace entry `name` in the live directory `d` (at `dir`):
+    /// its metadata and, when only a frozen layer shows it, that layer's
+    /// directory. `None` when absent or whited out.
+    fn ws_find(
+        &self,
+        d: &Dir,
+        dir: &[Name],
+        name: &Name,
+    ) -> OpResult<Option<(Meta, Option<Arc<Dir>>)>> {
+        if self.layered && is_reserved(dir, name) {
+            return Ok(None);
+        }
+        match stat_at(d, name)? {
+            Some(st) if is_whiteout(&st) && self.layered => Ok(None),
+            Some(st) => Ok(Some((Meta::from_stat(&st), None))),
+            None => {
+                let Some(stack) = self.ws_stack() else {
+                    return Ok(None);
+                };
+                let parts = stack.dir_parts(dir)?;
+                let l = stack.lookup(&parts, dir, name, false)?;
+                let Some(Found {
+                    meta,
+                    src: Src::Layer(idx),
+                }) = l.found
+                else {
+                    return Ok(None);
+                };
+                let layer = parts.iter().find_map(|p| match p {
+                    Part::Layer(i, d) if *i == idx => Some(Arc::clone(d)),
+                    _ => None,
+                });
+                Ok(layer.map(|l| (meta, Some(l))))
+            }
+        }
+    }
+
+    /// Whether a frozen layer of the workspace shows `name` in `dir`
+    /// (then removing it from the live tree needs a whiteout).
+    fn ws_lower_has(&self, dir: &[Name], name: &Name) -> OpResult<bool> {
+        let Some(stack) = self.ws_stack() else {
+            return Ok(false);
+        };
+        let parts = stack.dir_parts(dir)?;
+        stack.lower_has(&parts, dir, name)
+    }
+
+    /// Makes sure the workspace entry `rel` is in the live tree, copying
+    /// it up from a frozen layer (charged to the quota) when only one has
+    /// it. Keeps the node's ino: it takes the copy's host identity.
+    fn ws_copy_up(&self, rel: &[Name], truncate: bool) -> OpResult<()> {
+        let Some(stack) = self.ws_stack() else {
+            return Ok(());
+        };
+        let (name, dir) = rel.split_last().ok_or(OpError::Perm)?;
+        let d = self.ws_dir(dir)?;
+        match self.ws_find(&d, dir, name)? {
+            Some((meta, Some(_))) => {
+                let found = stack.resolve(rel)?;
+                let bytes = if meta.is_dir() || truncate {
+                    0
+                } else {
+                    meta.blocks.saturating_mul(512)
+                };
+                self.usage.charge_inodes(1)?;
+                if let Err(e) = self.usage.charge_bytes(bytes) {
+                    self.usage.refund_inodes(1);
+                    return Err(e);
+                }
+                if let Err(e) = stack.copy_up(rel, &found, truncate) {
+                    self.usage.refund_inodes(1);
+                    self.usage.refund_bytes(bytes);
+                    return Err(e);
+                }
+                if let Some(st) = stat_at(&*d, name)? {
+                    let mut full = vec![Name::new(OsStr::new(WORKSPACE))?];
+                    full.extend(rel.iter().cloned());
+                    lock(&self.inodes).rekey(&full, (st.st_dev, st.st_ino));
+                }
+                Ok(())
+            }
+            Some((_, None)) => Ok(()),
+            None => Err(OpError::NotFound),
+        }
+    }
+
+    /// The live workspace directory `d` (at `rel`) listed, without
+    /// [`LAYERS_DIR`].
+    fn ws_list(&self, d: &Dir, rel: &[Name]) -> OpResult<Vec<(Name, FileType)>> {
+        let mut out = Vec::new();
+        for e in d.entries()? {
+            let e = e?;
+            let Ok(name) = Name::new(&e.file_name()) else {
+                continue;
+            };
+            if self.layered && is_reserved(rel, &name) {
+                continue;
+            }
+            let ft = e.file_type()?;
+            let kind = if ft.is_dir() {
+                FileType::Directory
+            } else if ft.is_symlink() {
+                FileType::Symlink
+            } else if ft.is_file() {
+                FileType::RegularFile
+            } else {
+                match stat_at(d, &name)? {
+                    Some(st) => crate::layers::kind_of(st.st_mode),
+                    None => continue,
+                }
+            };
+            out.push((name, kind));
+        }
+        Ok(out)
+    }
+
+    /// Removes workspace entry `rel` (in live directory `d`) when frozen
+    /// layers lie under the workspace: from the live tree if it is there,
+    /// and with a whiteout if a frozen layer shows the name.
+    fn ws_unlink_layered(
+        &self,
+        stack: &Store,
+        rel: &[Name],
+        d: &Dir,
+        name: &Name,
+        dir_op: bool,
+    ) -> OpResult<()> {
+        let dir = parent_of(rel)?;
+        let (meta, lower) = self.ws_find(d, dir, name)?.ok_or(OpError::NotFound)?;
+        match (dir_op, meta.is_dir()) {
+            (true, false) => return Err(OpError::NotDir),
+            (false, true) => return Err(OpError::IsDir),
+            _ => {}
+        }
+        if dir_op && !stack.list(&stack.dir_parts(rel)?, rel)?.is_empty() {
+            return Err(OpError::NotEmpty);
+        }
+        if lower.is_none() {
+            let st = stat_at(d, name)?;
+            if dir_op {
+                clear_whiteouts(&*open_dir(d, name)?)?;
+                rustix::fs::unlinkat(d, name.as_os_str(), AtFlags::REMOVEDIR)?;
+            } else {
+                rustix::fs::unlinkat(d, name.as_os_str(), AtFlags::empty())?;
+            }
+            self.refund_stat(st.as_ref());
+        }
+        if self.ws_lower_has(dir, name)? {
+            make_whiteout(d, name)?;
+        }
+        Ok(())
+    }
+
+    /// Renames workspace entry `from` to `to` (each with its live
+    /// directory and name) when frozen layers lie under the workspace, as
+    /// the sandbox's copy-on-write stack does: a file only a frozen layer
+    /// has is copied up first, a whiteout marks the old name when a frozen
+    /// layer shows it, and a directory a frozen layer also has is refused
+    /// (EXDEV, so `mv` copies).
+    fn ws_rename_layered(
+        &self,
+        stack: &Store,
+        from: (&[Name], &Dir, &Name),
+        to: (&[Name], &Dir, &Name),
+        noreplace: bool,
+    ) -> OpResult<()> {
+        let (a, da, name) = from;
+        let (b, db, new_name) = to;
+        let (dir_a, dir_b) = (parent_of(a)?, parent_of(b)?);
+        let (src, src_lower) = self.ws_find(da, dir_a, name)?.ok_or(OpError::NotFound)?;
+        let src_dir = src.is_dir();
+        let src_lower_name = self.ws_lower_has(dir_a, name)?;
+        if src_dir && (src_lower.is_some() || src_lower_name) {
+            return Err(OpError::CrossDevice);
+        }
+        let dst = self.ws_find(db, dir_b, new_name)?;
+        if let Some((d, _)) = &dst {
+            if noreplace {
+                return Err(OpError::Exists);
+            }
+            match (src_dir, d.is_dir()) {
+                (false, true) => return Err(OpError::IsDir),
+                (true, false) => return Err(OpError::NotDir),
+                (true, true) => {
+                    if !stack.list(&stack.dir_parts(b)?, b)?.is_empty() {
+                        return Err(OpError::NotEmpty);
+                    }
+                }
+                (false, false) => {}
+            }
+            if a == b || (src.host.is_some() && src.host == d.host) {
+                // One name, or two names of one file: rename(2) does
+                // nothing.
+                return Ok(());
+            }
+        }
+        if src_lower.is_some() {
+            self.ws_copy_up(a, false)?;
+        }
+        let dst_lower = self.ws_lower_has(dir_b, new_name)?;
+        unlink_whiteout(db, new_name)?;
+        let replaced = stat_at(db, new_name)?;
+        if let Some(st) = &replaced
+            && rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+        {
+            clear_whiteouts(&*open_dir(db, new_name)?)?;
+        }
+        rustix::fs::renameat(da, name.as_os_str(), db, new_name.as_os_str())?;
+        self.refund_stat(replaced.as_ref());
+        if src_lower_name {
+            make_whiteout(da, name)?;
+        }
+        if src_dir && dst_lower {
+            set_opaque(&*open_dir(db, new_name)?)?;
+        }
+        Ok(())
+    }
+
     /// Metadata and area of a location.
     fn stat(&self, loc: &Loc) -> OpResult<(Meta, Area)> {
         match loc {
@@ -505,8 +787,8 @@ impl AirlockFs {
                 )),
                 Some((name, dir)) => {
                     let d = self.ws_dir(dir)?;
-                    let st = stat_at(&*d, name)?.ok_or(OpError::NotFound)?;
-                    Ok((Meta::from_stat(&st), Area::Workspace))
+                    let (meta, _) = self.ws_find(&d, dir, name)?.ok_or(OpError::NotFound)?;
+                    Ok((meta, Area::Workspace))
                 }
             },
             Loc::Merged(comps) => {
@@ -535,7 +817,7 @@ impl AirlockFs {
         m.uid = uid;
         m.gid = gid;
         m.perm = perm;
-        if f.src != Src::Layer(self.store.top().0) {
+        if !self.store.keyed(&f.src) {
             m.host = None;
         }
         (m, area)
@@ -676,6 +958,7 @@ impl AirlockFs {
         match loc {
             Loc::Ws(rel) => {
                 let (name, dir) = rel.split_last().ok_or(OpError::Perm)?;
+                self.ws_copy_up(rel, truncate)?;
                 Ok((self.ws_dir(dir)?, name.clone()))
             }
             Loc::Merged(comps) => {
@@ -706,6 +989,14 @@ impl AirlockFs {
         if r.is_err() {
             self.usage.refund_inodes(charged.1);
             self.usage.refund_bytes(charged.0);
+        } else if found.src != Src::Layer(top)
+            && self.store.keyed(&found.src)
+            && !found.meta.is_dir()
+            && let Some((name, dir)) = comps.split_last()
+            && let Some(st) = stat_at(&*self.store.upper_dir(dir)?, name)?
+        {
+            // A frozen layer's file: its node takes the copy's identity.
+            lock(&self.inodes).rekey(comps, (st.st_dev, st.st_ino));
         }
         if let Err(OpError::HostPrivate) = r {
             self.deny("copy-up", sandbox_path(comps), PRIVATE_REASON);
@@ -1115,6 +1406,11 @@ impl AirlockFs {
             Loc::Ws(rel) => {
                 let (name, dir) = rel.split_last().ok_or(OpError::Invalid)?;
                 let d = self.ws_dir(dir)?;
+                let d = match self.ws_find(&d, dir, name)? {
+                    Some((_, Some(lower))) => lower,
+                    Some((_, None)) => d,
+                    None => return Err(OpError::NotFound),
+                };
                 Ok(rustix::fs::readlinkat(&*d, name.as_os_str(), Vec::new())?.into_bytes())
             }
             Loc::Merged(comps) => match self.store.resolve(&comps)?.src {
@@ -1141,10 +1437,17 @@ impl AirlockFs {
             Loc::Ws(rel) => {
                 let dir = parent_of(rel)?;
                 let d = self.ws_dir(dir)?;
-                if stat_at(&*d, &name)?.is_some() {
+                if self.layered && is_reserved(dir, &name) {
+                    self.deny("create", ws_path(rel), RESERVED_REASON);
+                    return Err(OpError::Perm);
+                }
+                if self.ws_find(&d, dir, &name)?.is_some() {
                     return Err(OpError::Exists);
                 }
                 self.ws_require_dir_write("create", rel, &d)?;
+                // A name removed since the last snapshot: its whiteout goes,
+                // and a directory made there hides the frozen one's entries.
+                let had_whiteout = self.layered && unlink_whiteout(&d, &name)?;
                 // Never created with set-id bits: a workspace file is a
                 // host file of the workspace's owner.
                 let setid = setid_bits(op == MutationOp::Mkdir);
@@ -1163,6 +1466,9 @@ impl AirlockFs {
                         self.usage.refund_inodes(1);
                         return Err(e);
                     }
+                    if op == MutationOp::Mkdir && had_whiteout {
+                        set_opaque(&*open_dir(&*d, &name)?)?;
+                    }
                 }
                 self.mutation(op, ws_path(rel), None);
                 let st = stat_at(&*d, &name)?.ok_or(OpError::NotFound)?;
@@ -1172,6 +1478,10 @@ impl AirlockFs {
                 let dir = parent_of(comps)?;
                 if dir.is_empty() && name.as_bytes() == WORKSPACE.as_bytes() {
                     return Err(OpError::Exists);
+                }
+                if is_reserved(dir, &name) {
+                    self.deny("create", sandbox_path(comps), RESERVED_REASON);
+                    return Err(OpError::Perm);
                 }
                 let parts = self.store.dir_parts(dir)?;
                 if self
@@ -1358,7 +1668,18 @@ impl AirlockFs {
         let loc = self.loc(ino)?;
         match &loc {
             Loc::Ws(rel) => {
-                let (d, name) = self.writable(&loc, false)?;
+                let (d, name) = if write || trunc {
+                    self.writable(&loc, false)?
+                } else {
+                    // A read: from whichever layer shows the file.
+                    let (name, dir) = rel.split_last().ok_or(OpError::IsDir)?;
+                    let d = self.ws_dir(dir)?;
+                    match self.ws_find(&d, dir, name)? {
+                        Some((_, Some(lower))) => (lower, name.clone()),
+                        Some((_, None)) => (d, name.clone()),
+                        None => return Err(OpError::NotFound),
+                    }
+                };
                 // Opened without O_TRUNC first: nothing changes before the
                 // owner's access is checked on the very file opened.
                 let file = regular(open_file(&*d, &name, oflags & !OFlags::TRUNC, 0)?)?;
@@ -1721,9 +2042,13 @@ impl AirlockFs {
                 } else {
                     AtFlags::empty()
                 };
-                let st = stat_at(&*d, &name)?;
-                rustix::fs::unlinkat(&*d, name.as_os_str(), flags)?;
-                self.refund_stat(st.as_ref());
+                if let Some(stack) = self.ws_stack() {
+                    self.ws_unlink_layered(&stack, rel, &d, &name, dir_op)?;
+                } else {
+                    let st = stat_at(&*d, &name)?;
+                    rustix::fs::unlinkat(&*d, name.as_os_str(), flags)?;
+                    self.refund_stat(st.as_ref());
+                }
                 let op = if dir_op {
                     MutationOp::Rmdir
                 } else {
@@ -1793,6 +2118,32 @@ impl AirlockFs {
                 self.ws_require_dir_write("rename", b, &db)?;
                 self.ws_require_sticky("rename", a, &da, &name)?;
                 self.ws_require_sticky("rename", b, &db, &new_name)?;
+                if let Some(stack) = self.ws_stack() {
+                    let (dir_a, dir_b) = (parent_of(a)?, parent_of(b)?);
+                    if is_reserved(dir_b, &new_name) {
+                        self.deny("rename", ws_path(b), RESERVED_REASON);
+                        return Err(OpError::Perm);
+                    }
+                    let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+                    if !exchange
+                        || self.ws_lower_has(dir_a, &name)?
+                        || self.ws_lower_has(dir_b, &new_name)?
+                    {
+                        if exchange {
+                            return Err(OpError::Invalid);
+                        }
+                        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+                        self.ws_rename_layered(
+                            &stack,
+                            (a, &da, &name),
+                            (b, &db, &new_name),
+                            noreplace,
+                        )?;
+                        self.mutation(MutationOp::Rename, ws_path(a), Some(ws_path(b)));
+                        lock(&self.inodes).rename(parent, &name, new_parent, &new_name);
+                        return Ok(());
+                    }
+                }
                 let rflags = rustix::fs::RenameFlags::from_bits_retain(flags.bits());
                 let replaced = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
                     None
@@ -1906,6 +2257,19 @@ impl AirlockFs {
         match (&from, &to) {
             (Loc::Ws(a), Loc::Ws(b)) => {
                 let (an, ad) = a.split_last().ok_or(OpError::Perm)?;
+                if self.ws_stack().is_some() {
+                    let dir_b = parent_of(b)?;
+                    if is_reserved(dir_b, &new_name) {
+                        self.deny("link", ws_path(b), RESERVED_REASON);
+                        return Err(OpError::Perm);
+                    }
+                    let db = self.ws_dir(dir_b)?;
+                    if self.ws_find(&db, dir_b, &new_name)?.is_some() {
+                        return Err(OpError::Exists);
+                    }
+                    self.ws_copy_up(a, false)?;
+                    unlink_whiteout(&db, &new_name)?;
+                }
                 let da = self.ws_dir(ad)?;
                 let db = self.ws_dir(parent_of(b)?)?;
                 self.ws_require_dir_write("link", b, &db)?;
@@ -1987,27 +2351,13 @@ impl AirlockFs {
                 let d = self.ws_walk(rel, false)?;
                 let meta = Meta::from_stat(&rustix::fs::fstat(&*d)?);
                 self.ws_require("opendir", ws_path(rel), &meta, READ)?;
-                let mut out = Vec::new();
-                for e in d.entries()? {
-                    let e = e?;
-                    let Ok(name) = Name::new(&e.file_name()) else {
-                        continue;
-                    };
-                    let ft = e.file_type()?;
-                    let kind = if ft.is_dir() {
-                        FileType::Directory
-                    } else if ft.is_symlink() {
-                        FileType::Symlink
-                    } else if ft.is_file() {
-                        FileType::RegularFile
-                    } else {
-                        match stat_at(&*d, &name)? {
-                            Some(st) => crate::layers::kind_of(st.st_mode),
-                            None => continue,
-                        }
-                    };
-                    out.push((name, kind));
-                }
+                let out = match self.ws_stack() {
+                    Some(stack) => {
+                        let parts = stack.dir_parts(rel)?;
+                        stack.list(&parts, rel)?
+                    }
+                    None => self.ws_list(&d, rel)?,
+                };
                 (out, Area::Workspace)
             }
             Loc::Merged(comps) => {
@@ -2065,8 +2415,8 @@ impl AirlockFs {
                 None => return Ok(Some(File::from(rustix::io::dup(&*self.ws)?))),
                 Some((n, dir)) => {
                     let d = self.ws_dir(dir)?;
-                    let st = stat_at(&*d, n)?.ok_or(OpError::NotFound)?;
-                    (d, n.clone(), crate::layers::kind_of(st.st_mode))
+                    let (meta, lower) = self.ws_find(&d, dir, n)?.ok_or(OpError::NotFound)?;
+                    (lower.unwrap_or(d), n.clone(), meta.kind)
                 }
             },
             Loc::Merged(comps) => {
@@ -2465,7 +2815,201 @@ impl AirlockFs {
     }
 }
 
-impl Filesystem for AirlockFs {
+/// Root-level names the sandbox's own mounts sit on (see the shim's mount
+/// plan): their dentries are never invalidated, which would detach the
+/// mounts.
+const MOUNTED_AT_ROOT: &[&[u8]] = &[b"proc", b"dev"];
+
+/// How long a snapshot waits for files closed just before it to be
+/// released.
+const WRITERS_GRACE: Duration = Duration::from_millis(500);
+
+impl AirlockFs {
+    /// The frozen layers' names, bottom first.
+    pub(crate) fn chain(&self) -> crate::LayerChain {
+        lock(&self.chain).clone()
+    }
+
+    /// Refuses a snapshot or restore while a file is open for writing: its
+    /// writes would land in a frozen layer.
+    /// The kernel releases a closed file's handle asynchronously, so a
+    /// writer that just closed gets a moment to be gone.
+    fn require_no_writers(&self) -> OpResult<()> {
+        let deadline = std::time::Instant::now() + WRITERS_GRACE;
+        loop {
+            let writers = lock(&self.handles)
+                .values()
+                .any(|h| matches!(h.kind, HandleKind::File { writable: true, .. }));
+            if !writers {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(OpError::Busy);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Freezes the live copy-on-write layer and the live workspace into
+    /// new frozen layers both named `name`, and returns the new chain.
+    pub(crate) fn freeze(&self, name: &str) -> OpResult<crate::LayerChain> {
+        if !self.layered {
+            return Err(OpError::NotSupported);
+        }
+        self.require_no_writers()?;
+        let mut chain = lock(&self.chain);
+        let upper = crate::snapshot::freeze(&self.store.upper_root(), name)?;
+        let ws = match crate::snapshot::freeze(&self.ws, name) {
+            Ok(w) => w,
+            Err(e) => {
+                // Put the upper layer's contents back where they were.
+                let _ = move_back(&upper, &self.store.upper_root());
+                let _ = crate::snapshot::remove_layer(&self.store.upper_root(), name);
+                return Err(e);
+            }
+        };
+        self.store.push_frozen(upper);
+        {
+            let mut st = match self.ws_stack.write() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            match &*st {
+                Some(stack) => stack.push_frozen(ws),
+                None => {
+                    let owner = self.ws_owner.0;
+                    *st = Some(Arc::new(Store::workspace(
+                        vec![ws],
+                        Arc::clone(&self.ws),
+                        owner,
+                        self.ids,
+                    )));
+                }
+            }
+        }
+        chain.upper.push(name.to_string());
+        chain.workspace.push(name.to_string());
+        Ok(chain.clone())
+    }
+
+    /// Makes the live trees empty again over the frozen layers `to`: what
+    /// was live is set aside and deleted on a thread of its own (its
+    /// quota refunded as it goes). Returns the kernel references to
+    /// invalidate.
+    pub(crate) fn restore(&self, to: &crate::LayerChain) -> OpResult<Vec<(u64, Name, u64)>> {
+        if !self.layered {
+            return Err(OpError::NotSupported);
+        }
+        self.require_no_writers()?;
+        let mut chain = lock(&self.chain);
+        let upper_root = self.store.upper_root();
+        let upper = to
+            .upper
+            .iter()
+            .map(|n| crate::snapshot::open_layer(&upper_root, n))
+            .collect::<OpResult<Vec<_>>>()?;
+        let ws = to
+            .workspace
+            .iter()
+            .map(|n| crate::snapshot::open_layer(&self.ws, n))
+            .collect::<OpResult<Vec<_>>>()?;
+        let trash_upper = crate::snapshot::set_aside(&upper_root)?;
+        let trash_ws = match crate::snapshot::set_aside(&self.ws) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = move_back(&*open_dir(&*trash_upper.0, &trash_upper.1)?, &upper_root);
+                return Err(e);
+            }
+        };
+        self.store.set_frozen(upper);
+        {
+            let mut st = match self.ws_stack.write() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            *st = if ws.is_empty() {
+                None
+            } else {
+                Some(Arc::new(Store::workspace(
+                    ws,
+                    Arc::clone(&self.ws),
+                    self.ws_owner.0,
+                    self.ids,
+                )))
+            };
+        }
+        *chain = to.clone();
+        drop(chain);
+        let usage = Arc::clone(&self.usage);
+        let _ = std::thread::Builder::new()
+            .name("fs-trash".into())
+            .spawn(move || {
+                for (dir, name) in [trash_upper, trash_ws] {
+                    let freed = crate::snapshot::remove_tree(&dir, &name);
+                    usage.refund_bytes(freed.bytes);
+                    usage.refund_inodes(freed.inodes);
+                }
+            });
+        let links = lock(&self.inodes).links();
+        Ok(links
+            .into_iter()
+            .filter(|(parent, name, _)| {
+                !(*parent == ROOT && MOUNTED_AT_ROOT.contains(&name.as_bytes()))
+            })
+            .collect())
+    }
+
+    /// Deletes frozen layers no snapshot and no live stack needs.
+    pub(crate) fn remove_layers(&self, names: &crate::LayerChain) -> OpResult<()> {
+        let chain = lock(&self.chain);
+        for n in &names.upper {
+            if chain.upper.contains(n) {
+                return Err(OpError::Busy);
+            }
+        }
+        for n in &names.workspace {
+            if chain.workspace.contains(n) {
+                return Err(OpError::Busy);
+            }
+        }
+        let upper_root = self.store.upper_root();
+        for (root, list) in [(&upper_root, &names.upper), (&self.ws, &names.workspace)] {
+            for n in list {
+                match crate::snapshot::remove_layer(root, n) {
+                    Ok(freed) => {
+                        self.usage.refund_bytes(freed.bytes);
+                        self.usage.refund_inodes(freed.inodes);
+                    }
+                    Err(OpError::NotFound) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves every entry of `from` back into `to` (undoing a freeze).
+fn move_back(from: &Dir, to: &Dir) -> OpResult<()> {
+    for e in from.entries()? {
+        let n = e?.file_name();
+        rustix::fs::renameat(from, &n, to, &n)?;
+    }
+    Ok(())
+}
+
+/// What the session serves: the filesystem, shared with its snapshot
+/// control ([`crate::Snapshots`]).
+pub(crate) struct FuseFs(pub(crate) Arc<AirlockFs>);
+
+impl std::ops::Deref for FuseFs {
+    type Target = AirlockFs;
+    fn deref(&self) -> &AirlockFs {
+        &self.0
+    }
+}
+
+impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
         // Listings carry each entry's attributes when the kernel sees they

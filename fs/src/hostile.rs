@@ -62,6 +62,7 @@ fn fixture() -> &'static Fixture {
                 bytes: 64 << 20,
                 inodes: 10_000,
             },
+            snapshots: Some(crate::LayerChain::default()),
         };
         let usage = Arc::new(crate::quota::Usage::new(spec.quota, Arc::clone(&events)));
         let fs = AirlockFs::new(
@@ -72,6 +73,10 @@ fn fixture() -> &'static Fixture {
             usage,
         )
         .unwrap_or_else(|e| panic!("hostile fixture: {e}"));
+        // Requests then reach the workspace's file through a frozen layer
+        // (copy-up, whiteouts, merged listings) as well as the live tree.
+        fs.freeze("s0")
+            .unwrap_or_else(|e| panic!("hostile fixture: freeze: {e}"));
         Fixture {
             fs,
             outside: root.join("outside"),

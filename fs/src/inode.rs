@@ -198,6 +198,43 @@ impl Inodes {
         self.by_key.insert(key, ino);
     }
 
+    /// Gives the node at path `comps` (if the table knows it) the host
+    /// identity `key`, replacing the one it had: its file was just copied
+    /// up from a frozen layer. Other names of the old file (hard links not
+    /// copied up) leave the node when next looked up.
+    pub(crate) fn rekey(&mut self, comps: &[Name], key: HostKey) {
+        let mut ino = ROOT;
+        for c in comps {
+            match self.by_name.get(&(ino, c.clone())) {
+                Some(&next) => ino = next,
+                None => return,
+            }
+        }
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if let Some(old) = node.key.replace(key)
+            && self.by_key.get(&old) == Some(&ino)
+        {
+            self.by_key.remove(&old);
+        }
+        if let Some(other) = self.by_key.insert(key, ino)
+            && other != ino
+            && let Some(n) = self.nodes.get_mut(&other)
+        {
+            n.key = None;
+        }
+    }
+
+    /// Every known (parent, name, ino), for invalidating the kernel's
+    /// caches after a restore.
+    pub(crate) fn links(&self) -> Vec<(u64, Name, u64)> {
+        self.by_name
+            .iter()
+            .map(|((p, n), ino)| (*p, n.clone(), *ino))
+            .collect()
+    }
+
     /// The known ino of `name` in `parent`, without touching counts.
     pub(crate) fn find(&self, parent: u64, name: &Name) -> Option<u64> {
         self.by_name.get(&(parent, name.clone())).copied()

@@ -25,6 +25,18 @@ use crate::synth::{Synth, SynthEntry};
 
 pub(crate) const OPAQUE_XATTR: &str = "user.overlay.opaque";
 
+/// The directory, at the root of a writable layer, that holds its frozen
+/// layers (`layers/NAME`) and what a restore set aside (`trash/N`). Never
+/// shown at the root of the sandbox or of its workspace, never creatable
+/// there.
+pub(crate) const LAYERS_DIR: &str = ".airlock";
+
+/// Whether `name` in directory `dir` (components from a stack's root) is
+/// [`LAYERS_DIR`].
+pub(crate) fn is_reserved(dir: &[Name], name: &Name) -> bool {
+    dir.is_empty() && name.as_bytes() == LAYERS_DIR.as_bytes()
+}
+
 /// Xattr names the layer format reserves: hidden from the sandbox.
 pub(crate) const RESERVED_XATTR_PREFIX: &[u8] = b"user.overlay.";
 
@@ -174,9 +186,15 @@ fn join(dir: &str, name: &Name) -> String {
 /// The stack of layers.
 #[derive(Debug)]
 pub(crate) struct Store {
-    /// Bottom (base, index 0) to top (the writable layer). A snapshot would
-    /// freeze the top and push a fresh empty layer under the write lock.
+    /// Bottom (base, index 0) to top (the writable layer), frozen layers
+    /// between them. A snapshot freezes the top's contents into a frozen
+    /// layer ([`Store::push_frozen`]); a restore swaps the frozen layers
+    /// ([`Store::set_frozen`]).
     layers: RwLock<Vec<Arc<Dir>>>,
+    /// Whether index 0 is a base that stays when the frozen layers are
+    /// swapped (the sandbox's stack) or itself the bottom frozen layer (a
+    /// workspace's stack).
+    fixed_base: bool,
     /// Whether the base is the host root, shown through [`host_visible`].
     host_filter: bool,
     /// The host uid whose permission class the sandbox gets on base
@@ -205,6 +223,7 @@ impl Store {
     ) -> Self {
         Self {
             layers: RwLock::new(vec![Arc::new(base), Arc::new(upper)]),
+            fixed_base: true,
             host_filter,
             base_owner,
             synth,
@@ -212,6 +231,74 @@ impl Store {
             base_idmapped,
             epoch: SystemTime::now(),
             copy_lock: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// A workspace's stack: `frozen` (bottom first, at least one) under
+    /// the live workspace `top`. Entries show their stored owners (the
+    /// workspace's, through its idmap) and modes; what the bottom layer
+    /// holds is judged like a caller's rootfs owned by `owner`.
+    pub(crate) fn workspace(
+        frozen: Vec<Arc<Dir>>,
+        top: Arc<Dir>,
+        owner: u32,
+        ids: crate::IdMap,
+    ) -> Self {
+        let mut layers = frozen;
+        layers.push(top);
+        Self {
+            layers: RwLock::new(layers),
+            fixed_base: false,
+            host_filter: false,
+            base_owner: Some(owner),
+            synth: Synth::empty(),
+            ids,
+            base_idmapped: true,
+            epoch: SystemTime::now(),
+            copy_lock: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// Inserts `layer` (the top's contents, just moved into it) right
+    /// under the top.
+    pub(crate) fn push_frozen(&self, layer: Arc<Dir>) {
+        let mut l = match self.layers.write() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        let at = l.len().saturating_sub(1);
+        l.insert(at, layer);
+    }
+
+    /// Replaces the frozen layers (bottom first) under the top; a
+    /// sandbox's base stays.
+    pub(crate) fn set_frozen(&self, frozen: Vec<Arc<Dir>>) {
+        let mut l = match self.layers.write() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        let Some(top) = l.last().cloned() else {
+            return;
+        };
+        let mut next = Vec::with_capacity(frozen.len() + 2);
+        if self.fixed_base
+            && let Some(base) = l.first()
+        {
+            next.push(Arc::clone(base));
+        }
+        next.extend(frozen);
+        next.push(top);
+        *l = next;
+    }
+
+    /// Whether entries of `src` keep their host file's identity: the
+    /// writable and frozen layers' (frozen files never change; a file just
+    /// frozen keeps its inode), not the base's or synthesized ones.
+    pub(crate) fn keyed(&self, src: &Src) -> bool {
+        match src {
+            Src::Synth(_) => false,
+            Src::Layer(0) => !self.fixed_base,
+            Src::Layer(_) => true,
         }
     }
 
@@ -236,6 +323,10 @@ impl Store {
     /// The owner the kernel is shown for an entry of this source (host ids).
     pub(crate) fn owner(&self, src: &Src, meta: &Meta) -> (u32, u32) {
         let ids = &self.ids;
+        if !self.fixed_base {
+            // A workspace's layers: its owner, as stored.
+            return (meta.uid, meta.gid);
+        }
         match src {
             Src::Synth(_) => (ids.host_uid_base, ids.host_gid_base),
             Src::Layer(0) if !self.base_idmapped => {
@@ -334,6 +425,9 @@ impl Store {
         for part in parts {
             match part {
                 Part::Layer(idx, d) => {
+                    if is_reserved(dir, name) {
+                        continue;
+                    }
                     if let Some(reason) = self.filtered(*idx, dir, name) {
                         if out.found.is_none() {
                             out.hidden = Some(reason);
@@ -491,7 +585,7 @@ impl Store {
                         let Ok(name) = Name::new(&raw) else {
                             continue;
                         };
-                        if !seen.insert(name.as_bytes().to_vec()) {
+                        if is_reserved(dir, &name) || !seen.insert(name.as_bytes().to_vec()) {
                             continue;
                         }
                         if self.filtered(*idx, dir, &name).is_some() {

@@ -57,6 +57,7 @@ mod layers;
 mod policy;
 mod quota;
 mod resolve;
+mod snapshot;
 mod synth;
 mod sys;
 
@@ -182,6 +183,116 @@ pub struct MountSpec {
     /// What the sandbox may add across its copy-on-write layer and its
     /// workspace (see [`DiskQuota`]).
     pub quota: DiskQuota,
+    /// Snapshots: `Some` with the frozen layers to serve under the live
+    /// trees (empty for a fresh sandbox), `None` to have none (a workspace
+    /// that is the caller's own directory). See [`Snapshots`].
+    pub snapshots: Option<LayerChain>,
+}
+
+/// The frozen layers under a sandbox's two writable trees, bottom first,
+/// by name. Each tree keeps its own in `.airlock/layers/NAME` at its root
+/// (hidden from the sandbox).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerChain {
+    /// Frozen layers of the copy-on-write layer.
+    pub upper: Vec<String>,
+    /// Frozen layers of the workspace.
+    pub workspace: Vec<String>,
+}
+
+/// Whether `name` may name a snapshot layer: 1 to 64 of
+/// `[A-Za-z0-9_.-]`, not starting with a dot.
+pub fn valid_layer_name(name: &str) -> bool {
+    snapshot::valid_name(name)
+}
+
+/// Why a snapshot operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The mount was made without snapshots.
+    #[error("this sandbox has no snapshots (its workspace is the caller's own directory)")]
+    Unsupported,
+    /// A file is open for writing.
+    #[error("a file is open for writing in the sandbox")]
+    Busy,
+    /// A layer name is taken.
+    #[error("a layer named {0} exists")]
+    Exists(String),
+    /// A layer named is missing.
+    #[error("a frozen layer is missing")]
+    Missing,
+    /// A name is malformed.
+    #[error("invalid layer name")]
+    InvalidName,
+    /// The host refused an operation.
+    #[error("host error: {0}")]
+    Host(String),
+}
+
+/// Takes and restores snapshots of a served mount: O(1) in what the trees
+/// hold (one rename per top-level entry). The caller makes sure nothing
+/// in the sandbox runs meanwhile; a file open for writing is refused.
+pub struct Snapshots {
+    fs: Arc<fuse::AirlockFs>,
+    notifier: fuser::Notifier,
+}
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshots").finish_non_exhaustive()
+    }
+}
+
+impl Snapshots {
+    fn err(e: error::OpError, name: &str) -> SnapshotError {
+        match e {
+            error::OpError::NotSupported => SnapshotError::Unsupported,
+            error::OpError::Busy => SnapshotError::Busy,
+            error::OpError::Exists => SnapshotError::Exists(name.to_string()),
+            error::OpError::NotFound | error::OpError::NotDir => SnapshotError::Missing,
+            error::OpError::Invalid => SnapshotError::InvalidName,
+            e => SnapshotError::Host(e.errno().code().to_string()),
+        }
+    }
+
+    /// The frozen layers now served.
+    pub fn chain(&self) -> LayerChain {
+        self.fs.chain()
+    }
+
+    /// Freezes both live trees into new layers named `name`; returns the
+    /// chain a restore to this moment takes.
+    ///
+    /// # Errors
+    /// See [`SnapshotError`].
+    pub fn freeze(&self, name: &str) -> Result<LayerChain, SnapshotError> {
+        self.fs.freeze(name).map_err(|e| Self::err(e, name))
+    }
+
+    /// Serves `to` under empty live trees; what was live is deleted in the
+    /// background. Every cached entry the kernel holds is invalidated.
+    ///
+    /// # Errors
+    /// See [`SnapshotError`].
+    pub fn restore(&self, to: &LayerChain) -> Result<(), SnapshotError> {
+        let links = self.fs.restore(to).map_err(|e| Self::err(e, ""))?;
+        for (parent, name, ino) in links {
+            let _ = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
+            let _ = self
+                .notifier
+                .inval_entry(fuser::INodeNo(parent), name.as_os_str());
+        }
+        Ok(())
+    }
+
+    /// Deletes frozen layers that no snapshot needs any more (never one
+    /// now served).
+    ///
+    /// # Errors
+    /// See [`SnapshotError`].
+    pub fn remove(&self, layers: &LayerChain) -> Result<(), SnapshotError> {
+        self.fs.remove_layers(layers).map_err(|e| Self::err(e, ""))
+    }
 }
 
 pub use quota::DiskQuota;
@@ -551,6 +662,7 @@ pub fn mount_with(
         }
     };
     let shared = Arc::clone(&serving.shared);
+    let fs = Arc::clone(&serving.fs);
     quota::start_reporting(&serving.usage, serving.usage_roots);
     let session = match serving.session.spawn() {
         Ok(s) => s,
@@ -562,10 +674,15 @@ pub fn mount_with(
             });
         }
     };
+    let snapshots = Snapshots {
+        fs,
+        notifier: session.notifier(),
+    };
     Ok(Mount {
         mountpoint: mountpoint.to_path_buf(),
         thread: Some(session.guard),
         shared,
+        snapshots,
     })
 }
 
@@ -609,7 +726,7 @@ pub fn mount_device(mountpoint: &Path) -> Result<std::os::fd::OwnedFd, FsError> 
 /// after [`Server::new`] every host access goes through those handles, so
 /// the process may confine itself to them before [`Server::handshake`].
 pub struct Server {
-    fs: fuse::AirlockFs,
+    fs: Arc<fuse::AirlockFs>,
     shared: Arc<Shared>,
     usage: Arc<quota::Usage>,
     /// What the quota's start-up walk counts (the workspace).
@@ -630,7 +747,13 @@ impl Server {
     pub fn new(spec: &MountSpec, events: EventSink, opts: &MountOptions) -> Result<Self, FsError> {
         let shared = Arc::new(Shared::default());
         let usage = Arc::new(quota::Usage::new(spec.quota, Arc::clone(&events)));
-        let fs = fuse::AirlockFs::new(spec, events, opts, Arc::clone(&shared), Arc::clone(&usage))?;
+        let fs = Arc::new(fuse::AirlockFs::new(
+            spec,
+            events,
+            opts,
+            Arc::clone(&shared),
+            Arc::clone(&usage),
+        )?);
         let usage_roots = fs.usage_roots();
         Ok(Self {
             fs,
@@ -663,11 +786,16 @@ impl Server {
         // handed: a jailed server cannot open /dev/fuse (host root's
         // 0600 node) to clone the connection, and needs no path to it.
         config.clone_fd = false;
-        let session = fuser::Session::from_fd(fs, dev.into(), fuser::SessionACL::All, config)
-            .map_err(|source| FsError::Session {
-                path: PathBuf::from("/dev/fuse"),
-                source,
-            })?;
+        let session = fuser::Session::from_fd(
+            fuse::FuseFs(Arc::clone(&fs)),
+            dev.into(),
+            fuser::SessionACL::All,
+            config,
+        )
+        .map_err(|source| FsError::Session {
+            path: PathBuf::from("/dev/fuse"),
+            source,
+        })?;
         // The handshake (INIT) is done: check that the kernel really
         // accepts backing files before any open relies on it.
         if shared.passthrough.load(Ordering::Relaxed)
@@ -678,6 +806,7 @@ impl Server {
         }
         Ok(Serving {
             session,
+            fs,
             shared,
             usage,
             usage_roots,
@@ -687,7 +816,8 @@ impl Server {
 
 /// A mount whose handshake is done, ready to be served.
 pub struct Serving {
-    session: fuser::Session<fuse::AirlockFs>,
+    session: fuser::Session<fuse::FuseFs>,
+    fs: Arc<fuse::AirlockFs>,
     shared: Arc<Shared>,
     usage: Arc<quota::Usage>,
     usage_roots: Vec<std::os::fd::OwnedFd>,
@@ -700,6 +830,15 @@ impl std::fmt::Debug for Serving {
 }
 
 impl Serving {
+    /// The snapshot control of this mount, usable from any thread while
+    /// it is served.
+    pub fn snapshots(&self) -> Snapshots {
+        Snapshots {
+            fs: Arc::clone(&self.fs),
+            notifier: self.session.notifier(),
+        }
+    }
+
     /// Whether reads of base files go straight to the host files (see
     /// [`Mount::passthrough_enabled`]).
     pub fn passthrough_enabled(&self) -> bool {
@@ -734,6 +873,7 @@ pub struct Mount {
     mountpoint: PathBuf,
     thread: Option<JoinHandle<std::io::Result<()>>>,
     shared: Arc<Shared>,
+    snapshots: Snapshots,
 }
 
 impl Mount {
@@ -748,6 +888,11 @@ impl Mount {
     /// after the kernel refused a backing file with EPERM/EOPNOTSUPP.
     pub fn passthrough_enabled(&self) -> bool {
         self.shared.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Its snapshot control.
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.snapshots
     }
 
     /// Current counters.

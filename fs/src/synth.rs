@@ -43,6 +43,13 @@ const DIRS: &[(&str, u32)] = &[
 ];
 
 impl Synth {
+    /// No entries at all (a workspace's stack).
+    pub(crate) fn empty() -> Self {
+        Self {
+            entries: BTreeMap::new(),
+        }
+    }
+
     pub(crate) fn new(spec: &SynthSpec<'_>) -> Self {
         let mut entries = BTreeMap::new();
         entries.insert(String::new(), SynthEntry::Dir { mode: 0o755 });

@@ -80,6 +80,7 @@ fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec, opts: &MountOpti
         sandbox_user: "sandbox".into(),
         hostname: "testbox".into(),
         quota: airlock_fs::DiskQuota::default(),
+        snapshots: Some(airlock_fs::LayerChain::default()),
     };
     let mount = airlock_fs::mount_with(
         spec,

@@ -3,4 +3,5 @@ mod host;
 mod layers;
 mod links;
 mod passthrough;
+mod snapshots;
 mod workspace;
