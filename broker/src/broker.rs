@@ -33,6 +33,7 @@ mod lifecycle;
 mod network;
 mod pool;
 mod recovery;
+mod snapshots;
 
 pub use exec::ExecHandle;
 use host_dirs::HostDir;
@@ -71,6 +72,17 @@ pub enum BrokerError {
     /// Out of capacity.
     #[error("{0}")]
     Unavailable(String),
+    /// The request conflicts with the sandbox's state (busy, shared).
+    #[error("{0}")]
+    Conflict(String),
+    /// No snapshot of that name.
+    #[error("sandbox {id} has no snapshot named {name:?}")]
+    NoSuchSnapshot {
+        /// The sandbox.
+        id: String,
+        /// The name asked for.
+        name: String,
+    },
     /// Something on the host failed.
     #[error("{0}")]
     Internal(String),
@@ -106,6 +118,10 @@ pub struct Broker {
     /// `max_sandboxes_per_agent` together with the registry (lock order:
     /// `sandboxes`, then this).
     creating: Mutex<HashMap<String, usize>>,
+    /// Per agent: creates that serve its workspace's frozen layers hold
+    /// it for reading, snapshots and restores for writing (see
+    /// [`snapshots`]).
+    workspace_locks: Mutex<HashMap<String, Arc<std::sync::RwLock<()>>>>,
 }
 
 /// One create under way for an agent; released on drop (after the sandbox
@@ -144,6 +160,7 @@ impl Broker {
             (cfg.state_dir.join("sandboxes"), 0o711),
             (cfg.state_dir.join("layers"), 0o700),
             (cfg.state_dir.join("workspaces"), 0o700),
+            (cfg.state_dir.join("snapshots"), 0o700),
             (cfg.state_dir.join("slots"), 0o700),
         ] {
             std::fs::DirBuilder::new()
@@ -174,6 +191,7 @@ impl Broker {
             me_ref: OnceLock::new(),
             refusals: RateLimiter::new(REFUSALS_PER_SEC, REFUSALS_BURST),
             creating: Mutex::new(HashMap::new()),
+            workspace_locks: Mutex::new(HashMap::new()),
         });
         let _ = broker.me_ref.set(Arc::downgrade(&broker));
         broker.recover();
@@ -242,6 +260,12 @@ impl Broker {
             },
         };
         let _reservation = self.reserve_for_agent(&shape.agent)?;
+        // Built on the workspace's frozen layers as they are: no snapshot
+        // changes them until this sandbox is registered.
+        let ws_lock = self.workspace_lock(&shape.agent);
+        let _ws = ws_lock
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let key = self.pool_key(&shape);
         let pooled = key.as_ref().and_then(|k| self.claim(k));
         let was_pooled = pooled.is_some();
@@ -372,6 +396,9 @@ impl Broker {
         let sb = self.get(p, id)?;
         sb.teardown("destroyed");
         lock_or_recover(&self.sandboxes).remove(id);
+        if sb.layered {
+            self.collect_layers(&sb.agent);
+        }
         Ok(())
     }
 
@@ -388,6 +415,9 @@ impl Broker {
             .spawn(move || {
                 sb.teardown("destroyed");
                 lock_or_recover(&me.sandboxes).remove(&sb.id);
+                if sb.layered {
+                    me.collect_layers(&sb.agent);
+                }
             });
         spawned
             .map(drop)

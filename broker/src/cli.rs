@@ -158,6 +158,31 @@ enum Cmd {
         #[arg(long, value_name = "HOSTPORT")]
         remove: Option<u16>,
     },
+    /// Snapshot a sandbox's files (its copy-on-write layer and its
+    /// agent's workspace) in O(1) and print the snapshot's name:
+    /// `airlock snapshot ID [--name NAME]`; `airlock snapshot rm ID NAME`
+    /// removes one. The sandbox must be idle.
+    Snapshot {
+        /// `ID`, or `rm ID NAME`.
+        #[arg(required = true, num_args = 1..=3)]
+        args: Vec<String>,
+        /// The snapshot's name (default snap-N).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List a sandbox's snapshots: name, time, size.
+    Snapshots {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Bring a sandbox's files back to a snapshot (it must be idle); later
+    /// snapshots stay.
+    Restore {
+        /// Sandbox id.
+        id: String,
+        /// Snapshot name.
+        name: String,
+    },
     /// Destroy sandboxes.
     Rm {
         /// Sandbox ids.
@@ -707,6 +732,66 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                     out["host_port"],
                     req.port
                 );
+            }
+            Ok(0)
+        }
+        Cmd::Snapshot { args, name } => {
+            let Backend::Remote(c) = backend(&cli, Some("snapshot")).await? else {
+                return Ok(0);
+            };
+            match args.as_slice() {
+                [rm, id, snap] if rm == "rm" => {
+                    c.remove_snapshot(id, snap).await?;
+                    if !json {
+                        println!("{snap}");
+                    }
+                }
+                [id] => {
+                    let info = c.snapshot(id, name.as_deref()).await?;
+                    if json {
+                        println!("{}", serde_json::to_string(&info).unwrap_or_default());
+                    } else {
+                        println!("{}", info.name);
+                    }
+                }
+                _ => {
+                    return Err(CliError::Usage(
+                        "usage: airlock snapshot ID [--name NAME] | airlock snapshot rm ID NAME"
+                            .into(),
+                    ));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Snapshots { id } => {
+            let Backend::Remote(c) = backend(&cli, Some("snapshots")).await? else {
+                return Ok(0);
+            };
+            let list = c.snapshots(id).await?;
+            if json {
+                println!("{}", serde_json::to_string(&list).unwrap_or_default());
+            } else {
+                println!("{:<24} {:<24} {:>12}", "NAME", "TAKEN", "SIZE");
+                for s in list {
+                    println!(
+                        "{:<24} {:<24} {:>12}",
+                        s.name,
+                        crate::util::format_time_ms(s.created_ms),
+                        crate::util::format_bytes(s.bytes)
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Restore { id, name } => {
+            let Backend::Remote(c) = backend(&cli, Some("restore")).await? else {
+                return Ok(0);
+            };
+            let info = c.restore(id, name).await?;
+            if json {
+                println!("{}", serde_json::to_string(&info).unwrap_or_default());
+            } else {
+                println!("{}", info.name);
             }
             Ok(0)
         }

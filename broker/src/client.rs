@@ -183,6 +183,63 @@ impl RemoteClient {
         .await
     }
 
+    /// `POST /v1/sandboxes/{id}/snapshots`.
+    pub async fn snapshot(
+        &self,
+        id: &str,
+        name: Option<&str>,
+    ) -> Result<crate::api::types::SnapshotInfo, ClientError> {
+        let req = crate::api::types::TakeSnapshot {
+            name: name.map(str::to_string),
+        };
+        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Http(e.to_string()))?;
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/snapshots", enc(id)),
+            Some(body),
+        )
+        .await
+    }
+
+    /// `GET /v1/sandboxes/{id}/snapshots`.
+    pub async fn snapshots(
+        &self,
+        id: &str,
+    ) -> Result<Vec<crate::api::types::SnapshotInfo>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/snapshots", enc(id)),
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/sandboxes/{id}/snapshots/{name}/restore`.
+    pub async fn restore(
+        &self,
+        id: &str,
+        name: &str,
+    ) -> Result<crate::api::types::SnapshotInfo, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/snapshots/{}/restore", enc(id), enc(name)),
+            None,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/sandboxes/{id}/snapshots/{name}`.
+    pub async fn remove_snapshot(&self, id: &str, name: &str) -> Result<(), ClientError> {
+        let _: serde_json::Value = self
+            .call(
+                Method::DELETE,
+                &format!("/v1/sandboxes/{}/snapshots/{}", enc(id), enc(name)),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// `DELETE /v1/sandboxes/{id}`.
     pub async fn destroy(&self, id: &str) -> Result<(), ClientError> {
         let _: serde_json::Value = self

@@ -28,7 +28,7 @@ use airlock_shim::jail::{ComponentJail, JailReport};
 use airlock_shim::landlock::{Grant, PolicyRule};
 use serde::{Deserialize, Serialize};
 
-use crate::component::{self, Report, Role};
+use crate::component::{self, Control, Report, Role};
 
 mod identity;
 
@@ -42,7 +42,35 @@ impl Role for FsRole {
     type Spec = FsServerSpec;
     type Ready = FsReady;
     type Event = FsServerEvent;
-    type Command = component::NoCommand;
+    type Command = FsCommand;
+}
+
+/// What the broker asks of a serving filesystem server: snapshot work,
+/// answered by one [`FsServerEvent::Snapshot`] with the same `id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FsCommand {
+    /// Freeze both live trees into new layers named `layer`.
+    Freeze {
+        /// Request id.
+        id: u64,
+        /// The new layers' name.
+        layer: String,
+    },
+    /// Serve `chain` under emptied live trees.
+    Restore {
+        /// Request id.
+        id: u64,
+        /// The frozen layers to serve.
+        chain: airlock_fs::LayerChain,
+    },
+    /// Delete frozen layers nothing serves.
+    Remove {
+        /// Request id.
+        id: u64,
+        /// The layers.
+        layers: airlock_fs::LayerChain,
+    },
 }
 
 /// What a filesystem server reports while it serves.
@@ -60,6 +88,14 @@ pub enum FsServerEvent {
     RateLimited {
         /// How many.
         dropped: u64,
+    },
+    /// The answer to the [`FsCommand`] `id`: the chain now served, or why
+    /// it failed.
+    Snapshot {
+        /// The command's id.
+        id: u64,
+        /// The outcome.
+        result: Result<airlock_fs::LayerChain, String>,
     },
 }
 
@@ -91,6 +127,10 @@ pub struct FsServerSpec {
     /// What the sandbox may add to its layers and workspace.
     #[serde(default)]
     pub quota: airlock_fs::DiskQuota,
+    /// Snapshots: the frozen layers to serve (see
+    /// [`airlock_fs::MountSpec::snapshots`]); `None` for none.
+    #[serde(default)]
+    pub snapshots: Option<airlock_fs::LayerChain>,
     /// Lowest landlock ABI accepted.
     pub landlock_floor: u8,
     /// Events sent to the broker per second at most (and burst); past
@@ -190,6 +230,7 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         sandbox_user: spec.user.clone(),
         hostname: spec.hostname.clone(),
         quota: spec.quota,
+        snapshots: spec.snapshots.clone(),
     };
     mark("private root");
     let (tx, rx) = sync_channel::<FsEvent>(EVENT_QUEUE);
@@ -255,11 +296,25 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
             }
         })
         .map_err(|e| fail("start event thread")(&e))?;
+    let replies = chan_dup(chan).map_err(|e| fail("control channel")(&e))?;
+    let snapshots = serving.snapshots();
     std::thread::Builder::new()
         .name("fs-watch".into())
         .spawn(move || {
-            // The broker sends nothing after Start: any return is its end.
-            let _ = watch.recv::<serde_json::Value>();
+            // Commands until the channel closes (the broker's end): then
+            // the process exits and the kernel ends the mount.
+            while let Ok((msg, _fds)) = watch.recv::<Control<FsServerSpec, FsCommand>>() {
+                let Control::Command { command } = msg else {
+                    break;
+                };
+                let (id, result) = run_command(&snapshots, command);
+                let msg: Report<FsReady, FsServerEvent> = Report::Event {
+                    event: FsServerEvent::Snapshot { id, result },
+                };
+                if replies.send(&msg, &[]).is_err() {
+                    break;
+                }
+            }
             std::process::exit(0);
         })
         .map_err(|e| fail("start watch thread")(&e))?;
@@ -270,6 +325,32 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         return Err(("forward events", "the event thread panicked".into()));
     }
     served.map_err(|e| fail("serve")(&e))
+}
+
+/// Runs one snapshot command; returns its id and outcome.
+fn run_command(
+    snapshots: &airlock_fs::Snapshots,
+    command: FsCommand,
+) -> (u64, Result<airlock_fs::LayerChain, String>) {
+    match command {
+        FsCommand::Freeze { id, layer } => {
+            (id, snapshots.freeze(&layer).map_err(|e| e.to_string()))
+        }
+        FsCommand::Restore { id, chain } => (
+            id,
+            snapshots
+                .restore(&chain)
+                .map(|()| chain)
+                .map_err(|e| e.to_string()),
+        ),
+        FsCommand::Remove { id, layers } => (
+            id,
+            snapshots
+                .remove(&layers)
+                .map(|()| snapshots.chain())
+                .map_err(|e| e.to_string()),
+        ),
+    }
 }
 
 /// The jail of a server of `mount_spec`: landlock limited to its own

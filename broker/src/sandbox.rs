@@ -109,6 +109,8 @@ pub struct Resources {
     pub net: Option<crate::component::Component>,
     /// The broker's end for commanding that gateway.
     pub net_ctl: Option<Channel>,
+    /// The broker's end for commanding the filesystem server.
+    pub fs_ctl: Option<Channel>,
     /// The cgroup.
     pub cgroup: Cgroup,
     /// Directories to delete (mountpoint parent, layers).
@@ -125,6 +127,7 @@ impl Resources {
         Resources {
             net: None,
             net_ctl: None,
+            fs_ctl: None,
             mount: Some(ServedMount {
                 mountpoint: sb_dir.join("root"),
                 server: None,
@@ -229,9 +232,82 @@ pub struct Sandbox {
     pub(crate) ports: Mutex<Vec<crate::api::types::ForwardedPort>>,
     /// What its layers hold, as its filesystem server last reported.
     pub(crate) disk: Arc<Mutex<crate::api::types::DiskUsage>>,
+    /// Whether it takes snapshots (its workspace is its agent's own).
+    pub(crate) layered: bool,
+    /// Its snapshots, oldest first.
+    pub(crate) snapshots: Mutex<Vec<SnapshotRecord>>,
+    /// Answers of its filesystem server to snapshot commands.
+    pub(crate) fs_replies: Arc<FsReplies>,
+    /// Held (for writing) while a snapshot or restore runs; an exec takes
+    /// it for reading to start, and is refused while it is held.
+    pub(crate) layer_gate: std::sync::RwLock<()>,
+}
+
+/// One snapshot of a sandbox.
+#[derive(Debug, Clone)]
+pub struct SnapshotRecord {
+    /// Its name, unique in the sandbox.
+    pub name: String,
+    /// When it was taken, unix ms.
+    pub created_ms: i64,
+    /// The frozen layers a restore to it serves.
+    pub chain: airlock_fs::LayerChain,
+}
+
+/// Answers of a filesystem server to [`crate::fs_server::FsCommand`]s,
+/// routed by request id from its event stream to the caller waiting.
+#[derive(Debug, Default)]
+pub struct FsReplies {
+    next: AtomicU64,
+    waiting:
+        Mutex<HashMap<u64, std::sync::mpsc::SyncSender<Result<airlock_fs::LayerChain, String>>>>,
+}
+
+impl FsReplies {
+    /// A new request id and where its answer will arrive.
+    pub fn expect(
+        &self,
+    ) -> (
+        u64,
+        std::sync::mpsc::Receiver<Result<airlock_fs::LayerChain, String>>,
+    ) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        lock_or_recover(&self.waiting).insert(id, tx);
+        (id, rx)
+    }
+
+    /// Hands an answer to its waiter (an unknown id is ignored).
+    pub fn answer(&self, id: u64, result: Result<airlock_fs::LayerChain, String>) {
+        if let Some(tx) = lock_or_recover(&self.waiting).remove(&id) {
+            let _ = tx.try_send(result);
+        }
+    }
+
+    /// Forgets a request nobody waits for any more.
+    pub fn forget(&self, id: u64) {
+        lock_or_recover(&self.waiting).remove(&id);
+    }
 }
 
 impl Sandbox {
+    /// Processes running in it besides its init (the shim's pid 1):
+    /// children of any of init's threads. Every process of the sandbox
+    /// descends from init, and orphans are re-parented to it.
+    pub fn processes(&self) -> usize {
+        let Some(&pid) = self.init_pid.get() else {
+            return 0;
+        };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .map(|c| c.split_whitespace().count())
+            .sum()
+    }
+
     /// Whether it still runs.
     pub fn is_running(&self) -> bool {
         !self.dead.load(Ordering::SeqCst)

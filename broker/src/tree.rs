@@ -85,6 +85,37 @@ pub fn remove_tree(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The bytes allocated under `path` (itself included), never following a
+/// symlink and never leaving its filesystem; entries that vanish or cannot
+/// be read count nothing.
+pub fn du(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(top) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let dev = top.dev();
+    let mut total = top.blocks().saturating_mul(512);
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(md) = e.metadata() else {
+                continue;
+            };
+            if md.dev() != dev {
+                continue;
+            }
+            total = total.saturating_add(md.blocks().saturating_mul(512));
+            if md.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
+
 /// The names in a directory, except `.` and `..`. One listing holds one
 /// extra descriptor while it runs.
 fn names(dir: &OwnedFd) -> std::io::Result<Vec<CString>> {

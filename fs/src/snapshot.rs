@@ -152,51 +152,108 @@ pub(crate) struct Freed {
 }
 
 /// Removes `name` in `parent` and everything under it, without following
-/// a symlink and without recursion (a sandbox may have made a tree
-/// thousands of levels deep). Entries that cannot be removed are left.
+/// a symlink, in constant memory and with two directories open at a time
+/// whatever the tree's depth (a sandbox may have made it thousands of
+/// levels deep): each subdirectory found is moved up to the top (one
+/// rename) before its parent is removed. Entries that cannot be removed
+/// are left.
 pub(crate) fn remove_tree(parent: &Arc<Dir>, name: &Name) -> Freed {
     let mut freed = Freed::default();
-    // (parent, name, the directory once opened and its children queued)
-    let mut stack: Vec<(Arc<Dir>, Name, bool)> = vec![(Arc::clone(parent), name.clone(), false)];
-    while let Some((p, n, opened)) = stack.pop() {
-        if opened {
-            if rustix::fs::unlinkat(&*p, n.as_os_str(), AtFlags::REMOVEDIR).is_ok() {
+    let Ok(Some(st)) = stat_at(&**parent, name) else {
+        return freed;
+    };
+    if RFileType::from_raw_mode(st.st_mode) != RFileType::Directory {
+        unlink_counted(parent, name, &st, &mut freed);
+        return freed;
+    }
+    let Ok(top) = open_dir(&**parent, name) else {
+        return freed;
+    };
+    let mut counter: u64 = 0;
+    while let Ok(batch) = entries(&top) {
+        if batch.is_empty() {
+            break;
+        }
+        let mut progress = false;
+        for n in batch {
+            let Ok(Some(st)) = stat_at(&*top, &n) else {
+                continue;
+            };
+            if RFileType::from_raw_mode(st.st_mode) != RFileType::Directory {
+                progress |= unlink_counted(&top, &n, &st, &mut freed);
+                continue;
+            }
+            let Ok(sub) = open_dir(&*top, &n) else {
+                continue;
+            };
+            for c in entries(&sub).unwrap_or_default() {
+                let Ok(Some(cst)) = stat_at(&*sub, &c) else {
+                    continue;
+                };
+                if RFileType::from_raw_mode(cst.st_mode) == RFileType::Directory {
+                    progress |= move_up(&sub, &c, &top, &mut counter);
+                } else {
+                    progress |= unlink_counted(&sub, &c, &cst, &mut freed);
+                }
+            }
+            drop(sub);
+            if rustix::fs::unlinkat(&*top, n.as_os_str(), AtFlags::REMOVEDIR).is_ok() {
                 freed.inodes += 1;
+                progress = true;
             }
-            continue;
         }
-        let Ok(Some(st)) = stat_at(&*p, &n) else {
-            continue;
-        };
-        if RFileType::from_raw_mode(st.st_mode) == RFileType::Directory {
-            let Ok(d) = open_dir(&*p, &n) else {
-                continue;
-            };
-            let Ok(children) = live_entries_all(&d) else {
-                continue;
-            };
-            stack.push((p, n, true));
-            for c in children {
-                stack.push((Arc::clone(&d), c, false));
-            }
-            continue;
+        if !progress {
+            break;
         }
-        if rustix::fs::unlinkat(&*p, n.as_os_str(), AtFlags::empty()).is_ok()
-            && !is_whiteout(&st)
-            && st.st_nlink <= 1
-        {
-            freed.inodes += 1;
-            freed.bytes += crate::quota::allocated(&st);
-        }
+    }
+    drop(top);
+    if rustix::fs::unlinkat(&**parent, name.as_os_str(), AtFlags::REMOVEDIR).is_ok() {
+        freed.inodes += 1;
     }
     freed
 }
 
-/// Every entry of `dir`.
-fn live_entries_all(dir: &Dir) -> OpResult<Vec<Name>> {
+/// Unlinks a non-directory, counting it as the quota does (a file once
+/// its last link goes; whiteouts not at all).
+fn unlink_counted(dir: &Dir, name: &Name, st: &rustix::fs::Stat, freed: &mut Freed) -> bool {
+    if rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::empty()).is_err() {
+        return false;
+    }
+    if !is_whiteout(st) && st.st_nlink <= 1 {
+        freed.inodes += 1;
+        freed.bytes += crate::quota::allocated(st);
+    }
+    true
+}
+
+/// Moves directory `name` of `dir` to the top of the tree under a fresh
+/// name.
+fn move_up(dir: &Dir, name: &Name, top: &Dir, counter: &mut u64) -> bool {
+    loop {
+        *counter += 1;
+        let fresh = format!(".rm-{counter}");
+        match rustix::fs::renameat_with(
+            dir,
+            name.as_os_str(),
+            top,
+            fresh.as_str(),
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => return true,
+            Err(e) if e == rustix::io::Errno::EXIST => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Up to a batch of the names in `dir` (the caller comes back for more).
+fn entries(dir: &Dir) -> OpResult<Vec<Name>> {
     let mut out = Vec::new();
     for e in dir.entries()? {
         out.push(Name::new(&e?.file_name())?);
+        if out.len() >= 4096 {
+            break;
+        }
     }
     Ok(out)
 }

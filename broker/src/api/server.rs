@@ -51,8 +51,10 @@ impl From<BrokerError> for ApiError {
         let code = match &e {
             BrokerError::BadRequest(_) => StatusCode::BAD_REQUEST,
             BrokerError::Forbidden(_) => StatusCode::FORBIDDEN,
-            BrokerError::NotFound(_) | BrokerError::NoSuchForward { .. } => StatusCode::NOT_FOUND,
-            BrokerError::NotRunning(_) => StatusCode::CONFLICT,
+            BrokerError::NotFound(_)
+            | BrokerError::NoSuchForward { .. }
+            | BrokerError::NoSuchSnapshot { .. } => StatusCode::NOT_FOUND,
+            BrokerError::NotRunning(_) | BrokerError::Conflict(_) => StatusCode::CONFLICT,
             BrokerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             BrokerError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -128,6 +130,18 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route(
             "/v1/sandboxes/{id}/ports/{host_port}",
             delete(unforward_port),
+        )
+        .route(
+            "/v1/sandboxes/{id}/snapshots",
+            post(take_snapshot).get(list_snapshots),
+        )
+        .route(
+            "/v1/sandboxes/{id}/snapshots/{name}",
+            delete(remove_snapshot),
+        )
+        .route(
+            "/v1/sandboxes/{id}/snapshots/{name}/restore",
+            post(restore_snapshot),
         )
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(signal))
         .route("/v1/audit", get(audit))
@@ -243,6 +257,58 @@ async fn unforward_port(
         })?;
     let gone = blocking(move || b.unforward_port(&p, &id, host_port)).await?;
     Ok(Json(gone).into_response())
+}
+
+async fn take_snapshot(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let bytes = read_body(body).await?;
+    let req: crate::api::types::TakeSnapshot = if bytes.is_empty() {
+        Default::default()
+    } else {
+        json_body(&bytes)?
+    };
+    let info = blocking(move || b.snapshot(&p, &id, req.name)).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn list_snapshots(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let list = blocking(move || b.snapshots(&p, &id)).await?;
+    Ok(Json(list).into_response())
+}
+
+async fn restore_snapshot(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let info = blocking(move || b.restore(&p, &id, &name)).await?;
+    Ok(Json(info).into_response())
+}
+
+async fn remove_snapshot(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let n = name.clone();
+    blocking(move || b.remove_snapshot(&p, &id, &n)).await?;
+    Ok(Json(serde_json::json!({"removed": name})).into_response())
 }
 
 /// `DELETE /v1/sandboxes/{id}` query string.

@@ -161,6 +161,26 @@ pub struct SandboxInfo {
     pub disk: DiskUsage,
 }
 
+/// A snapshot of a sandbox (`POST /v1/sandboxes/{id}/snapshots`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Its name, unique in the sandbox.
+    pub name: String,
+    /// When it was taken, unix ms.
+    pub created_ms: i64,
+    /// Bytes its own layers hold (what changed since the snapshot before).
+    pub bytes: u64,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshots` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeSnapshot {
+    /// Its name (default `snap-N`): 1 to 64 of `A-Za-z0-9_.-`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
 /// A host port served by a sandbox port (`POST /v1/sandboxes/{id}/ports`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ForwardedPort {

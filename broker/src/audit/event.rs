@@ -123,6 +123,17 @@ pub enum AuditEvent {
         /// The sandbox's port.
         port: u16,
     },
+    /// `sandbox/snapshot`, `sandbox/restore`, `sandbox/snapshot_removed`.
+    Snapshot {
+        /// Caller's uid and pid.
+        caller: (u32, i32),
+        /// Which of the three.
+        action: &'static str,
+        /// The snapshot's name.
+        name: String,
+        /// Its newest frozen layer.
+        layer: String,
+    },
     /// `limit/audit_rate_limited`: network events counted, not stored.
     NetEventsDropped {
         /// How many.
@@ -281,6 +292,16 @@ impl AuditEvent {
                 AuditKind::Net,
                 "port_forward_removed",
                 json!({"caller_uid": caller.0, "caller_pid": caller.1, "host": host, "port": port}),
+            ),
+            AuditEvent::Snapshot {
+                caller,
+                action,
+                name,
+                layer,
+            } => (
+                AuditKind::Sandbox,
+                action,
+                json!({"caller_uid": caller.0, "caller_pid": caller.1, "name": name, "layer": layer}),
             ),
             AuditEvent::NetPolicy { caller, policy } => (
                 AuditKind::Net,

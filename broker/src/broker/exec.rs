@@ -184,9 +184,16 @@ impl Broker {
         let before = sb.current_counters();
         let started = Instant::now();
         let in_flight = InFlight::enter(&self.execs_in_flight);
-        let (exec_id, outcome_rx) = sb
-            .send_exec(req, [in_r, out_w, err_w])
-            .map_err(BrokerError::Internal)?;
+        let (exec_id, outcome_rx) = {
+            // No command starts while a snapshot or restore runs.
+            let _gate = sb.layer_gate.try_read().map_err(|_| {
+                BrokerError::Conflict(format!(
+                    "sandbox {id}: a snapshot or restore is under way; try again"
+                ))
+            })?;
+            sb.send_exec(req, [in_r, out_w, err_w])
+                .map_err(BrokerError::Internal)?
+        };
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.try_send(ExecEvent::Started { exec_id });
         let stdin_bytes = body.stdin.clone();

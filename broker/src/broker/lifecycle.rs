@@ -28,6 +28,10 @@ pub(super) struct BuiltFs {
     sink: FsSink,
     /// Where the server's usage reports land.
     disk: Arc<Mutex<crate::api::types::DiskUsage>>,
+    /// Where its answers to snapshot commands land.
+    replies: Arc<crate::sandbox::FsReplies>,
+    /// Whether it takes snapshots.
+    layered: bool,
 }
 
 /// Supervises a sandbox's filesystem server: its events become audit rows;
@@ -352,6 +356,7 @@ impl Broker {
         let mut res = Resources {
             net: None,
             net_ctl: None,
+            fs_ctl: None,
             mount: None,
             cgroup,
             dirs: vec![sb_dir.clone(), layer_dir.clone()],
@@ -373,6 +378,7 @@ impl Broker {
                 bytes: limits.disk_bytes,
                 inodes: limits.inodes,
             },
+            self.layers_for(agent, workspace),
             &mut res,
         );
         let BuiltFs {
@@ -380,6 +386,8 @@ impl Broker {
             chan: fs_chan,
             sink: fs_sink,
             disk,
+            replies,
+            layered,
         } = match built {
             Ok(x) => x,
             Err(e) => {
@@ -454,6 +462,10 @@ impl Broker {
             network: Mutex::new(Default::default()),
             ports: Mutex::new(Vec::new()),
             disk,
+            layered,
+            snapshots: Mutex::new(Vec::new()),
+            fs_replies: replies,
+            layer_gate: std::sync::RwLock::new(()),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = Arc::clone(&sandbox);
@@ -484,6 +496,19 @@ impl Broker {
                 sandbox.teardown("create failed");
                 return Err(BrokerError::Internal(format!(
                     "start the filesystem server: {e}"
+                )));
+            }
+        }
+        match fs_chan.fd().try_clone_to_owned() {
+            Ok(fd) => {
+                if let Some(r) = lock_or_recover(&sandbox.resources).as_mut() {
+                    r.fs_ctl = Some(Channel::from_fd(fd));
+                }
+            }
+            Err(e) => {
+                sandbox.teardown("create failed");
+                return Err(BrokerError::Internal(format!(
+                    "filesystem server command channel: {e}"
                 )));
             }
         }
@@ -550,6 +575,7 @@ impl Broker {
         hostname: &str,
         nofile: u64,
         quota: airlock_fs::DiskQuota,
+        snapshots: Option<airlock_fs::LayerChain>,
         res: &mut Resources,
     ) -> Result<BuiltFs, BrokerError> {
         std::fs::DirBuilder::new()
@@ -579,7 +605,14 @@ impl Broker {
             ..Default::default()
         }));
         let disk_slot = Arc::clone(&disk);
+        let replies = Arc::new(crate::sandbox::FsReplies::default());
+        let replies_slot = Arc::clone(&replies);
         let sink: FsSink = Box::new(move |ev: FsServerEvent| {
+            // Answers to snapshot commands go to whoever waits for them.
+            if let FsServerEvent::Snapshot { id, result } = ev {
+                replies_slot.answer(id, result);
+                return;
+            }
             // Usage reports are state for `inspect`, not audit rows.
             if let FsServerEvent::Fs {
                 event:
@@ -605,6 +638,7 @@ impl Broker {
                     None => return,
                 },
                 FsServerEvent::RateLimited { dropped } => (None, dropped),
+                FsServerEvent::Snapshot { .. } => return,
             };
             if dropped > 0 {
                 audit.event(
@@ -641,6 +675,7 @@ impl Broker {
             cgroup_procs: res.cgroup.join_files(),
             nofile: nofile.max(FS_SERVER_MIN_NOFILE),
             quota,
+            snapshots: snapshots.clone(),
             landlock_floor: self.cfg.landlock_floor,
             events_per_sec: FS_EVENTS_PER_SEC,
             events_burst: FS_EVENTS_BURST,
@@ -662,6 +697,8 @@ impl Broker {
             chan,
             sink,
             disk,
+            replies,
+            layered: snapshots.is_some(),
         })
     }
 }

@@ -83,6 +83,12 @@ impl Broker {
                         break;
                     }
                     me.wait_for_quiet();
+                    // Built and pooled on the workspace's frozen layers as
+                    // they are (a snapshot discards pooled sandboxes).
+                    let ws_lock = me.workspace_lock(&key.0);
+                    let _ws = ws_lock
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     match me.spawn(&shape, &defaults, false) {
                         Ok(entry) => lock_or_recover(&me.pool)
                             .entry(key.clone())

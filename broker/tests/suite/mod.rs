@@ -9,3 +9,4 @@ mod limits;
 mod net;
 mod root;
 mod run;
+mod snapshots;

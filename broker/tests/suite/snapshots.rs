@@ -1,0 +1,175 @@
+//! Snapshots through brokerd: taken and restored while the sandbox is
+//! idle, refused with a reason otherwise, and the workspace's layers kept
+//! for the agent's next sandbox.
+
+use std::time::{Duration, Instant};
+
+use super::harness::{Env, create, ok, text};
+
+fn sh(env: &Env, id: &str, script: &str) -> String {
+    ok(&env.remote(&["exec", "--user", "root", id, "--", "sh", "-c", script]))
+}
+
+#[test]
+fn restore_brings_back_files_modes_links_and_deletions() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let id = create(&env, &[])["id"].as_str().unwrap().to_string();
+    sh(
+        &env,
+        &id,
+        "mkdir -p /workspace/p/deep && echo v1 > /workspace/p/f && ln /workspace/p/f /workspace/p/h \
+         && ln -s f /workspace/p/l && chmod 640 /workspace/p/f && echo d > /workspace/p/deep/x \
+         && echo r1 > /opt/x",
+    );
+    let listing = "cd /workspace/p && ls -lR --time-style=+ .; cat f h /opt/x; readlink l; \
+                   stat -c %i f h | uniq | wc -l; true";
+    let before = sh(&env, &id, listing);
+    assert_eq!(
+        ok(&env.remote(&["snapshot", &id, "--name", "good"])).trim(),
+        "good"
+    );
+    sh(
+        &env,
+        &id,
+        "echo v2 > /workspace/p/f; rm /workspace/p/h; rm -r /workspace/p/deep; chmod 600 /workspace/p/f; \
+         ln -sf elsewhere /workspace/p/l; echo r2 > /opt/x; touch /workspace/p/new /usr/local/new",
+    );
+    assert_ne!(sh(&env, &id, listing), before);
+    let list = ok(&env.remote(&["snapshots", &id]));
+    assert!(list.lines().any(|l| l.starts_with("good ")), "{list}");
+    assert_eq!(ok(&env.remote(&["restore", &id, "good"])).trim(), "good");
+    assert_eq!(sh(&env, &id, listing), before, "restored exactly");
+    assert!(
+        sh(&env, &id, "ls /workspace/p /usr/local")
+            .lines()
+            .all(|l| l != "new"),
+        "files made after the snapshot are gone"
+    );
+    // Each step is audited.
+    let rows = env.audit_wait(&["--kind", "sandbox"], |r| r["action"] == "restore");
+    assert!(
+        rows.iter()
+            .any(|r| r["action"] == "snapshot" && r["detail"]["name"] == "good")
+    );
+    // Unknown names and bad names are refused, naming what was wrong.
+    let out = env.remote(&["restore", &id, "nope"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no snapshot named \"nope\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = env.remote(&["snapshot", &id, "--name", "../x"]);
+    assert!(
+        text(&out.stderr).contains("snapshot name"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = env.remote(&["snapshot", &id, "--name", "good"]);
+    assert!(text(&out.stderr).contains("already has a snapshot named good"));
+    ok(&env.remote(&["snapshot", "rm", &id, "good"]));
+    assert!(!ok(&env.remote(&["snapshots", &id])).contains("good"));
+    // The layers' directory is nowhere to be seen inside.
+    assert_eq!(
+        sh(&env, &id, "ls -a /workspace / | grep -c airlock || true").trim(),
+        "0"
+    );
+}
+
+#[test]
+fn snapshots_need_an_idle_sandbox_and_its_agents_own_workspace() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let id = create(&env, &[])["id"].as_str().unwrap().to_string();
+    // A command running.
+    let mut running = env
+        .airlock()
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["exec", &id, "--", "sleep", "300"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = env.remote(&["snapshot", &id]);
+        assert!(!out.status.success(), "a snapshot while a command runs");
+        if text(&out.stderr).contains("need it idle") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&out.stderr));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The caller hangs up: the command ends, and the sandbox is idle.
+    running.kill().unwrap();
+    running.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = env.remote(&["snapshot", &id]);
+        if out.status.success() {
+            assert_eq!(text(&out.stdout).trim(), "snap-1");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&out.stderr));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A second sandbox of the agent shares the workspace.
+    let other = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let out = env.remote(&["snapshot", &id]);
+    assert!(text(&out.stderr).contains(&format!("also in use by sandbox {other}")));
+    ok(&env.remote(&["rm", &other]));
+    // A workspace that is the caller's own directory is never rearranged.
+    let dir = tempfile::tempdir().unwrap();
+    let own = create(&env, &["--workspace", dir.path().to_str().unwrap()])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = env.remote(&["snapshot", &own]);
+    assert!(text(&out.stderr).contains("snapshots need the agent's own workspace"));
+}
+
+#[test]
+fn the_workspace_keeps_its_layers_for_the_agents_next_sandbox() {
+    let env = Env::new();
+    let mut b = env.start_brokerd();
+    let id = create(&env, &[])["id"].as_str().unwrap().to_string();
+    sh(
+        &env,
+        &id,
+        "echo one > /workspace/a && echo keep > /workspace/b",
+    );
+    ok(&env.remote(&["snapshot", &id]));
+    sh(
+        &env,
+        &id,
+        "echo two > /workspace/a && rm /workspace/b && echo new > /workspace/c",
+    );
+    ok(&env.remote(&["rm", &id]));
+    let next = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let want = "two\nnew\n";
+    assert_eq!(
+        sh(
+            &env,
+            &next,
+            "cat /workspace/a /workspace/b /workspace/c 2>/dev/null; true"
+        ),
+        want
+    );
+    ok(&env.remote(&["rm", &next]));
+    // And after a broker restart.
+    b.stop();
+    let _b = env.start_brokerd();
+    let again = create(&env, &[])["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        sh(
+            &env,
+            &again,
+            "cat /workspace/a /workspace/b /workspace/c 2>/dev/null; true"
+        ),
+        want
+    );
+    assert_eq!(
+        sh(&env, &again, "ls -A /workspace | sort | tr '\\n' ' '"),
+        "a c "
+    );
+}
