@@ -247,7 +247,12 @@ impl Broker {
             Some(w) => self.validate_dir_for(p, "workspace", w)?,
             None => self.agent_workspace(&agent)?,
         };
+        let fork = match &req.from_snapshot {
+            Some((id, name)) => Some(self.stored_snapshot(&agent, id, name)?),
+            None => None,
+        };
         let shape = Shape {
+            fork,
             agent,
             user,
             user_ids,

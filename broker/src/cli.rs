@@ -55,6 +55,10 @@ struct CreateOpts {
     /// Host directory to use as the read-only base (default: the host's /usr, /etc...).
     #[arg(long)]
     rootfs: Option<PathBuf>,
+    /// Start from a snapshot, `SANDBOX_ID:NAME` (see `airlock snapshot`):
+    /// its files, in a workspace branch of this sandbox's own.
+    #[arg(long, value_name = "ID:NAME", conflicts_with = "workspace")]
+    from_snapshot: Option<String>,
     /// Default user inside: sandbox (uid 1000) or root (uid 0 inside, unprivileged outside).
     #[arg(long)]
     user: Option<String>,
@@ -305,6 +309,7 @@ fn build_create(opts: &CreateOpts) -> Result<CreateSandbox, CliError> {
         timeout_secs,
         env: (!opts.env.is_empty()).then(|| opts.env.clone()),
         network,
+        from_snapshot: opts.from_snapshot.clone(),
     })
 }
 

@@ -131,6 +131,15 @@ pub struct FsServerSpec {
     /// [`airlock_fs::MountSpec::snapshots`]); `None` for none.
     #[serde(default)]
     pub snapshots: Option<airlock_fs::LayerChain>,
+    /// Host directories of frozen copy-on-write layers a fork serves, by
+    /// the host uid base their files are owned in (attached through an
+    /// idmap onto this sandbox's range).
+    #[serde(default)]
+    pub frozen_upper: Vec<(u32, PathBuf)>,
+    /// The host directory of the agent's frozen workspace layers, for a
+    /// fork (attached through the workspace's idmap).
+    #[serde(default)]
+    pub frozen_workspace: Option<PathBuf>,
     /// Lowest landlock ABI accepted.
     pub landlock_floor: u8,
     /// Events sent to the broker per second at most (and burst); past
@@ -211,10 +220,22 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
     )
     .map_err(|e| ("registrar", e))?;
     mark("join cgroup");
-    let idmaps = Idmaps::new(&spec.ids, &ws).map_err(|e| ("idmap namespaces", e))?;
+    let origins: Vec<u32> = spec.frozen_upper.iter().map(|(b, _)| *b).collect();
+    let idmaps = Idmaps::new(&spec.ids, &ws, &origins).map_err(|e| ("idmap namespaces", e))?;
     mark("idmaps");
-    private_root(&spec.upper, &ws, rootfs.as_ref(), &idmaps, &spec.ids)
-        .map_err(|e| ("private root", e))?;
+    let frozen = FrozenTrees {
+        upper: &spec.frozen_upper,
+        workspace: spec.frozen_workspace.as_deref(),
+    };
+    private_root(
+        &spec.upper,
+        &ws,
+        rootfs.as_ref(),
+        &frozen,
+        &idmaps,
+        &spec.ids,
+    )
+    .map_err(|e| ("private root", e))?;
     drop(idmaps);
     let mount_spec = MountSpec {
         base: match &rootfs {
@@ -231,6 +252,17 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         hostname: spec.hostname.clone(),
         quota: spec.quota,
         snapshots: spec.snapshots.clone(),
+        frozen: airlock_fs::FrozenDirs {
+            upper: spec
+                .frozen_upper
+                .iter()
+                .map(|(b, _)| PathBuf::from(format!("{FROZEN_AT}/{b}")))
+                .collect(),
+            workspace: spec
+                .frozen_workspace
+                .as_ref()
+                .map(|_| PathBuf::from(FROZEN_WS_AT)),
+        },
     };
     mark("private root");
     let (tx, rx) = sync_channel::<FsEvent>(EVENT_QUEUE);
@@ -425,6 +457,17 @@ fn registrar_rules(rootfs: Option<&OwnedFd>) -> Vec<PolicyRule> {
 const UPPER_AT: &str = "/layers/upper";
 const WORKSPACE_AT: &str = "/layers/workspace";
 const ROOTFS_AT: &str = "/layers/rootfs";
+/// Where frozen copy-on-write layers of another uid base are attached,
+/// one directory per base.
+const FROZEN_AT: &str = "/layers/frozen";
+/// Where the agent's frozen workspace layers are attached, for a fork.
+const FROZEN_WS_AT: &str = "/layers/workspace-layers";
+
+/// The frozen layers' host directories a server attaches.
+struct FrozenTrees<'a> {
+    upper: &'a [(u32, PathBuf)],
+    workspace: Option<&'a std::path::Path>,
+}
 
 /// Moves the server into a mount namespace of its own whose root holds
 /// only what it serves: the host base directories bound read-only
@@ -439,6 +482,7 @@ fn private_root(
     upper: &std::path::Path,
     ws: &OwnedFd,
     rootfs: Option<&OwnedFd>,
+    frozen: &FrozenTrees<'_>,
     idmaps: &Idmaps,
     ids: &IdMap,
 ) -> Result<(), String> {
@@ -482,6 +526,30 @@ fn private_root(
             false,
         ),
     ];
+    for ((base, dir), userns) in frozen.upper.iter().zip(&idmaps.origins) {
+        let what = format!("the frozen layers of uid base {base}");
+        trees.push((
+            format!("{FROZEN_AT}/{base}"),
+            idmapped(
+                &what,
+                tree(&what, open_tree(cwd, dir.as_path(), clone))?,
+                userns,
+            )?,
+            false,
+        ));
+    }
+    if let Some(dir) = frozen.workspace {
+        let what = "the agent's frozen workspace layers";
+        trees.push((
+            FROZEN_WS_AT.into(),
+            idmapped(
+                what,
+                tree(what, open_tree(cwd, dir, clone))?,
+                &idmaps.workspace,
+            )?,
+            false,
+        ));
+    }
     let mut links = Vec::new();
     if let Some(r) = rootfs {
         trees.push((
@@ -587,13 +655,16 @@ struct Idmaps {
     base: OwnedFd,
     /// The workspace's owner to [`identity::workspace_ids`].
     workspace: OwnedFd,
+    /// Per frozen uid base (in order): that base's range onto the
+    /// sandbox's.
+    origins: Vec<OwnedFd>,
 }
 
 impl Idmaps {
-    fn new(ids: &IdMap, ws: &OwnedFd) -> Result<Idmaps, String> {
+    fn new(ids: &IdMap, ws: &OwnedFd, origins: &[u32]) -> Result<Idmaps, String> {
         let st = rustix::fs::fstat(ws).map_err(|e| format!("stat the workspace: {e}"))?;
         let (wu, wg) = identity::workspace_ids(ids);
-        let mut fds = identity::idmap_userns(&[
+        let mut maps = vec![
             (
                 format!("0 {} {}\n", ids.host_uid_base, ids.count),
                 format!("0 {} {}\n", ids.host_gid_base, ids.count),
@@ -602,10 +673,20 @@ impl Idmaps {
                 format!("{} {wu} 1\n", st.st_uid),
                 format!("{} {wg} 1\n", st.st_gid),
             ),
-        ])?
-        .into_iter();
+        ];
+        for o in origins {
+            maps.push((
+                format!("{o} {} {}\n", ids.host_uid_base, ids.count),
+                format!("{o} {} {}\n", ids.host_gid_base, ids.count),
+            ));
+        }
+        let mut fds = identity::idmap_userns(&maps)?.into_iter();
         match (fds.next(), fds.next()) {
-            (Some(base), Some(workspace)) => Ok(Idmaps { base, workspace }),
+            (Some(base), Some(workspace)) => Ok(Idmaps {
+                base,
+                workspace,
+                origins: fds.collect(),
+            }),
             _ => Err("idmap namespaces missing".into()),
         }
     }
@@ -681,6 +762,7 @@ mod tests {
             hostname: "probe".into(),
             quota: airlock_fs::DiskQuota::default(),
             snapshots: None,
+            frozen: airlock_fs::FrozenDirs::default(),
         };
         // libtest runs this test on a thread of its own, and a process
         // creates a user namespace only while single-threaded: the probe

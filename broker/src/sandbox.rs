@@ -232,26 +232,18 @@ pub struct Sandbox {
     pub(crate) ports: Mutex<Vec<crate::api::types::ForwardedPort>>,
     /// What its layers hold, as its filesystem server last reported.
     pub(crate) disk: Arc<Mutex<crate::api::types::DiskUsage>>,
-    /// Whether it takes snapshots (its workspace is its agent's own).
+    /// Whether it takes snapshots (its workspace is its agent's own, or
+    /// a branch of it).
     pub(crate) layered: bool,
-    /// Its snapshots, oldest first.
-    pub(crate) snapshots: Mutex<Vec<SnapshotRecord>>,
+    /// Whether its workspace is a fork's branch of its agent's.
+    pub(crate) branch: bool,
+    /// The frozen layers its filesystem server serves.
+    pub(crate) serves: Mutex<airlock_fs::LayerChain>,
     /// Answers of its filesystem server to snapshot commands.
     pub(crate) fs_replies: Arc<FsReplies>,
     /// Held (for writing) while a snapshot or restore runs; an exec takes
     /// it for reading to start, and is refused while it is held.
     pub(crate) layer_gate: std::sync::RwLock<()>,
-}
-
-/// One snapshot of a sandbox.
-#[derive(Debug, Clone)]
-pub struct SnapshotRecord {
-    /// Its name, unique in the sandbox.
-    pub name: String,
-    /// When it was taken, unix ms.
-    pub created_ms: i64,
-    /// The frozen layers a restore to it serves.
-    pub chain: airlock_fs::LayerChain,
 }
 
 /// Answers of a filesystem server to [`crate::fs_server::FsCommand`]s,

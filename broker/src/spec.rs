@@ -124,6 +124,8 @@ pub struct CreateSpec {
     pub env: Vec<String>,
     /// Network asked for, validated (None: the configured default).
     pub network: Option<airlock_net::policy::Policy>,
+    /// The snapshot to fork from: (sandbox id, snapshot name).
+    pub from_snapshot: Option<(String, String)>,
 }
 
 impl TryFrom<CreateSandbox> for CreateSpec {
@@ -143,7 +145,29 @@ impl TryFrom<CreateSandbox> for CreateSpec {
             ),
             None => None,
         };
+        let from_snapshot = match req.from_snapshot.as_deref() {
+            None => None,
+            Some(s) => match s.split_once(':') {
+                Some((id, name)) if SandboxId::try_from(id).is_ok() && !name.is_empty() => {
+                    if req.workspace.is_some() {
+                        return Err(
+                            "from_snapshot: a fork works in a branch of its agent's workspace; \
+                             drop workspace"
+                                .into(),
+                        );
+                    }
+                    Some((id.to_string(), name.to_string()))
+                }
+                _ => {
+                    return Err(format!(
+                        "from_snapshot {:?}: use SANDBOX_ID:NAME",
+                        s.chars().take(80).collect::<String>()
+                    ));
+                }
+            },
+        };
         Ok(CreateSpec {
+            from_snapshot,
             agent: req.agent,
             rootfs: req.rootfs,
             workspace: req.workspace,

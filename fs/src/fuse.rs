@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
@@ -185,6 +185,53 @@ struct Handle {
     written: AtomicBool,
 }
 
+/// Which writable tree a frozen layer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Tree {
+    Upper,
+    Workspace,
+}
+
+/// Where a mount's frozen layers are found, by name: each tree's own
+/// `.airlock/layers`, then the directories the broker moved layers to
+/// ([`crate::FrozenDirs`]). A layer once opened (or made by a freeze) is
+/// kept open, so it stays reachable after the broker moves it.
+struct LayerStores {
+    upper_root: Arc<Dir>,
+    ws_root: Arc<Dir>,
+    upper: Vec<Arc<Dir>>,
+    workspace: Option<Arc<Dir>>,
+    open: Mutex<HashMap<(Tree, String), Arc<Dir>>>,
+}
+
+impl LayerStores {
+    fn open(&self, tree: Tree, name: &str) -> OpResult<Arc<Dir>> {
+        if let Some(d) = lock(&self.open).get(&(tree, name.to_string())) {
+            return Ok(Arc::clone(d));
+        }
+        if !crate::snapshot::valid_name(name) {
+            return Err(OpError::Invalid);
+        }
+        let (root, extra): (&Dir, Vec<&Arc<Dir>>) = match tree {
+            Tree::Upper => (&self.upper_root, self.upper.iter().collect()),
+            Tree::Workspace => (&self.ws_root, self.workspace.iter().collect()),
+        };
+        let n = Name::new(OsStr::new(name))?;
+        let found = crate::snapshot::open_layer(root, name)
+            .or_else(|e| extra.iter().find_map(|d| open_dir(&***d, &n).ok()).ok_or(e))?;
+        lock(&self.open).insert((tree, name.to_string()), Arc::clone(&found));
+        Ok(found)
+    }
+
+    fn remember(&self, tree: Tree, name: &str, dir: &Arc<Dir>) {
+        lock(&self.open).insert((tree, name.to_string()), Arc::clone(dir));
+    }
+
+    fn forget(&self, tree: Tree, name: &str) -> Option<Arc<Dir>> {
+        lock(&self.open).remove(&(tree, name.to_string()))
+    }
+}
+
 /// The filesystem state shared by all session threads.
 pub(crate) struct AirlockFs {
     store: Store,
@@ -197,6 +244,8 @@ pub(crate) struct AirlockFs {
     layered: bool,
     /// The frozen layers' names, bottom first (see [`crate::LayerChain`]).
     chain: Mutex<crate::LayerChain>,
+    /// Where frozen layers are found.
+    stores: LayerStores,
     ws_owner: (u32, u32),
     ids: IdMap,
     /// Host ids of the sandbox user.
@@ -329,19 +378,38 @@ impl AirlockFs {
             source: e.into(),
         })?;
         let chain = spec.snapshots.clone().unwrap_or_default();
-        let open_layers = |root: &Dir, names: &[String], path: &Path| {
+        let mut frozen_upper = Vec::new();
+        for p in &spec.frozen.upper {
+            frozen_upper.push(Arc::new(open_root(p)?));
+        }
+        let frozen_ws = match &spec.frozen.workspace {
+            Some(p) => Some(Arc::new(open_root(p)?)),
+            None => None,
+        };
+        let upper = Arc::new(upper);
+        let ws = Arc::new(ws);
+        let stores = LayerStores {
+            upper_root: Arc::clone(&upper),
+            ws_root: Arc::clone(&ws),
+            upper: frozen_upper,
+            workspace: frozen_ws,
+            open: Mutex::new(HashMap::new()),
+        };
+        let open_layers = |tree: Tree, names: &[String]| {
             names
                 .iter()
                 .map(|n| {
-                    crate::snapshot::open_layer(root, n).map_err(|e| FsError::OpenLayer {
-                        path: path.join(crate::layers::LAYERS_DIR).join("layers").join(n),
+                    stores.open(tree, n).map_err(|e| FsError::OpenLayer {
+                        path: PathBuf::from(crate::layers::LAYERS_DIR)
+                            .join("layers")
+                            .join(n),
                         source: std::io::Error::from_raw_os_error(e.errno().code()),
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
-        let upper_frozen = open_layers(&upper, &chain.upper, &spec.upper)?;
-        let ws_frozen = open_layers(&ws, &chain.workspace, &spec.workspace)?;
+        let upper_frozen = open_layers(Tree::Upper, &chain.upper)?;
+        let ws_frozen = open_layers(Tree::Workspace, &chain.workspace)?;
         let synth = Synth::new(&SynthSpec {
             hostname: &spec.hostname,
             user: &spec.sandbox_user,
@@ -358,7 +426,6 @@ impl AirlockFs {
             spec.base_idmapped,
         );
         store.set_frozen(upper_frozen);
-        let ws = Arc::new(ws);
         let ws_stack = (!ws_frozen.is_empty())
             .then(|| Arc::new(Store::workspace(ws_frozen, Arc::clone(&ws), st.st_uid, ids)));
         Ok(Self {
@@ -366,6 +433,7 @@ impl AirlockFs {
             ws_stack: RwLock::new(ws_stack),
             layered: spec.snapshots.is_some(),
             chain: Mutex::new(chain),
+            stores,
             ws,
             ws_owner: (st.st_uid, st.st_gid),
             ids,
@@ -2868,6 +2936,8 @@ impl AirlockFs {
                 return Err(e);
             }
         };
+        self.stores.remember(Tree::Upper, name, &upper);
+        self.stores.remember(Tree::Workspace, name, &ws);
         self.store.push_frozen(upper);
         {
             let mut st = match self.ws_stack.write() {
@@ -2906,12 +2976,12 @@ impl AirlockFs {
         let upper = to
             .upper
             .iter()
-            .map(|n| crate::snapshot::open_layer(&upper_root, n))
+            .map(|n| self.stores.open(Tree::Upper, n))
             .collect::<OpResult<Vec<_>>>()?;
         let ws = to
             .workspace
             .iter()
-            .map(|n| crate::snapshot::open_layer(&self.ws, n))
+            .map(|n| self.stores.open(Tree::Workspace, n))
             .collect::<OpResult<Vec<_>>>()?;
         let trash_upper = crate::snapshot::set_aside(&upper_root)?;
         let trash_ws = match crate::snapshot::set_aside(&self.ws) {
@@ -2973,14 +3043,24 @@ impl AirlockFs {
             }
         }
         let upper_root = self.store.upper_root();
-        for (root, list) in [(&upper_root, &names.upper), (&self.ws, &names.workspace)] {
+        for (tree, root, list) in [
+            (Tree::Upper, &upper_root, &names.upper),
+            (Tree::Workspace, &self.ws, &names.workspace),
+        ] {
             for n in list {
+                // A layer the broker moved away is emptied through its
+                // handle (the broker removes the empty directory).
+                if let Some(dir) = self.stores.forget(tree, n) {
+                    let freed = crate::snapshot::empty_dir(&dir);
+                    self.usage.refund_bytes(freed.bytes);
+                    self.usage.refund_inodes(freed.inodes);
+                }
                 match crate::snapshot::remove_layer(root, n) {
                     Ok(freed) => {
                         self.usage.refund_bytes(freed.bytes);
                         self.usage.refund_inodes(freed.inodes);
                     }
-                    Err(OpError::NotFound) => {}
+                    Err(OpError::NotFound | OpError::NotDir) => {}
                     Err(e) => return Err(e),
                 }
             }

@@ -63,6 +63,7 @@ fn fixture() -> &'static Fixture {
                 inodes: 10_000,
             },
             snapshots: Some(crate::LayerChain::default()),
+            frozen: crate::FrozenDirs::default(),
         };
         let usage = Arc::new(crate::quota::Usage::new(spec.quota, Arc::clone(&events)));
         let fs = AirlockFs::new(

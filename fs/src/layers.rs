@@ -212,9 +212,11 @@ pub(crate) struct Store {
 }
 
 impl Store {
+    /// The sandbox's stack: `base` under synthesized entries under the
+    /// writable layer `upper`.
     pub(crate) fn new(
         base: Dir,
-        upper: Dir,
+        upper: Arc<Dir>,
         host_filter: bool,
         base_owner: Option<u32>,
         synth: Synth,
@@ -222,7 +224,7 @@ impl Store {
         base_idmapped: bool,
     ) -> Self {
         Self {
-            layers: RwLock::new(vec![Arc::new(base), Arc::new(upper)]),
+            layers: RwLock::new(vec![Arc::new(base), upper]),
             fixed_base: true,
             host_filter,
             base_owner,

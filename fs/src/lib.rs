@@ -187,6 +187,19 @@ pub struct MountSpec {
     /// trees (empty for a fresh sandbox), `None` to have none (a workspace
     /// that is the caller's own directory). See [`Snapshots`].
     pub snapshots: Option<LayerChain>,
+    /// Where else frozen layers are found by name, beside each tree's own
+    /// `.airlock/layers` (layers the broker moved to its stores).
+    pub frozen: FrozenDirs,
+}
+
+/// Directories holding frozen layers, each layer a subdirectory named as
+/// in [`LayerChain`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrozenDirs {
+    /// For the copy-on-write layer (searched in order).
+    pub upper: Vec<PathBuf>,
+    /// For the workspace.
+    pub workspace: Option<PathBuf>,
 }
 
 /// The frozen layers under a sandbox's two writable trees, bottom first,
@@ -406,6 +419,13 @@ impl MountSpec {
                 why: "the workspace shown at /workspace",
             },
         ];
+        for dir in self.frozen.upper.iter().chain(&self.frozen.workspace) {
+            out.push(HostPath {
+                path: dir.clone(),
+                access: HostAccess::ReadWrite,
+                why: "frozen layers of the sandbox's snapshots",
+            });
+        }
         match &self.base {
             BaseSpec::Rootfs(dir) => out.push(HostPath {
                 path: dir.clone(),

@@ -213,6 +213,27 @@ pub(crate) fn remove_tree(parent: &Arc<Dir>, name: &Name) -> Freed {
     freed
 }
 
+/// Removes everything in directory `dir`, which stays (empty).
+pub(crate) fn empty_dir(dir: &Arc<Dir>) -> Freed {
+    let mut freed = Freed::default();
+    while let Ok(batch) = entries(dir) {
+        if batch.is_empty() {
+            break;
+        }
+        let mut progress = false;
+        for n in batch {
+            let f = remove_tree(dir, &n);
+            progress |= f.inodes > 0;
+            freed.bytes += f.bytes;
+            freed.inodes += f.inodes;
+        }
+        if !progress {
+            break;
+        }
+    }
+    freed
+}
+
 /// Unlinks a non-directory, counting it as the quota does (a file once
 /// its last link goes; whiteouts not at all).
 fn unlink_counted(dir: &Dir, name: &Name, st: &rustix::fs::Stat, freed: &mut Freed) -> bool {

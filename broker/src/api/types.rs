@@ -47,6 +47,11 @@ pub struct CreateSandbox {
     /// Network: `{"mode": "none"|"open"|"allow", "allow": ["RULE", ...]}`
     /// (default: the broker's configured default).
     pub network: Option<airlock_net::policy::NetworkSpec>,
+    /// Fork from a snapshot, `"SANDBOX_ID:NAME"`: the new sandbox starts
+    /// with that snapshot's files (copy-on-write layer and workspace), in
+    /// O(1), in a workspace branch of its own.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/ports`: serve a host port by a sandbox port.

@@ -30,8 +30,6 @@ pub(super) struct BuiltFs {
     disk: Arc<Mutex<crate::api::types::DiskUsage>>,
     /// Where its answers to snapshot commands land.
     replies: Arc<crate::sandbox::FsReplies>,
-    /// Whether it takes snapshots.
-    layered: bool,
 }
 
 /// Supervises a sandbox's filesystem server: its events become audit rows;
@@ -98,6 +96,8 @@ pub(super) struct Shape {
     pub(super) nofile: u64,
     /// The disk quota (fixed when the filesystem server starts).
     pub(super) disk: airlock_fs::DiskQuota,
+    /// The snapshot a fork starts from.
+    pub(super) fork: Option<super::snapshots::StoredSnapshot>,
 }
 
 /// Limits must lie within the configured bounds.
@@ -323,6 +323,20 @@ impl Broker {
             .mode(0o700)
             .create(&upper)
             .map_err(internal("create upper layer"))?;
+        // A fork works in a workspace branch of its own, beside its
+        // agent's frozen workspace layers.
+        let branch = match &shape.fork {
+            Some(_) => match self.make_branch(agent, id.as_str(), workspace) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    let _ = crate::tree::remove_tree(&layer_dir);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let workspace = branch.as_ref().unwrap_or(workspace);
+        let plan = self.layers_for(agent, &shape.workspace, shape.fork.as_ref());
         // The fs server serves it as sandbox root's host uid, in a user
         // namespace that maps only the sandbox's range (host root's files
         // are out of its reach).
@@ -362,6 +376,10 @@ impl Broker {
             dirs: vec![sb_dir.clone(), layer_dir.clone()],
             slot: Some(slot_lock),
         };
+        if let Some(b) = &branch {
+            res.dirs.push(b.path.clone());
+        }
+        let (layered, serves) = (plan.chain.is_some(), plan.chain.clone().unwrap_or_default());
         let built = self.build(
             id.as_str(),
             agent,
@@ -378,7 +396,7 @@ impl Broker {
                 bytes: limits.disk_bytes,
                 inodes: limits.inodes,
             },
-            self.layers_for(agent, workspace),
+            plan,
             &mut res,
         );
         let BuiltFs {
@@ -387,7 +405,6 @@ impl Broker {
             sink: fs_sink,
             disk,
             replies,
-            layered,
         } = match built {
             Ok(x) => x,
             Err(e) => {
@@ -463,7 +480,8 @@ impl Broker {
             ports: Mutex::new(Vec::new()),
             disk,
             layered,
-            snapshots: Mutex::new(Vec::new()),
+            branch: branch.is_some(),
+            serves: Mutex::new(serves),
             fs_replies: replies,
             layer_gate: std::sync::RwLock::new(()),
         });
@@ -575,7 +593,7 @@ impl Broker {
         hostname: &str,
         nofile: u64,
         quota: airlock_fs::DiskQuota,
-        snapshots: Option<airlock_fs::LayerChain>,
+        layers: super::snapshots::LayersPlan,
         res: &mut Resources,
     ) -> Result<BuiltFs, BrokerError> {
         std::fs::DirBuilder::new()
@@ -675,7 +693,9 @@ impl Broker {
             cgroup_procs: res.cgroup.join_files(),
             nofile: nofile.max(FS_SERVER_MIN_NOFILE),
             quota,
-            snapshots: snapshots.clone(),
+            snapshots: layers.chain,
+            frozen_upper: layers.frozen_upper,
+            frozen_workspace: layers.frozen_workspace,
             landlock_floor: self.cfg.landlock_floor,
             events_per_sec: FS_EVENTS_PER_SEC,
             events_burst: FS_EVENTS_BURST,
@@ -698,7 +718,6 @@ impl Broker {
             sink,
             disk,
             replies,
-            layered: snapshots.is_some(),
         })
     }
 }

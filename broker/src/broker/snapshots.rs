@@ -18,13 +18,24 @@
 //!   uses the workspace; pre-started ones are discarded. Creates serve the
 //!   chain under the agent's lock, so none is built on a chain that is
 //!   changing.
-//! - **The workspace's chain survives.** `state_dir/snapshots/AGENT.json`
-//!   holds the frozen layers under the agent's workspace, so every later
-//!   sandbox of the agent (and a restarted broker) serves the same files.
-//!   Frozen layers no snapshot and no chain needs are deleted.
+//! - **The agent's books survive.** `state_dir/snapshots/AGENT.json` holds
+//!   the frozen layers under the agent's workspace (so every later sandbox
+//!   of the agent, and a restarted broker, serve the same files) and the
+//!   agent's snapshots, which outlive their sandbox: a snapshot's frozen
+//!   copy-on-write layer moves at once (one rename) to
+//!   `state_dir/snapshots/AGENT/upper/BASE/`, `BASE` being the host uid
+//!   base its files are owned in; its workspace layer lies in the
+//!   workspace's `.airlock/layers`. Frozen layers no snapshot and no chain
+//!   needs are deleted. Only the agent's callers see or use them.
+//! - **Forks.** `create --from-snapshot ID:NAME` serves that snapshot's
+//!   layers under an empty copy-on-write layer and an empty workspace
+//!   branch of its own (`.airlock/branches/ID` in the agent's workspace),
+//!   in O(1). Its files keep their owners: the frozen layers of another
+//!   uid range are attached through an idmap onto the fork's.
 
-use std::collections::HashSet;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -37,7 +48,7 @@ use crate::audit::AuditEvent;
 use crate::authz::Principal;
 use crate::broker::BrokerError;
 use crate::fs_server::{FsCommand, FsRole};
-use crate::sandbox::{Sandbox, SnapshotRecord};
+use crate::sandbox::Sandbox;
 use crate::spec::SandboxId;
 use crate::util::lock_or_recover;
 
@@ -48,16 +59,52 @@ const FS_ANSWER_WAIT: Duration = Duration::from_secs(60);
 /// walk through).
 pub(crate) const MAX_SNAPSHOTS: usize = 64;
 
-/// What the broker keeps of an agent's workspace across restarts.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct AgentLayers {
+/// What the broker keeps of an agent's layers across restarts.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub(super) struct AgentLayers {
     /// The frozen layers under the agent's workspace, bottom first.
-    workspace: Vec<String>,
+    pub(super) workspace: Vec<String>,
+    /// A workspace layer a snapshot was making when this was written: it
+    /// is part of the chain if it exists (the freeze got under way).
+    #[serde(default)]
+    pending: Option<String>,
+    /// The agent's snapshots, oldest first.
+    #[serde(default)]
+    pub(super) snapshots: Vec<StoredSnapshot>,
+    /// The host uid base each frozen copy-on-write layer's files are
+    /// owned in (that of the sandbox that froze it).
+    #[serde(default)]
+    pub(super) upper_bases: BTreeMap<String, u32>,
+}
+
+/// One snapshot, as kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct StoredSnapshot {
+    /// The sandbox it was taken of.
+    pub(super) sandbox: String,
+    /// Its name, unique per sandbox.
+    pub(super) name: String,
+    /// When, unix ms.
+    pub(super) created_ms: i64,
+    /// The frozen layers a restore or fork serves.
+    pub(super) chain: airlock_fs::LayerChain,
+}
+
+/// How a new sandbox serves frozen layers.
+#[derive(Debug, Default)]
+pub(super) struct LayersPlan {
+    /// The chain to serve; `None`: no snapshots (a caller's workspace).
+    pub(super) chain: Option<airlock_fs::LayerChain>,
+    /// Host directories of frozen copy-on-write layers by the uid base
+    /// their files are owned in.
+    pub(super) frozen_upper: Vec<(u32, PathBuf)>,
+    /// The host directory of the workspace's frozen layers, for a fork.
+    pub(super) frozen_workspace: Option<PathBuf>,
 }
 
 impl Broker {
     /// The lock that orders creates (readers) against snapshot work
-    /// (writers) on `agent`'s workspace.
+    /// (writers) on `agent`'s workspace and books.
     pub(super) fn workspace_lock(&self, agent: &str) -> Arc<RwLock<()>> {
         Arc::clone(
             lock_or_recover(&self.workspace_locks)
@@ -73,11 +120,18 @@ impl Broker {
             .join(format!("{agent}.json"))
     }
 
-    fn agent_layers(&self, agent: &str) -> AgentLayers {
-        std::fs::read(self.agent_layers_file(agent))
+    /// The agent's books (empty when it has none).
+    pub(super) fn agent_layers(&self, agent: &str) -> AgentLayers {
+        let mut l: AgentLayers = std::fs::read(self.agent_layers_file(agent))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(p) = l.pending.take()
+            && self.workspace_layers_dir(agent).join(&p).is_dir()
+        {
+            l.workspace.push(p);
+        }
+        l
     }
 
     fn save_agent_layers(&self, agent: &str, layers: &AgentLayers) -> Result<(), BrokerError> {
@@ -90,18 +144,119 @@ impl Broker {
             .map_err(|e| BrokerError::Internal(format!("write {}: {e}", path.display())))
     }
 
-    /// The frozen layers a new sandbox of `agent` serves: `Some` when its
-    /// workspace is the agent's own (snapshots on), `None` otherwise.
+    /// Where the agent's frozen workspace layers lie.
+    fn workspace_layers_dir(&self, agent: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("workspaces")
+            .join(agent)
+            .join(".airlock/layers")
+    }
+
+    /// Where the agent's frozen copy-on-write layers of uid base `base`
+    /// lie.
+    fn upper_store(&self, agent: &str, base: u32) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("snapshots")
+            .join(agent)
+            .join("upper")
+            .join(base.to_string())
+    }
+
+    /// Where a fork's workspace branch lies.
+    pub(super) fn branch_dir(&self, agent: &str, id: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("workspaces")
+            .join(agent)
+            .join(".airlock/branches")
+            .join(id)
+    }
+
+    /// Makes a fork's workspace branch for sandbox `id`, owned like the
+    /// agent's workspace `ws`.
+    pub(super) fn make_branch(
+        &self,
+        agent: &str,
+        id: &str,
+        ws: &HostDir,
+    ) -> Result<HostDir, BrokerError> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.branch_dir(agent, id);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| BrokerError::Internal(format!("create {}: {e}", dir.display())))?;
+        let md = std::fs::metadata(&ws.path)
+            .map_err(|e| BrokerError::Internal(format!("stat {}: {e}", ws.path.display())))?;
+        std::os::unix::fs::chown(&dir, Some(md.uid()), Some(md.gid()))
+            .map_err(|e| BrokerError::Internal(format!("chown {}: {e}", dir.display())))?;
+        let (path, fd) = super::host_dirs::open_host_dir(&dir)
+            .map_err(|e| BrokerError::Internal(format!("open {}: {e}", dir.display())))?;
+        Ok(HostDir {
+            path,
+            fd: Arc::new(fd),
+        })
+    }
+
+    /// The frozen layers a new sandbox of `agent` serves: its workspace's
+    /// chain when the workspace is the agent's own, the snapshot's for a
+    /// fork, none for a caller's workspace.
     pub(super) fn layers_for(
         &self,
         agent: &str,
         workspace: &HostDir,
-    ) -> Option<airlock_fs::LayerChain> {
+        fork: Option<&StoredSnapshot>,
+    ) -> LayersPlan {
+        let books = self.agent_layers(agent);
+        if let Some(snap) = fork {
+            let mut bases: Vec<u32> = snap
+                .chain
+                .upper
+                .iter()
+                .filter_map(|l| books.upper_bases.get(l).copied())
+                .collect();
+            bases.sort_unstable();
+            bases.dedup();
+            return LayersPlan {
+                chain: Some(snap.chain.clone()),
+                frozen_upper: bases
+                    .into_iter()
+                    .map(|b| (b, self.upper_store(agent, b)))
+                    .collect(),
+                frozen_workspace: Some(self.workspace_layers_dir(agent)),
+            };
+        }
         let own = self.cfg.state_dir.join("workspaces").join(agent);
-        (workspace.path == own).then(|| airlock_fs::LayerChain {
-            upper: Vec::new(),
-            workspace: self.agent_layers(agent).workspace,
-        })
+        if workspace.path != own {
+            return LayersPlan::default();
+        }
+        LayersPlan {
+            chain: Some(airlock_fs::LayerChain {
+                upper: Vec::new(),
+                workspace: books.workspace,
+            }),
+            ..LayersPlan::default()
+        }
+    }
+
+    /// The snapshot `name` of sandbox `id` among `agent`'s.
+    pub(super) fn stored_snapshot(
+        &self,
+        agent: &str,
+        id: &str,
+        name: &str,
+    ) -> Result<StoredSnapshot, BrokerError> {
+        self.agent_layers(agent)
+            .snapshots
+            .into_iter()
+            .find(|s| s.sandbox == id && s.name == name)
+            .ok_or_else(|| BrokerError::NoSuchSnapshot {
+                id: id.to_string(),
+                name: name.chars().take(80).collect(),
+            })
     }
 
     /// Sends `make(id)` to the sandbox's filesystem server and waits for
@@ -143,9 +298,10 @@ impl Broker {
         }
     }
 
-    /// Refuses unless `sb` takes snapshots, nothing runs in it and no other
-    /// sandbox uses its workspace; discards the agent's pre-started
-    /// sandboxes (they serve the chain about to change).
+    /// Refuses unless `sb` takes snapshots, nothing runs in it and (for
+    /// the agent's workspace itself, not a fork's branch) no other sandbox
+    /// serves its workspace; discards the agent's pre-started sandboxes
+    /// (they serve the chain about to change).
     fn require_quiet(&self, sb: &Arc<Sandbox>) -> Result<(), BrokerError> {
         if !sb.is_running() {
             return Err(BrokerError::NotRunning(sb.id.to_string()));
@@ -167,9 +323,14 @@ impl Broker {
                 sb.id
             )));
         }
+        if sb.branch {
+            return Ok(());
+        }
         let others: Vec<String> = lock_or_recover(&self.sandboxes)
             .values()
-            .filter(|o| o.id != sb.id && o.agent == sb.agent && o.layered && o.is_running())
+            .filter(|o| {
+                o.id != sb.id && o.agent == sb.agent && o.layered && !o.branch && o.is_running()
+            })
             .map(|o| o.id.to_string())
             .collect();
         if !others.is_empty() {
@@ -215,8 +376,13 @@ impl Broker {
             .layer_gate
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut books = self.agent_layers(&sb.agent);
         let name = {
-            let taken = lock_or_recover(&sb.snapshots);
+            let taken: Vec<&StoredSnapshot> = books
+                .snapshots
+                .iter()
+                .filter(|s| s.sandbox == id.as_str())
+                .collect();
             if taken.len() >= MAX_SNAPSHOTS {
                 return Err(BrokerError::BadRequest(format!(
                     "sandbox {id} has {MAX_SNAPSHOTS} snapshots, the most: remove one first"
@@ -242,8 +408,8 @@ impl Broker {
             name
         };
         self.require_quiet(&sb)?;
-        // Layer names are unique across the agent's workspace: sandbox id
-        // and a counter.
+        // Layer names are unique across the agent: sandbox id, time and a
+        // counter.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let layer = format!(
             "{}-{}-{}",
@@ -251,22 +417,33 @@ impl Broker {
             crate::util::now_ms(),
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         );
+        // Written first: a broker killed during the freeze finds the new
+        // workspace layer (whole or in part) and serves it.
+        if !sb.branch {
+            books.pending = Some(layer.clone());
+            self.save_agent_layers(&sb.agent, &books)?;
+            books.pending = None;
+        }
         let chain = self.fs_command(&sb, |rid| FsCommand::Freeze {
             id: rid,
             layer: layer.clone(),
         })?;
-        self.save_agent_layers(
-            &sb.agent,
-            &AgentLayers {
-                workspace: chain.workspace.clone(),
-            },
-        )?;
-        let rec = SnapshotRecord {
+        *lock_or_recover(&sb.serves) = chain.clone();
+        // The frozen layers go where the agent keeps them (the server
+        // keeps them open, so it never notices).
+        self.store_layers(&sb, &layer)?;
+        if !sb.branch {
+            books.workspace = chain.workspace.clone();
+        }
+        books.upper_bases.insert(layer.clone(), sb.host_uid_base);
+        let rec = StoredSnapshot {
+            sandbox: id.to_string(),
             name: name.clone(),
             created_ms: crate::util::now_ms(),
             chain,
         };
-        lock_or_recover(&sb.snapshots).push(rec.clone());
+        books.snapshots.push(rec.clone());
+        self.save_agent_layers(&sb.agent, &books)?;
         self.audit.event(
             Some(id.as_str()),
             Some(&sb.agent),
@@ -277,10 +454,51 @@ impl Broker {
                 layer,
             },
         );
-        Ok(self.snapshot_info(&sb, &rec))
+        Ok(self.snapshot_info(&sb.agent, &books, &rec))
     }
 
-    /// The snapshots of sandbox `id`, oldest first.
+    /// Moves the layers a freeze just made out of the sandbox's own trees
+    /// into the agent's stores.
+    fn store_layers(&self, sb: &Sandbox, layer: &str) -> Result<(), BrokerError> {
+        let mv = |from: PathBuf, to_dir: PathBuf, owner: Option<u32>| -> Result<(), BrokerError> {
+            if !from.is_dir() {
+                return Ok(());
+            }
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&to_dir)
+                .map_err(|e| BrokerError::Internal(format!("create {}: {e}", to_dir.display())))?;
+            if let Some(o) = owner {
+                std::os::unix::fs::chown(&to_dir, Some(o), Some(o)).map_err(|e| {
+                    BrokerError::Internal(format!("chown {}: {e}", to_dir.display()))
+                })?;
+            }
+            std::fs::rename(&from, to_dir.join(layer))
+                .map_err(|e| BrokerError::Internal(format!("move {}: {e}", from.display())))
+        };
+        mv(
+            self.cfg
+                .state_dir
+                .join("layers")
+                .join(sb.id.as_str())
+                .join("upper/.airlock/layers")
+                .join(layer),
+            self.upper_store(&sb.agent, sb.host_uid_base),
+            Some(sb.host_uid_base),
+        )?;
+        if sb.branch {
+            mv(
+                sb.workspace.join(".airlock/layers").join(layer),
+                self.workspace_layers_dir(&sb.agent),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The snapshots of sandbox `id` (live, or gone: they are its
+    /// agent's), oldest first.
     ///
     /// # Errors
     /// When there is no such sandbox of the caller's.
@@ -289,9 +507,39 @@ impl Broker {
         p: &Principal,
         id: &SandboxId,
     ) -> Result<Vec<SnapshotInfo>, BrokerError> {
-        let sb = self.get(p, id)?;
-        let recs = lock_or_recover(&sb.snapshots).clone();
-        Ok(recs.iter().map(|r| self.snapshot_info(&sb, r)).collect())
+        let agent = self.snapshot_agent(p, id)?;
+        let books = self.agent_layers(&agent);
+        let list: Vec<SnapshotInfo> = books
+            .snapshots
+            .iter()
+            .filter(|s| s.sandbox == id.as_str())
+            .map(|r| self.snapshot_info(&agent, &books, r))
+            .collect();
+        Ok(list)
+    }
+
+    /// The agent whose books hold sandbox `id`'s snapshots: a live
+    /// sandbox's, else the caller's own.
+    fn snapshot_agent(&self, p: &Principal, id: &SandboxId) -> Result<String, BrokerError> {
+        match self.get(p, id) {
+            Ok(sb) => Ok(sb.agent.clone()),
+            Err(BrokerError::NotFound(_)) => {
+                let agent = p
+                    .resolve_agent(&self.cfg, None)
+                    .map_err(BrokerError::from)?;
+                let known = self
+                    .agent_layers(&agent)
+                    .snapshots
+                    .iter()
+                    .any(|s| s.sandbox == id.as_str());
+                if known {
+                    Ok(agent)
+                } else {
+                    Err(BrokerError::NotFound(id.to_string()))
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Brings sandbox `id`'s copy-on-write layer and workspace back to
@@ -314,19 +562,27 @@ impl Broker {
             .layer_gate
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let rec = self.record(&sb, name)?;
+        let mut books = self.agent_layers(&sb.agent);
+        let rec = books
+            .snapshots
+            .iter()
+            .find(|s| s.sandbox == id.as_str() && s.name == name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NoSuchSnapshot {
+                id: id.to_string(),
+                name: name.chars().take(80).collect(),
+            })?;
         self.require_quiet(&sb)?;
         let chain = rec.chain.clone();
         self.fs_command(&sb, |rid| FsCommand::Restore {
             id: rid,
             chain: chain.clone(),
         })?;
-        self.save_agent_layers(
-            &sb.agent,
-            &AgentLayers {
-                workspace: rec.chain.workspace.clone(),
-            },
-        )?;
+        *lock_or_recover(&sb.serves) = rec.chain.clone();
+        if !sb.branch {
+            books.workspace = rec.chain.workspace.clone();
+            self.save_agent_layers(&sb.agent, &books)?;
+        }
         self.audit.event(
             Some(id.as_str()),
             Some(&sb.agent),
@@ -337,76 +593,88 @@ impl Broker {
                 layer: rec.chain.workspace.last().cloned().unwrap_or_default(),
             },
         );
-        Ok(self.snapshot_info(&sb, &rec))
+        Ok(self.snapshot_info(&sb.agent, &books, &rec))
     }
 
-    /// Removes snapshot `name` of sandbox `id`, and the frozen layers
-    /// nothing else needs.
+    /// Removes snapshot `name` of sandbox `id` (live or gone), and the
+    /// frozen layers nothing else needs.
     ///
     /// # Errors
-    /// [`BrokerError::NoSuchSnapshot`]; as [`Broker::snapshot`] while the
-    /// sandbox's filesystem server cannot be reached.
+    /// [`BrokerError::NoSuchSnapshot`]; as [`Broker::snapshot`] while a
+    /// live sandbox's filesystem server cannot be reached.
     pub fn remove_snapshot(
         &self,
         p: &Principal,
         id: &SandboxId,
         name: &str,
     ) -> Result<(), BrokerError> {
-        let sb = self.get(p, id)?;
-        let lock = self.workspace_lock(&sb.agent);
+        let agent = self.snapshot_agent(p, id)?;
+        let lock = self.workspace_lock(&agent);
         let _ws = lock
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let rec = self.record(&sb, name)?;
-        let remaining: Vec<SnapshotRecord> = lock_or_recover(&sb.snapshots)
+        let mut books = self.agent_layers(&agent);
+        let Some(at) = books
+            .snapshots
             .iter()
-            .filter(|r| r.name != name)
-            .cloned()
-            .collect();
-        // Layers still needed: the chain served now and every other
-        // snapshot's.
-        let served = self.agent_layers(&sb.agent).workspace;
-        let mut keep_ws: HashSet<String> = served.into_iter().collect();
-        let mut keep_upper: HashSet<String> = HashSet::new();
-        for r in &remaining {
-            keep_ws.extend(r.chain.workspace.iter().cloned());
-            keep_upper.extend(r.chain.upper.iter().cloned());
-        }
-        let mut current = airlock_fs::LayerChain::default();
-        if sb.is_running() {
-            current = self.fs_command(&sb, |rid| FsCommand::Remove {
+            .position(|s| s.sandbox == id.as_str() && s.name == name)
+        else {
+            return Err(BrokerError::NoSuchSnapshot {
+                id: id.to_string(),
+                name: name.chars().take(80).collect(),
+            });
+        };
+        let rec = books.snapshots.remove(at);
+        let live = self.get(p, id).ok().filter(|s| s.is_running());
+        // What still needs a layer: the agent's workspace, every other
+        // snapshot, and what each live sandbox of the agent serves.
+        let mut keep = self.layers_in_use(&agent, &books);
+        if let Some(sb) = &live {
+            let served = self.fs_command(sb, |rid| FsCommand::Remove {
                 id: rid,
                 layers: airlock_fs::LayerChain::default(),
             })?;
+            keep.extend(served.upper);
+            keep.extend(served.workspace);
         }
-        keep_upper.extend(current.upper.iter().cloned());
-        keep_ws.extend(current.workspace.iter().cloned());
         let drop = airlock_fs::LayerChain {
             upper: rec
                 .chain
                 .upper
                 .iter()
-                .filter(|l| !keep_upper.contains(*l))
+                .filter(|l| !keep.contains(*l))
                 .cloned()
                 .collect(),
             workspace: rec
                 .chain
                 .workspace
                 .iter()
-                .filter(|l| !keep_ws.contains(*l))
+                .filter(|l| !keep.contains(*l))
                 .cloned()
                 .collect(),
         };
-        if sb.is_running() && (!drop.upper.is_empty() || !drop.workspace.is_empty()) {
-            self.fs_command(&sb, |rid| FsCommand::Remove {
+        // The sandbox's own server empties what it holds (its quota is
+        // refunded); the broker removes the rest.
+        if let Some(sb) = &live
+            && (!drop.upper.is_empty() || !drop.workspace.is_empty())
+        {
+            self.fs_command(sb, |rid| FsCommand::Remove {
                 id: rid,
                 layers: drop.clone(),
             })?;
         }
-        *lock_or_recover(&sb.snapshots) = remaining;
+        for l in &drop.upper {
+            if let Some(base) = books.upper_bases.remove(l) {
+                let _ = crate::tree::remove_tree(&self.upper_store(&agent, base).join(l));
+            }
+        }
+        for l in &drop.workspace {
+            let _ = crate::tree::remove_tree(&self.workspace_layers_dir(&agent).join(l));
+        }
+        self.save_agent_layers(&agent, &books)?;
         self.audit.event(
             Some(id.as_str()),
-            Some(&sb.agent),
+            Some(&agent),
             AuditEvent::Snapshot {
                 caller: (p.uid, p.pid),
                 action: "snapshot_removed",
@@ -417,19 +685,36 @@ impl Broker {
         Ok(())
     }
 
-    /// Deletes the frozen workspace layers of `agent` that neither its
-    /// workspace's chain nor a snapshot of a live sandbox needs, and what
-    /// restores set aside, once no sandbox of the agent serves the
-    /// workspace. Runs after a sandbox of the agent is destroyed.
+    /// Layers the agent's books and its live forks need.
+    fn layers_in_use(&self, agent: &str, books: &AgentLayers) -> HashSet<String> {
+        let mut keep: HashSet<String> = books.workspace.iter().cloned().collect();
+        for s in &books.snapshots {
+            keep.extend(s.chain.upper.iter().cloned());
+            keep.extend(s.chain.workspace.iter().cloned());
+        }
+        for sb in lock_or_recover(&self.sandboxes).values() {
+            if sb.agent == agent && sb.is_running() {
+                let c = lock_or_recover(&sb.serves).clone();
+                keep.extend(c.upper);
+                keep.extend(c.workspace);
+            }
+        }
+        keep
+    }
+
+    /// Deletes the frozen layers of `agent` that nothing needs, forks'
+    /// branches whose sandbox is gone, and what restores set aside, once
+    /// no sandbox of the agent serves its workspace. Runs after a sandbox
+    /// of the agent is destroyed.
     pub(super) fn collect_layers(&self, agent: &str) {
         let lock = self.workspace_lock(agent);
         let _ws = lock
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let live: Vec<Arc<Sandbox>> = lock_or_recover(&self.sandboxes)
+        let live: HashSet<String> = lock_or_recover(&self.sandboxes)
             .values()
             .filter(|s| s.agent == agent && s.layered && s.is_running())
-            .cloned()
+            .map(|s| s.id.to_string())
             .collect();
         let pooled = lock_or_recover(&self.pool)
             .iter()
@@ -437,53 +722,55 @@ impl Broker {
         if !live.is_empty() || pooled {
             return;
         }
-        // No sandbox is left to restore a snapshot: only the chain the
-        // workspace serves is needed.
-        let keep: HashSet<String> = self.agent_layers(agent).workspace.into_iter().collect();
+        let books = self.agent_layers(agent);
+        let keep = self.layers_in_use(agent, &books);
         let area = self
             .cfg
             .state_dir
             .join("workspaces")
             .join(agent)
             .join(".airlock");
-        if let Ok(entries) = std::fs::read_dir(area.join("layers")) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if !keep.contains(&n) {
-                    let _ = crate::tree::remove_tree(&e.path());
+        let sweep = |dir: &Path, keep: &dyn Fn(&str) -> bool| {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if !keep(&n) {
+                        let _ = crate::tree::remove_tree(&e.path());
+                    }
                 }
             }
-        }
+        };
+        sweep(&area.join("layers"), &|n| keep.contains(n));
+        sweep(&area.join("branches"), &|n| live.contains(n));
         let _ = crate::tree::remove_tree(&area.join("trash"));
-    }
-
-    fn record(&self, sb: &Sandbox, name: &str) -> Result<SnapshotRecord, BrokerError> {
-        lock_or_recover(&sb.snapshots)
-            .iter()
-            .find(|r| r.name == name)
-            .cloned()
-            .ok_or_else(|| BrokerError::NoSuchSnapshot {
-                id: sb.id.to_string(),
-                name: name.chars().take(80).collect(),
-            })
+        let stores = self
+            .cfg
+            .state_dir
+            .join("snapshots")
+            .join(agent)
+            .join("upper");
+        if let Ok(bases) = std::fs::read_dir(&stores) {
+            for b in bases.flatten() {
+                sweep(&b.path(), &|n| keep.contains(n));
+            }
+        }
     }
 
     /// A snapshot as the API shows it, with the bytes its own layers hold.
-    fn snapshot_info(&self, sb: &Sandbox, rec: &SnapshotRecord) -> SnapshotInfo {
+    fn snapshot_info(
+        &self,
+        agent: &str,
+        books: &AgentLayers,
+        rec: &StoredSnapshot,
+    ) -> SnapshotInfo {
         let mut bytes = 0;
-        if let Some(l) = rec.chain.upper.last() {
-            bytes += crate::tree::du(
-                &self
-                    .cfg
-                    .state_dir
-                    .join("layers")
-                    .join(sb.id.as_str())
-                    .join("upper/.airlock/layers")
-                    .join(l),
-            );
+        if let Some(l) = rec.chain.upper.last()
+            && let Some(base) = books.upper_bases.get(l)
+        {
+            bytes += crate::tree::du(&self.upper_store(agent, *base).join(l));
         }
         if let Some(l) = rec.chain.workspace.last() {
-            bytes += crate::tree::du(&sb.workspace.join(".airlock/layers").join(l));
+            bytes += crate::tree::du(&self.workspace_layers_dir(agent).join(l));
         }
         SnapshotInfo {
             name: rec.name.clone(),

@@ -91,15 +91,20 @@ fn snapshots_need_an_idle_sandbox_and_its_agents_own_workspace() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = env.remote(&["snapshot", &id]);
-        assert!(!out.status.success(), "a snapshot while a command runs");
-        if text(&out.stderr).contains("need it idle") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{}", text(&out.stderr));
-        std::thread::sleep(Duration::from_millis(50));
+    while serde_json::from_str::<serde_json::Value>(&ok(&env.remote(&["--json", "inspect", &id])))
+        .unwrap()["execs_running"]
+        != 1
+    {
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let out = env.remote(&["snapshot", &id]);
+    assert!(!out.status.success(), "a snapshot while a command runs");
+    assert!(
+        text(&out.stderr).contains("need it idle"),
+        "{}",
+        text(&out.stderr)
+    );
     // The caller hangs up: the command ends, and the sandbox is idle.
     running.kill().unwrap();
     running.wait().unwrap();
@@ -171,5 +176,79 @@ fn the_workspace_keeps_its_layers_for_the_agents_next_sandbox() {
     assert_eq!(
         sh(&env, &again, "ls -A /workspace | sort | tr '\\n' ' '"),
         "a c "
+    );
+}
+
+fn airlock_as(uid: u32, env: &Env) -> std::process::Command {
+    let mut c = std::process::Command::new("setpriv");
+    let id = uid.to_string();
+    c.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--socket")
+        .arg(&env.socket)
+        .env_clear();
+    c
+}
+
+#[test]
+fn forks_start_from_a_snapshot_outlive_restarts_and_stay_the_agents() {
+    let env = Env::with_extra("pool_size = 0\n[[agents]]\nname = \"alice\"\nuids = [4001]\n");
+    let mut b = env.start_brokerd();
+    let id = create(&env, &[])["id"].as_str().unwrap().to_string();
+    sh(
+        &env,
+        &id,
+        "echo one > /workspace/a && echo secret > /opt/x && chown 1000:1000 /opt/x && chmod 600 /opt/x",
+    );
+    ok(&env.remote(&["snapshot", &id, "--name", "base"]));
+    sh(&env, &id, "echo two > /workspace/a");
+    let from = format!("{id}:base");
+    let fork = create(&env, &["--from-snapshot", &from])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let probe = "cat /workspace/a; stat -c '%u %g %a' /opt/x; cat /opt/x";
+    assert_eq!(sh(&env, &fork, probe), "one\n1000 1000 600\nsecret\n");
+    // The fork's changes are its own, and the origin's are the origin's.
+    sh(
+        &env,
+        &fork,
+        "echo forked > /workspace/a && echo mine > /workspace/b",
+    );
+    assert_eq!(sh(&env, &id, "cat /workspace/a; ls /workspace"), "two\na\n");
+    assert_eq!(sh(&env, &fork, "cat /workspace/a"), "forked\n");
+    // Another agent neither sees nor forks them.
+    let out = airlock_as(4001, &env)
+        .args(["snapshots", &id])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let out = airlock_as(4001, &env)
+        .args(["create", "--from-snapshot", &from])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no snapshot named \"base\""),
+        "{}",
+        text(&out.stderr)
+    );
+    // They outlive their sandbox and the broker.
+    ok(&env.remote(&["rm", &id, &fork]));
+    b.stop();
+    let _b = env.start_brokerd();
+    assert!(ok(&env.remote(&["snapshots", &id])).contains("base "));
+    let again = create(&env, &["--from-snapshot", &from])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(sh(&env, &again, probe), "one\n1000 1000 600\nsecret\n");
+    ok(&env.remote(&["rm", &again]));
+    ok(&env.remote(&["snapshot", "rm", &id, "base"]));
+    let out = env.remote(&["create", "--from-snapshot", &from]);
+    assert!(
+        text(&out.stderr).contains("no snapshot named \"base\""),
+        "{}",
+        text(&out.stderr)
     );
 }
