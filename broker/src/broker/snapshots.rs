@@ -702,10 +702,12 @@ impl Broker {
         keep
     }
 
-    /// Deletes the frozen layers of `agent` that nothing needs, forks'
-    /// branches whose sandbox is gone, and what restores set aside, once
-    /// no sandbox of the agent serves its workspace. Runs after a sandbox
-    /// of the agent is destroyed.
+    /// Deletes the frozen layers of `agent` that nothing needs (no
+    /// snapshot, not the workspace's chain, nothing a live sandbox serves:
+    /// pre-started ones serve the chain), forks' branches whose sandbox is
+    /// gone, and, once no sandbox of the agent runs, what restores set
+    /// aside. Runs after a sandbox of the agent is destroyed, under the
+    /// agent's lock, so no create or snapshot is under way.
     pub(super) fn collect_layers(&self, agent: &str) {
         let lock = self.workspace_lock(agent);
         let _ws = lock
@@ -716,12 +718,6 @@ impl Broker {
             .filter(|s| s.agent == agent && s.layered && s.is_running())
             .map(|s| s.id.to_string())
             .collect();
-        let pooled = lock_or_recover(&self.pool)
-            .iter()
-            .any(|(k, v)| k.0 == agent && !v.is_empty());
-        if !live.is_empty() || pooled {
-            return;
-        }
         let books = self.agent_layers(agent);
         let keep = self.layers_in_use(agent, &books);
         let area = self
@@ -742,7 +738,9 @@ impl Broker {
         };
         sweep(&area.join("layers"), &|n| keep.contains(n));
         sweep(&area.join("branches"), &|n| live.contains(n));
-        let _ = crate::tree::remove_tree(&area.join("trash"));
+        if live.is_empty() {
+            let _ = crate::tree::remove_tree(&area.join("trash"));
+        }
         let stores = self
             .cfg
             .state_dir
