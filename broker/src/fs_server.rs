@@ -526,25 +526,28 @@ fn private_root(
             false,
         ),
     ];
+    // Frozen layers lie in trees sandboxes shaped: reached without
+    // following a symlink on the way.
+    let nofollow = |what: &str, dir: &std::path::Path| {
+        crate::tree::open_dir_nofollow(dir).map_err(|err| format!("open {what}: {err}"))
+    };
     for ((base, dir), userns) in frozen.upper.iter().zip(&idmaps.origins) {
         let what = format!("the frozen layers of uid base {base}");
+        let fd = nofollow(&what, dir)?;
         trees.push((
             format!("{FROZEN_AT}/{base}"),
-            idmapped(
-                &what,
-                tree(&what, open_tree(cwd, dir.as_path(), clone))?,
-                userns,
-            )?,
+            idmapped(&what, tree(&what, open_tree(&fd, "", by_fd))?, userns)?,
             false,
         ));
     }
     if let Some(dir) = frozen.workspace {
         let what = "the agent's frozen workspace layers";
+        let fd = nofollow(what, dir)?;
         trees.push((
             FROZEN_WS_AT.into(),
             idmapped(
                 what,
-                tree(what, open_tree(cwd, dir, clone))?,
+                tree(what, open_tree(&fd, "", by_fd))?,
                 &idmaps.workspace,
             )?,
             false,

@@ -34,15 +34,22 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 /// under it).
 pub fn remove_tree(path: &Path) -> std::io::Result<()> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let top = match nix::fcntl::open(path, flags, Mode::empty()) {
+    // The path's directories are resolved without following a symlink: a
+    // tree a sandbox shaped never redirects a removal elsewhere.
+    let (Some(parent), Some(last)) = (path.parent(), path.file_name()) else {
+        return Err(Errno::EINVAL.into());
+    };
+    let parent = match open_dir_nofollow(parent) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let top = match openat(&parent, last, flags, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) => return Ok(()),
         // Not a directory (or a symlink): remove the entry itself.
         Err(Errno::ENOTDIR | Errno::ELOOP) => {
-            return match std::fs::remove_file(path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                other => other,
-            };
+            return ignore_gone(unlinkat(&parent, last, UnlinkatFlags::NoRemoveDir));
         }
         Err(e) => return Err(e.into()),
     };
@@ -79,10 +86,20 @@ pub fn remove_tree(path: &Path) -> std::io::Result<()> {
         }
     }
     drop(top);
-    match std::fs::remove_dir(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
+    ignore_gone(unlinkat(&parent, last, UnlinkatFlags::RemoveDir))
+}
+
+/// Opens directory `path` (`O_PATH`) without following a symlink in any
+/// of its components.
+///
+/// # Errors
+/// ELOOP for a symlink on the way, and the open's other errors.
+pub fn open_dir_nofollow(path: &Path) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    Ok(openat2(nix::fcntl::AT_FDCWD, path, how)?)
 }
 
 /// The bytes allocated under `path` (itself included), never following a
@@ -90,6 +107,9 @@ pub fn remove_tree(path: &Path) -> std::io::Result<()> {
 /// be read count nothing.
 pub fn du(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
+    if open_dir_nofollow(path).is_err() {
+        return 0;
+    }
     let Ok(top) = std::fs::symlink_metadata(path) else {
         return 0;
     };
@@ -191,6 +211,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn a_symlink_on_the_way_redirects_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("real");
+        std::fs::create_dir_all(real.join("x")).unwrap();
+        std::fs::write(real.join("x/file"), b"keep").unwrap();
+        std::os::unix::fs::symlink(&real, t.path().join("link")).unwrap();
+        assert!(remove_tree(&t.path().join("link/x")).is_err());
+        assert_eq!(du(&t.path().join("link/x")), 0);
+        assert!(open_dir_nofollow(&t.path().join("link")).is_err());
+        assert_eq!(std::fs::read(real.join("x/file")).unwrap(), b"keep");
+        // The link itself, named last, is removed as an entry.
+        remove_tree(&t.path().join("link")).unwrap();
+        assert!(real.join("x/file").exists());
+    }
 
     #[test]
     fn removes_deep_wide_and_odd_trees_with_few_descriptors() {

@@ -620,6 +620,24 @@ impl AirlockFs {
         Ok(cur)
     }
 
+    /// Refuses (audited) making an entry named [`crate::layers::LAYERS_DIR`]
+    /// at the root of the sandbox or of its workspace: only this server
+    /// makes it, as a real directory, for snapshot layers.
+    fn refuse_reserved(&self, op: &str, loc: &Loc) -> OpResult<()> {
+        let (comps, path) = match loc {
+            Loc::Merged(c) => (c, sandbox_path(c)),
+            Loc::Ws(r) if self.layered => (r, ws_path(r)),
+            Loc::Ws(_) => return Ok(()),
+        };
+        if let Some((name, dir)) = comps.split_last()
+            && is_reserved(dir, name)
+        {
+            self.deny(op, path, RESERVED_REASON);
+            return Err(OpError::Perm);
+        }
+        Ok(())
+    }
+
     fn ws_stack(&self) -> Option<Arc<Store>> {
         match self.ws_stack.read() {
             Ok(s) => s.clone(),
@@ -2175,6 +2193,7 @@ impl AirlockFs {
         }
         let from = self.child_loc(parent, &name)?;
         let to = self.child_loc(new_parent, &new_name)?;
+        self.refuse_reserved("rename", &to)?;
         match (&from, &to) {
             (Loc::Ws(a), Loc::Ws(b)) => {
                 if a.is_empty() || b.is_empty() {
@@ -2322,6 +2341,7 @@ impl AirlockFs {
         let new_name = Name::new(new_name)?;
         let from = self.loc(ino)?;
         let to = self.child_loc(new_parent, &new_name)?;
+        self.refuse_reserved("link", &to)?;
         match (&from, &to) {
             (Loc::Ws(a), Loc::Ws(b)) => {
                 let (an, ad) = a.split_last().ok_or(OpError::Perm)?;

@@ -34,7 +34,7 @@
 //!   uid range are attached through an idmap onto the fork's.
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -100,6 +100,39 @@ pub(super) struct LayersPlan {
     pub(super) frozen_upper: Vec<(u32, PathBuf)>,
     /// The host directory of the workspace's frozen layers, for a fork.
     pub(super) frozen_workspace: Option<PathBuf>,
+}
+
+/// `base/rel...`, each missing directory made (mode 0700, the last one
+/// given to `owner`), none followed if a symlink; the last one opened.
+fn mkdirs_nofollow(base: &Path, rel: &[&str], owner: Option<u32>) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    let mut cur = crate::tree::open_dir_nofollow(base)?;
+    for (i, c) in rel.iter().enumerate() {
+        let mode = nix::sys::stat::Mode::from_bits_truncate(0o700);
+        let made = match nix::sys::stat::mkdirat(&cur, *c, mode) {
+            Ok(()) => true,
+            Err(nix::errno::Errno::EEXIST) => false,
+            Err(e) => return Err(e.into()),
+        };
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_BENEATH);
+        let next = openat2(&cur, *c, how)?;
+        if made
+            && i + 1 == rel.len()
+            && let Some(o) = owner
+        {
+            nix::unistd::fchownat(
+                &next,
+                "",
+                Some(nix::unistd::Uid::from_raw(o)),
+                Some(nix::unistd::Gid::from_raw(o)),
+                nix::fcntl::AtFlags::AT_EMPTY_PATH,
+            )?;
+        }
+        cur = next;
+    }
+    Ok(cur)
 }
 
 impl Broker {
@@ -184,19 +217,16 @@ impl Broker {
     ) -> Result<HostDir, BrokerError> {
         use std::os::unix::fs::MetadataExt;
         let dir = self.branch_dir(agent, id);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| BrokerError::Internal(format!("create {}: {e}", dir.display())))?;
         let md = std::fs::metadata(&ws.path)
             .map_err(|e| BrokerError::Internal(format!("stat {}: {e}", ws.path.display())))?;
-        std::os::unix::fs::chown(&dir, Some(md.uid()), Some(md.gid()))
-            .map_err(|e| BrokerError::Internal(format!("chown {}: {e}", dir.display())))?;
-        let (path, fd) = super::host_dirs::open_host_dir(&dir)
-            .map_err(|e| BrokerError::Internal(format!("open {}: {e}", dir.display())))?;
+        let fd = mkdirs_nofollow(&ws.path, &[".airlock", "branches", id], None)
+            .and_then(|_| {
+                std::os::unix::fs::chown(&dir, Some(md.uid()), Some(md.gid()))?;
+                crate::tree::open_dir_nofollow(&dir)
+            })
+            .map_err(|e| BrokerError::Internal(format!("create {}: {e}", dir.display())))?;
         Ok(HostDir {
-            path,
+            path: dir,
             fd: Arc::new(fd),
         })
     }
@@ -458,39 +488,38 @@ impl Broker {
     }
 
     /// Moves the layers a freeze just made out of the sandbox's own trees
-    /// into the agent's stores.
+    /// into the agent's stores. Every directory on the way is resolved
+    /// without following a symlink (the trees are the sandbox's).
     fn store_layers(&self, sb: &Sandbox, layer: &str) -> Result<(), BrokerError> {
-        let mv = |from: PathBuf, to_dir: PathBuf, owner: Option<u32>| -> Result<(), BrokerError> {
-            if !from.is_dir() {
-                return Ok(());
-            }
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&to_dir)
-                .map_err(|e| BrokerError::Internal(format!("create {}: {e}", to_dir.display())))?;
-            if let Some(o) = owner {
-                std::os::unix::fs::chown(&to_dir, Some(o), Some(o)).map_err(|e| {
-                    BrokerError::Internal(format!("chown {}: {e}", to_dir.display()))
-                })?;
-            }
-            std::fs::rename(&from, to_dir.join(layer))
-                .map_err(|e| BrokerError::Internal(format!("move {}: {e}", from.display())))
+        let err = |what: &str, p: &Path, e: std::io::Error| {
+            BrokerError::Internal(format!("{what} {}: {e}", p.display()))
         };
+        let mv = |from_dir: PathBuf, base: PathBuf, rel: &[&str], owner: Option<u32>| {
+            let src = match crate::tree::open_dir_nofollow(&from_dir) {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(err("open", &from_dir, e)),
+            };
+            let dst = mkdirs_nofollow(&base, rel, owner).map_err(|e| err("create in", &base, e))?;
+            nix::fcntl::renameat(&src, layer, &dst, layer)
+                .map_err(|e| err("move a layer from", &from_dir, e.into()))
+        };
+        let base = sb.host_uid_base.to_string();
         mv(
             self.cfg
                 .state_dir
                 .join("layers")
                 .join(sb.id.as_str())
-                .join("upper/.airlock/layers")
-                .join(layer),
-            self.upper_store(&sb.agent, sb.host_uid_base),
+                .join("upper/.airlock/layers"),
+            self.cfg.state_dir.join("snapshots"),
+            &[sb.agent.as_str(), "upper", base.as_str()],
             Some(sb.host_uid_base),
         )?;
         if sb.branch {
             mv(
-                sb.workspace.join(".airlock/layers").join(layer),
-                self.workspace_layers_dir(&sb.agent),
+                sb.workspace.join(".airlock/layers"),
+                self.cfg.state_dir.join("workspaces"),
+                &[sb.agent.as_str(), ".airlock", "layers"],
                 None,
             )?;
         }
@@ -726,6 +755,9 @@ impl Broker {
             .join("workspaces")
             .join(agent)
             .join(".airlock");
+        if crate::tree::open_dir_nofollow(&area).is_err() {
+            return;
+        }
         let sweep = |dir: &Path, keep: &dyn Fn(&str) -> bool| {
             if let Ok(entries) = std::fs::read_dir(dir) {
                 for e in entries.flatten() {

@@ -238,3 +238,31 @@ fn frozen_layers_behave_like_a_copy_on_write_stack() {
     listed.retain(|n| n != "lost+found");
     assert_eq!(listed, vec!["a2", "a3", "d", "f"]);
 }
+
+#[test]
+fn the_layers_name_is_never_the_sandboxs_to_make() {
+    // Before any snapshot too: only the server makes it, as a real
+    // directory (the broker walks it).
+    let f = rootfs();
+    fs::create_dir(f.m("workspace/d")).unwrap();
+    fs::create_dir(f.m("d")).unwrap();
+    fs::write(f.m("workspace/file"), b"x").unwrap();
+    fs::write(f.m("file"), b"x").unwrap();
+    for (src, dst) in [
+        ("workspace/d", "workspace/.airlock"),
+        ("d", ".airlock"),
+        ("workspace/file", "workspace/.airlock"),
+        ("file", ".airlock"),
+    ] {
+        assert_eq!(errno(fs::rename(f.m(src), f.m(dst))), libc::EPERM, "{src}");
+        assert_eq!(
+            errno(fs::hard_link(f.m(src), f.m(dst))),
+            libc::EPERM,
+            "{src}"
+        );
+        assert_eq!(errno(symlink("/", f.m(dst))), libc::EPERM, "{dst}");
+    }
+    assert!(!f.ws.join(".airlock").exists() && !f.upper.join(".airlock").exists());
+    // Deeper down the name is an ordinary one.
+    fs::create_dir(f.m("workspace/d/.airlock")).unwrap();
+}
