@@ -8,11 +8,15 @@
 //! first:
 //!
 //! 1. the writable upper layer (per sandbox, copy-on-write);
-//! 2. frozen layers (none yet: a snapshot will push a fresh writable layer);
+//! 2. frozen layers: what snapshots froze ([`Snapshots`]), newest first;
 //! 3. synthesized entries ([`synth`]): `/etc/hostname`, `hosts`,
 //!    `resolv.conf`, `passwd`, `group`, and empty directories such as `/tmp`;
 //! 4. the read-only base: the host's `usr`, `bin`, `lib*` and a filtered
 //!    `etc` ([`policy::ETC_DENY`]), or a rootfs directory.
+//!
+//! Once it has frozen layers, the workspace is such a stack too: its live
+//! tree over its frozen layers (see [`Snapshots`]); until then it is the
+//! plain host directory.
 //!
 //! Lookups and listings walk that order and stop at whiteouts (character
 //! device 0:0) and opaque directories (`user.overlay.opaque = "y"`), the
