@@ -782,7 +782,7 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                         "{:<24} {:<24} {:>12}",
                         s.name,
                         crate::util::format_time_ms(s.created_ms),
-                        crate::util::format_bytes(s.bytes)
+                        s.bytes.map(crate::util::format_bytes).unwrap_or_default()
                     );
                 }
             }

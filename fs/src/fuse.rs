@@ -3040,13 +3040,23 @@ impl AirlockFs {
                     usage.refund_inodes(freed.inodes);
                 }
             });
-        let links = lock(&self.inodes).links();
-        Ok(links
+        // The top-level names of both trees: invalidating a directory's
+        // entry drops everything the kernel cached beneath it, so the work
+        // is in the number of top-level names, not of files.
+        let t = lock(&self.inodes);
+        let ws_ino = Name::new(OsStr::new(WORKSPACE))
+            .ok()
+            .and_then(|w| t.find(ROOT, &w));
+        let mut links: Vec<(u64, Name, u64)> = t
+            .children(ROOT)
             .into_iter()
-            .filter(|(parent, name, _)| {
-                !(*parent == ROOT && MOUNTED_AT_ROOT.contains(&name.as_bytes()))
-            })
-            .collect())
+            .filter(|(name, _)| !MOUNTED_AT_ROOT.contains(&name.as_bytes()))
+            .map(|(name, ino)| (ROOT, name, ino))
+            .collect();
+        if let Some(w) = ws_ino {
+            links.extend(t.children(w).into_iter().map(|(name, ino)| (w, name, ino)));
+        }
+        Ok(links)
     }
 
     /// Deletes frozen layers no snapshot and no live stack needs.

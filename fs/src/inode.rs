@@ -226,12 +226,13 @@ impl Inodes {
         }
     }
 
-    /// Every known (parent, name, ino), for invalidating the kernel's
-    /// caches after a restore.
-    pub(crate) fn links(&self) -> Vec<(u64, Name, u64)> {
+    /// The known names in directory `parent`, with their inos. A scan of
+    /// the table: for a restore, not for requests.
+    pub(crate) fn children(&self, parent: u64) -> Vec<(Name, u64)> {
         self.by_name
             .iter()
-            .map(|((p, n), ino)| (*p, n.clone(), *ino))
+            .filter(|((p, _), _)| *p == parent)
+            .map(|((_, n), ino)| (n.clone(), *ino))
             .collect()
     }
 

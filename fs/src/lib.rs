@@ -287,7 +287,8 @@ impl Snapshots {
     }
 
     /// Serves `to` under empty live trees; what was live is deleted in the
-    /// background. Every cached entry the kernel holds is invalidated.
+    /// background. The kernel's cached entries under both trees are
+    /// invalidated (through their top-level names).
     ///
     /// # Errors
     /// See [`SnapshotError`].

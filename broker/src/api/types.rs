@@ -173,8 +173,10 @@ pub struct SnapshotInfo {
     pub name: String,
     /// When it was taken, unix ms.
     pub created_ms: i64,
-    /// Bytes its own layers hold (what changed since the snapshot before).
-    pub bytes: u64,
+    /// Bytes its own layers hold (what changed since the snapshot
+    /// before); in listings only (`null` in the answer to a snapshot or a
+    /// restore, which stay O(1)).
+    pub bytes: Option<u64>,
 }
 
 /// `POST /v1/sandboxes/{id}/snapshots` body.

@@ -484,7 +484,7 @@ impl Broker {
                 layer,
             },
         );
-        Ok(self.snapshot_info(&sb.agent, &books, &rec))
+        Ok(Self::snapshot_brief(&rec))
     }
 
     /// Moves the layers a freeze just made out of the sandbox's own trees
@@ -622,7 +622,7 @@ impl Broker {
                 layer: rec.chain.workspace.last().cloned().unwrap_or_default(),
             },
         );
-        Ok(self.snapshot_info(&sb.agent, &books, &rec))
+        Ok(Self::snapshot_brief(&rec))
     }
 
     /// Removes snapshot `name` of sandbox `id` (live or gone), and the
@@ -786,7 +786,18 @@ impl Broker {
         }
     }
 
-    /// A snapshot as the API shows it, with the bytes its own layers hold.
+    /// A snapshot as a snapshot or restore answers it: without its size,
+    /// which costs a walk of its layers (O(files)); a listing has it.
+    fn snapshot_brief(rec: &StoredSnapshot) -> SnapshotInfo {
+        SnapshotInfo {
+            name: rec.name.clone(),
+            created_ms: rec.created_ms,
+            bytes: None,
+        }
+    }
+
+    /// A snapshot as a listing shows it, with the bytes its own layers
+    /// hold.
     fn snapshot_info(
         &self,
         agent: &str,
@@ -805,7 +816,7 @@ impl Broker {
         SnapshotInfo {
             name: rec.name.clone(),
             created_ms: rec.created_ms,
-            bytes,
+            bytes: Some(bytes),
         }
     }
 }
