@@ -11,12 +11,10 @@ bubblewrap (installed from Debian when missing).
 """
 import argparse
 import datetime
-import http.client
 import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,28 +22,10 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from brokerapi import api  # noqa: E402
 AIRLOCK = os.path.join(ROOT, "target/release/airlock")
 BROKERD = os.path.join(ROOT, "target/release/brokerd")
-
-
-class UnixConn(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("airlock")
-        self.path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
-def api(sock, method, url, body=None):
-    c = UnixConn(sock)
-    c.request(method, url, body=json.dumps(body) if body is not None else None)
-    r = c.getresponse()
-    data = r.read()
-    if r.status >= 400:
-        raise RuntimeError(f"{method} {url}: {r.status} {data!r}")
-    return data
 
 
 def pct(xs, p):

@@ -743,20 +743,9 @@ impl AirlockFs {
             if self.layered && is_reserved(rel, &name) {
                 continue;
             }
-            let ft = e.file_type()?;
-            let kind = if ft.is_dir() {
-                FileType::Directory
-            } else if ft.is_symlink() {
-                FileType::Symlink
-            } else if ft.is_file() {
-                FileType::RegularFile
-            } else {
-                match stat_at(d, &name)? {
-                    Some(st) => crate::layers::kind_of(st.st_mode),
-                    None => continue,
-                }
-            };
-            out.push((name, kind));
+            if let Some(kind) = crate::layers::entry_kind(d, &e, &name)? {
+                out.push((name, kind));
+            }
         }
         Ok(out)
     }

@@ -593,23 +593,9 @@ impl Store {
                         if self.filtered(*idx, dir, &name).is_some() {
                             continue;
                         }
-                        let ft = entry.file_type()?;
-                        let kind = if ft.is_dir() {
-                            FileType::Directory
-                        } else if ft.is_symlink() {
-                            FileType::Symlink
-                        } else if ft.is_file() {
-                            FileType::RegularFile
-                        } else {
-                            let Some(st) = stat_at(&**d, &name)? else {
-                                continue;
-                            };
-                            if is_whiteout(&st) {
-                                continue;
-                            }
-                            kind_of(st.st_mode)
-                        };
-                        out.push((name, kind));
+                        if let Some(kind) = entry_kind(d, &entry, &name)? {
+                            out.push((name, kind));
+                        }
                     }
                 }
                 Part::Synth(p) => {
@@ -771,6 +757,28 @@ impl Store {
             })
             .ok_or(OpError::NotFound)
     }
+}
+
+/// The kind of listed entry `name` of `dir`: from the listing where it
+/// says, else from a stat; `None` for a whiteout or an entry gone since.
+pub(crate) fn entry_kind(
+    dir: &Dir,
+    entry: &cap_std::fs::DirEntry,
+    name: &Name,
+) -> OpResult<Option<FileType>> {
+    let ft = entry.file_type()?;
+    Ok(Some(if ft.is_dir() {
+        FileType::Directory
+    } else if ft.is_symlink() {
+        FileType::Symlink
+    } else if ft.is_file() {
+        FileType::RegularFile
+    } else {
+        match stat_at(dir, name)? {
+            Some(st) if !is_whiteout(&st) => kind_of(st.st_mode),
+            _ => return Ok(None),
+        }
+    }))
 }
 
 /// Create a fresh file in the writable layer, replacing a whiteout.

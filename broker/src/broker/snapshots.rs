@@ -385,6 +385,20 @@ impl Broker {
         Ok(())
     }
 
+    /// Runs `f` holding the agent's workspace lock and the sandbox's layer
+    /// gate (no create serves the agent's chain, no exec starts in `sb`).
+    fn with_layer_locks<T>(&self, sb: &Sandbox, f: impl FnOnce() -> T) -> T {
+        let lock = self.workspace_lock(&sb.agent);
+        let _ws = lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _gate = sb
+            .layer_gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f()
+    }
+
     /// Takes a snapshot of sandbox `id` named `name` (or `snap-N`).
     ///
     /// # Errors
@@ -398,14 +412,16 @@ impl Broker {
         name: Option<String>,
     ) -> Result<SnapshotInfo, BrokerError> {
         let sb = self.get(p, id)?;
-        let lock = self.workspace_lock(&sb.agent);
-        let _ws = lock
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _gate = sb
-            .layer_gate
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.with_layer_locks(&sb, || self.snapshot_locked(p, id, &sb, name))
+    }
+
+    fn snapshot_locked(
+        &self,
+        p: &Principal,
+        id: &SandboxId,
+        sb: &Arc<Sandbox>,
+        name: Option<String>,
+    ) -> Result<SnapshotInfo, BrokerError> {
         let mut books = self.agent_layers(&sb.agent);
         let name = {
             let taken: Vec<&StoredSnapshot> = books
@@ -437,7 +453,7 @@ impl Broker {
             }
             name
         };
-        self.require_quiet(&sb)?;
+        self.require_quiet(sb)?;
         // Layer names are unique across the agent: sandbox id, time and a
         // counter.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -454,14 +470,14 @@ impl Broker {
             self.save_agent_layers(&sb.agent, &books)?;
             books.pending = None;
         }
-        let chain = self.fs_command(&sb, |rid| FsCommand::Freeze {
+        let chain = self.fs_command(sb, |rid| FsCommand::Freeze {
             id: rid,
             layer: layer.clone(),
         })?;
         *lock_or_recover(&sb.serves) = chain.clone();
         // The frozen layers go where the agent keeps them (the server
         // keeps them open, so it never notices).
-        self.store_layers(&sb, &layer)?;
+        self.store_layers(sb, &layer)?;
         if !sb.branch {
             books.workspace = chain.workspace.clone();
         }
@@ -583,14 +599,16 @@ impl Broker {
         name: &str,
     ) -> Result<SnapshotInfo, BrokerError> {
         let sb = self.get(p, id)?;
-        let lock = self.workspace_lock(&sb.agent);
-        let _ws = lock
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _gate = sb
-            .layer_gate
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.with_layer_locks(&sb, || self.restore_locked(p, id, &sb, name))
+    }
+
+    fn restore_locked(
+        &self,
+        p: &Principal,
+        id: &SandboxId,
+        sb: &Arc<Sandbox>,
+        name: &str,
+    ) -> Result<SnapshotInfo, BrokerError> {
         let mut books = self.agent_layers(&sb.agent);
         let rec = books
             .snapshots
@@ -601,9 +619,9 @@ impl Broker {
                 id: id.to_string(),
                 name: name.chars().take(80).collect(),
             })?;
-        self.require_quiet(&sb)?;
+        self.require_quiet(sb)?;
         let chain = rec.chain.clone();
-        self.fs_command(&sb, |rid| FsCommand::Restore {
+        self.fs_command(sb, |rid| FsCommand::Restore {
             id: rid,
             chain: chain.clone(),
         })?;
