@@ -89,6 +89,19 @@ pub fn send_command<R: Role>(chan: &Channel, command: R::Command) -> Result<(), 
     send_command_with::<R>(chan, command, &[])
 }
 
+/// [`send_command`] without waiting: when the channel is full (the
+/// component is not reading), the command is dropped and `Ok(false)`.
+///
+/// # Errors
+/// When the channel is closed or the message too large.
+pub fn try_send_command<R: Role>(
+    chan: &Channel,
+    command: R::Command,
+) -> Result<bool, ChannelError> {
+    let msg: Control<R::Spec, R::Command> = Control::Command { command };
+    chan.try_send(&msg)
+}
+
 /// [`send_command`] with descriptors beside it.
 ///
 /// # Errors

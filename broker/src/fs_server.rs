@@ -71,6 +71,15 @@ pub enum FsCommand {
         /// The layers.
         layers: airlock_fs::LayerChain,
     },
+    /// Another sandbox changed these workspace paths (or, with `all`,
+    /// more than were counted): refresh what the kernel cached of them.
+    /// Not answered.
+    Invalidate {
+        /// Sandbox paths, `/workspace/...`.
+        paths: Vec<String>,
+        /// Anything may have changed.
+        all: bool,
+    },
 }
 
 /// What a filesystem server reports while it serves.
@@ -88,6 +97,16 @@ pub enum FsServerEvent {
     RateLimited {
         /// How many.
         dropped: u64,
+    },
+    /// Workspace paths this sandbox changed since the last report (`all`:
+    /// more than [`CHANGED_BATCH`], or reports were lost), for the other
+    /// sandboxes serving the same workspace. Sent as changes happen,
+    /// coalesced while more are queued; never rate-limited or audited.
+    WorkspaceChanged {
+        /// Sandbox paths.
+        paths: Vec<String>,
+        /// Anything may have changed.
+        all: bool,
     },
     /// The answer to the [`FsCommand`] `id`: the chain now served, or why
     /// it failed.
@@ -164,6 +183,10 @@ pub struct FsReady {
 /// Events queued for the broker before new ones are dropped (the broker
 /// rate-limits its audit rows far below this anyway).
 const EVENT_QUEUE: usize = 4096;
+
+/// Most changed workspace paths one report names; past that it says
+/// "anything".
+pub const CHANGED_BATCH: usize = 256;
 
 /// Entry point of the `__fs` role; returns the exit status.
 pub fn main() -> i32 {
@@ -266,8 +289,13 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
     };
     mark("private root");
     let (tx, rx) = sync_channel::<FsEvent>(EVENT_QUEUE);
-    let server = airlock_fs::Server::new(&mount_spec, sink(tx), &MountOptions::default())
-        .map_err(|e| ("open layers", error_chain(&e)))?;
+    let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = airlock_fs::Server::new(
+        &mount_spec,
+        sink(tx, std::sync::Arc::clone(&lost)),
+        &MountOptions::default(),
+    )
+    .map_err(|e| ("open layers", error_chain(&e)))?;
     mark("open layers");
     let serving = server
         .handshake(dev)
@@ -302,7 +330,29 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
                 let msg: Report<FsReady, FsServerEvent> = Report::Event { event };
                 events.send(&msg, &[]).is_ok()
             };
-            while let Ok(event) = rx.recv() {
+            let mut changed = Changed::default();
+            loop {
+                // Events already queued are taken at once; when none is,
+                // the workspace changes gathered so far go out before
+                // waiting for the next.
+                let event = match rx.try_recv() {
+                    Ok(e) => e,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        if let Some(report) = changed.take(&lost)
+                            && !send(report)
+                        {
+                            return;
+                        }
+                        match rx.recv() {
+                            Ok(e) => e,
+                            Err(_) => break,
+                        }
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                };
+                if let FsEvent::Mutation { path, to, .. } = &event {
+                    changed.add(path, to.as_deref());
+                }
                 // Usage reports (once a second at most) and the quota's
                 // first hits are state, not a flood: never dropped.
                 if matches!(event, FsEvent::Usage { .. } | FsEvent::QuotaHit { .. }) {
@@ -339,6 +389,10 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
                 let Control::Command { command } = msg else {
                     break;
                 };
+                if let FsCommand::Invalidate { paths, all } = &command {
+                    snapshots.workspace_changed(paths, *all);
+                    continue;
+                }
                 let (id, result) = run_command(&snapshots, command);
                 let msg: Report<FsReady, FsServerEvent> = Report::Event {
                     event: FsServerEvent::Snapshot { id, result },
@@ -382,6 +436,7 @@ fn run_command(
                 .map(|()| snapshots.chain())
                 .map_err(|e| e.to_string()),
         ),
+        FsCommand::Invalidate { .. } => (0, Ok(snapshots.chain())),
     }
 }
 
@@ -697,10 +752,54 @@ impl Idmaps {
 
 /// The server's event sink: never blocks a FUSE thread; drops when the
 /// queue to the broker is full.
-fn sink(tx: SyncSender<FsEvent>) -> airlock_fs::EventSink {
+fn sink(
+    tx: SyncSender<FsEvent>,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> airlock_fs::EventSink {
     std::sync::Arc::new(move |ev| match tx.try_send(ev) {
-        Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+        Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+        // A dropped change must still reach the other sandboxes: the next
+        // report says "anything".
+        Err(TrySendError::Full(_)) => lost.store(true, std::sync::atomic::Ordering::Relaxed),
     })
+}
+
+/// Workspace paths changed since the last report, at most
+/// [`CHANGED_BATCH`].
+#[derive(Default)]
+struct Changed {
+    paths: std::collections::BTreeSet<String>,
+    all: bool,
+}
+
+impl Changed {
+    fn add(&mut self, path: &str, to: Option<&str>) {
+        for p in std::iter::once(path).chain(to) {
+            if self.all {
+                return;
+            }
+            if self.paths.len() >= CHANGED_BATCH {
+                self.all = true;
+                self.paths.clear();
+                return;
+            }
+            self.paths.insert(p.to_string());
+        }
+    }
+
+    /// The report due, if anything changed (or changes were lost).
+    fn take(&mut self, lost: &std::sync::atomic::AtomicBool) -> Option<FsServerEvent> {
+        let all = self.all || lost.swap(false, std::sync::atomic::Ordering::Relaxed);
+        if self.paths.is_empty() && !all {
+            return None;
+        }
+        let paths = std::mem::take(&mut self.paths).into_iter().collect();
+        self.all = false;
+        Some(FsServerEvent::WorkspaceChanged {
+            paths: if all { Vec::new() } else { paths },
+            all,
+        })
+    }
 }
 
 fn chan_dup(chan: &Channel) -> std::io::Result<Channel> {
@@ -726,6 +825,35 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    #[test]
+    fn workspace_changes_are_coalesced_and_bounded() {
+        let lost = std::sync::atomic::AtomicBool::new(false);
+        let mut c = Changed::default();
+        assert!(c.take(&lost).is_none(), "nothing changed, nothing said");
+        c.add("/workspace/a", None);
+        c.add("/workspace/a", Some("/workspace/b"));
+        match c.take(&lost) {
+            Some(FsServerEvent::WorkspaceChanged { paths, all: false }) => {
+                assert_eq!(paths, ["/workspace/a", "/workspace/b"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        for i in 0..=CHANGED_BATCH {
+            c.add(&format!("/workspace/f{i}"), None);
+        }
+        assert!(matches!(
+            c.take(&lost),
+            Some(FsServerEvent::WorkspaceChanged { all: true, ref paths }) if paths.is_empty()
+        ));
+        // A change the queue dropped makes the next report "anything".
+        lost.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(matches!(
+            c.take(&lost),
+            Some(FsServerEvent::WorkspaceChanged { all: true, .. })
+        ));
+        assert!(c.take(&lost).is_none());
+    }
 
     const PROBE_ENV: &str = "AIRLOCK_TEST_FS_JAIL_PROBE";
     /// Host uid (and gid) of the probe's sandbox root.

@@ -3088,6 +3088,72 @@ impl AirlockFs {
     }
 }
 
+/// What to tell the kernel about a workspace path another mount changed.
+pub(crate) enum Stale {
+    /// The node's attributes and cached data.
+    Inode(u64),
+    /// The name in its directory (it was made, removed or moved).
+    Entry(u64, Name),
+}
+
+impl AirlockFs {
+    /// What the kernel may hold stale after another mount of this
+    /// workspace changed `paths` (sandbox paths, `/workspace/...`), or,
+    /// with `all`, anything in it. Only names and nodes this server handed
+    /// the kernel can be stale. A directory that still exists keeps its
+    /// entry (it may be a process's working directory); its attributes and
+    /// the names changed in it are refreshed.
+    pub(crate) fn ws_stale(&self, paths: &[String], all: bool) -> Vec<Stale> {
+        let t = lock(&self.inodes);
+        let Some(ws) = Name::new(OsStr::new(WORKSPACE))
+            .ok()
+            .and_then(|w| t.find(ROOT, &w))
+        else {
+            return Vec::new();
+        };
+        let mut out = vec![Stale::Inode(ws)];
+        if all {
+            out.extend(t.below(ws).into_iter().map(Stale::Inode));
+            return out;
+        }
+        for p in paths {
+            let Some(rel) = p.strip_prefix("/workspace/") else {
+                continue;
+            };
+            let mut parent = ws;
+            let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+            for (i, c) in comps.iter().enumerate() {
+                let Ok(name) = Name::new(OsStr::new(c)) else {
+                    break;
+                };
+                let node = t.find(parent, &name);
+                if i + 1 == comps.len() {
+                    out.push(Stale::Inode(parent));
+                    if let Some(n) = node {
+                        out.push(Stale::Inode(n));
+                    }
+                    let live_dir = comps[..=i]
+                        .iter()
+                        .map(|c| Name::new(OsStr::new(c)))
+                        .collect::<OpResult<Vec<_>>>()
+                        .ok()
+                        .and_then(|rel| self.stat(&Loc::Ws(rel)).ok())
+                        .is_some_and(|(m, _)| m.is_dir());
+                    if !live_dir {
+                        out.push(Stale::Entry(parent, name));
+                    }
+                    break;
+                }
+                match node {
+                    Some(n) => parent = n,
+                    None => break,
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Moves every entry of `from` back into `to` (undoing a freeze).
 fn move_back(from: &Dir, to: &Dir) -> OpResult<()> {
     for e in from.entries()? {

@@ -226,6 +226,30 @@ impl Inodes {
         }
     }
 
+    /// Every known node below `top` (not `top` itself), at most
+    /// [`LISTING_CAP`]. A scan of the table: not for requests.
+    pub(crate) fn below(&self, top: u64) -> Vec<u64> {
+        let mut children: HashMap<u64, Vec<u64>> = HashMap::new();
+        for ((p, _), ino) in &self.by_name {
+            children.entry(*p).or_default().push(*ino);
+        }
+        let mut out = Vec::new();
+        let mut frontier = vec![top];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(dir) = frontier.pop() {
+            for ino in children.remove(&dir).unwrap_or_default() {
+                if seen.insert(ino) {
+                    out.push(ino);
+                    frontier.push(ino);
+                    if out.len() >= LISTING_CAP {
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The known names in directory `parent`, with their inos. A scan of
     /// the table: for a restore, not for requests.
     pub(crate) fn children(&self, parent: u64) -> Vec<(Name, u64)> {

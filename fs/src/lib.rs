@@ -303,6 +303,21 @@ impl Snapshots {
         Ok(())
     }
 
+    /// Refreshes what the kernel may hold stale after another mount of
+    /// the same workspace changed `paths` (sandbox paths,
+    /// `/workspace/...`), or with `all` anything in it (then names
+    /// refresh when their cached entries expire, within a second).
+    pub fn workspace_changed(&self, paths: &[String], all: bool) {
+        for stale in self.fs.ws_stale(paths, all) {
+            let _ = match stale {
+                fuse::Stale::Inode(ino) => self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0),
+                fuse::Stale::Entry(parent, name) => self
+                    .notifier
+                    .inval_entry(fuser::INodeNo(parent), name.as_os_str()),
+            };
+        }
+    }
+
     /// Deletes frozen layers that no snapshot needs any more (never one
     /// now served).
     ///

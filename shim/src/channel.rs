@@ -177,6 +177,41 @@ impl Channel {
         self.fd
     }
 
+    /// Sends one message (no descriptors) unless the socket's buffer is
+    /// full: then nothing is sent and `Ok(false)`.
+    ///
+    /// # Errors
+    /// As [`Channel::send`].
+    pub fn try_send<T: Serialize>(&self, msg: &T) -> Result<bool, ChannelError> {
+        let bytes = serde_json::to_vec(msg).map_err(ChannelError::Malformed)?;
+        if bytes.len() > MAX_MESSAGE {
+            return Err(ChannelError::TooLarge(bytes.len()));
+        }
+        let iov = [IoSlice::new(&bytes)];
+        loop {
+            match sendmsg::<()>(
+                self.fd.as_raw_fd(),
+                &iov,
+                &[],
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                None,
+            ) {
+                Ok(_) => return Ok(true),
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => return Ok(false),
+                Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => {
+                    return Err(ChannelError::Closed);
+                }
+                Err(source) => {
+                    return Err(ChannelError::Io {
+                        op: "sendmsg",
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
     /// Sends one message, with descriptors attached.
     pub fn send<T: Serialize>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
         let bytes = serde_json::to_vec(msg).map_err(ChannelError::Malformed)?;

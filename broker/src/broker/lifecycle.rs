@@ -625,10 +625,19 @@ impl Broker {
         let disk_slot = Arc::clone(&disk);
         let replies = Arc::new(crate::sandbox::FsReplies::default());
         let replies_slot = Arc::clone(&replies);
+        let broker = self.me_ref.get().cloned().unwrap_or_default();
+        let (relay_id, relay_ws) = (id.to_string(), workspace.path.clone());
         let sink: FsSink = Box::new(move |ev: FsServerEvent| {
             // Answers to snapshot commands go to whoever waits for them.
             if let FsServerEvent::Snapshot { id, result } = ev {
                 replies_slot.answer(id, result);
+                return;
+            }
+            // Workspace changes go to the other sandboxes serving it.
+            if let FsServerEvent::WorkspaceChanged { paths, all } = ev {
+                if let Some(b) = broker.upgrade() {
+                    b.relay_workspace_change(&relay_id, &relay_ws, paths, all);
+                }
                 return;
             }
             // Usage reports are state for `inspect`, not audit rows.
@@ -656,7 +665,7 @@ impl Broker {
                     None => return,
                 },
                 FsServerEvent::RateLimited { dropped } => (None, dropped),
-                FsServerEvent::Snapshot { .. } => return,
+                FsServerEvent::Snapshot { .. } | FsServerEvent::WorkspaceChanged { .. } => return,
             };
             if dropped > 0 {
                 audit.event(

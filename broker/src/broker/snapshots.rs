@@ -399,6 +399,44 @@ impl Broker {
         f()
     }
 
+    /// Tells every other sandbox serving workspace `ws` (pre-started ones
+    /// included) that sandbox `from` changed `paths` in it, so their
+    /// kernels drop what they cached. Never waits: a server whose
+    /// channel is full, or a sandbox being torn down, is skipped (its
+    /// cached entries expire within a second anyway).
+    pub(super) fn relay_workspace_change(
+        &self,
+        from: &str,
+        ws: &Path,
+        paths: Vec<String>,
+        all: bool,
+    ) {
+        let mut peers: Vec<Arc<Sandbox>> = lock_or_recover(&self.sandboxes)
+            .values()
+            .filter(|s| s.id.as_str() != from && s.workspace == ws)
+            .cloned()
+            .collect();
+        peers.extend(
+            lock_or_recover(&self.pool)
+                .values()
+                .flatten()
+                .filter(|(s, _)| s.workspace == ws)
+                .map(|(s, _)| Arc::clone(s)),
+        );
+        if peers.is_empty() {
+            return;
+        }
+        let command = FsCommand::Invalidate { paths, all };
+        for sb in peers {
+            let Ok(res) = sb.resources.try_lock() else {
+                continue;
+            };
+            if let Some(ctl) = res.as_ref().and_then(|r| r.fs_ctl.as_ref()) {
+                let _ = crate::component::try_send_command::<FsRole>(ctl, command.clone());
+            }
+        }
+    }
+
     /// Takes a snapshot of sandbox `id` named `name` (or `snap-N`).
     ///
     /// # Errors

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use super::harness::{Env, ok, text};
+use super::harness::{Env, create, ok, text};
 
 #[test]
 fn writes_outside_workspace_vanish_and_workspace_persists_per_agent() {
@@ -317,4 +317,46 @@ fn pjdfstest_passes_as_root_but_for_the_listed_exceptions() {
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("root unexpected: none"), "{stdout}");
     assert!(stdout.contains("workspace unexpected: none"), "{stdout}");
+}
+
+/// Two sandboxes of one agent share its workspace live: what one changes
+/// the other sees at once, not after its cached entries expire.
+#[test]
+fn sandboxes_of_one_agent_see_each_others_workspace_changes_at_once() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let a = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let b = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let sh = |id: &str, script: &str| ok(&env.remote(&["exec", id, "--", "sh", "-c", script]));
+    sh(&a, "echo one > /workspace/f; mkdir -p /workspace/d");
+    // b caches the file and the directory's entries.
+    assert_eq!(
+        sh(&b, "cat /workspace/f; ls /workspace/d | wc -l"),
+        "one\n0\n"
+    );
+    for round in 0..20 {
+        sh(
+            &a,
+            &format!(
+                "echo {round}-longer-than-before >> /workspace/f; touch /workspace/d/n{round}"
+            ),
+        );
+        let seen = sh(
+            &b,
+            "tail -n 1 /workspace/f; ls /workspace/d | wc -l; stat -c %s /workspace/f",
+        );
+        let size = sh(&a, "stat -c %s /workspace/f");
+        assert_eq!(
+            seen,
+            format!("{round}-longer-than-before\n{}\n{size}", round + 1),
+            "round {round}"
+        );
+    }
+    sh(&a, "mv /workspace/f /workspace/g");
+    assert_eq!(sh(&b, "ls /workspace"), "d\ng\n");
+    sh(&a, "rm /workspace/g");
+    assert_eq!(
+        sh(&b, "test -e /workspace/g && echo there || echo gone"),
+        "gone\n"
+    );
 }
