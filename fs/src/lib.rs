@@ -250,7 +250,10 @@ pub enum SnapshotError {
 /// hold (one rename per top-level entry). The caller makes sure nothing
 /// in the sandbox runs meanwhile; a file open for writing is refused.
 pub struct Snapshots {
-    fs: Arc<fuse::AirlockFs>,
+    /// Weak: the filesystem (and its event stream, whose end lets the
+    /// server's last events go out) goes with its session, not with this
+    /// handle.
+    fs: std::sync::Weak<fuse::AirlockFs>,
     notifier: fuser::Notifier,
 }
 
@@ -272,9 +275,15 @@ impl Snapshots {
         }
     }
 
-    /// The frozen layers now served.
+    fn fs(&self) -> Result<Arc<fuse::AirlockFs>, SnapshotError> {
+        self.fs
+            .upgrade()
+            .ok_or_else(|| SnapshotError::Host("the filesystem is no longer served".into()))
+    }
+
+    /// The frozen layers now served (none once the mount is gone).
     pub fn chain(&self) -> LayerChain {
-        self.fs.chain()
+        self.fs.upgrade().map(|f| f.chain()).unwrap_or_default()
     }
 
     /// Freezes both live trees into new layers named `name`; returns the
@@ -283,7 +292,7 @@ impl Snapshots {
     /// # Errors
     /// See [`SnapshotError`].
     pub fn freeze(&self, name: &str) -> Result<LayerChain, SnapshotError> {
-        self.fs.freeze(name).map_err(|e| Self::err(e, name))
+        self.fs()?.freeze(name).map_err(|e| Self::err(e, name))
     }
 
     /// Serves `to` under empty live trees; what was live is deleted in the
@@ -293,7 +302,7 @@ impl Snapshots {
     /// # Errors
     /// See [`SnapshotError`].
     pub fn restore(&self, to: &LayerChain) -> Result<(), SnapshotError> {
-        let links = self.fs.restore(to).map_err(|e| Self::err(e, ""))?;
+        let links = self.fs()?.restore(to).map_err(|e| Self::err(e, ""))?;
         for (parent, name, ino) in links {
             let _ = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
             let _ = self
@@ -308,7 +317,10 @@ impl Snapshots {
     /// `/workspace/...`), or with `all` anything in it (then names
     /// refresh when their cached entries expire, within a second).
     pub fn workspace_changed(&self, paths: &[String], all: bool) {
-        for stale in self.fs.ws_stale(paths, all) {
+        let Some(fs) = self.fs.upgrade() else {
+            return;
+        };
+        for stale in fs.ws_stale(paths, all) {
             let _ = match stale {
                 fuse::Stale::Inode(ino) => self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0),
                 fuse::Stale::Entry(parent, name) => self
@@ -324,7 +336,9 @@ impl Snapshots {
     /// # Errors
     /// See [`SnapshotError`].
     pub fn remove(&self, layers: &LayerChain) -> Result<(), SnapshotError> {
-        self.fs.remove_layers(layers).map_err(|e| Self::err(e, ""))
+        self.fs()?
+            .remove_layers(layers)
+            .map_err(|e| Self::err(e, ""))
     }
 }
 
@@ -715,9 +729,10 @@ pub fn mount_with(
         }
     };
     let snapshots = Snapshots {
-        fs,
+        fs: Arc::downgrade(&fs),
         notifier: session.notifier(),
     };
+    drop(fs);
     Ok(Mount {
         mountpoint: mountpoint.to_path_buf(),
         thread: Some(session.guard),
@@ -874,7 +889,7 @@ impl Serving {
     /// it is served.
     pub fn snapshots(&self) -> Snapshots {
         Snapshots {
-            fs: Arc::clone(&self.fs),
+            fs: Arc::downgrade(&self.fs),
             notifier: self.session.notifier(),
         }
     }
