@@ -59,9 +59,17 @@ def main():
     cfg = os.path.join(tmp, "brokerd.toml")
     with open(cfg, "w") as f:
         f.write(f'socket = "{sock}"\nstate_dir = "{tmp}/state"\nid_range_start = 1879048192\n')
+    # A second broker whose pre-started sandboxes are not warmed, for the
+    # A/B of pool_warm.
+    cold_sock = os.path.join(tmp, "cold.sock")
+    cold_cfg = os.path.join(tmp, "cold.toml")
+    with open(cold_cfg, "w") as f:
+        f.write(f'socket = "{cold_sock}"\nstate_dir = "{tmp}/cold-state"\n'
+                f'id_range_start = 1946157056\npool_warm = []\n')
     brokerd = subprocess.Popen([BROKERD, "--config", cfg], env={"AIRLOCK_LOG": "warn"})
+    cold = subprocess.Popen([BROKERD, "--config", cold_cfg], env={"AIRLOCK_LOG": "warn"})
     for _ in range(400):
-        if os.path.exists(sock):
+        if os.path.exists(sock) and os.path.exists(cold_sock):
             break
         time.sleep(0.02)
 
@@ -76,13 +84,16 @@ def main():
         subprocess.run(cmd, stdout=devnull, stderr=devnull, check=True)
         return time.perf_counter() - t
 
-    def create_then_first_exec():
+    def create_then_first_exec(argv=("/bin/true",), at=sock):
         t = time.perf_counter()
-        sb = json.loads(api(sock, "POST", "/v1/sandboxes", {}))
-        api(sock, "POST", f"/v1/sandboxes/{sb['id']}/exec", {"argv": ["/bin/true"]})
+        sb = json.loads(api(at, "POST", "/v1/sandboxes", {}))
+        out = api(at, "POST", f"/v1/sandboxes/{sb['id']}/exec", {"argv": list(argv)})
         dt = time.perf_counter() - t
-        api(sock, "DELETE", f"/v1/sandboxes/{sb['id']}")
+        assert b'"code":0' in out, out
+        api(at, "DELETE", f"/v1/sandboxes/{sb['id']}")
         return dt
+
+    py = ["/usr/bin/python3", "-c", "import json, subprocess, asyncio, email"]
 
     cases = {
         "native fork+exec /bin/true": lambda: run(["/bin/true"]),
@@ -90,6 +101,10 @@ def main():
         "airlock run (embedded)": lambda: run([AIRLOCK, "--config", cfg, "--embedded", "run", "--", "/bin/true"]),
         "airlock run (brokerd)": lambda: run([AIRLOCK, "--socket", sock, "run", "--", "/bin/true"]),
         "API create + first exec (brokerd)": create_then_first_exec,
+        "bwrap --unshare-all python3 import": lambda: run(bwrap[:-1] + py),
+        "API create + first python3 import (warmed pool)": lambda: create_then_first_exec(py),
+        "API create + first python3 import (pool not warmed)":
+            lambda: create_then_first_exec(py, cold_sock),
     }
     samples = {k: [] for k in cases}
     try:
@@ -100,8 +115,9 @@ def main():
             for name, f in cases.items():
                 samples[name].append(f())
     finally:
-        brokerd.terminate()
-        brokerd.wait()
+        for b in (brokerd, cold):
+            b.terminate()
+            b.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
     native = statistics.median(samples["native fork+exec /bin/true"])

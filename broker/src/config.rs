@@ -145,6 +145,11 @@ pub struct BrokerConfig {
     /// handed out by later creates that use the agent's own workspace, the
     /// host base and the default open-files limit (0: off).
     pub pool_size: usize,
+    /// A command run (as the sandbox's user, output discarded) in each
+    /// pre-started sandbox before it is handed out, so the caller's first
+    /// command finds the filesystem's caches warm (empty: none). Default:
+    /// a Python import of common modules.
+    pub pool_warm: Vec<String>,
     /// Default limits.
     pub limits: LimitsConfig,
     /// Agents and who may act for them. root is always admin.
@@ -165,6 +170,13 @@ impl Default for BrokerConfig {
             max_sandboxes_per_agent: 64,
             landlock_floor: 1,
             pool_size: 2,
+            pool_warm: [
+                "python3",
+                "-c",
+                "import json, subprocess, asyncio, email, os, re, pathlib, typing",
+            ]
+            .map(String::from)
+            .to_vec(),
             limits: LimitsConfig::default(),
             agents: Vec::new(),
             net: NetConfig::default(),

@@ -18,6 +18,9 @@ use crate::util::lock_or_recover;
 /// [`Broker::wait_for_quiet`]).
 const REFILL_GRACE: Duration = Duration::from_millis(20);
 
+/// The longest a pre-started sandbox's warm-up may run.
+const WARM_MAX: Duration = Duration::from_secs(10);
+
 /// The longest a pool refill waits for running commands to end.
 const REFILL_MAX_WAIT: Duration = Duration::from_millis(250);
 
@@ -91,6 +94,10 @@ impl Broker {
                         .read()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     match me.spawn(&shape, &defaults, false) {
+                        Ok(entry) if !me.warm(&entry.0) => {
+                            entry.0.teardown("pool warm-up did not end");
+                            break;
+                        }
                         Ok(entry) => lock_or_recover(&me.pool)
                             .entry(key.clone())
                             .or_default()
@@ -113,6 +120,52 @@ impl Broker {
         if spawned.is_err() {
             lock_or_recover(&self.refilling).remove(&key_on_error);
         }
+    }
+
+    /// Runs `pool_warm` (if set) in a pre-started sandbox, as its user,
+    /// before it is handed out: each sandbox's filesystem is a mount of
+    /// its own whose kernel caches start empty, so the caller's first
+    /// command would otherwise pay for every lookup of the base (a Python
+    /// import walks hundreds of paths). Its status does not matter (a
+    /// missing interpreter is fine); false if it did not end within
+    /// [`WARM_MAX`] (the sandbox is then not pooled). Not audited: the
+    /// broker's own command, before any caller holds the sandbox.
+    pub(super) fn warm(&self, sb: &crate::sandbox::Sandbox) -> bool {
+        if self.cfg.pool_warm.is_empty() {
+            return true;
+        }
+        let null = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .open("/dev/null")
+                .map(std::os::fd::OwnedFd::from)
+        };
+        let (Ok(i), Ok(o), Ok(e)) = (null(false), null(true), null(true)) else {
+            return true;
+        };
+        let req = airlock_shim::spec::ExecRequest {
+            exec_id: 0,
+            argv: self.cfg.pool_warm.clone(),
+            env: vec![format!("PATH={}", airlock_shim::spec::DEFAULT_PATH)],
+            cwd: "/".into(),
+            uid: sb.user_ids.0,
+            gid: sb.user_ids.1,
+        };
+        let Ok((_, mut rx)) = sb.send_exec(req, [i, o, e]) else {
+            return false;
+        };
+        let start = Instant::now();
+        while start.elapsed() < WARM_MAX {
+            match rx.try_recv() {
+                Ok(_) => return true,
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return false,
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        false
     }
 
     /// Holds a pool refill back until the broker is quiet: a grace of
