@@ -35,11 +35,13 @@ mod pool;
 mod recovery;
 mod snapshots;
 
+pub(crate) use recovery::start_ticks;
+
 pub use exec::ExecHandle;
 use host_dirs::HostDir;
 use lifecycle::{SETUP_TIMEOUT, Shape, check_limits};
 use pool::{PoolEntry, PoolKey};
-use recovery::{OwnerRecord, start_ticks};
+use recovery::OwnerRecord;
 
 pub use crate::spec::{IDS_PER_SANDBOX, SANDBOX_UID};
 /// Connection refusals audited per second (and burst) broker-wide.
@@ -394,6 +396,28 @@ impl Broker {
     /// One sandbox.
     pub fn inspect(&self, p: &Principal, id: &SandboxId) -> Result<SandboxInfo, BrokerError> {
         Ok(self.get(p, id)?.info())
+    }
+
+    /// Kills every process in sandbox `id` but its init (running commands
+    /// end with SIGKILL); the sandbox stays, idle. Returns how many.
+    ///
+    /// # Errors
+    /// When there is no such running sandbox of the caller's.
+    pub fn kill_processes(&self, p: &Principal, id: &SandboxId) -> Result<usize, BrokerError> {
+        let sb = self.get(p, id)?;
+        if !sb.is_running() {
+            return Err(BrokerError::NotRunning(id.to_string()));
+        }
+        let killed = sb.kill_processes();
+        self.audit.event(
+            Some(id.as_str()),
+            Some(&sb.agent),
+            AuditEvent::Killed {
+                caller: (p.uid, p.pid),
+                processes: killed,
+            },
+        );
+        Ok(killed)
     }
 
     /// Destroys a sandbox and forgets it. Blocking.

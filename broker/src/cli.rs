@@ -174,6 +174,13 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Kill every process in a sandbox but its init (running commands end
+    /// with SIGKILL; background ones a command left, which later commands
+    /// cannot signal, go too); the sandbox stays.
+    Kill {
+        /// Sandbox id.
+        id: String,
+    },
     /// List a sandbox's snapshots: name, time, size.
     Snapshots {
         /// Sandbox id.
@@ -765,6 +772,18 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                             .into(),
                     ));
                 }
+            }
+            Ok(0)
+        }
+        Cmd::Kill { id } => {
+            let Backend::Remote(c) = backend(&cli, Some("kill")).await? else {
+                return Ok(0);
+            };
+            let n = c.kill(id).await?;
+            if json {
+                println!("{}", serde_json::json!({"killed": n}));
+            } else {
+                println!("{n}");
             }
             Ok(0)
         }

@@ -183,6 +183,18 @@ impl RemoteClient {
         .await
     }
 
+    /// `POST /v1/sandboxes/{id}/kill`: how many processes were killed.
+    pub async fn kill(&self, id: &str) -> Result<u64, ClientError> {
+        let v: serde_json::Value = self
+            .call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/kill", enc(id)),
+                None,
+            )
+            .await?;
+        Ok(v["killed"].as_u64().unwrap_or(0))
+    }
+
     /// `POST /v1/sandboxes/{id}/snapshots`.
     pub async fn snapshot(
         &self,

@@ -300,6 +300,76 @@ impl Sandbox {
             .sum()
     }
 
+    /// Every process in it but its init, by host pid, with its start
+    /// time: init's descendants (a sandbox's processes all descend from
+    /// init, orphans re-parented to it). Bounded by the sandbox's pids
+    /// limit.
+    fn descendants(&self) -> Vec<(i32, u64)> {
+        let Some(&init) = self.init_pid.get() else {
+            return Vec::new();
+        };
+        let children = |pid: i32| -> Vec<i32> {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return Vec::new();
+            };
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|c| {
+                    c.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<i32>>()
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut frontier = children(init);
+        while let Some(pid) = frontier.pop() {
+            if !seen.insert(pid) || seen.len() > 1 << 16 {
+                continue;
+            }
+            if let Some(t) = crate::broker::start_ticks(pid) {
+                out.push((pid, t));
+            }
+            frontier.extend(children(pid));
+        }
+        out
+    }
+
+    /// Kills (SIGKILL) every process in the sandbox but its init, running
+    /// commands included; returns how many. Each is signalled through a
+    /// pidfd opened after checking it is the very process found (same
+    /// start time), so a pid reused meanwhile is never hit. Repeats until
+    /// none is left (a process may fork while it is being killed), at
+    /// most a few rounds.
+    pub fn kill_processes(&self) -> usize {
+        let mut killed = 0;
+        for _ in 0..8 {
+            let procs = self.descendants();
+            if procs.is_empty() {
+                break;
+            }
+            for (pid, ticks) in procs {
+                let Some(raw) = rustix::process::Pid::from_raw(pid) else {
+                    continue;
+                };
+                let Ok(fd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+                else {
+                    continue;
+                };
+                if crate::broker::start_ticks(pid) != Some(ticks) {
+                    continue;
+                }
+                if rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL).is_ok() {
+                    killed += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        killed
+    }
+
     /// Whether it still runs.
     pub fn is_running(&self) -> bool {
         !self.dead.load(Ordering::SeqCst)

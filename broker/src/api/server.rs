@@ -122,6 +122,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(inspect).delete(destroy))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/kill", post(kill))
         .route("/v1/sandboxes/{id}/network", put(set_network))
         .route(
             "/v1/sandboxes/{id}/ports",
@@ -257,6 +258,17 @@ async fn unforward_port(
         })?;
     let gone = blocking(move || b.unforward_port(&p, &id, host_port)).await?;
     Ok(Json(gone).into_response())
+}
+
+async fn kill(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let id = sandbox_id(&id)?;
+    let killed = blocking(move || b.kill_processes(&p, &id)).await?;
+    Ok(Json(serde_json::json!({"killed": killed})).into_response())
 }
 
 async fn take_snapshot(

@@ -123,6 +123,13 @@ pub enum AuditEvent {
         /// The sandbox's port.
         port: u16,
     },
+    /// `sandbox/kill`: every process but init killed on request.
+    Killed {
+        /// Caller's uid and pid.
+        caller: (u32, i32),
+        /// How many.
+        processes: usize,
+    },
     /// `sandbox/snapshot`, `sandbox/restore`, `sandbox/snapshot_removed`.
     Snapshot {
         /// Caller's uid and pid.
@@ -292,6 +299,11 @@ impl AuditEvent {
                 AuditKind::Net,
                 "port_forward_removed",
                 json!({"caller_uid": caller.0, "caller_pid": caller.1, "host": host, "port": port}),
+            ),
+            AuditEvent::Killed { caller, processes } => (
+                AuditKind::Sandbox,
+                "kill",
+                json!({"caller_uid": caller.0, "caller_pid": caller.1, "processes": processes}),
             ),
             AuditEvent::Snapshot {
                 caller,

@@ -38,7 +38,7 @@ pub(super) struct OwnerRecord {
 }
 
 /// Start time of a process in clock ticks (field 22 of /proc/pid/stat).
-pub(super) fn start_ticks(pid: i32) -> Option<u64> {
+pub(crate) fn start_ticks(pid: i32) -> Option<u64> {
     proc_stat(pid).map(|(_, ticks)| ticks)
 }
 

@@ -349,8 +349,9 @@ impl Broker {
         if running > 0 || procs > 0 {
             return Err(BrokerError::Conflict(format!(
                 "sandbox {}: {running} command(s) and {procs} process(es) running; \
-                 snapshots and restores need it idle (wait for them, or kill them)",
-                sb.id
+                 snapshots and restores need it idle (wait for them, or stop them all with \
+                 `airlock kill {}`)",
+                sb.id, sb.id
             )));
         }
         if sb.branch {

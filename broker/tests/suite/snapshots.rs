@@ -118,6 +118,23 @@ fn snapshots_need_an_idle_sandbox_and_its_agents_own_workspace() {
         assert!(Instant::now() < deadline, "{}", text(&out.stderr));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A process a command left behind (later commands cannot signal it)
+    // blocks snapshots until `airlock kill` stops it.
+    sh(&env, &id, "sleep 300 >/dev/null 2>&1 </dev/null &");
+    let out = env.remote(&["snapshot", &id]);
+    assert!(
+        text(&out.stderr).contains(&format!("airlock kill {id}")),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(ok(&env.remote(&["kill", &id])).trim(), "1");
+    assert_eq!(ok(&env.remote(&["snapshot", &id])).trim(), "snap-2");
+    assert_eq!(sh(&env, &id, "echo still here"), "still here\n");
+    let rows = env.audit_wait(&["--kind", "sandbox"], |r| r["action"] == "kill");
+    assert!(
+        rows.iter()
+            .any(|r| r["action"] == "kill" && r["detail"]["processes"] == 1)
+    );
     // A second sandbox of the agent shares the workspace.
     let other = create(&env, &[])["id"].as_str().unwrap().to_string();
     let out = env.remote(&["snapshot", &id]);
