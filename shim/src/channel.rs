@@ -183,37 +183,22 @@ impl Channel {
     /// # Errors
     /// As [`Channel::send`].
     pub fn try_send<T: Serialize>(&self, msg: &T) -> Result<bool, ChannelError> {
-        let bytes = serde_json::to_vec(msg).map_err(ChannelError::Malformed)?;
-        if bytes.len() > MAX_MESSAGE {
-            return Err(ChannelError::TooLarge(bytes.len()));
-        }
-        let iov = [IoSlice::new(&bytes)];
-        loop {
-            match sendmsg::<()>(
-                self.fd.as_raw_fd(),
-                &iov,
-                &[],
-                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-                None,
-            ) {
-                Ok(_) => return Ok(true),
-                Err(nix::Error::EINTR) => continue,
-                Err(nix::Error::EAGAIN) => return Ok(false),
-                Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => {
-                    return Err(ChannelError::Closed);
-                }
-                Err(source) => {
-                    return Err(ChannelError::Io {
-                        op: "sendmsg",
-                        source,
-                    });
-                }
-            }
-        }
+        self.send_flags(msg, &[], MsgFlags::MSG_DONTWAIT)
     }
 
     /// Sends one message, with descriptors attached.
     pub fn send<T: Serialize>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+        self.send_flags(msg, fds, MsgFlags::empty()).map(drop)
+    }
+
+    /// One `sendmsg` of `msg` (never SIGPIPE); `Ok(false)` when a
+    /// non-blocking send found the buffer full.
+    fn send_flags<T: Serialize>(
+        &self,
+        msg: &T,
+        fds: &[BorrowedFd<'_>],
+        flags: MsgFlags,
+    ) -> Result<bool, ChannelError> {
         let bytes = serde_json::to_vec(msg).map_err(ChannelError::Malformed)?;
         if bytes.len() > MAX_MESSAGE {
             return Err(ChannelError::TooLarge(bytes.len()));
@@ -230,11 +215,14 @@ impl Channel {
                 self.fd.as_raw_fd(),
                 &iov,
                 &cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
+                MsgFlags::MSG_NOSIGNAL | flags,
                 None,
             ) {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(true),
                 Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) if flags.contains(MsgFlags::MSG_DONTWAIT) => {
+                    return Ok(false);
+                }
                 Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => {
                     return Err(ChannelError::Closed);
                 }
