@@ -188,6 +188,11 @@ const EVENT_QUEUE: usize = 4096;
 /// "anything".
 pub const CHANGED_BATCH: usize = 256;
 
+/// Most bytes of paths one report carries (far below the channel's
+/// message limit, whatever the paths' lengths); past that it says
+/// "anything".
+const CHANGED_BYTES: usize = 64 * 1024;
+
 /// Entry point of the `__fs` role; returns the exit status.
 pub fn main() -> i32 {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
@@ -326,9 +331,22 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         .name("fs-events".into())
         .spawn(move || {
             let limiter = crate::util::RateLimiter::new(events_per_sec, events_burst);
+            // False once the broker's end is gone. A message too large for
+            // the channel (never expected: paths are cut to fit) is
+            // skipped, not the end of every later event.
             let send = |event: FsServerEvent| {
                 let msg: Report<FsReady, FsServerEvent> = Report::Event { event };
-                events.send(&msg, &[]).is_ok()
+                match events.send(&msg, &[]) {
+                    Ok(()) => true,
+                    Err(airlock_shim::channel::ChannelError::TooLarge(n)) => {
+                        tracing::warn!(
+                            bytes = n,
+                            "an fs event too large for the channel was skipped"
+                        );
+                        true
+                    }
+                    Err(_) => false,
+                }
             };
             let mut changed = Changed::default();
             loop {
@@ -769,6 +787,7 @@ fn sink(
 #[derive(Default)]
 struct Changed {
     paths: std::collections::BTreeSet<String>,
+    bytes: usize,
     all: bool,
 }
 
@@ -778,12 +797,15 @@ impl Changed {
             if self.all {
                 return;
             }
-            if self.paths.len() >= CHANGED_BATCH {
+            if self.paths.len() >= CHANGED_BATCH || self.bytes + p.len() > CHANGED_BYTES {
                 self.all = true;
                 self.paths.clear();
+                self.bytes = 0;
                 return;
             }
-            self.paths.insert(p.to_string());
+            if self.paths.insert(p.to_string()) {
+                self.bytes += p.len();
+            }
         }
     }
 
@@ -795,6 +817,7 @@ impl Changed {
         }
         let paths = std::mem::take(&mut self.paths).into_iter().collect();
         self.all = false;
+        self.bytes = 0;
         Some(FsServerEvent::WorkspaceChanged {
             paths: if all { Vec::new() } else { paths },
             all,
@@ -845,6 +868,13 @@ mod tests {
         assert!(matches!(
             c.take(&lost),
             Some(FsServerEvent::WorkspaceChanged { all: true, ref paths }) if paths.is_empty()
+        ));
+        // Long paths (a deep tree) never make a report the channel refuses.
+        let long = format!("/workspace/{}", "d/".repeat(40_000));
+        c.add(&long, None);
+        assert!(matches!(
+            c.take(&lost),
+            Some(FsServerEvent::WorkspaceChanged { all: true, .. })
         ));
         // A change the queue dropped makes the next report "anything".
         lost.store(true, std::sync::atomic::Ordering::Relaxed);

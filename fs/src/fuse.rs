@@ -297,6 +297,36 @@ fn sandbox_path(comps: &[Name]) -> String {
     if s.is_empty() { "/".to_owned() } else { s }
 }
 
+/// Longest path an event carries: a deeper one (a sandbox can nest
+/// directories far past PATH_MAX through relative paths) keeps its head
+/// and its tail around a marker, so every event fits the channel to the
+/// broker and no change goes unreported.
+const MAX_REPORTED_PATH: usize = 4096;
+
+fn reported(path: String) -> String {
+    if path.len() <= MAX_REPORTED_PATH {
+        return path;
+    }
+    let cut = |mut i: usize, up: bool| {
+        while !path.is_char_boundary(i) {
+            if up {
+                i += 1;
+            } else {
+                i -= 1;
+            }
+        }
+        i
+    };
+    let head = cut(MAX_REPORTED_PATH / 2, false);
+    let tail = cut(path.len() - MAX_REPORTED_PATH / 2, true);
+    format!(
+        "{}/...({} bytes)...{}",
+        &path[..head],
+        tail - head,
+        &path[tail..]
+    )
+}
+
 fn ws_path(rel: &[Name]) -> String {
     let mut s = String::from("/workspace");
     for c in rel {
@@ -512,14 +542,18 @@ impl AirlockFs {
     // ---- events -------------------------------------------------------
 
     fn mutation(&self, op: MutationOp, path: String, to: Option<String>) {
-        (self.events)(FsEvent::Mutation { op, path, to });
+        (self.events)(FsEvent::Mutation {
+            op,
+            path: reported(path),
+            to: to.map(reported),
+        });
     }
 
     fn deny(&self, op: &str, path: String, reason: &str) {
         tracing::debug!(op, path, reason, "denied");
         (self.events)(FsEvent::Denied {
             op: op.to_owned(),
-            path,
+            path: reported(path),
             reason: reason.to_owned(),
         });
     }
@@ -3716,5 +3750,21 @@ impl Filesystem for FuseFs {
             Ok(p) => reply.offset(p),
             Err(e) => reply.error(e.errno()),
         }
+    }
+}
+
+#[cfg(test)]
+mod reported_tests {
+    use super::*;
+
+    #[test]
+    fn deep_paths_are_cut_to_fit_an_event() {
+        let short = "/workspace/a/b".to_string();
+        assert_eq!(reported(short.clone()), short);
+        let deep = format!("/workspace/{}end", "é/".repeat(30_000));
+        let r = reported(deep.clone());
+        assert!(r.len() < MAX_REPORTED_PATH + 64, "{}", r.len());
+        assert!(r.starts_with("/workspace/é/") && r.ends_with("/end"));
+        assert!(r.contains("bytes)..."));
     }
 }
