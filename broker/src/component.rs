@@ -350,8 +350,8 @@ impl Component {
     /// Stops the component: gives it `grace` to exit by itself (it does
     /// once what it serves is gone, after sending its last events), then
     /// kills it; reaps it, and waits until its supervisor has handled
-    /// everything it sent.
-    pub fn stop(mut self, grace: Duration) {
+    /// everything it sent. Returns whether it exited by itself.
+    pub fn stop(mut self, grace: Duration) -> bool {
         self.stopping.store(true, Ordering::SeqCst);
         let deadline = std::time::Instant::now() + grace;
         while std::time::Instant::now() < deadline {
@@ -365,6 +365,7 @@ impl Component {
                 }
             }
         }
+        let exited = self.reaped;
         self.kill_and_reap();
         let handle = crate::util::lock_or_recover(&self.supervisor).take();
         if let Some(h) = handle
@@ -373,6 +374,7 @@ impl Component {
         {
             tracing::warn!(role = self.role, "component supervisor panicked");
         }
+        exited
     }
 
     fn kill_and_reap(&mut self) {

@@ -76,26 +76,36 @@ pub struct ServedMount {
 }
 
 impl ServedMount {
-    /// Detaches the mount and stops its server.
-    pub fn unmount(mut self) -> Result<(), airlock_fs::FsError> {
+    /// Detaches the mount and stops its server; returns what went wrong
+    /// (a server that did not exit by itself once its mount was gone lost
+    /// its last events).
+    pub fn unmount(mut self) -> Vec<String> {
         self.release()
     }
 
-    fn release(&mut self) -> Result<(), airlock_fs::FsError> {
-        let res = airlock_fs::force_unmount(&self.mountpoint);
-        if let Some(server) = self.server.take() {
-            server.stop(SERVER_EXIT_GRACE);
+    fn release(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = airlock_fs::force_unmount(&self.mountpoint) {
+            problems.push(format!("{e}"));
         }
-        res
+        if let Some(server) = self.server.take()
+            && !server.stop(SERVER_EXIT_GRACE)
+        {
+            problems.push(format!(
+                "the filesystem server did not exit within {} ms of its mount going, and was killed",
+                SERVER_EXIT_GRACE.as_millis()
+            ));
+        }
+        problems
     }
 }
 
 impl Drop for ServedMount {
     fn drop(&mut self) {
-        if self.server.is_some()
-            && let Err(e) = self.release()
-        {
-            tracing::warn!(error = %e, "unmount on drop failed");
+        if self.server.is_some() {
+            for p in self.release() {
+                tracing::warn!(problem = %p, "release of a dropped mount");
+            }
         }
     }
 }
@@ -165,10 +175,8 @@ impl Resources {
                 Duration::ZERO
             });
         }
-        if let Some(m) = self.mount.take()
-            && let Err(e) = m.unmount()
-        {
-            problems.push(format!("{e}"));
+        if let Some(m) = self.mount.take() {
+            problems.extend(m.unmount());
         }
         if let Err(e) = self.cgroup.remove() {
             problems.push(format!("{e}"));

@@ -60,6 +60,14 @@ fn destroy_leaves_nothing_behind() {
         .collect();
     assert!(actions.contains(&"create".to_string()), "{actions:?}");
     assert!(actions.contains(&"destroy".to_string()), "{actions:?}");
+    // Everything went as it should: the filesystem server, its mount gone,
+    // sent its last events and exited by itself (it is killed otherwise).
+    let destroy = rows.iter().find(|r| r["action"] == "destroy").unwrap();
+    assert_eq!(
+        destroy["detail"]["problems"],
+        serde_json::json!([]),
+        "{destroy}"
+    );
 }
 
 #[test]
