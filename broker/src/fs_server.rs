@@ -407,11 +407,9 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
                 let Control::Command { command } = msg else {
                     break;
                 };
-                if let FsCommand::Invalidate { paths, all } = &command {
-                    snapshots.workspace_changed(paths, *all);
+                let Some((id, result)) = run_command(&snapshots, command) else {
                     continue;
-                }
-                let (id, result) = run_command(&snapshots, command);
+                };
                 let msg: Report<FsReady, FsServerEvent> = Report::Event {
                     event: FsServerEvent::Snapshot { id, result },
                 };
@@ -431,31 +429,29 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
     served.map_err(|e| fail("serve")(&e))
 }
 
-/// Runs one snapshot command; returns its id and outcome.
+/// Runs one command; returns the answer due (its id and outcome), if any.
 fn run_command(
     snapshots: &airlock_fs::Snapshots,
     command: FsCommand,
-) -> (u64, Result<airlock_fs::LayerChain, String>) {
-    match command {
-        FsCommand::Freeze { id, layer } => {
-            (id, snapshots.freeze(&layer).map_err(|e| e.to_string()))
+) -> Option<(u64, Result<airlock_fs::LayerChain, String>)> {
+    let text = |e: airlock_fs::SnapshotError| e.to_string();
+    Some(match command {
+        FsCommand::Freeze { id, layer } => (id, snapshots.freeze(&layer).map_err(text)),
+        FsCommand::Restore { id, chain } => {
+            (id, snapshots.restore(&chain).map(|()| chain).map_err(text))
         }
-        FsCommand::Restore { id, chain } => (
-            id,
-            snapshots
-                .restore(&chain)
-                .map(|()| chain)
-                .map_err(|e| e.to_string()),
-        ),
         FsCommand::Remove { id, layers } => (
             id,
             snapshots
                 .remove(&layers)
                 .map(|()| snapshots.chain())
-                .map_err(|e| e.to_string()),
+                .map_err(text),
         ),
-        FsCommand::Invalidate { .. } => (0, Ok(snapshots.chain())),
-    }
+        FsCommand::Invalidate { paths, all } => {
+            snapshots.workspace_changed(&paths, all);
+            return None;
+        }
+    })
 }
 
 /// The jail of a server of `mount_spec`: landlock limited to its own
