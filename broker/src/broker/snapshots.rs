@@ -52,6 +52,14 @@ use crate::sandbox::Sandbox;
 use crate::spec::SandboxId;
 use crate::util::lock_or_recover;
 
+/// Frozen layers something needs, by tree: a snapshot's copy-on-write
+/// and workspace layers share a name, and each goes on its own.
+#[derive(Debug, Default)]
+struct InUse {
+    upper: HashSet<String>,
+    workspace: HashSet<String>,
+}
+
 /// How long the broker waits for a filesystem server's answer.
 const FS_ANSWER_WAIT: Duration = Duration::from_secs(60);
 
@@ -720,22 +728,22 @@ impl Broker {
                 id: rid,
                 layers: airlock_fs::LayerChain::default(),
             })?;
-            keep.extend(served.upper);
-            keep.extend(served.workspace);
+            keep.upper.extend(served.upper);
+            keep.workspace.extend(served.workspace);
         }
         let drop = airlock_fs::LayerChain {
             upper: rec
                 .chain
                 .upper
                 .iter()
-                .filter(|l| !keep.contains(*l))
+                .filter(|l| !keep.upper.contains(*l))
                 .cloned()
                 .collect(),
             workspace: rec
                 .chain
                 .workspace
                 .iter()
-                .filter(|l| !keep.contains(*l))
+                .filter(|l| !keep.workspace.contains(*l))
                 .cloned()
                 .collect(),
         };
@@ -771,18 +779,20 @@ impl Broker {
         Ok(())
     }
 
-    /// Layers the agent's books and its live forks need.
-    fn layers_in_use(&self, agent: &str, books: &AgentLayers) -> HashSet<String> {
-        let mut keep: HashSet<String> = books.workspace.iter().cloned().collect();
+    /// Layers the agent's books and its live sandboxes need, by tree (a
+    /// snapshot's two layers share a name).
+    fn layers_in_use(&self, agent: &str, books: &AgentLayers) -> InUse {
+        let mut keep = InUse::default();
+        keep.workspace.extend(books.workspace.iter().cloned());
         for s in &books.snapshots {
-            keep.extend(s.chain.upper.iter().cloned());
-            keep.extend(s.chain.workspace.iter().cloned());
+            keep.upper.extend(s.chain.upper.iter().cloned());
+            keep.workspace.extend(s.chain.workspace.iter().cloned());
         }
         for sb in lock_or_recover(&self.sandboxes).values() {
             if sb.agent == agent && sb.is_running() {
                 let c = lock_or_recover(&sb.serves).clone();
-                keep.extend(c.upper);
-                keep.extend(c.workspace);
+                keep.upper.extend(c.upper);
+                keep.workspace.extend(c.workspace);
             }
         }
         keep
@@ -825,7 +835,7 @@ impl Broker {
                 }
             }
         };
-        sweep(&area.join("layers"), &|n| keep.contains(n));
+        sweep(&area.join("layers"), &|n| keep.workspace.contains(n));
         sweep(&area.join("branches"), &|n| live.contains(n));
         if live.is_empty() {
             let _ = crate::tree::remove_tree(&area.join("trash"));
@@ -838,7 +848,7 @@ impl Broker {
             .join("upper");
         if let Ok(bases) = std::fs::read_dir(&stores) {
             for b in bases.flatten() {
-                sweep(&b.path(), &|n| keep.contains(n));
+                sweep(&b.path(), &|n| keep.upper.contains(n));
             }
         }
     }
