@@ -29,6 +29,7 @@ use crate::layers::{
     make_whiteout, set_opaque, unlink_whiteout,
 };
 use crate::policy::Name;
+use crate::quota::Tree;
 use crate::resolve::{open_dir, open_file, open_path, stat_at};
 use crate::synth::{Synth, SynthEntry, SynthSpec};
 use crate::{BaseSpec, EventSink, FsEvent, IdMap, MountOptions, MountSpec, MutationOp, Shared};
@@ -68,6 +69,13 @@ enum Area {
     Synth,
     Upper,
     Workspace,
+}
+
+impl Area {
+    /// The writable tree a write through a handle in this area charges.
+    fn tree(self) -> Tree {
+        Tree::of(self == Area::Workspace)
+    }
 }
 
 /// A node's place: in the merged stack or in the workspace subtree.
@@ -183,13 +191,6 @@ struct Handle {
     /// Sandbox path for workspace write events.
     ws_path: Option<String>,
     written: AtomicBool,
-}
-
-/// Which writable tree a frozen layer belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Tree {
-    Upper,
-    Workspace,
 }
 
 /// Where a mount's frozen layers are found, by name: each tree's own
@@ -492,38 +493,44 @@ impl AirlockFs {
 
     /// Sets the length of writable file `f` and settles what that did to
     /// its allocation (growing a file allocates nothing; shrinking frees).
-    fn set_len_charged(&self, f: &File, size: u64) -> OpResult<()> {
+    fn set_len_charged(&self, tree: Tree, f: &File, size: u64) -> OpResult<()> {
         let before = crate::quota::allocated(&rustix::fs::fstat(f)?);
         let r = f.set_len(size);
         let after = rustix::fs::fstat(f).map_or(before, |st| crate::quota::allocated(&st));
-        self.usage.settle(before, after);
+        self.usage.settle(tree, before, after);
         Ok(r?)
     }
 
     /// Runs `op` on writable file `f`, which may allocate up to `most`
     /// bytes: refused with ENOSPC unless that fits, then charged what it
     /// did allocate.
-    fn allocating<T>(&self, f: &File, most: u64, op: impl FnOnce() -> OpResult<T>) -> OpResult<T> {
-        self.usage.fits_bytes(most)?;
+    fn allocating<T>(
+        &self,
+        tree: Tree,
+        f: &File,
+        most: u64,
+        op: impl FnOnce() -> OpResult<T>,
+    ) -> OpResult<T> {
+        self.usage.fits_bytes(tree, most)?;
         let before = crate::quota::allocated(&rustix::fs::fstat(f)?);
         let r = op();
         let after = rustix::fs::fstat(f).map_or(before, |st| crate::quota::allocated(&st));
-        self.usage.settle(before, after);
+        self.usage.settle(tree, before, after);
         r
     }
 
     /// Refunds what a host entry about to go for good holds: its inode,
     /// and its bytes when this is its last name.
-    fn refund_entry(&self, dir: &Dir, name: &Name) {
+    fn refund_entry(&self, tree: Tree, dir: &Dir, name: &Name) {
         if let Ok(st) = stat_at(dir, name) {
-            self.refund_stat(st.as_ref());
+            self.refund_stat(tree, st.as_ref());
         }
     }
 
     /// Refunds what the host entry `st` described held, now that one of its
     /// names went: all of it when that was its last name (or a directory).
     /// Whiteouts were never charged.
-    fn refund_stat(&self, st: Option<&rustix::fs::Stat>) {
+    fn refund_stat(&self, tree: Tree, st: Option<&rustix::fs::Stat>) {
         let Some(st) = st else {
             return;
         };
@@ -532,10 +539,10 @@ impl AirlockFs {
             return;
         }
         if ft == rustix::fs::FileType::Directory {
-            self.usage.refund_inodes(1);
+            self.usage.refund_inodes(tree, 1);
         } else if st.st_nlink <= 1 {
-            self.usage.refund_inodes(1);
-            self.usage.refund_bytes(crate::quota::allocated(st));
+            self.usage.refund_inodes(tree, 1);
+            self.usage.refund_bytes(tree, crate::quota::allocated(st));
         }
     }
 
@@ -632,11 +639,11 @@ impl AirlockFs {
                     if !found.meta.is_dir() {
                         return Err(OpError::NotDir);
                     }
-                    self.usage.charge_inodes(1)?;
+                    self.usage.charge_inodes(Tree::Workspace, 1)?;
                     match stack.upper_dir(&rel[..=i]) {
                         Ok(d) => d,
                         Err(e) => {
-                            self.usage.refund_inodes(1);
+                            self.usage.refund_inodes(Tree::Workspace, 1);
                             return Err(e);
                         }
                     }
@@ -743,14 +750,14 @@ impl AirlockFs {
                 } else {
                     meta.blocks.saturating_mul(512)
                 };
-                self.usage.charge_inodes(1)?;
-                if let Err(e) = self.usage.charge_bytes(bytes) {
-                    self.usage.refund_inodes(1);
+                self.usage.charge_inodes(Tree::Workspace, 1)?;
+                if let Err(e) = self.usage.charge_bytes(Tree::Workspace, bytes) {
+                    self.usage.refund_inodes(Tree::Workspace, 1);
                     return Err(e);
                 }
                 if let Err(e) = stack.copy_up(rel, &found, truncate) {
-                    self.usage.refund_inodes(1);
-                    self.usage.refund_bytes(bytes);
+                    self.usage.refund_inodes(Tree::Workspace, 1);
+                    self.usage.refund_bytes(Tree::Workspace, bytes);
                     return Err(e);
                 }
                 if let Some(st) = stat_at(&*d, name)? {
@@ -813,7 +820,7 @@ impl AirlockFs {
             } else {
                 rustix::fs::unlinkat(d, name.as_os_str(), AtFlags::empty())?;
             }
-            self.refund_stat(st.as_ref());
+            self.refund_stat(Tree::Workspace, st.as_ref());
         }
         if self.ws_lower_has(dir, name)? {
             make_whiteout(d, name)?;
@@ -876,7 +883,7 @@ impl AirlockFs {
             clear_whiteouts(&*open_dir(db, new_name)?)?;
         }
         rustix::fs::renameat(da, name.as_os_str(), db, new_name.as_os_str())?;
-        self.refund_stat(replaced.as_ref());
+        self.refund_stat(Tree::Workspace, replaced.as_ref());
         if src_lower_name {
             make_whiteout(da, name)?;
         }
@@ -1089,15 +1096,15 @@ impl AirlockFs {
         } else {
             (found.meta.blocks.saturating_mul(512), 1)
         };
-        self.usage.charge_inodes(charged.1)?;
-        if let Err(e) = self.usage.charge_bytes(charged.0) {
-            self.usage.refund_inodes(charged.1);
+        self.usage.charge_inodes(Tree::Upper, charged.1)?;
+        if let Err(e) = self.usage.charge_bytes(Tree::Upper, charged.0) {
+            self.usage.refund_inodes(Tree::Upper, charged.1);
             return Err(e);
         }
         let r = self.store.copy_up(comps, found, truncate);
         if r.is_err() {
-            self.usage.refund_inodes(charged.1);
-            self.usage.refund_bytes(charged.0);
+            self.usage.refund_inodes(Tree::Upper, charged.1);
+            self.usage.refund_bytes(Tree::Upper, charged.0);
         } else if found.src != Src::Layer(top)
             && self.store.keyed(&found.src)
             && !found.meta.is_dir()
@@ -1279,7 +1286,7 @@ impl AirlockFs {
                     self.mutation(MutationOp::Truncate, p.clone(), None);
                 }
             }
-            self.set_len_charged(file, size)?;
+            self.set_len_charged(h.area.tree(), file, size)?;
             if let Some(a) = self.handle_attr(ino, &h) {
                 return a;
             }
@@ -1387,7 +1394,7 @@ impl AirlockFs {
                 if is_ws {
                     kill_setid(file)?;
                 }
-                self.set_len_charged(file, size)?;
+                self.set_len_charged(Tree::of(is_ws), file, size)?;
             } else {
                 let (d, name) = self.writable(&loc, size == 0)?;
                 let f = open_file(&*d, &name, OFlags::WRONLY | OFlags::NONBLOCK, 0)?;
@@ -1397,7 +1404,7 @@ impl AirlockFs {
                     self.ws_require("truncate", path.clone(), &meta, WRITE)?;
                     kill_setid(&f)?;
                 }
-                self.set_len_charged(&f, size)?;
+                self.set_len_charged(Tree::of(is_ws), &f, size)?;
             }
             if is_ws {
                 self.mutation(MutationOp::Truncate, path.clone(), None);
@@ -1487,7 +1494,7 @@ impl AirlockFs {
             if ws {
                 kill_setid(file)?;
             }
-            self.set_len_charged(file, size)?;
+            self.set_len_charged(Tree::of(ws), file, size)?;
         }
         if c.atime.is_some() || c.mtime.is_some() {
             let explicit = matches!(c.atime, Some(TimeOrNow::SpecificTime(_)))
@@ -1570,9 +1577,9 @@ impl AirlockFs {
                     // name, chmod) has only that owner's rights, so a name
                     // swapped in meanwhile cannot be changed as root.
                     let _as_owner = crate::sys::FsIds::switch(self.ws_owner.0, self.ws_owner.1)?;
-                    self.usage.charge_inodes(1)?;
+                    self.usage.charge_inodes(Tree::Workspace, 1)?;
                     if let Err(e) = make(&d, &name, 0o7777 & !setid) {
-                        self.usage.refund_inodes(1);
+                        self.usage.refund_inodes(Tree::Workspace, 1);
                         return Err(e);
                     }
                     if op == MutationOp::Mkdir && had_whiteout {
@@ -1603,9 +1610,9 @@ impl AirlockFs {
                 }
                 let d = self.store.upper_dir(dir)?;
                 let had_whiteout = unlink_whiteout(&d, &name)?;
-                self.usage.charge_inodes(1)?;
+                self.usage.charge_inodes(Tree::Upper, 1)?;
                 if let Err(e) = make(&d, &name, 0o7777) {
-                    self.usage.refund_inodes(1);
+                    self.usage.refund_inodes(Tree::Upper, 1);
                     return Err(e);
                 }
                 chown_at(
@@ -2050,7 +2057,7 @@ impl AirlockFs {
                     kill_setid(file)?;
                 }
                 let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
-                self.allocating(file, length, || {
+                self.allocating(h.area.tree(), file, length, || {
                     Ok(rustix::fs::fallocate(file, flags, offset, length)?)
                 })?;
                 h.written.store(true, Ordering::Relaxed);
@@ -2117,7 +2124,7 @@ impl AirlockFs {
                 }
                 // A write the quota could not hold is refused before it
                 // changes anything.
-                self.allocating(file, data.len() as u64, || {
+                self.allocating(h.area.tree(), file, data.len() as u64, || {
                     Ok(file.write_all_at(data, offset)?)
                 })?;
                 h.written.store(true, Ordering::Relaxed);
@@ -2156,7 +2163,7 @@ impl AirlockFs {
                 } else {
                     let st = stat_at(&*d, &name)?;
                     rustix::fs::unlinkat(&*d, name.as_os_str(), flags)?;
-                    self.refund_stat(st.as_ref());
+                    self.refund_stat(Tree::Workspace, st.as_ref());
                 }
                 let op = if dir_op {
                     MutationOp::Rmdir
@@ -2182,7 +2189,7 @@ impl AirlockFs {
                 let lower = self.store.lower_has(&parts, dir, &name)?;
                 if found.src == Src::Layer(top) {
                     let d = self.store.upper_dir(dir)?;
-                    self.refund_entry(&d, &name);
+                    self.refund_entry(Tree::Upper, &d, &name);
                     if dir_op {
                         clear_whiteouts(&*open_dir(&*d, &name)?)?;
                         rustix::fs::unlinkat(&*d, name.as_os_str(), AtFlags::REMOVEDIR)?;
@@ -2267,7 +2274,7 @@ impl AirlockFs {
                     new_name.as_os_str(),
                     rflags,
                 )?;
-                self.refund_stat(replaced.as_ref());
+                self.refund_stat(Tree::Workspace, replaced.as_ref());
                 self.mutation(MutationOp::Rename, ws_path(a), Some(ws_path(b)));
                 let mut t = lock(&self.inodes);
                 if flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -2334,7 +2341,7 @@ impl AirlockFs {
                 }
                 let replaced = stat_at(&*ub, &new_name)?;
                 rustix::fs::renameat(&*ua, name.as_os_str(), &*ub, new_name.as_os_str())?;
-                self.refund_stat(replaced.as_ref());
+                self.refund_stat(Tree::Upper, replaced.as_ref());
                 if src_lower {
                     make_whiteout(&ua, &name)?;
                 }
@@ -3057,10 +3064,11 @@ impl AirlockFs {
         let _ = std::thread::Builder::new()
             .name("fs-trash".into())
             .spawn(move || {
-                for (dir, name) in [trash_upper, trash_ws] {
+                for (tree, (dir, name)) in [(Tree::Upper, trash_upper), (Tree::Workspace, trash_ws)]
+                {
                     let freed = crate::snapshot::remove_tree(&dir, &name);
-                    usage.refund_bytes(freed.bytes);
-                    usage.refund_inodes(freed.inodes);
+                    usage.refund_bytes(tree, freed.bytes);
+                    usage.refund_inodes(tree, freed.inodes);
                 }
             });
         // The top-level names of both trees: invalidating a directory's
@@ -3105,13 +3113,13 @@ impl AirlockFs {
                 // handle (the broker removes the empty directory).
                 if let Some(dir) = self.stores.forget(tree, n) {
                     let freed = crate::snapshot::empty_dir(&dir);
-                    self.usage.refund_bytes(freed.bytes);
-                    self.usage.refund_inodes(freed.inodes);
+                    self.usage.refund_bytes(tree, freed.bytes);
+                    self.usage.refund_inodes(tree, freed.inodes);
                 }
                 match crate::snapshot::remove_layer(root, n) {
                     Ok(freed) => {
-                        self.usage.refund_bytes(freed.bytes);
-                        self.usage.refund_inodes(freed.inodes);
+                        self.usage.refund_bytes(tree, freed.bytes);
+                        self.usage.refund_inodes(tree, freed.inodes);
                     }
                     Err(OpError::NotFound | OpError::NotDir) => {}
                     Err(e) => return Err(e),

@@ -63,9 +63,14 @@ fn fixture() -> &'static Fixture {
                 inodes: 10_000,
             },
             snapshots: Some(crate::LayerChain::default()),
+            workspace_usage: None,
             frozen: crate::FrozenDirs::default(),
         };
-        let usage = Arc::new(crate::quota::Usage::new(spec.quota, Arc::clone(&events)));
+        let usage = Arc::new(crate::quota::Usage::new(
+            spec.quota,
+            None,
+            Arc::clone(&events),
+        ));
         let fs = AirlockFs::new(
             &spec,
             events,

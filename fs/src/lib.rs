@@ -194,6 +194,10 @@ pub struct MountSpec {
     /// Where else frozen layers are found by name, beside each tree's own
     /// `.airlock/layers` (layers the broker moved to its stores).
     pub frozen: FrozenDirs,
+    /// The agent's quota on its persistent workspace, shared with its
+    /// other sandboxes' servers; `None` for a workspace that is the
+    /// caller's own directory.
+    pub workspace_usage: Option<WorkspaceUsage>,
 }
 
 /// Directories holding frozen layers, each layer a subdirectory named as
@@ -342,7 +346,7 @@ impl Snapshots {
     }
 }
 
-pub use quota::DiskQuota;
+pub use quota::{DiskQuota, SharedUsage, WorkspaceUsage};
 
 /// Runs the requests `data` describes straight through the operations a
 /// FUSE request reaches, on a private temporary tree: the fuzz target's
@@ -801,7 +805,11 @@ impl Server {
     /// When the spec is inconsistent or a layer root cannot be opened.
     pub fn new(spec: &MountSpec, events: EventSink, opts: &MountOptions) -> Result<Self, FsError> {
         let shared = Arc::new(Shared::default());
-        let usage = Arc::new(quota::Usage::new(spec.quota, Arc::clone(&events)));
+        let usage = Arc::new(quota::Usage::new(
+            spec.quota,
+            spec.workspace_usage.clone(),
+            Arc::clone(&events),
+        ));
         let fs = Arc::new(fuse::AirlockFs::new(
             spec,
             events,

@@ -1,6 +1,7 @@
 //! Disk quota: the bytes and inodes a sandbox adds across its copy-on-write
 //! layer (which holds `/tmp` and every other write outside `/workspace`)
-//! and its workspace, together.
+//! and its workspace, together; and, for an agent's persistent workspace,
+//! what all the agent's sandboxes hold there together.
 //!
 //! Bytes are the space files occupy on the host (allocated blocks), so a
 //! sparse file counts what it holds, not its length. An operation that can
@@ -18,9 +19,18 @@
 //! is confined; until the walk ends, only new charges count. The upper
 //! layer is new with every sandbox, so it starts empty. Changes made by
 //! others to a shared workspace are seen at the next start.
-
+//!
+//! An agent's workspace is shared live by its sandboxes, each served by a
+//! process of its own, so its quota cannot live in any one of them: its
+//! counters are a [`SharedUsage`], one page of a sealed memfd the broker
+//! made and every server of that workspace maps, charged with atomic
+//! operations. Every charge and refund on the workspace tree goes to both
+//! the sandbox's counters and the agent's; the broker keeps the agent's
+//! across restarts and charges what it adds or removes itself (snapshot
+//! layers it stores, leftovers it collects).
 use std::collections::HashSet;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -47,15 +57,163 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// 10 ms `airlock run`).
 const FIRST_REPORT_AFTER: Duration = Duration::from_millis(250);
 
-/// Live usage against a [`DiskQuota`].
+/// Which writable tree a charge or refund is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Tree {
+    /// The sandbox's copy-on-write layer.
+    Upper,
+    /// The workspace.
+    Workspace,
+}
+
+impl Tree {
+    /// The workspace if `workspace`, else the copy-on-write layer.
+    pub(crate) fn of(workspace: bool) -> Tree {
+        if workspace {
+            Tree::Workspace
+        } else {
+            Tree::Upper
+        }
+    }
+}
+
+/// Counters (bytes, then inodes) in one page of a sealed memfd, mapped
+/// shared by every process that holds it: the broker that made it and
+/// each filesystem server of one agent's workspace. A holder can change
+/// the numbers (a server is trusted with its own agent's), not the file's
+/// size (sealed), so no holder can make another fault on its mapping or
+/// use the file to fill memory.
+pub struct SharedUsage {
+    map: crate::sys::SharedWords,
+    fd: OwnedFd,
+}
+
+impl std::fmt::Debug for SharedUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (bytes, inodes) = self.get();
+        f.debug_struct("SharedUsage")
+            .field("bytes", &bytes)
+            .field("inodes", &inodes)
+            .finish()
+    }
+}
+
+impl SharedUsage {
+    /// Makes new counters at zero, in a memfd sealed at one page.
+    ///
+    /// # Errors
+    /// When the memfd cannot be made, sized, sealed or mapped.
+    pub fn create() -> std::io::Result<SharedUsage> {
+        use rustix::fs::{MemfdFlags, SealFlags};
+        let fd = rustix::fs::memfd_create(
+            c"airlock-usage",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )?;
+        rustix::fs::ftruncate(&fd, crate::sys::SharedWords::LEN as u64)?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+        SharedUsage::map(fd)
+    }
+
+    /// Maps counters another process made (from [`SharedUsage::fd`]).
+    ///
+    /// # Errors
+    /// When `fd` is not a memfd sealed against resizing at one page, or
+    /// cannot be mapped.
+    pub fn map(fd: OwnedFd) -> std::io::Result<SharedUsage> {
+        use rustix::fs::SealFlags;
+        let seals = rustix::fs::fcntl_get_seals(&fd)?;
+        let size = rustix::fs::fstat(&fd)?.st_size;
+        if !seals.contains(SealFlags::SHRINK | SealFlags::GROW)
+            || usize::try_from(size).ok() != Some(crate::sys::SharedWords::LEN)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "usage counters: not a sealed one-page memfd",
+            ));
+        }
+        let map = crate::sys::SharedWords::map(fd.as_fd())?;
+        Ok(SharedUsage { map, fd })
+    }
+
+    /// The memfd, to pass to another process.
+    #[must_use]
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn slot(&self, i: usize) -> &AtomicU64 {
+        self.map.word(i)
+    }
+
+    /// Bytes and inodes now.
+    #[must_use]
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.slot(0).load(Ordering::Acquire),
+            self.slot(1).load(Ordering::Acquire),
+        )
+    }
+
+    /// Sets both counters (a fresh count).
+    pub fn set(&self, bytes: u64, inodes: u64) {
+        self.slot(0).store(bytes, Ordering::Release);
+        self.slot(1).store(inodes, Ordering::Release);
+    }
+
+    /// Adds what was stored (never refused: it is there).
+    pub fn add(&self, bytes: u64, inodes: u64) {
+        self.slot(0).fetch_add(bytes, Ordering::AcqRel);
+        self.slot(1).fetch_add(inodes, Ordering::AcqRel);
+    }
+
+    /// Takes away what was removed (never below zero).
+    pub fn sub(&self, bytes: u64, inodes: u64) {
+        take_back(self.slot(0), bytes);
+        take_back(self.slot(1), inodes);
+    }
+}
+
+/// Subtracts `n` from `counter`, stopping at zero.
+fn take_back(counter: &AtomicU64, n: u64) {
+    if n > 0 {
+        let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+            Some(cur.saturating_sub(n))
+        });
+    }
+}
+
+/// Adds `n` to `counter` unless that would pass `limit` (0: none).
+fn take(counter: &AtomicU64, limit: u64, n: u64) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+            let next = cur.saturating_add(n);
+            (limit == 0 || next <= limit).then_some(next)
+        })
+        .is_ok()
+}
+
+/// The agent's workspace counters and limits, for a server of a
+/// persistent workspace.
+#[derive(Debug, Clone)]
+pub struct WorkspaceUsage {
+    /// The counters, shared with the broker and the agent's other servers.
+    pub counters: Arc<SharedUsage>,
+    /// The agent's limits on its workspace (0: none).
+    pub limit: DiskQuota,
+}
+
+/// Live usage against a [`DiskQuota`], and against the agent's workspace
+/// quota when the workspace is an agent's.
 pub(crate) struct Usage {
     limit: DiskQuota,
     bytes: AtomicU64,
     inodes: AtomicU64,
-    /// Whether each limit's first hit was reported.
-    hit: [AtomicBool; 2],
+    /// Whether each limit's first hit was reported: the sandbox's bytes
+    /// and inodes, then the workspace's.
+    hit: [AtomicBool; 4],
     changed: AtomicBool,
     events: EventSink,
+    workspace: Option<WorkspaceUsage>,
 }
 
 impl std::fmt::Debug for Usage {
@@ -69,94 +227,143 @@ impl std::fmt::Debug for Usage {
 }
 
 impl Usage {
-    pub(crate) fn new(limit: DiskQuota, events: EventSink) -> Usage {
+    pub(crate) fn new(
+        limit: DiskQuota,
+        workspace: Option<WorkspaceUsage>,
+        events: EventSink,
+    ) -> Usage {
         Usage {
             limit,
             bytes: AtomicU64::new(0),
             inodes: AtomicU64::new(0),
-            hit: [AtomicBool::new(false), AtomicBool::new(false)],
+            hit: std::array::from_fn(|_| AtomicBool::new(false)),
             changed: AtomicBool::new(true),
             events,
+            workspace,
         }
     }
 
-    /// Takes `n` from `counter` unless that would pass `limit` (0: none).
-    fn charge(&self, which: usize, n: u64) -> OpResult<()> {
+    /// Reports the first hit of limit `which` (0, 1: the sandbox's bytes
+    /// and inodes; 2, 3: the workspace's).
+    fn hit(&self, which: usize, limit: u64, used: u64) {
+        const WHAT: [&str; 4] = [
+            "disk bytes",
+            "inodes",
+            "workspace bytes",
+            "workspace inodes",
+        ];
+        if let (Some(h), Some(what)) = (self.hit.get(which), WHAT.get(which))
+            && !h.swap(true, Ordering::AcqRel)
+        {
+            (self.events)(FsEvent::QuotaHit {
+                what: (*what).to_string(),
+                limit,
+                used,
+            });
+        }
+    }
+
+    /// Takes `n` of kind `which` (0: bytes, 1: inodes) for `tree`: from the
+    /// agent's workspace counters too when it is the workspace, unless
+    /// either would pass its limit.
+    fn charge(&self, tree: Tree, which: usize, n: u64) -> OpResult<()> {
         if n == 0 {
             return Ok(());
         }
-        let (counter, limit, what) = match which {
-            0 => (&self.bytes, self.limit.bytes, "disk bytes"),
-            _ => (&self.inodes, self.limit.inodes, "inodes"),
+        let pool = match &self.workspace {
+            Some(w) if tree == Tree::Workspace => Some(w),
+            _ => None,
         };
-        let r = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-            let next = cur.saturating_add(n);
-            (limit == 0 || next <= limit).then_some(next)
-        });
-        if r.is_err() {
-            if let Some(h) = self.hit.get(which)
-                && !h.swap(true, Ordering::AcqRel)
-            {
-                (self.events)(FsEvent::QuotaHit {
-                    what: what.to_string(),
-                    limit,
-                    used: counter.load(Ordering::Acquire),
-                });
+        if let Some(w) = pool {
+            let limit = if which == 0 {
+                w.limit.bytes
+            } else {
+                w.limit.inodes
+            };
+            let counter = w.counters.slot(which);
+            if !take(counter, limit, n) {
+                self.hit(2 + which, limit, counter.load(Ordering::Acquire));
+                return Err(OpError::NoSpace);
             }
+        }
+        let (counter, limit) = match which {
+            0 => (&self.bytes, self.limit.bytes),
+            _ => (&self.inodes, self.limit.inodes),
+        };
+        if !take(counter, limit, n) {
+            if let Some(w) = pool {
+                take_back(w.counters.slot(which), n);
+            }
+            self.hit(which, limit, counter.load(Ordering::Acquire));
             return Err(OpError::NoSpace);
         }
         self.changed.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Charges `n` bytes.
-    pub(crate) fn charge_bytes(&self, n: u64) -> OpResult<()> {
-        self.charge(0, n)
+    /// Gives back `n` of kind `which` for `tree`.
+    fn refund(&self, tree: Tree, which: usize, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if tree == Tree::Workspace
+            && let Some(w) = &self.workspace
+        {
+            take_back(w.counters.slot(which), n);
+        }
+        take_back(
+            if which == 0 {
+                &self.bytes
+            } else {
+                &self.inodes
+            },
+            n,
+        );
+        self.changed.store(true, Ordering::Release);
     }
 
-    /// Charges `n` inodes.
-    pub(crate) fn charge_inodes(&self, n: u64) -> OpResult<()> {
-        self.charge(1, n)
+    /// Charges `n` bytes to `tree`.
+    pub(crate) fn charge_bytes(&self, tree: Tree, n: u64) -> OpResult<()> {
+        self.charge(tree, 0, n)
     }
 
-    /// Whether `n` more bytes would fit (without charging them).
-    pub(crate) fn fits_bytes(&self, n: u64) -> OpResult<()> {
-        self.charge_bytes(n)?;
-        self.refund_bytes(n);
+    /// Charges `n` inodes to `tree`.
+    pub(crate) fn charge_inodes(&self, tree: Tree, n: u64) -> OpResult<()> {
+        self.charge(tree, 1, n)
+    }
+
+    /// Whether `n` more bytes would fit in `tree` (without charging them).
+    pub(crate) fn fits_bytes(&self, tree: Tree, n: u64) -> OpResult<()> {
+        self.charge_bytes(tree, n)?;
+        self.refund_bytes(tree, n);
         Ok(())
     }
 
-    fn refund(counter: &AtomicU64, n: u64) {
-        let _ = counter.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-            Some(cur.saturating_sub(n))
-        });
+    /// Gives back `n` bytes of `tree`.
+    pub(crate) fn refund_bytes(&self, tree: Tree, n: u64) {
+        self.refund(tree, 0, n);
     }
 
-    /// Gives back `n` bytes.
-    pub(crate) fn refund_bytes(&self, n: u64) {
-        if n > 0 {
-            Self::refund(&self.bytes, n);
-            self.changed.store(true, Ordering::Release);
-        }
+    /// Gives back `n` inodes of `tree`.
+    pub(crate) fn refund_inodes(&self, tree: Tree, n: u64) {
+        self.refund(tree, 1, n);
     }
 
-    /// Gives back `n` inodes.
-    pub(crate) fn refund_inodes(&self, n: u64) {
-        if n > 0 {
-            Self::refund(&self.inodes, n);
-            self.changed.store(true, Ordering::Release);
-        }
-    }
-
-    /// Records what an operation did to a file's allocation, from
-    /// `before` to `after` bytes: never refused (it happened; the caller
-    /// checked it would fit first).
-    pub(crate) fn settle(&self, before: u64, after: u64) {
+    /// Records what an operation did to the allocation of a file in
+    /// `tree`, from `before` to `after` bytes: never refused (it happened;
+    /// the caller checked it would fit first).
+    pub(crate) fn settle(&self, tree: Tree, before: u64, after: u64) {
         if after > before {
-            self.bytes.fetch_add(after - before, Ordering::AcqRel);
+            let n = after - before;
+            if tree == Tree::Workspace
+                && let Some(w) = &self.workspace
+            {
+                w.counters.slot(0).fetch_add(n, Ordering::AcqRel);
+            }
+            self.bytes.fetch_add(n, Ordering::AcqRel);
             self.changed.store(true, Ordering::Release);
         } else {
-            self.refund_bytes(before - after);
+            self.refund_bytes(tree, before - after);
         }
     }
 
@@ -281,7 +488,7 @@ mod tests {
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&events);
         (
-            Usage::new(limit, Arc::new(move |e| sink.lock().unwrap().push(e))),
+            Usage::new(limit, None, Arc::new(move |e| sink.lock().unwrap().push(e))),
             events,
         )
     }
@@ -292,19 +499,31 @@ mod tests {
             bytes: 100,
             inodes: 2,
         });
-        u.charge_bytes(60).unwrap();
-        assert!(matches!(u.charge_bytes(41), Err(OpError::NoSpace)));
-        assert!(matches!(u.fits_bytes(41), Err(OpError::NoSpace)));
-        u.charge_bytes(40).unwrap();
-        u.settle(100, 10);
-        u.charge_bytes(90).unwrap();
-        u.settle(0, 50);
-        assert!(matches!(u.fits_bytes(1), Err(OpError::NoSpace)));
-        u.refund_bytes(50);
-        u.charge_inodes(2).unwrap();
-        assert!(matches!(u.charge_inodes(1), Err(OpError::NoSpace)));
-        u.refund_inodes(1);
-        u.charge_inodes(1).unwrap();
+        u.charge_bytes(Tree::Upper, 60).unwrap();
+        assert!(matches!(
+            u.charge_bytes(Tree::Upper, 41),
+            Err(OpError::NoSpace)
+        ));
+        assert!(matches!(
+            u.fits_bytes(Tree::Upper, 41),
+            Err(OpError::NoSpace)
+        ));
+        u.charge_bytes(Tree::Upper, 40).unwrap();
+        u.settle(Tree::Upper, 100, 10);
+        u.charge_bytes(Tree::Upper, 90).unwrap();
+        u.settle(Tree::Upper, 0, 50);
+        assert!(matches!(
+            u.fits_bytes(Tree::Upper, 1),
+            Err(OpError::NoSpace)
+        ));
+        u.refund_bytes(Tree::Upper, 50);
+        u.charge_inodes(Tree::Upper, 2).unwrap();
+        assert!(matches!(
+            u.charge_inodes(Tree::Upper, 1),
+            Err(OpError::NoSpace)
+        ));
+        u.refund_inodes(Tree::Upper, 1);
+        u.charge_inodes(Tree::Upper, 1).unwrap();
         let hits: Vec<String> = events
             .lock()
             .unwrap()
@@ -318,11 +537,91 @@ mod tests {
     }
 
     #[test]
+    fn the_workspace_counters_are_shared_across_mappings_and_bound_every_server() {
+        let counters = Arc::new(SharedUsage::create().unwrap());
+        // A second process maps the same memfd: here, a second mapping.
+        let other = SharedUsage::map(counters.fd().try_clone_to_owned().unwrap()).unwrap();
+        let limit = DiskQuota {
+            bytes: 1000,
+            inodes: 10,
+        };
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&events);
+        let a = Usage::new(
+            DiskQuota::default(),
+            Some(WorkspaceUsage {
+                counters: Arc::clone(&counters),
+                limit,
+            }),
+            Arc::new(move |e| sink.lock().unwrap().push(e)),
+        );
+        a.charge_bytes(Tree::Workspace, 700).unwrap();
+        assert_eq!(other.get().0, 700);
+        // Another server of the workspace took the rest.
+        other.add(300, 0);
+        assert!(matches!(
+            a.charge_bytes(Tree::Workspace, 1),
+            Err(OpError::NoSpace)
+        ));
+        // The copy-on-write layer is not the workspace's.
+        a.charge_bytes(Tree::Upper, 5000).unwrap();
+        assert_eq!(counters.get().0, 1000);
+        a.refund_bytes(Tree::Workspace, 200);
+        a.settle(Tree::Workspace, 0, 150);
+        assert_eq!(other.get().0, 950);
+        a.charge_inodes(Tree::Workspace, 10).unwrap();
+        assert!(matches!(
+            a.charge_inodes(Tree::Workspace, 1),
+            Err(OpError::NoSpace)
+        ));
+        // A sandbox limit refusing gives the workspace its charge back.
+        let small = Usage::new(
+            DiskQuota {
+                bytes: 10,
+                inodes: 0,
+            },
+            Some(WorkspaceUsage {
+                counters: Arc::clone(&counters),
+                limit: DiskQuota::default(),
+            }),
+            Arc::new(|_| {}),
+        );
+        assert!(matches!(
+            small.charge_bytes(Tree::Workspace, 20),
+            Err(OpError::NoSpace)
+        ));
+        assert_eq!(counters.get().0, 950);
+        let hits: Vec<String> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                FsEvent::QuotaHit { what, .. } => Some(what.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(hits, ["workspace bytes", "workspace inodes"]);
+    }
+
+    #[test]
+    fn the_shared_counters_cannot_be_resized_or_mapped_from_another_file() {
+        let counters = SharedUsage::create().unwrap();
+        assert!(rustix::fs::ftruncate(counters.fd(), 1 << 30).is_err());
+        assert!(rustix::fs::ftruncate(counters.fd(), 0).is_err());
+        let plain: OwnedFd = tempfile::tempfile().unwrap().into();
+        rustix::fs::ftruncate(&plain, crate::sys::SharedWords::LEN as u64).unwrap();
+        assert!(SharedUsage::map(plain).is_err());
+        counters.set(5, 6);
+        counters.sub(10, 1);
+        assert_eq!(counters.get(), (0, 5));
+    }
+
+    #[test]
     fn no_limit_means_no_refusal() {
         let (u, _) = usage(DiskQuota::default());
-        u.charge_bytes(u64::MAX / 2).unwrap();
-        u.charge_bytes(u64::MAX / 2).unwrap();
-        u.charge_inodes(1 << 40).unwrap();
+        u.charge_bytes(Tree::Upper, u64::MAX / 2).unwrap();
+        u.charge_bytes(Tree::Upper, u64::MAX / 2).unwrap();
+        u.charge_inodes(Tree::Upper, 1 << 40).unwrap();
     }
 
     #[test]

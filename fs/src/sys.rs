@@ -124,3 +124,62 @@ fn set_fsgid(gid: u32) -> u32 {
     let prev = unsafe { libc::setfsgid(gid) };
     u32::from_ne_bytes(prev.to_ne_bytes())
 }
+
+/// One page of a file mapped shared and read-write, seen as atomic words
+/// (cross-process counters).
+pub(crate) struct SharedWords {
+    /// Start of the mapping: `LEN` bytes, page-aligned, valid until drop.
+    map: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+}
+
+// SAFETY: the mapping is only reached as `AtomicU64`s (Sync), and it
+// lives as long as the value.
+unsafe impl Send for SharedWords {}
+// SAFETY: as above.
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    /// Bytes mapped.
+    pub(crate) const LEN: usize = 4096;
+    const WORDS: usize = Self::LEN / 8;
+
+    /// Maps the first `LEN` bytes of `fd`. The caller has checked that the
+    /// file is `LEN` bytes and sealed against shrinking, so every mapped
+    /// byte stays backed (no SIGBUS).
+    pub(crate) fn map(fd: BorrowedFd<'_>) -> io::Result<SharedWords> {
+        use rustix::mm::{MapFlags, ProtFlags};
+        // SAFETY: a fresh mapping placed by the kernel (null hint) aliases
+        // no Rust object; its bytes are only ever used as atomics.
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
+                0,
+            )?
+        };
+        let map = std::ptr::NonNull::new(p.cast::<std::sync::atomic::AtomicU64>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SharedWords { map })
+    }
+
+    /// Word `i` (the last one if `i` is past it).
+    pub(crate) fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        let i = i.min(Self::WORDS - 1);
+        // SAFETY: the mapping holds LEN bytes (page-aligned, so 8-aligned)
+        // for as long as `self`; i < WORDS keeps the word inside it.
+        unsafe { &*self.map.as_ptr().add(i) }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: `map` came from mmap of LEN bytes and no reference into
+        // it outlives `self` (`word` borrows `self`).
+        unsafe {
+            let _ = rustix::mm::munmap(self.map.as_ptr().cast(), Self::LEN);
+        }
+    }
+}

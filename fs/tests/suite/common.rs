@@ -81,6 +81,7 @@ fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec, opts: &MountOpti
         hostname: "testbox".into(),
         quota: airlock_fs::DiskQuota::default(),
         snapshots: Some(airlock_fs::LayerChain::default()),
+        workspace_usage: None,
         frozen: airlock_fs::FrozenDirs::default(),
     };
     let mount = airlock_fs::mount_with(
