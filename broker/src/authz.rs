@@ -134,11 +134,15 @@ mod tests {
                     name: "alice".into(),
                     uids: vec![1000],
                     gids: vec![],
+                    workspace_bytes: None,
+                    workspace_inodes: None,
                 },
                 AgentConfig {
                     name: "ci".into(),
                     uids: vec![],
                     gids: vec![500],
+                    workspace_bytes: None,
+                    workspace_inodes: None,
                 },
             ],
             ..BrokerConfig::default()

@@ -34,6 +34,7 @@ mod network;
 mod pool;
 mod recovery;
 mod snapshots;
+mod workspace_quota;
 
 pub(crate) use recovery::start_ticks;
 
@@ -124,6 +125,9 @@ pub struct Broker {
     /// it for reading, snapshots and restores for writing (see
     /// [`snapshots`]).
     workspace_locks: Mutex<HashMap<String, Arc<std::sync::RwLock<()>>>>,
+    /// Per agent: its persistent workspace's counters, shared with the
+    /// filesystem servers serving it (see [`workspace_quota`]).
+    workspace_usage: Mutex<HashMap<String, Arc<workspace_quota::AgentUsage>>>,
 }
 
 /// One create under way for an agent; released on drop (after the sandbox
@@ -194,6 +198,7 @@ impl Broker {
             refusals: RateLimiter::new(REFUSALS_PER_SEC, REFUSALS_BURST),
             creating: Mutex::new(HashMap::new()),
             workspace_locks: Mutex::new(HashMap::new()),
+            workspace_usage: Mutex::new(HashMap::new()),
         });
         let _ = broker.me_ref.set(Arc::downgrade(&broker));
         broker.recover();
@@ -466,8 +471,17 @@ impl Broker {
             .drain()
             .map(|(_, s)| s)
             .collect();
+        let mut layered = std::collections::BTreeSet::new();
         for s in all {
             s.teardown("broker shutdown");
+            if s.layered {
+                layered.insert(s.agent.clone());
+            }
+        }
+        // What no snapshot needs goes now, and each agent's workspace
+        // usage is written as it stands.
+        for agent in layered {
+            self.collect_layers(&agent);
         }
         self.audit.flush();
     }

@@ -552,6 +552,15 @@ fn print_info(info: &SandboxInfo, json: bool) {
         info.disk.used_inodes,
         info.disk.limit_inodes
     );
+    if let Some(w) = &info.workspace_disk {
+        println!(
+            "workspace:   {} of {} MiB, {} of {} inodes (the agent's, all its sandboxes and snapshots)",
+            w.used_bytes >> 20,
+            w.limit_bytes >> 20,
+            w.used_inodes,
+            w.limit_inodes
+        );
+    }
     println!("landlock:    ABI {}", info.landlock_abi);
     println!("seccomp:     profile {}", info.seccomp_profile);
     match &info.selftest {

@@ -21,6 +21,13 @@ pub struct AgentConfig {
     /// Host gids whose members may act for this agent.
     #[serde(default)]
     pub gids: Vec<u32>,
+    /// Bytes this agent's persistent workspace may hold, its snapshots
+    /// included (unset: `[limits] workspace_bytes`; 0: no limit).
+    #[serde(default)]
+    pub workspace_bytes: Option<u64>,
+    /// Inodes it may hold (unset: `[limits] workspace_inodes`).
+    #[serde(default)]
+    pub workspace_inodes: Option<u64>,
 }
 
 /// Default limits for new sandboxes; requests may ask for less or more, up
@@ -55,6 +62,12 @@ pub struct LimitsConfig {
     pub max_disk_bytes: u64,
     /// Ceiling for inode requests.
     pub max_inodes: u64,
+    /// Bytes each agent's persistent workspace may hold, its snapshots
+    /// included, over all its sandboxes (0: no limit); `[[agents]]`
+    /// entries may set their own.
+    pub workspace_bytes: u64,
+    /// Inodes each agent's persistent workspace may hold.
+    pub workspace_inodes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -73,6 +86,8 @@ impl Default for LimitsConfig {
             inodes: 1 << 20,
             max_disk_bytes: 1 << 40,
             max_inodes: 1 << 26,
+            workspace_bytes: 20 << 30,
+            workspace_inodes: 1 << 22,
         }
     }
 }
@@ -252,6 +267,21 @@ impl BrokerConfig {
             Self::load(path)
         } else {
             Ok(BrokerConfig::default())
+        }
+    }
+
+    /// The quota on `agent`'s persistent workspace: its `[[agents]]`
+    /// entry's, else `[limits]`'s.
+    #[must_use]
+    pub fn workspace_quota(&self, agent: &str) -> airlock_fs::DiskQuota {
+        let entry = self.agents.iter().find(|a| a.name == agent);
+        airlock_fs::DiskQuota {
+            bytes: entry
+                .and_then(|a| a.workspace_bytes)
+                .unwrap_or(self.limits.workspace_bytes),
+            inodes: entry
+                .and_then(|a| a.workspace_inodes)
+                .unwrap_or(self.limits.workspace_inodes),
         }
     }
 

@@ -119,8 +119,9 @@ pub enum FsServerEvent {
 }
 
 /// What a filesystem server serves. Descriptors travel beside it, in this
-/// order: /dev/fuse (mounted), the workspace directory, and the rootfs
-/// directory when `rootfs` is set.
+/// order: /dev/fuse (mounted), the workspace directory, the rootfs
+/// directory when `rootfs` is set, and the agent's workspace counters
+/// when `workspace_quota` is set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FsServerSpec {
@@ -146,6 +147,10 @@ pub struct FsServerSpec {
     /// What the sandbox may add to its layers and workspace.
     #[serde(default)]
     pub quota: airlock_fs::DiskQuota,
+    /// The agent's limits on its persistent workspace, counted in the
+    /// shared counters passed last; `None` for the caller's own directory.
+    #[serde(default)]
+    pub workspace_quota: Option<airlock_fs::DiskQuota>,
     /// Snapshots: the frozen layers to serve (see
     /// [`airlock_fs::MountSpec::snapshots`]); `None` for none.
     #[serde(default)]
@@ -227,7 +232,7 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
     for f in &spec.cgroup_procs {
         std::fs::write(f, "0").map_err(|e| ("join cgroup", format!("{}: {e}", f.display())))?;
     }
-    let want = if spec.rootfs { 3 } else { 2 };
+    let want = 2 + usize::from(spec.rootfs) + usize::from(spec.workspace_quota.is_some());
     if fds.len() != want {
         return Err((
             "read spec",
@@ -238,7 +243,16 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
     let (Some(dev), Some(ws)) = (fds.next(), fds.next()) else {
         return Err(("read spec", "descriptors missing".into()));
     };
-    let rootfs = fds.next();
+    let rootfs = if spec.rootfs { fds.next() } else { None };
+    let workspace_usage = match (spec.workspace_quota, fds.next()) {
+        (Some(limit), Some(fd)) => Some(airlock_fs::WorkspaceUsage {
+            counters: std::sync::Arc::new(
+                airlock_fs::SharedUsage::map(fd).map_err(|e| ("workspace quota", e.to_string()))?,
+            ),
+            limit,
+        }),
+        _ => None,
+    };
     // Forked first, while this process holds nothing else.
     let registrar = identity::Registrar::start(
         dev.as_fd(),
@@ -279,6 +293,7 @@ fn serve(chan: &Channel, spec: FsServerSpec, fds: Vec<OwnedFd>) -> Result<(), St
         sandbox_user: spec.user.clone(),
         hostname: spec.hostname.clone(),
         quota: spec.quota,
+        workspace_usage,
         snapshots: spec.snapshots.clone(),
         frozen: airlock_fs::FrozenDirs {
             upper: spec
@@ -919,6 +934,7 @@ mod tests {
             hostname: "probe".into(),
             quota: airlock_fs::DiskQuota::default(),
             snapshots: None,
+            workspace_usage: None,
             frozen: airlock_fs::FrozenDirs::default(),
         };
         // libtest runs this test on a thread of its own, and a process

@@ -240,6 +240,9 @@ pub struct Sandbox {
     pub(crate) ports: Mutex<Vec<crate::api::types::ForwardedPort>>,
     /// What its layers hold, as its filesystem server last reported.
     pub(crate) disk: Arc<Mutex<crate::api::types::DiskUsage>>,
+    /// Its agent's workspace counters, when it serves the agent's own
+    /// workspace (shared with the agent's other sandboxes).
+    pub(crate) workspace_usage: Option<airlock_fs::WorkspaceUsage>,
     /// Whether it takes snapshots (its workspace is its agent's own, or
     /// a branch of it).
     pub(crate) layered: bool,
@@ -422,6 +425,15 @@ impl Sandbox {
             network: lock_or_recover(&self.network).clone(),
             ports: lock_or_recover(&self.ports).clone(),
             disk: *lock_or_recover(&self.disk),
+            workspace_disk: self.workspace_usage.as_ref().map(|w| {
+                let (bytes, inodes) = w.counters.get();
+                crate::api::types::DiskUsage {
+                    used_bytes: bytes,
+                    used_inodes: inodes,
+                    limit_bytes: w.limit.bytes,
+                    limit_inodes: w.limit.inodes,
+                }
+            }),
         }
     }
 

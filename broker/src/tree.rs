@@ -136,6 +136,60 @@ pub fn du(path: &Path) -> u64 {
     total
 }
 
+/// The bytes allocated and the inodes under directory `path` (itself not
+/// counted), as a filesystem server's quota counts them: each host inode
+/// once (hard links), whiteouts not at all. Every directory is opened
+/// without following a symlink on its whole path, so a tree a sandbox
+/// reshapes meanwhile never leads the count elsewhere; one descriptor is
+/// open at a time. Entries that vanish or cannot be reached (past
+/// `PATH_MAX`) count nothing; `(0, 0)` when `path` is not a directory.
+pub fn usage(path: &Path) -> (u64, u64) {
+    use nix::sys::stat::{SFlag, fstatat};
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut linked = std::collections::HashSet::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(fd) = open_dir_nofollow(&dir) else {
+            continue;
+        };
+        let Ok(mut d) = Dir::openat(
+            fd.as_fd(),
+            c".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue;
+        };
+        for entry in d.iter() {
+            let Ok(entry) = entry else {
+                break;
+            };
+            let name: &CStr = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            let Ok(st) = fstatat(&fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+                continue;
+            };
+            let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+            let is_dir = kind == SFlag::S_IFDIR;
+            if (kind == SFlag::S_IFCHR && st.st_rdev == 0)
+                || (!is_dir && st.st_nlink > 1 && !linked.insert(st.st_ino))
+            {
+                continue;
+            }
+            inodes += 1;
+            if is_dir {
+                stack.push(dir.join(OsStr::from_bytes(name.to_bytes())));
+            } else {
+                let blocks = u64::try_from(st.st_blocks).unwrap_or(0);
+                bytes = bytes.saturating_add(blocks.saturating_mul(512));
+            }
+        }
+    }
+    (bytes, inodes)
+}
+
 /// The names in a directory, except `.` and `..`. One listing holds one
 /// extra descriptor while it runs.
 fn names(dir: &OwnedFd) -> std::io::Result<Vec<CString>> {

@@ -164,6 +164,11 @@ pub struct SandboxInfo {
     /// Disk usage against the quota.
     #[serde(default)]
     pub disk: DiskUsage,
+    /// What the agent's persistent workspace holds over all its sandboxes
+    /// and snapshots, against the agent's quota; absent for a workspace
+    /// that is the caller's own directory.
+    #[serde(default)]
+    pub workspace_disk: Option<DiskUsage>,
 }
 
 /// A snapshot of a sandbox (`POST /v1/sandboxes/{id}/snapshots`).

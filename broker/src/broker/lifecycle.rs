@@ -30,6 +30,8 @@ pub(super) struct BuiltFs {
     disk: Arc<Mutex<crate::api::types::DiskUsage>>,
     /// Where its answers to snapshot commands land.
     replies: Arc<crate::sandbox::FsReplies>,
+    /// The agent's workspace counters, when it serves the agent's own.
+    workspace_usage: Option<airlock_fs::WorkspaceUsage>,
 }
 
 /// Supervises a sandbox's filesystem server: its events become audit rows;
@@ -405,6 +407,7 @@ impl Broker {
             sink: fs_sink,
             disk,
             replies,
+            workspace_usage,
         } = match built {
             Ok(x) => x,
             Err(e) => {
@@ -479,6 +482,7 @@ impl Broker {
             network: Mutex::new(Default::default()),
             ports: Mutex::new(Vec::new()),
             disk,
+            workspace_usage,
             layered,
             branch: branch.is_some(),
             serves: Mutex::new(serves),
@@ -623,6 +627,19 @@ impl Broker {
             ..Default::default()
         }));
         let disk_slot = Arc::clone(&disk);
+        // The agent's own workspace (or a fork's branch of it) counts
+        // against the agent's quota, shared with its other sandboxes.
+        let workspace_usage = match layers.chain {
+            Some(_) => {
+                let u = self.agent_usage(agent)?;
+                Some(airlock_fs::WorkspaceUsage {
+                    counters: Arc::clone(&u.counters),
+                    limit: u.limit,
+                })
+            }
+            None => None,
+        };
+        let save_usage = workspace_usage.is_some();
         let replies = Arc::new(crate::sandbox::FsReplies::default());
         let replies_slot = Arc::clone(&replies);
         let broker = self.me_ref.get().cloned().unwrap_or_default();
@@ -657,6 +674,10 @@ impl Broker {
                     limit_bytes: bytes_limit,
                     limit_inodes: inodes_limit,
                 };
+                // The agent's numbers moved with it: kept for a restart.
+                if save_usage && let Some(b) = broker.upgrade() {
+                    b.save_agent_usage(&sagent);
+                }
                 return;
             }
             let (ev, dropped) = match ev {
@@ -702,6 +723,7 @@ impl Broker {
             cgroup_procs: res.cgroup.join_files(),
             nofile: nofile.max(FS_SERVER_MIN_NOFILE),
             quota,
+            workspace_quota: workspace_usage.as_ref().map(|w| w.limit),
             snapshots: layers.chain,
             frozen_upper: layers.frozen_upper,
             frozen_workspace: layers.frozen_workspace,
@@ -712,6 +734,9 @@ impl Broker {
         let mut fds = vec![dev.as_fd(), workspace.fd.as_fd()];
         if let Some(r) = rootfs {
             fds.push(r.fd.as_fd());
+        }
+        if let Some(w) = &workspace_usage {
+            fds.push(w.counters.fd());
         }
         // Launched, not awaited: it answers INIT while the shim sets up
         // (whose first steps wait on the mount), see Broker::spawn.
@@ -727,6 +752,7 @@ impl Broker {
             sink,
             disk,
             replies,
+            workspace_usage,
         })
     }
 }

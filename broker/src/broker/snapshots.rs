@@ -525,6 +525,15 @@ impl Broker {
         // The frozen layers go where the agent keeps them (the server
         // keeps them open, so it never notices).
         self.store_layers(sb, &layer)?;
+        // The stored copy-on-write layer is the agent's now: counted
+        // against its workspace quota, off the snapshot's path (a walk).
+        let stored = self.upper_store(&sb.agent, sb.host_uid_base).join(&layer);
+        if let Some(me) = self.me_ref.get().and_then(std::sync::Weak::upgrade) {
+            let agent = sb.agent.clone();
+            let _ = std::thread::Builder::new()
+                .name("quota-count".into())
+                .spawn(move || me.charge_stored(&agent, &stored));
+        }
         if !sb.branch {
             books.workspace = chain.workspace.clone();
         }
@@ -747,6 +756,23 @@ impl Broker {
                 .cloned()
                 .collect(),
         };
+        // What the stored copy-on-write layers hold, counted before the
+        // server empties them: the agent was charged that when they were
+        // stored.
+        let stored: Vec<(PathBuf, (u64, u64))> = drop
+            .upper
+            .iter()
+            .filter_map(|l| {
+                books
+                    .upper_bases
+                    .get(l)
+                    .map(|b| self.upper_store(&agent, *b).join(l))
+            })
+            .map(|path| {
+                let held = crate::tree::usage(&path);
+                (path, held)
+            })
+            .collect();
         // The sandbox's own server empties what it holds (its quota is
         // refunded); the broker removes the rest.
         if let Some(sb) = &live
@@ -758,13 +784,15 @@ impl Broker {
             })?;
         }
         for l in &drop.upper {
-            if let Some(base) = books.upper_bases.remove(l) {
-                let _ = crate::tree::remove_tree(&self.upper_store(&agent, base).join(l));
-            }
+            books.upper_bases.remove(l);
+        }
+        for (path, held) in stored {
+            self.remove_stored(&agent, &path, held);
         }
         for l in &drop.workspace {
-            let _ = crate::tree::remove_tree(&self.workspace_layers_dir(&agent).join(l));
+            self.remove_counted(&agent, &self.workspace_layers_dir(&agent).join(l));
         }
+        self.save_agent_usage(&agent);
         self.save_agent_layers(&agent, &books)?;
         self.audit.event(
             Some(id.as_str()),
@@ -830,7 +858,7 @@ impl Broker {
                 for e in entries.flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
                     if !keep(&n) {
-                        let _ = crate::tree::remove_tree(&e.path());
+                        self.remove_counted(agent, &e.path());
                     }
                 }
             }
@@ -838,7 +866,7 @@ impl Broker {
         sweep(&area.join("layers"), &|n| keep.workspace.contains(n));
         sweep(&area.join("branches"), &|n| live.contains(n));
         if live.is_empty() {
-            let _ = crate::tree::remove_tree(&area.join("trash"));
+            self.remove_counted(agent, &area.join("trash"));
         }
         let stores = self
             .cfg
@@ -851,6 +879,7 @@ impl Broker {
                 sweep(&b.path(), &|n| keep.upper.contains(n));
             }
         }
+        self.save_agent_usage(agent);
     }
 
     /// A snapshot as a snapshot or restore answers it: without its size,

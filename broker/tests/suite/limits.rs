@@ -196,3 +196,108 @@ fn inspect_shows_disk_usage_against_the_quota() {
         "{text_info}"
     );
 }
+
+/// The agent's persistent workspace has a quota of its own over all its
+/// sandboxes and snapshots (brokerd.toml `[limits] workspace_bytes`):
+/// what one sandbox wrote there leaves less for the next, its
+/// copy-on-write layer is not the workspace's, a snapshot's stored layer
+/// counts until it is removed, and the count survives a broker restart.
+#[test]
+fn the_agent_workspace_quota_holds_across_sandboxes_snapshots_and_restarts() {
+    use super::harness::{create, ok};
+    let env = Env::with_extra("pool_size = 0\n[limits]\nworkspace_bytes = 16777216\n");
+    let mut broker = env.start_brokerd();
+    let sh =
+        |id: &str, script: &str| text(&env.remote(&["exec", id, "--", "sh", "-c", script]).stdout);
+    let ws_used = |id: &str| -> serde_json::Value {
+        let insp: serde_json::Value =
+            serde_json::from_str(&ok(&env.remote(&["--json", "inspect", id]))).unwrap();
+        insp["workspace_disk"].clone()
+    };
+    let wait_used = |id: &str, pred: &dyn Fn(u64) -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let w = ws_used(id);
+            if pred(w["used_bytes"].as_u64().unwrap_or(0)) {
+                return w;
+            }
+            assert!(std::time::Instant::now() < deadline, "{w}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    const MIB: u64 = 1 << 20;
+    let a = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let b = create(&env, &[])["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        sh(
+            &a,
+            "dd if=/dev/zero of=/workspace/a bs=1M count=10 2>/dev/null && echo ok"
+        ),
+        "ok\n"
+    );
+    // The other sandbox of the agent finds the rest of the quota only.
+    assert_eq!(
+        sh(
+            &b,
+            "dd if=/dev/zero of=/workspace/b bs=1M count=10 2>&1 | grep -o 'No space left on device' | head -1\n\
+             dd if=/dev/zero of=/tmp/t bs=1M count=10 2>/dev/null && echo tmp-ok\n\
+             stat -c %s /workspace/a\n\
+             rm /workspace/b"
+        ),
+        "No space left on device\ntmp-ok\n10485760\n"
+    );
+    let w = wait_used(&a, &|u| (10 * MIB..12 * MIB).contains(&u));
+    assert_eq!(w["limit_bytes"], 16 * MIB, "{w}");
+    assert!(
+        ok(&env.remote(&["inspect", &a])).contains("workspace:   10 of 16 MiB"),
+        "inspect shows the agent's usage"
+    );
+    let rows = env.audit(&["--kind", "limit"]);
+    assert!(
+        rows.iter()
+            .any(|r| r["detail"]["QuotaHit"]["what"] == "workspace bytes"),
+        "{rows:?}"
+    );
+    // A snapshot's stored copy-on-write layer is the agent's: 4 MiB of
+    // /tmp now counts, so 3 MiB more no longer fits, until it goes.
+    ok(&env.remote(&["rm", &b]));
+    assert_eq!(
+        sh(
+            &a,
+            "dd if=/dev/zero of=/tmp/big bs=1M count=4 2>/dev/null && echo ok"
+        ),
+        "ok\n"
+    );
+    ok(&env.remote(&["snapshot", &a, "--name", "s1"]));
+    wait_used(&a, &|u| u >= 14 * MIB);
+    assert_eq!(
+        sh(
+            &a,
+            "dd if=/dev/zero of=/workspace/c bs=1M count=3 2>&1 | grep -o 'No space left on device' | head -1\n\
+             rm /workspace/c"
+        ),
+        "No space left on device\n"
+    );
+    // Removed, its layer goes once no sandbox serves it (here, with the
+    // sandbox).
+    ok(&env.remote(&["snapshot", "rm", &a, "s1"]));
+    ok(&env.remote(&["rm", &a]));
+    // Kept across a restart: the workspace still holds 10 MiB of the 16.
+    broker.stop();
+    let _broker = env.start_brokerd();
+    let c = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let w = ws_used(&c);
+    assert!(
+        (10 * MIB..12 * MIB).contains(&w["used_bytes"].as_u64().unwrap()),
+        "{w}"
+    );
+    assert_eq!(
+        sh(
+            &c,
+            "dd if=/dev/zero of=/workspace/d bs=1M count=8 2>&1 | grep -o 'No space left on device' | head -1\n\
+             rm /workspace/d\n\
+             dd if=/dev/zero of=/workspace/e bs=1M count=5 2>/dev/null && echo freed-ok"
+        ),
+        "No space left on device\nfreed-ok\n"
+    );
+}
