@@ -44,6 +44,18 @@ pub struct LimitCounters {
     pub pids_max_hits: u64,
 }
 
+/// What a group uses now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResourceUse {
+    /// Memory charged to it, bytes.
+    pub memory_bytes: u64,
+    /// Tasks in it.
+    pub pids: u64,
+    /// CPU time it used, microseconds; `None` where the group has no CPU
+    /// accounting (v1 with `cpuacct` mounted apart from `cpu`).
+    pub cpu_usec: Option<u64>,
+}
+
 /// A cgroup operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -417,6 +429,36 @@ impl Cgroup {
                 LimitCounters {
                     oom_kills: read_key(&d.join("memory.events"), "oom_kill"),
                     pids_max_hits: read_key(&d.join("pids.events"), "max"),
+                }
+            }
+        }
+    }
+
+    /// Memory, tasks and CPU time the group uses now (each 0 when
+    /// unreadable).
+    pub fn usage(&self) -> ResourceUse {
+        let read = |p: PathBuf| -> Option<u64> {
+            fs::read_to_string(p)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+        };
+        let num = |p: PathBuf| read(p).unwrap_or(0);
+        let n = self.name();
+        match &self.manager {
+            CgroupManager::V1 { memory, pids, cpu } => ResourceUse {
+                memory_bytes: num(memory.join(PARENT).join(&n).join("memory.usage_in_bytes")),
+                pids: num(pids.join(PARENT).join(&n).join("pids.current")),
+                cpu_usec: cpu
+                    .as_ref()
+                    .and_then(|c| read(c.join(PARENT).join(&n).join("cpuacct.usage")))
+                    .map(|ns| ns / 1000),
+            },
+            CgroupManager::V2 { root } => {
+                let d = root.join(PARENT).join(&n);
+                ResourceUse {
+                    memory_bytes: num(d.join("memory.current")),
+                    pids: num(d.join("pids.current")),
+                    cpu_usec: Some(read_key(&d.join("cpu.stat"), "usage_usec")),
                 }
             }
         }
