@@ -128,6 +128,8 @@ pub struct Broker {
     /// Per agent: its persistent workspace's counters, shared with the
     /// filesystem servers serving it (see [`workspace_quota`]).
     workspace_usage: Mutex<HashMap<String, Arc<workspace_quota::AgentUsage>>>,
+    /// Counters and latencies for `GET /metrics`.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// One create under way for an agent; released on drop (after the sandbox
@@ -199,6 +201,7 @@ impl Broker {
             creating: Mutex::new(HashMap::new()),
             workspace_locks: Mutex::new(HashMap::new()),
             workspace_usage: Mutex::new(HashMap::new()),
+            metrics: Arc::default(),
         });
         let _ = broker.me_ref.set(Arc::downgrade(&broker));
         broker.recover();
@@ -219,6 +222,14 @@ impl Broker {
     /// out a pre-started one from the pool when the request allows.
     /// Blocking: call from a blocking context.
     pub fn create(&self, p: &Principal, req: CreateSpec) -> Result<SandboxInfo, BrokerError> {
+        let t0 = Instant::now();
+        let r = self.create_inner(p, req);
+        self.metrics
+            .create_done(r.is_ok(), t0.elapsed().as_secs_f64());
+        r
+    }
+
+    fn create_inner(&self, p: &Principal, req: CreateSpec) -> Result<SandboxInfo, BrokerError> {
         let agent = match p.resolve_agent(&self.cfg, req.agent.as_deref()) {
             Ok(a) => a,
             Err(e) => {
@@ -281,6 +292,9 @@ impl Broker {
         let key = self.pool_key(&shape);
         let pooled = key.as_ref().and_then(|k| self.claim(k));
         let was_pooled = pooled.is_some();
+        if key.is_some() {
+            self.metrics.pool(was_pooled);
+        }
         let (sandbox, ready) = match pooled {
             Some(x) => x,
             None => self.spawn(&shape, &limits, true)?,
@@ -423,6 +437,81 @@ impl Broker {
             },
         );
         Ok(killed)
+    }
+
+    /// Which agents' events `p` may see (narrowed to `agent` when given).
+    ///
+    /// # Errors
+    /// When `p` is not mapped to any agent, or may not see `agent`.
+    pub fn event_filter(
+        &self,
+        p: &Principal,
+        agent: Option<&str>,
+    ) -> Result<impl Fn(&str) -> bool + Send + 'static, BrokerError> {
+        if let Err(e) = p.check_mapped(&self.cfg) {
+            self.audit_refusal(p, "events", &e);
+            return Err(e.into());
+        }
+        if let Some(a) = agent
+            && !p.may_access(&self.cfg, a)
+        {
+            return Err(AuthzError::Forbidden {
+                uid: p.uid,
+                agent: a.to_string(),
+            }
+            .into());
+        }
+        let cfg = self.cfg.clone();
+        let p = *p;
+        let only = agent.map(str::to_string);
+        Ok(move |a: &str| only.as_deref().is_none_or(|o| o == a) && p.may_access(&cfg, a))
+    }
+
+    /// Lifecycle events from now on (see [`AuditStore::subscribe`]).
+    pub fn subscribe_events(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<Arc<crate::audit::LiveEvent>> {
+        self.audit.subscribe()
+    }
+
+    /// A `GET /metrics` scrape as `p` may see it: the broker-wide series,
+    /// and per-sandbox ones for the sandboxes `p` may see.
+    pub fn metrics_text(&self, p: &Principal) -> Result<String, BrokerError> {
+        if let Err(e) = p.check_mapped(&self.cfg) {
+            self.audit_refusal(p, "metrics", &e);
+            return Err(e.into());
+        }
+        let all: Vec<Arc<Sandbox>> = lock_or_recover(&self.sandboxes).values().cloned().collect();
+        let mut states: std::collections::BTreeMap<String, i64> = ["running", "stopping", "dead"]
+            .iter()
+            .map(|s| ((*s).to_string(), 0))
+            .collect();
+        let mut used = Vec::new();
+        for sb in &all {
+            *states.entry(sb.state().to_string()).or_insert(0) += 1;
+            if !sb.is_running() || !p.may_access(&self.cfg, &sb.agent) {
+                continue;
+            }
+            let Some(usage) = lock_or_recover(&sb.resources)
+                .as_ref()
+                .map(|r| r.cgroup.usage())
+            else {
+                continue;
+            };
+            used.push(crate::metrics::SandboxUse {
+                labels: crate::metrics::SandboxLabels {
+                    sandbox: sb.id.to_string(),
+                    agent: sb.agent.clone(),
+                },
+                usage,
+                oom_kills: sb.current_counters().oom_kills,
+                disk_bytes: lock_or_recover(&sb.disk).used_bytes,
+            });
+        }
+        let states: Vec<(String, i64)> = states.into_iter().collect();
+        let (queued, dropped) = self.audit.queue_stats();
+        let state = crate::metrics::state_registry(&states, queued, dropped, &used);
+        Ok(self.metrics.encode(&state))
     }
 
     /// Destroys a sandbox and forgets it. Blocking.

@@ -218,6 +218,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Follow lifecycle events as they happen (sandboxes created and
+    /// destroyed, commands started and ended, limits hit), one per line,
+    /// until interrupted. Needs a running brokerd.
+    Events {
+        /// Only this sandbox.
+        #[arg(long)]
+        sandbox: Option<String>,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only these kinds (comma-separated): sandbox, exec, limit.
+        #[arg(long)]
+        kind: Option<String>,
+    },
 }
 
 /// The embedded broker of this process, if one was started: its audit rows
@@ -885,6 +899,47 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
             };
             print_rows(&rows, json);
             Ok(0)
+        }
+        Cmd::Events {
+            sandbox,
+            agent,
+            kind,
+        } => {
+            let Backend::Remote(c) = backend(&cli, Some("events")).await? else {
+                return Err(CliError::Usage(
+                    "`airlock events` needs a running brokerd".into(),
+                ));
+            };
+            let mut q = Vec::new();
+            for (k, v) in [("sandbox", sandbox), ("agent", agent), ("kind", kind)] {
+                if let Some(v) = v {
+                    q.push(format!("{k}={}", enc(v)));
+                }
+            }
+            let mut rx = c.events(&q.join("&")).await?;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            while let Some(ev) = rx.recv().await {
+                let line = if json {
+                    ev.to_string()
+                } else {
+                    let f = |k: &str| ev[k].as_str().unwrap_or("-").to_string();
+                    format!(
+                        "{} {:<7} {:<9} {:<12} {:<10} {}",
+                        ev["ts_ms"],
+                        f("kind"),
+                        f("action"),
+                        f("sandbox_id"),
+                        f("agent"),
+                        ev["detail"]
+                    )
+                };
+                // A closed stdout (a pipe into `head`) ends the command.
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return Ok(0);
+                }
+            }
+            Err(CliError::Usage("brokerd closed the event stream".into()))
         }
     }
 }

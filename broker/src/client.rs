@@ -309,7 +309,7 @@ impl RemoteClient {
             )
             .await?;
         let status = resp.status();
-        let mut body = resp.into_body();
+        let body = resp.into_body();
         if !status.is_success() {
             let bytes = body
                 .collect()
@@ -318,27 +318,67 @@ impl RemoteClient {
                 .to_bytes();
             return Err(api_error(status, &bytes));
         }
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut buf: Vec<u8> = Vec::new();
-            while let Some(frame) = body.frame().await {
-                let Ok(frame) = frame else { break };
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                buf.extend_from_slice(&data);
-                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if let Ok(ev) = serde_json::from_slice::<ExecEvent>(&line)
-                        && tx.send(ev).await.is_err()
-                    {
-                        return;
-                    }
+        Ok(ndjson_lines(body))
+    }
+
+    /// `GET /v1/events?{query}`: lifecycle events as they happen, until the
+    /// receiver is dropped or the broker goes.
+    pub async fn events(
+        &self,
+        query: &str,
+    ) -> Result<mpsc::Receiver<serde_json::Value>, ClientError> {
+        let resp = self
+            .send(Method::GET, &format!("/v1/events?{query}"), None)
+            .await?;
+        let status = resp.status();
+        let body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            return Err(api_error(status, &bytes));
+        }
+        Ok(ndjson_lines(body))
+    }
+}
+
+/// Longest line a streamed reply may send; past it the stream ends (a
+/// broken or hostile server cannot make the client buffer without end).
+const MAX_LINE_BYTES: usize = 16 << 20;
+
+/// Decodes an NDJSON body line by line onto a channel, on a task of its
+/// own; it stops when the receiver is dropped, the body ends, or a line
+/// passes [`MAX_LINE_BYTES`].
+fn ndjson_lines<T: DeserializeOwned + Send + 'static>(mut body: Incoming) -> mpsc::Receiver<T> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = tx.closed() => return,
+            };
+            let Some(Ok(frame)) = frame else { return };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                if let Ok(ev) = serde_json::from_slice::<T>(&line)
+                    && tx.send(ev).await.is_err()
+                {
+                    return;
                 }
             }
-        });
-        Ok(rx)
-    }
+            if buf.len() > MAX_LINE_BYTES {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {

@@ -17,6 +17,7 @@ pub mod client;
 pub mod component;
 pub mod config;
 pub mod fs_server;
+pub mod metrics;
 pub mod net_server;
 pub mod netlink;
 pub mod sandbox;

@@ -146,6 +146,8 @@ pub fn router(broker: Arc<Broker>) -> Router {
         )
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(signal))
         .route("/v1/audit", get(audit))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1".into()) })
         .with_state(broker)
 }
@@ -495,6 +497,103 @@ async fn audit(
     let agent = params.agent.clone();
     let rows = blocking(move || b.audit(&p, q, agent.as_deref())).await?;
     Ok(Json(rows).into_response())
+}
+
+async fn metrics(State(b): Shared, ConnectInfo(c): Peer) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let text = blocking(move || b.metrics_text(&p)).await?;
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+        .body(Body::from(text))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// `GET /v1/events` query string.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventParams {
+    /// Only this sandbox.
+    pub sandbox: Option<String>,
+    /// Only this agent.
+    pub agent: Option<String>,
+    /// Comma-separated kinds among `sandbox`, `exec`, `limit`.
+    pub kind: Option<String>,
+}
+
+/// The kinds `GET /v1/events` streams.
+pub const EVENT_KINDS: [&str; 3] = ["sandbox", "exec", "limit"];
+
+/// Checks event parameters; errors name the bad value.
+pub fn event_kinds(params: &EventParams) -> Result<Vec<String>, BrokerError> {
+    let Some(k) = &params.kind else {
+        return Ok(Vec::new());
+    };
+    k.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            if EVENT_KINDS.contains(&s) {
+                Ok(s.to_string())
+            } else {
+                Err(BrokerError::BadRequest(format!(
+                    "kind {:?}: events are of kinds {}",
+                    s.chars().take(40).collect::<String>(),
+                    EVENT_KINDS.join(", ")
+                )))
+            }
+        })
+        .collect()
+}
+
+async fn events(
+    State(b): Shared,
+    ConnectInfo(c): Peer,
+    Query(params): Query<EventParams>,
+) -> Result<Response, ApiError> {
+    let p = principal(c)?;
+    let kinds = event_kinds(&params)?;
+    let filter = b.event_filter(&p, params.agent.as_deref())?;
+    let mut rx = b.subscribe_events();
+    let sandbox = params.sandbox.clone();
+    let stream = async_stream_lines(move |tx| async move {
+        loop {
+            let got = tokio::select! {
+                got = rx.recv() => got,
+                _ = tx.closed() => return,
+            };
+            let line = match got {
+                Ok(ev) => {
+                    let visible = ev.agent.as_deref().is_some_and(&filter);
+                    let wanted = (kinds.is_empty() || kinds.contains(&ev.kind))
+                        && sandbox
+                            .as_deref()
+                            .is_none_or(|s| ev.sandbox_id.as_deref() == Some(s));
+                    if !visible || !wanted {
+                        continue;
+                    }
+                    serde_json::to_vec(&*ev).unwrap_or_default()
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => serde_json::to_vec(
+                    &serde_json::json!({"kind": "events", "action": "lagged", "missed": n}),
+                )
+                .unwrap_or_default(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let mut line = line;
+            line.push(b'\n');
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
 /// Most connections one uid may hold open at once.

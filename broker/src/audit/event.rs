@@ -72,6 +72,18 @@ pub enum AuditEvent {
         /// What the filesystem server reported once confined.
         fs_server: Option<Box<FsReady>>,
     },
+    /// `exec/start`: a command started (sent to live subscribers only,
+    /// not stored: its `exec/exit` row says everything it would).
+    ExecStarted {
+        /// Exec id.
+        exec_id: u64,
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Working directory.
+        cwd: String,
+        /// User name and uid inside.
+        user: (String, u32),
+    },
     /// `exec/exit`: a command ended (or never started).
     ExecExit {
         /// Exec id.
@@ -248,6 +260,18 @@ impl AuditEvent {
                 }
                 (AuditKind::Jail, "selftest", d)
             }
+            AuditEvent::ExecStarted {
+                exec_id,
+                argv,
+                cwd,
+                user,
+            } => (
+                AuditKind::Exec,
+                "start",
+                json!({
+                    "exec_id": exec_id, "argv": argv, "cwd": cwd, "user": user.0, "uid": user.1,
+                }),
+            ),
             AuditEvent::ExecExit {
                 exec_id,
                 argv,

@@ -417,11 +417,17 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 struct Shared {
     /// Records not stored since the last `audit_dropped` row (queue full or batch failed).
     dropped: AtomicU64,
+    /// Records never stored, since start (for metrics).
+    dropped_total: AtomicU64,
+    /// Records queued and not yet committed (for metrics).
+    queued: AtomicU64,
 }
 
 struct Inner {
     path: PathBuf,
     capacity: usize,
+    /// Lifecycle events for live subscribers (see [`AuditStore::subscribe`]).
+    events: tokio::sync::broadcast::Sender<Arc<LiveEvent>>,
     tx: mpsc::SyncSender<writer::Msg>,
     shared: Arc<Shared>,
     reader: Mutex<rusqlite::Connection>,
@@ -491,6 +497,7 @@ impl AuditStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 capacity,
+                events: tokio::sync::broadcast::channel(LIVE_EVENTS).0,
                 tx,
                 shared,
                 reader: Mutex::new(reader),
@@ -507,15 +514,60 @@ impl AuditStore {
 
     /// Queues `rec`, stamped with the current time. Never blocks on disk and never panics;
     /// if the queue is full the record is counted and reported later as an
-    /// `audit_dropped` row.
+    /// `audit_dropped` row. Lifecycle records (sandbox, exec, limit) also
+    /// go to live subscribers.
     pub fn record(&self, rec: AuditRecord) {
-        let msg = writer::Msg::Record {
-            ts_ms: now_unix_ms(),
-            rec,
-        };
-        if self.inner.tx.try_send(msg).is_err() {
-            self.inner.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        let ts_ms = now_unix_ms();
+        if matches!(
+            rec.kind,
+            AuditKind::Sandbox | AuditKind::Exec | AuditKind::Limit
+        ) {
+            self.publish_at(ts_ms, &rec);
         }
+        let msg = writer::Msg::Record { ts_ms, rec };
+        let shared = &self.inner.shared;
+        if self.inner.tx.try_send(msg).is_err() {
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            shared.dropped_total.fetch_add(1, Ordering::Relaxed);
+        } else {
+            shared.queued.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `rec` to live subscribers only (an event not worth a row,
+    /// such as a command starting).
+    pub fn publish(&self, rec: &AuditRecord) {
+        self.publish_at(now_unix_ms(), rec);
+    }
+
+    fn publish_at(&self, ts_ms: i64, rec: &AuditRecord) {
+        if self.inner.events.receiver_count() > 0 {
+            let _ = self.inner.events.send(Arc::new(LiveEvent {
+                ts_ms,
+                kind: rec.kind.as_str().to_string(),
+                action: rec.action.clone(),
+                sandbox_id: rec.sandbox_id.clone(),
+                agent: rec.agent.clone(),
+                detail: rec.detail.clone(),
+            }));
+        }
+    }
+
+    /// Lifecycle events from now on (created, exec started and ended,
+    /// limits hit, destroyed). A subscriber that falls more than
+    /// [`LIVE_EVENTS`] behind is told how many it missed.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<LiveEvent>> {
+        self.inner.events.subscribe()
+    }
+
+    /// Records queued and not yet committed, and records never stored
+    /// since start.
+    pub fn queue_stats(&self) -> (u64, u64) {
+        let s = &self.inner.shared;
+        (
+            s.queued.load(Ordering::Relaxed),
+            s.dropped_total.load(Ordering::Relaxed),
+        )
     }
 
     /// Blocks until everything recorded before this call is committed (or given up on).
@@ -542,6 +594,28 @@ impl AuditStore {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
+}
+
+/// Live events a subscriber may fall behind by before it is told it
+/// missed some.
+pub const LIVE_EVENTS: usize = 1024;
+
+/// A lifecycle event as live subscribers see it (`GET /v1/events`): the
+/// fields of an audit row, without its id (it may never be stored).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LiveEvent {
+    /// Unix ms.
+    pub ts_ms: i64,
+    /// `sandbox`, `exec` or `limit`.
+    pub kind: String,
+    /// e.g. `create`, `start`, `exit`, `oom`, `destroy`.
+    pub action: String,
+    /// The sandbox, if any.
+    pub sandbox_id: Option<String>,
+    /// Its agent, if any.
+    pub agent: Option<String>,
+    /// As in the audit row.
+    pub detail: serde_json::Value,
 }
 
 #[cfg(test)]

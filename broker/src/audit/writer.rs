@@ -239,8 +239,15 @@ fn commit(conn: &mut Connection, batch: &mut Vec<Row>, shared: &Shared, path: &P
         }
         tx.commit()
     });
+    let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+    let _ = shared
+        .queued
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+            Some(q.saturating_sub(n))
+        });
     if let Err(e) = result {
-        let lost = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+        let lost = n;
+        shared.dropped_total.fetch_add(lost, Ordering::Relaxed);
         shared
             .dropped
             .fetch_add(lost.saturating_add(dropped), Ordering::Relaxed);

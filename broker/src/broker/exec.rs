@@ -191,9 +191,25 @@ impl Broker {
                     "sandbox {id}: a snapshot or restore is under way; try again"
                 ))
             })?;
-            sb.send_exec(req, [in_r, out_w, err_w])
-                .map_err(BrokerError::Internal)?
+            match sb.send_exec(req, [in_r, out_w, err_w]) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.metrics
+                        .exec_done(false, started.elapsed().as_secs_f64());
+                    return Err(BrokerError::Internal(e));
+                }
+            }
         };
+        sb.audit.publish(
+            &AuditEvent::ExecStarted {
+                exec_id,
+                argv: body.argv.clone(),
+                cwd: cwd.clone(),
+                user: (user.clone(), uid),
+            }
+            .into_record(Some(sb.id.as_str()), Some(&sb.agent)),
+        );
+        let metrics = Arc::clone(&self.metrics);
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.try_send(ExecEvent::Started { exec_id });
         let stdin_bytes = body.stdin.clone();
@@ -235,6 +251,7 @@ impl Broker {
                     exit: exit.clone(),
                 },
             );
+            metrics.exec_done(true, started.elapsed().as_secs_f64());
             let _ = tx.send(ExecEvent::Exit(exit)).await;
         });
         Ok(ExecHandle {

@@ -157,7 +157,11 @@ fn routes_match_the_openapi_file() {
             continue;
         };
         let Some(p) = &path else { continue };
-        let url = p.replace("{id}", "nope").replace("{exec_id}", "1");
+        let mut url = p.replace("{id}", "nope").replace("{exec_id}", "1");
+        if url == "/v1/events" {
+            // A stream that never ends: a bad filter shows it is routed.
+            url.push_str("?kind=nope");
+        }
         let (code, body) = env.http(&m.to_uppercase(), &url, "{}");
         assert!(
             code != 405 && !body.contains("no such endpoint"),
@@ -262,4 +266,120 @@ fn airlock_as(id: u32, env: &Env) -> std::process::Command {
         .arg("--socket")
         .arg(&env.socket);
     c
+}
+
+/// `airlock events` follows lifecycle events as they happen, in order, and
+/// `GET /metrics` counts creates and commands and shows each running
+/// sandbox's use; another agent's caller sees neither that sandbox's
+/// events nor its series.
+#[test]
+fn events_stream_lifecycle_and_metrics_show_state_to_whoever_may_see_it() {
+    use std::io::BufRead;
+    let env = Env::with_extra("pool_size = 0\n[[agents]]\nname = \"alice\"\nuids = [4001]\n");
+    let _b = env.start_brokerd();
+    let follow = |c: &mut std::process::Command| {
+        c.args(["--json", "events"])
+            .env_clear()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut mine = follow(env.airlock().arg("--socket").arg(&env.socket));
+    let mut alices = follow(&mut airlock_as(4001, &env));
+    // Both subscribed before anything happens (a subscription is made
+    // when the request is served; an alice sandbox proves alice's is).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let id = super::harness::create(&env, &[])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = env.remote(&["exec", &id, "--", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+    let (code, metrics) = env.http("GET", "/metrics", "");
+    assert_eq!(code, 200, "{metrics}");
+    for want in [
+        "airlock_creates_total{result=\"ok\"} 1\n".to_string(),
+        "airlock_execs_total{result=\"ok\"} 1\n".to_string(),
+        "airlock_sandboxes{state=\"running\"} 1\n".to_string(),
+        format!("airlock_sandbox_pids{{sandbox=\"{id}\",agent=\"root\"}}"),
+        format!("airlock_sandbox_memory_bytes{{sandbox=\"{id}\",agent=\"root\"}}"),
+        "airlock_exec_seconds_count 1\n".to_string(),
+        "# EOF".to_string(),
+    ] {
+        assert!(metrics.contains(&want), "{want} in:\n{metrics}");
+    }
+    // The same scrape as alice (HTTP/1.0: the broker closes after it).
+    let alice_metrics = std::process::Command::new("setpriv")
+        .args(["--reuid", "4001", "--regid", "4001", "--clear-groups"])
+        .args([
+            "python3",
+            "-c",
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n\
+             s.sendall(b'GET /metrics HTTP/1.0\\r\\nHost: airlock\\r\\n\\r\\n')\n\
+             out = b''\n\
+             while (d := s.recv(65536)): out += d\n\
+             print(out.decode())",
+        ])
+        .arg(&env.socket)
+        .env_clear()
+        .output()
+        .unwrap();
+    let alice_metrics = text(&alice_metrics.stdout);
+    assert!(
+        alice_metrics.contains("airlock_creates_total"),
+        "{alice_metrics}"
+    );
+    assert!(!alice_metrics.contains(&id), "{alice_metrics}");
+    super::harness::ok(&env.remote(&["rm", &id]));
+    let mut lines = std::io::BufReader::new(mine.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Some(Ok(l)) = lines.next() {
+        let ev: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(ev["sandbox_id"], id.as_str(), "{l}");
+        let what = format!(
+            "{}/{}",
+            ev["kind"].as_str().unwrap(),
+            ev["action"].as_str().unwrap()
+        );
+        if what == "exec/exit" {
+            assert_eq!(ev["detail"]["exit_code"], 3, "{l}");
+        }
+        seen.push(what.clone());
+        if what == "sandbox/destroy" {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "sandbox/create",
+            "exec/start",
+            "exec/exit",
+            "sandbox/destroy"
+        ]
+    );
+    let _ = mine.kill();
+    let _ = mine.wait();
+    // Alice's stream never carried root's sandbox: her own sandbox's
+    // create is the first line it shows.
+    let alice_sb = airlock_as(4001, &env)
+        .args(["--json", "create"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let alice_id = serde_json::from_str::<serde_json::Value>(&super::harness::ok(&alice_sb))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut lines = std::io::BufReader::new(alices.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["sandbox_id"], alice_id.as_str(), "{first}");
+    assert_eq!(first["agent"], "alice", "{first}");
+    let _ = alices.kill();
+    let _ = alices.wait();
+    let (code, _) = env.http("GET", "/v1/events?kind=fs", "");
+    assert_eq!(code, 400);
 }
