@@ -384,9 +384,10 @@ impl Broker {
         if !sb.is_running() {
             return Err(BrokerError::NotRunning(id.to_string()));
         }
-        if nix::sys::signal::Signal::try_from(signal).is_err() {
+        if !airlock_shim::sys::is_signal(signal) {
             return Err(BrokerError::BadRequest(format!(
-                "signal {signal} is not a valid signal number"
+                "signal {signal} is not a signal number (1 to {}, real-time signals included)",
+                libc::SIGRTMAX()
             )));
         }
         if !sb.has_exec(exec_id.0) {

@@ -23,7 +23,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::SignalFd;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::waitpid;
 use nix::unistd::{Gid, Pid, Uid};
 
 use crate::channel::{Channel, ExitStatus, FromShim, ToShim};
@@ -302,13 +302,11 @@ fn serve(ctrl: &Channel, jail: &Jail) -> i32 {
             match ctrl.recv::<ToShim>() {
                 Ok((ToShim::Exec(req), fds)) => start_exec(ctrl, jail, req, fds, &mut running),
                 Ok((ToShim::Signal { exec_id, signal }, _)) => {
-                    if let Ok(sig) = Signal::try_from(signal) {
-                        for (pid, r) in &running {
-                            if r.exec_id == exec_id {
-                                // The exec leads its own process group.
-                                if kill(Pid::from_raw(-pid.as_raw()), sig).is_err() {
-                                    let _ = kill(*pid, sig);
-                                }
+                    for (pid, r) in &running {
+                        if r.exec_id == exec_id {
+                            // The exec leads its own process group.
+                            if sys::kill_raw(-pid.as_raw(), signal).is_err() {
+                                let _ = sys::kill_raw(pid.as_raw(), signal);
                             }
                         }
                     }
@@ -326,13 +324,14 @@ fn serve(ctrl: &Channel, jail: &Jail) -> i32 {
 
 fn reap(ctrl: &Channel, running: &mut HashMap<Pid, Running>) {
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => report_exit(ctrl, running, pid, Some(code), None),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                report_exit(ctrl, running, pid, None, Some(sig as i32))
+        match sys::reap_any() {
+            Ok(Some(sys::Reaped::Exited(pid, code))) => {
+                report_exit(ctrl, running, Pid::from_raw(pid), Some(code), None);
             }
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => continue,
+            Ok(Some(sys::Reaped::Signaled(pid, sig))) => {
+                report_exit(ctrl, running, Pid::from_raw(pid), None, Some(sig));
+            }
+            Ok(None) | Err(_) => return,
         }
     }
 }

@@ -240,3 +240,58 @@ pub fn landlock_version() -> libc::c_long {
         )
     }
 }
+
+/// Whether `signal` is a signal number a command may be sent: 1 to
+/// SIGRTMAX, real-time signals included (which `nix::Signal` cannot
+/// name).
+pub fn is_signal(signal: i32) -> bool {
+    (1..=libc::SIGRTMAX()).contains(&signal)
+}
+
+/// `kill(pid, signal)` with a raw signal number (real-time ones too);
+/// a negative `pid` names a process group.
+pub fn kill_raw(pid: i32, signal: i32) -> Result<(), Errno> {
+    if !is_signal(signal) {
+        return Err(Errno::EINVAL);
+    }
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 { Ok(()) } else { Err(Errno::last()) }
+}
+
+/// How a reaped child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaped {
+    /// It exited with this code.
+    Exited(i32, i32),
+    /// A signal (any number, real-time ones included) killed it.
+    Signaled(i32, i32),
+}
+
+/// Reaps one ended child without blocking: `Ok(None)` when none has ended
+/// (or none is left). Unlike `nix::waitpid`, a child killed by a
+/// real-time signal is reported, not turned into an error after its
+/// status was consumed.
+pub fn reap_any() -> Result<Option<Reaped>, Errno> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes one int into `status`, a live local.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid < 0 {
+            return match Errno::last() {
+                Errno::ECHILD => Ok(None),
+                e => Err(e),
+            };
+        }
+        if pid == 0 {
+            return Ok(None);
+        }
+        if libc::WIFEXITED(status) {
+            return Ok(Some(Reaped::Exited(pid, libc::WEXITSTATUS(status))));
+        }
+        if libc::WIFSIGNALED(status) {
+            return Ok(Some(Reaped::Signaled(pid, libc::WTERMSIG(status))));
+        }
+        // Stopped or continued (not asked for): look again.
+    }
+}
