@@ -149,6 +149,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint; see /v1".into()) })
+        .layer(axum::middleware::from_fn(crate::api::wire::json_errors))
         .with_state(broker)
 }
 
@@ -690,7 +691,7 @@ pub async fn serve(
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(
-                hyper_util::rt::TokioIo::new(stream),
+                hyper_util::rt::TokioIo::new(crate::api::wire::JsonErrors::new(stream)),
                 hyper_util::service::TowerToHyperService::new(svc),
             );
         let conn = graceful.watch(conn);
