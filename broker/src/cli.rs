@@ -16,7 +16,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::client::{ClientError, RemoteClient, enc};
 use crate::config::{BrokerConfig, DEFAULT_CONFIG};
 use crate::spec::{CreateSpec, ExecId, ExecSpec, SandboxId};
-use crate::util::{parse_duration, parse_size};
+use crate::util::{parse_secs, parse_size};
 
 /// Exit status for airlock's own errors (the command never ran).
 pub const EXIT_AIRLOCK_ERROR: i32 = 125;
@@ -277,7 +277,7 @@ fn build_create(opts: &CreateOpts) -> Result<CreateSandbox, CliError> {
     let timeout_secs = opts
         .timeout
         .as_deref()
-        .map(|t| parse_duration(t).map(|d| d.as_secs().max(1)))
+        .map(parse_secs)
         .transpose()
         .map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
     let disk = opts
@@ -661,7 +661,7 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
         } => {
             let timeout_secs = timeout
                 .as_deref()
-                .map(|t| parse_duration(t).map(|d| d.as_secs().max(1)))
+                .map(parse_secs)
                 .transpose()
                 .map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
             let body = ExecBody {

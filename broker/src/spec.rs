@@ -17,6 +17,18 @@ pub const IDS_PER_SANDBOX: u32 = 65536;
 /// it travels to pid 1 in one control message.
 pub const MAX_EXEC_ARGS_BYTES: usize = 128 * 1024;
 
+/// Largest encoded env of a sandbox: a quarter of the control channel's
+/// message limit, leaving the rest to each command's argv and env.
+pub const MAX_SANDBOX_ENV_BYTES: usize = airlock_shim::channel::MAX_MESSAGE / 4;
+/// Largest encoded command (argv, the sandbox's env merged with its own)
+/// sent to pid 1, below the control channel's message limit.
+pub const MAX_EXEC_MESSAGE_BYTES: usize = airlock_shim::channel::MAX_MESSAGE - 4096;
+
+/// Bytes `v` takes on the control channel (JSON).
+pub fn encoded_len<T: serde::Serialize>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX, |b| b.len())
+}
+
 /// A sandbox's id: 12 lowercase hex digits, chosen by the broker. Parsed
 /// once where an id enters from outside (an API path, a CLI argument), so
 /// the core never confuses it with another string.
@@ -139,6 +151,16 @@ impl TryFrom<CreateSandbox> for CreateSpec {
         };
         let env = req.env.unwrap_or_default();
         check_env(&env)?;
+        // Every command carries the sandbox's env to pid 1 in one control
+        // message: an env that leaves no room for commands is refused
+        // here, not at every exec.
+        let encoded = encoded_len(&env);
+        if encoded > MAX_SANDBOX_ENV_BYTES {
+            return Err(format!(
+                "env encodes to {encoded} bytes; a sandbox's env may take at most \
+                 {MAX_SANDBOX_ENV_BYTES} (each command carries it with its own argv and env)"
+            ));
+        }
         let network = match &req.network {
             Some(n) => Some(
                 airlock_net::policy::Policy::from_spec(n).map_err(|e| format!("network: {e}"))?,
@@ -254,7 +276,11 @@ impl TryFrom<ExecBody> for ExecSpec {
             cwd,
             user,
             stdin: body.stdin.unwrap_or_default().into_bytes(),
-            timeout: body.timeout_secs.map(Duration::from_secs),
+            // 0 is no limit, as for a sandbox's lifetime.
+            timeout: body
+                .timeout_secs
+                .filter(|t| *t > 0)
+                .map(Duration::from_secs),
         })
     }
 }

@@ -52,22 +52,44 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
-/// Parses a duration like "30s", "5m", "1h", "250ms", or plain seconds.
+/// The one duration grammar of the CLI and the API: a whole number with
+/// a unit, `ms`, `s`, `m`, `h` or `d` (a bare number is seconds): `30s`,
+/// `5m`, `1d`.
+///
+/// # Errors
+/// A message naming the value and what was expected.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 5m, 1h"))?;
-    let d = match unit {
-        "" | "s" => std::time::Duration::from_secs(n),
-        "ms" => std::time::Duration::from_millis(n),
-        "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
-        "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+    let n: u64 = num.parse().map_err(|_| {
+        format!("invalid duration {s:?}: expected a whole number and a unit, e.g. 30s, 5m, 1h, 1d")
+    })?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?}: use ms, s, m, h or d"
+            ));
+        }
     };
-    Ok(d)
+    n.checked_mul(unit_ms)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("duration {s:?} is too large"))
+}
+
+/// Whole seconds for a duration given in the one grammar, rounded up so
+/// that a short positive duration never reads as 0 (which means "none").
+///
+/// # Errors
+/// As [`parse_duration`].
+pub fn parse_secs(s: &str) -> Result<u64, String> {
+    let d = parse_duration(s)?;
+    Ok(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
 #[cfg(test)]
@@ -90,6 +112,16 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
         assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
         assert!(parse_duration("soon").unwrap_err().contains("soon"));
+        assert_eq!(parse_duration("1d").unwrap().as_secs(), 86_400);
+        assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
+        assert!(
+            parse_duration("99999999999999999d")
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert_eq!(parse_secs("0").unwrap(), 0);
+        assert_eq!(parse_secs("1ms").unwrap(), 1);
+        assert_eq!(parse_secs("2m").unwrap(), 120);
     }
 
     #[test]

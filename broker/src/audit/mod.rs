@@ -288,21 +288,14 @@ pub fn parse_since(s: &str, now_ms: i64) -> Result<i64, AuditError> {
     if digits == 0 {
         return Err(bad("must start with a number"));
     }
-    let (num, rest) = t.split_at(digits);
-    if rest.starts_with('-') {
+    if t[digits..].starts_with('-') {
         return parse_rfc3339_ms(t).map_err(bad);
     }
-    let unit_ms: i64 = match rest {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        "" => return Err(bad("missing unit (ms, s, m, h, d)")),
-        _ => return Err(bad("unknown unit (use ms, s, m, h, d)")),
-    };
-    let n: i64 = num.parse().map_err(|_| bad("number too large"))?;
-    n.checked_mul(unit_ms)
+    // The CLI's and the API's one duration grammar.
+    let back =
+        crate::util::parse_duration(t).map_err(|_| bad("unknown unit (use ms, s, m, h, d)"))?;
+    i64::try_from(back.as_millis())
+        .ok()
         .and_then(|d| now_ms.checked_sub(d))
         .ok_or_else(|| bad("duration too large"))
 }
@@ -1008,9 +1001,10 @@ mod tests {
 
     #[test]
     fn parse_since_errors() {
+        // A bare number is seconds, as everywhere else.
+        assert_eq!(parse_since("10", 20_000).unwrap(), 10_000);
         for bad in [
             "",
-            "10",
             "10x",
             "m",
             "-5m",

@@ -181,6 +181,14 @@ impl Broker {
             uid,
             gid,
         };
+        let encoded = crate::spec::encoded_len(&req);
+        if encoded > crate::spec::MAX_EXEC_MESSAGE_BYTES {
+            return Err(BrokerError::BadRequest(format!(
+                "argv and env (with the sandbox's env) encode to {encoded} bytes; at most {} \
+                 reach the sandbox",
+                crate::spec::MAX_EXEC_MESSAGE_BYTES
+            )));
+        }
         let before = sb.current_counters();
         let started = Instant::now();
         let in_flight = InFlight::enter(&self.execs_in_flight);
