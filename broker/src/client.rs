@@ -39,6 +39,23 @@ pub enum ClientError {
     },
 }
 
+/// How long a reply may take to start, and a whole non-streamed reply to
+/// arrive, unless `AIRLOCK_REPLY_TIMEOUT` says otherwise (a create that
+/// waits for a sandbox to start is well within it).
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Largest non-streamed reply read (a listing, audit rows).
+pub const MAX_REPLY_BYTES: usize = 64 << 20;
+
+/// The reply timeout in force: `AIRLOCK_REPLY_TIMEOUT` (e.g. `30s`) if set
+/// and valid, else [`REPLY_TIMEOUT`].
+fn reply_timeout() -> std::time::Duration {
+    std::env::var("AIRLOCK_REPLY_TIMEOUT")
+        .ok()
+        .and_then(|v| crate::util::parse_duration(&v).ok())
+        .filter(|d| !d.is_zero())
+        .unwrap_or(REPLY_TIMEOUT)
+}
+
 /// A brokerd client.
 #[derive(Debug, Clone)]
 pub struct RemoteClient {
@@ -98,10 +115,15 @@ impl RemoteClient {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))
+        let wait = reply_timeout();
+        match tokio::time::timeout(wait, sender.send_request(req)).await {
+            Ok(r) => r.map_err(|e| ClientError::Http(e.to_string())),
+            Err(_) => Err(ClientError::Http(format!(
+                "brokerd at {} did not answer within {}s (AIRLOCK_REPLY_TIMEOUT)",
+                self.socket.display(),
+                wait.as_secs()
+            ))),
+        }
     }
 
     async fn call<T: DeserializeOwned>(
@@ -112,12 +134,7 @@ impl RemoteClient {
     ) -> Result<T, ClientError> {
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?
-            .to_bytes();
+        let bytes = read_reply(resp.into_body()).await?;
         if !status.is_success() {
             return Err(api_error(status, &bytes));
         }
@@ -311,11 +328,7 @@ impl RemoteClient {
         let status = resp.status();
         let body = resp.into_body();
         if !status.is_success() {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?
-                .to_bytes();
+            let bytes = read_reply(body).await?;
             return Err(api_error(status, &bytes));
         }
         Ok(ndjson_lines(body))
@@ -333,11 +346,7 @@ impl RemoteClient {
         let status = resp.status();
         let body = resp.into_body();
         if !status.is_success() {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| ClientError::Http(e.to_string()))?
-                .to_bytes();
+            let bytes = read_reply(body).await?;
             return Err(api_error(status, &bytes));
         }
         Ok(ndjson_lines(body))
@@ -379,6 +388,24 @@ fn ndjson_lines<T: DeserializeOwned + Send + 'static>(mut body: Incoming) -> mps
         }
     });
     rx
+}
+
+/// A whole non-streamed reply, at most [`MAX_REPLY_BYTES`] and within the
+/// reply timeout: a broken or hostile server can neither grow the client
+/// without end nor hold it forever.
+async fn read_reply(body: Incoming) -> Result<Bytes, ClientError> {
+    let wait = reply_timeout();
+    let limited = http_body_util::Limited::new(body, MAX_REPLY_BYTES);
+    match tokio::time::timeout(wait, limited.collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) => Err(ClientError::Http(format!(
+            "reading the reply (at most {MAX_REPLY_BYTES} bytes): {e}"
+        ))),
+        Err(_) => Err(ClientError::Http(format!(
+            "the reply did not arrive within {}s (AIRLOCK_REPLY_TIMEOUT)",
+            wait.as_secs()
+        ))),
+    }
 }
 
 fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {

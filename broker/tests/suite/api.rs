@@ -383,3 +383,223 @@ fn events_stream_lifecycle_and_metrics_show_state_to_whoever_may_see_it() {
     let (code, _) = env.http("GET", "/v1/events?kind=fs", "");
     assert_eq!(code, 400);
 }
+
+/// Sends `req` as is and reads the answer until the connection closes (or
+/// 10 s pass): its status and body.
+fn raw(env: &Env, req: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let _ = s.write_all(req);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// Each class of bad input gets its documented status and a JSON body
+/// naming what was wrong, even what the HTTP layer refuses by itself;
+/// limits that a sandbox could never meet are refused up front; and the
+/// broker keeps serving.
+#[test]
+fn every_bad_request_gets_a_json_error_a_client_can_act_on() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let error = |body: &str| -> String {
+        serde_json::from_str::<serde_json::Value>(body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {body}"))
+            .to_string()
+    };
+    let long_uri = format!("GET /v1/{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70_000));
+    let many_headers = format!(
+        "GET /v1/health HTTP/1.1\r\nHost: a\r\n{}\r\n",
+        (0..300)
+            .map(|i| format!("X-{i}: y\r\n"))
+            .collect::<String>()
+    );
+    for (req, status, says) in [
+        (b"GARBAGE\r\n\r\n".to_vec(), 400, "malformed HTTP request"),
+        (long_uri.into_bytes(), 414, "URI too long"),
+        (many_headers.into_bytes(), 431, "headers too large"),
+        (
+            b"PUT /v1/health HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+            405,
+            "method PUT is not allowed on /v1/health",
+        ),
+        (
+            b"GET /v1/audit?limit=lots HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+            "limit",
+        ),
+        (
+            b"POST /v1/sandboxes/0123456789ab/execs/x/signal HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+            400,
+            "`x`",
+        ),
+        (
+            b"POST /v1/sandboxes HTTP/1.1\r\nHost: a\r\nContent-Length: 999999999\r\n\r\n".to_vec(),
+            413,
+            "over the limit of 4194304 bytes",
+        ),
+    ] {
+        let (code, body) = raw(&env, &req);
+        assert_eq!(code, status, "{body}");
+        let e = error(&body);
+        assert!(e.contains(says), "{status}: {e}");
+    }
+    // An env no command could carry to the sandbox is refused at create.
+    let big_env = serde_json::json!({"env": [format!("BIG={}", "x".repeat(100_000))]});
+    let (code, body) = env.http("POST", "/v1/sandboxes", &big_env.to_string());
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        error(&body).contains("a sandbox's env may take at most"),
+        "{body}"
+    );
+    let id = super::harness::create(&env, &["--env", &format!("MID={}", "y".repeat(40_000))])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A command that would not fit with the sandbox's env: a 400 naming
+    // argv and env, never a 500 about the control channel.
+    let exec = serde_json::json!({"argv": ["true", "z".repeat(120_000)], "env": [format!("E={}", "\u{1}".repeat(20_000))]});
+    let (code, body) = env.http(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        &exec.to_string(),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(error(&body).contains("argv and env"), "{body}");
+    // timeout_secs 0 is no timeout, as for sandboxes.
+    let (code, body) = env.http(
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"argv": ["sh", "-c", "sleep 1; echo done"], "timeout_secs": 0}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(r#""data":"done\n""#), "{body}");
+    assert!(body.contains(r#""code":0"#), "{body}");
+    // Real-time signals reach a command.
+    let waiting = env
+        .airlock()
+        .args(["--socket"])
+        .arg(&env.socket)
+        .args(["exec", &id, "--", "sleep", "30"])
+        .spawn()
+        .unwrap();
+    let mut sent = (0, String::new());
+    for _ in 0..100 {
+        sent = env.http(
+            "POST",
+            &format!("/v1/sandboxes/{id}/execs/2/signal"),
+            r#"{"signal": 40}"#,
+        );
+        if sent.0 == 200 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(sent.0, 200, "{}", sent.1);
+    let out = waiting.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + 40));
+    let (code, body) = env.http(
+        "POST",
+        &format!("/v1/sandboxes/{id}/execs/2/signal"),
+        r#"{"signal": 99}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        error(&body).contains("signal 99 is not a signal number"),
+        "{body}"
+    );
+    // A command a real-time signal kills from inside ends too (its exit
+    // once went unreported, and the exec hung).
+    let out = env.remote(&["exec", &id, "--", "sh", "-c", "kill -s RTMIN+6 $$"]);
+    assert_eq!(out.status.code(), Some(128 + 40), "{}", text(&out.stderr));
+    // Still serving.
+    assert_eq!(env.http("GET", "/v1/health", "").0, 200);
+    // One duration grammar: days work for a timeout as for --since.
+    let out = env.remote(&["exec", &id, "--timeout", "1d", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    super::harness::ok(&env.remote(&["rm", &id]));
+}
+
+/// The CLI neither hangs on a server that never answers nor grows without
+/// end on one that never stops.
+#[test]
+fn the_cli_bounds_what_it_reads_and_how_long_it_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |name: &str, script: &str| {
+        let sock = dir.path().join(name);
+        let child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import socket, os\n\
+                 s = socket.socket(socket.AF_UNIX); s.bind({:?}); s.listen(8)\n\
+                 while True:\n\
+                 \x20   c, _ = s.accept()\n\
+                 \x20   try:\n\
+                 {script}\n\
+                 \x20   except OSError: pass",
+                sock.display().to_string()
+            ))
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        (sock, child)
+    };
+    let (silent, mut s1) = serve(
+        "silent",
+        "\x20       c.recv(65536); import time; time.sleep(60)",
+    );
+    let (endless, mut s2) = serve(
+        "endless",
+        "\x20       c.recv(65536)\n\
+         \x20       c.sendall(b'HTTP/1.1 200 OK\\r\\ncontent-type: application/json\\r\\n\\r\\n[')\n\
+         \x20       while True: c.sendall(b'1,' * 65536)",
+    );
+    let cli = |sock: &std::path::Path| {
+        let t0 = std::time::Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .arg("--socket")
+            .arg(sock)
+            .arg("ls")
+            .env_clear()
+            .env("AIRLOCK_REPLY_TIMEOUT", "2s")
+            .output()
+            .unwrap();
+        (out, t0.elapsed())
+    };
+    let (out, took) = cli(&silent);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("did not answer within 2s"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
+    let (out, _) = cli(&endless);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("at most 67108864 bytes"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = s1.kill();
+    let _ = s2.kill();
+    let _ = s1.wait();
+    let _ = s2.wait();
+}
