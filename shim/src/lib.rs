@@ -12,6 +12,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod channel;
+pub mod files;
 pub mod init;
 pub mod jail;
 pub mod landlock;

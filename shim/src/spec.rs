@@ -61,6 +61,10 @@ pub struct ExecRequest {
     pub uid: u32,
     /// gid inside the sandbox.
     pub gid: u32,
+    /// A file operation to run, jailed as the command would be, instead
+    /// of executing `argv` (see [`crate::files`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_op: Option<crate::files::FileOp>,
 }
 
 /// PATH used to find argv\[0\] when the caller passed no PATH.
