@@ -218,6 +218,24 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// Copy files or directories between a sandbox and here, modes kept:
+    /// `airlock cp ID:/workspace/out ./out` or `airlock cp ./src ID:/workspace`.
+    /// Needs a running brokerd.
+    Cp {
+        /// `ID:/path` in a sandbox, or a local path.
+        src: String,
+        /// `ID:/path` in a sandbox, or a local path.
+        dst: String,
+    },
+    /// Follow changes to files under a path in a sandbox (default
+    /// /workspace) as they happen, one per line, until interrupted.
+    Watch {
+        /// The sandbox.
+        id: String,
+        /// Absolute path inside it.
+        #[arg(default_value = "/workspace")]
+        path: String,
+    },
     /// Follow lifecycle events as they happen (sandboxes created and
     /// destroyed, commands started and ended, limits hit), one per line,
     /// until interrupted. Needs a running brokerd.
@@ -898,6 +916,45 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                 }
             };
             print_rows(&rows, json);
+            Ok(0)
+        }
+        Cmd::Cp { src, dst } => {
+            let Backend::Remote(c) = backend(&cli, Some("cp")).await? else {
+                return Err(CliError::Usage(
+                    "`airlock cp` needs a running brokerd".into(),
+                ));
+            };
+            let n = crate::cli_files::cp(&c, src, dst)
+                .await
+                .map_err(CliError::Usage)?;
+            if json {
+                println!("{}", serde_json::json!({ "copied": n }));
+            }
+            Ok(0)
+        }
+        Cmd::Watch { id, path } => {
+            let Backend::Remote(c) = backend(&cli, Some("watch")).await? else {
+                return Err(CliError::Usage(
+                    "`airlock watch` needs a running brokerd".into(),
+                ));
+            };
+            parse_id(id)?;
+            let mut rx = c.watch(id, path).await?;
+            let mut out = std::io::stdout().lock();
+            while let Some(ev) = rx.recv().await {
+                let line = if json {
+                    ev.to_string()
+                } else {
+                    let f = |k: &str| ev[k].as_str().unwrap_or("").to_string();
+                    match ev.get("to").and_then(|t| t.as_str()) {
+                        Some(to) => format!("{:<8} {} -> {to}", f("event"), f("path")),
+                        None => format!("{:<8} {}", f("event"), f("path")),
+                    }
+                };
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return Ok(0);
+                }
+            }
             Ok(0)
         }
         Cmd::Events {

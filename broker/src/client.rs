@@ -91,6 +91,27 @@ impl RemoteClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, ClientError> {
+        self.send_body(
+            method,
+            path,
+            Full::new(Bytes::from(body.unwrap_or_default())),
+            None,
+        )
+        .await
+    }
+
+    async fn send_body<B>(
+        &self,
+        method: Method,
+        path: &str,
+        body: B,
+        length: Option<u64>,
+    ) -> Result<hyper::Response<Incoming>, ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let probed = crate::util::lock_or_recover(&self.probed).take();
         let stream =
             match probed {
@@ -108,12 +129,16 @@ impl RemoteClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "airlock")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .header("content-type", "application/json");
+        if let Some(n) = length {
+            req = req.header("content-length", n);
+        }
+        let req = req
+            .body(body)
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let wait = reply_timeout();
         match tokio::time::timeout(wait, sender.send_request(req)).await {
@@ -334,6 +359,150 @@ impl RemoteClient {
         Ok(ndjson_lines(body))
     }
 
+    /// `GET .../files/content`: the file's bytes, written to `out` as they
+    /// arrive; how many.
+    pub async fn read_file<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        id: &str,
+        path: &str,
+        out: &mut W,
+    ) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let resp = self
+            .send(
+                Method::GET,
+                &format!("/v1/sandboxes/{}/files/content?path={}", enc(id), enc(path)),
+                None,
+            )
+            .await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = read_reply(body).await?;
+            return Err(api_error(status, &bytes));
+        }
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Http(format!("reading {path}: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data)
+                    .await
+                    .map_err(|e| ClientError::Http(format!("writing {path} here: {e}")))?;
+                n += data.len() as u64;
+            }
+        }
+        Ok(n)
+    }
+
+    /// `PUT .../files/content`: replaces the file with the `size` bytes
+    /// `input` yields, streamed; the sandbox's stat of it.
+    pub async fn write_file<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        size: u64,
+        mut input: R,
+    ) -> Result<airlock_shim::files::FileInfo, ClientError> {
+        use tokio::io::AsyncReadExt;
+        let (tx, rx) = mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(4);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match input.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        let chunk = Bytes::copy_from_slice(buf.get(..n).unwrap_or_default());
+                        if tx.send(Ok(hyper::body::Frame::data(chunk))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let body = http_body_util::StreamBody::new(FrameStream(rx));
+        let mut url = format!("/v1/sandboxes/{}/files/content?path={}", enc(id), enc(path));
+        if let Some(m) = mode {
+            url.push_str(&format!("&mode={m:o}"));
+        }
+        let resp = self.send_body(Method::PUT, &url, body, Some(size)).await?;
+        let status = resp.status();
+        let bytes = read_reply(resp.into_body()).await?;
+        if !status.is_success() {
+            return Err(api_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Http(format!("bad reply: {e}")))
+    }
+
+    /// `GET .../files/list`.
+    pub async fn list_files(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<Vec<airlock_shim::files::FileInfo>, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/files/list?path={}", enc(id), enc(path)),
+            None,
+        )
+        .await
+    }
+
+    /// `GET .../files/stat`.
+    pub async fn stat_file(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<airlock_shim::files::FileInfo, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{}/files/stat?path={}", enc(id), enc(path)),
+            None,
+        )
+        .await
+    }
+
+    /// `POST .../files/{op}` with `body`.
+    pub async fn change_file(
+        &self,
+        id: &str,
+        op: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{}/files/{}", enc(id), enc(op)),
+            Some(body.to_string().into_bytes()),
+        )
+        .await
+    }
+
+    /// `GET .../files/watch`: changes under `path` as they happen.
+    pub async fn watch(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<mpsc::Receiver<serde_json::Value>, ClientError> {
+        let resp = self
+            .send(
+                Method::GET,
+                &format!("/v1/sandboxes/{}/files/watch?path={}", enc(id), enc(path)),
+                None,
+            )
+            .await?;
+        let status = resp.status();
+        let body = resp.into_body();
+        if !status.is_success() {
+            let bytes = read_reply(body).await?;
+            return Err(api_error(status, &bytes));
+        }
+        Ok(ndjson_lines(body))
+    }
+
     /// `GET /v1/events?{query}`: lifecycle events as they happen, until the
     /// receiver is dropped or the broker goes.
     pub async fn events(
@@ -350,6 +519,19 @@ impl RemoteClient {
             return Err(api_error(status, &bytes));
         }
         Ok(ndjson_lines(body))
+    }
+}
+
+/// Upload frames from a channel, as a body stream.
+struct FrameStream(mpsc::Receiver<Result<hyper::body::Frame<Bytes>, std::io::Error>>);
+
+impl futures_core::Stream for FrameStream {
+    type Item = Result<hyper::body::Frame<Bytes>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod authz;
 pub mod broker;
 pub mod cli;
+mod cli_files;
 pub mod client;
 pub mod component;
 pub mod config;

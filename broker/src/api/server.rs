@@ -44,7 +44,7 @@ impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
 
 /// An error response.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
@@ -68,7 +68,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn principal(c: PeerCred) -> Result<Principal, ApiError> {
+pub(crate) fn principal(c: PeerCred) -> Result<Principal, ApiError> {
     c.0.ok_or_else(|| {
         ApiError(
             StatusCode::FORBIDDEN,
@@ -77,7 +77,7 @@ fn principal(c: PeerCred) -> Result<Principal, ApiError> {
     })
 }
 
-fn json_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn json_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -86,14 +86,14 @@ fn json_body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> 
     })
 }
 
-type Shared = State<Arc<Broker>>;
-type Peer = ConnectInfo<PeerCred>;
+pub(crate) type Shared = State<Arc<Broker>>;
+pub(crate) type Peer = ConnectInfo<PeerCred>;
 
 /// Reads a request body whole, within [`BODY_READ_TIMEOUT`] and at most
 /// [`MAX_BODY_BYTES`]: a client that declares a body and never sends it
 /// (or trickles it) loses its request, not the broker a connection slot
 /// forever.
-async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
     match tokio::time::timeout(
         BODY_READ_TIMEOUT,
         axum::body::to_bytes(body, MAX_BODY_BYTES),
@@ -145,6 +145,26 @@ pub fn router(broker: Arc<Broker>) -> Router {
             post(restore_snapshot),
         )
         .route("/v1/sandboxes/{id}/execs/{exec_id}/signal", post(signal))
+        .route(
+            "/v1/sandboxes/{id}/files/content",
+            get(crate::api::files::read).put(crate::api::files::write),
+        )
+        .route(
+            "/v1/sandboxes/{id}/files/list",
+            get(crate::api::files::list),
+        )
+        .route(
+            "/v1/sandboxes/{id}/files/stat",
+            get(crate::api::files::stat),
+        )
+        .route(
+            "/v1/sandboxes/{id}/files/watch",
+            get(crate::api::files::watch),
+        )
+        .route(
+            "/v1/sandboxes/{id}/files/{op}",
+            post(crate::api::files::change),
+        )
         .route("/v1/audit", get(audit))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -172,7 +192,7 @@ async fn list(State(b): Shared, ConnectInfo(c): Peer) -> Result<Response, ApiErr
 
 /// A sandbox id from a request path; one that cannot be an id names no
 /// sandbox.
-fn sandbox_id(s: &str) -> Result<SandboxId, ApiError> {
+pub(crate) fn sandbox_id(s: &str) -> Result<SandboxId, ApiError> {
     SandboxId::try_from(s).map_err(|e| ApiError(StatusCode::NOT_FOUND, e))
 }
 
@@ -421,7 +441,7 @@ fn futures_stream(
 }
 
 /// A tiny channel-backed stream (avoids pulling in an async-stream macro).
-fn async_stream_lines<F, Fut>(
+pub(crate) fn async_stream_lines<F, Fut>(
     f: F,
 ) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>>
 where
@@ -433,7 +453,7 @@ where
     ReceiverStream(rx)
 }
 
-struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+pub(crate) struct ReceiverStream<T>(pub tokio::sync::mpsc::Receiver<T>);
 
 impl<T> futures_core::Stream for ReceiverStream<T> {
     type Item = T;
@@ -568,10 +588,13 @@ async fn events(
             let line = match got {
                 Ok(ev) => {
                     let visible = ev.agent.as_deref().is_some_and(&filter);
-                    let wanted = (kinds.is_empty() || kinds.contains(&ev.kind))
-                        && sandbox
-                            .as_deref()
-                            .is_none_or(|s| ev.sandbox_id.as_deref() == Some(s));
+                    let wanted = (if kinds.is_empty() {
+                        EVENT_KINDS.contains(&ev.kind.as_str())
+                    } else {
+                        kinds.contains(&ev.kind)
+                    }) && sandbox
+                        .as_deref()
+                        .is_none_or(|s| ev.sandbox_id.as_deref() == Some(s));
                     if !visible || !wanted {
                         continue;
                     }

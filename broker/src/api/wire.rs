@@ -168,8 +168,11 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    // Uploads stream into the sandbox and are bounded by its disk quota.
+    let upload = path.ends_with("/files/content");
     if let Some(n) = declared
         && n > crate::api::server::MAX_BODY_BYTES as u64
+        && !upload
     {
         let mut resp = json_response(
             StatusCode::PAYLOAD_TOO_LARGE,

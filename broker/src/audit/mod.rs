@@ -513,7 +513,7 @@ impl AuditStore {
         let ts_ms = now_unix_ms();
         if matches!(
             rec.kind,
-            AuditKind::Sandbox | AuditKind::Exec | AuditKind::Limit
+            AuditKind::Sandbox | AuditKind::Exec | AuditKind::Limit | AuditKind::Fs
         ) {
             self.publish_at(ts_ms, &rec);
         }
@@ -547,7 +547,7 @@ impl AuditStore {
     }
 
     /// Lifecycle events from now on (created, exec started and ended,
-    /// limits hit, destroyed). A subscriber that falls more than
+    /// limits hit, destroyed), and file changes (for watches). A subscriber that falls more than
     /// [`LIVE_EVENTS`] behind is told how many it missed.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<LiveEvent>> {
         self.inner.events.subscribe()
@@ -599,7 +599,7 @@ pub const LIVE_EVENTS: usize = 1024;
 pub struct LiveEvent {
     /// Unix ms.
     pub ts_ms: i64,
-    /// `sandbox`, `exec` or `limit`.
+    /// `sandbox`, `exec`, `limit` or `fs`.
     pub kind: String,
     /// e.g. `create`, `start`, `exit`, `oom`, `destroy`.
     pub action: String,

@@ -42,6 +42,15 @@ pub(super) fn merge_env(base: &[String], extra: Vec<String>) -> Vec<String> {
     out.into_iter().flatten().collect()
 }
 
+/// What a command's stdin reads, then EOF.
+#[derive(Debug)]
+pub enum Stdin {
+    /// These bytes.
+    Bytes(Vec<u8>),
+    /// Chunks as they arrive (an upload), until the sender goes.
+    Stream(mpsc::Receiver<hyper::body::Bytes>),
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn pump(
     sb: &Arc<Sandbox>,
@@ -49,7 +58,7 @@ pub(super) async fn pump(
     stdin_w: OwnedFd,
     out_r: OwnedFd,
     err_r: OwnedFd,
-    stdin: Vec<u8>,
+    stdin: Stdin,
     outcome: tokio::sync::oneshot::Receiver<ExecOutcome>,
     tx: &mpsc::Sender<ExecEvent>,
     started: Instant,
@@ -59,7 +68,18 @@ pub(super) async fn pump(
     // stdin: write what was given, then EOF.
     if let Ok(mut w) = pipe::Sender::from_owned_fd(stdin_w) {
         tokio::spawn(async move {
-            let _ = w.write_all(&stdin).await;
+            match stdin {
+                Stdin::Bytes(b) => {
+                    let _ = w.write_all(&b).await;
+                }
+                Stdin::Stream(mut rx) => {
+                    while let Some(chunk) = rx.recv().await {
+                        if w.write_all(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
         });
     }
     let mut readers = Vec::new();
@@ -155,6 +175,65 @@ impl Broker {
         id: &SandboxId,
         body: ExecSpec,
     ) -> Result<ExecHandle, BrokerError> {
+        let stdin = Stdin::Bytes(body.stdin.clone());
+        self.exec_with(p, id, body, None, stdin).await
+    }
+
+    /// Runs a file operation in the sandbox, jailed as a command of its
+    /// default user would be (see [`airlock_shim::files`]); its data moves
+    /// on the handle's stdout and on `stdin`.
+    pub async fn file_op(
+        &self,
+        p: &Principal,
+        id: &SandboxId,
+        op: airlock_shim::files::FileOp,
+        stdin: Stdin,
+    ) -> Result<ExecHandle, BrokerError> {
+        for path in op.paths() {
+            if !path.starts_with('/') || path.contains('\0') {
+                return Err(BrokerError::BadRequest(format!(
+                    "path {:?} must be absolute (a path inside the sandbox)",
+                    path.chars().take(200).collect::<String>()
+                )));
+            }
+            if path.len() > 4096 {
+                return Err(BrokerError::BadRequest(format!(
+                    "path of {} bytes is over the limit of 4096",
+                    path.len()
+                )));
+            }
+        }
+        let name = match &op {
+            airlock_shim::files::FileOp::Read { .. } => "read",
+            airlock_shim::files::FileOp::Write { .. } => "write",
+            airlock_shim::files::FileOp::List { .. } => "list",
+            airlock_shim::files::FileOp::Stat { .. } => "stat",
+            airlock_shim::files::FileOp::Mkdir { .. } => "mkdir",
+            airlock_shim::files::FileOp::Remove { .. } => "remove",
+            airlock_shim::files::FileOp::Rename { .. } => "rename",
+            airlock_shim::files::FileOp::Symlink { .. } => "symlink",
+        };
+        let mut argv = vec![format!("airlock-files:{name}")];
+        argv.extend(op.paths().iter().map(|s| (*s).to_string()));
+        let spec = ExecSpec {
+            argv,
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: crate::spec::ExecUser::Default,
+            stdin: Vec::new(),
+            timeout: None,
+        };
+        self.exec_with(p, id, spec, Some(op), stdin).await
+    }
+
+    async fn exec_with(
+        &self,
+        p: &Principal,
+        id: &SandboxId,
+        body: ExecSpec,
+        file_op: Option<airlock_shim::files::FileOp>,
+        stdin: Stdin,
+    ) -> Result<ExecHandle, BrokerError> {
         let sb = self.get(p, id)?;
         if !sb.is_running() {
             return Err(BrokerError::NotRunning(id.to_string()));
@@ -180,6 +259,7 @@ impl Broker {
             cwd: cwd.clone(),
             uid,
             gid,
+            file_op,
         };
         let encoded = crate::spec::encoded_len(&req);
         if encoded > crate::spec::MAX_EXEC_MESSAGE_BYTES {
@@ -220,23 +300,13 @@ impl Broker {
         let metrics = Arc::clone(&self.metrics);
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.try_send(ExecEvent::Started { exec_id });
-        let stdin_bytes = body.stdin.clone();
         let sb2 = Arc::clone(&sb);
         let timeout = body.timeout;
         let argv = body.argv.clone();
         tokio::spawn(async move {
             let _in_flight = in_flight;
             let exit = pump(
-                &sb2,
-                exec_id,
-                in_w,
-                out_r,
-                err_r,
-                stdin_bytes,
-                outcome_rx,
-                &tx,
-                started,
-                timeout,
+                &sb2, exec_id, in_w, out_r, err_r, stdin, outcome_rx, &tx, started, timeout,
             )
             .await;
             let after = sb2.current_counters();

@@ -151,6 +151,7 @@ impl Broker {
             cwd: "/".into(),
             uid: sb.user_ids.0,
             gid: sb.user_ids.1,
+            file_op: None,
         };
         let Ok((_, mut rx)) = sb.send_exec(req, [i, o, e]) else {
             return false;

@@ -157,7 +157,10 @@ fn routes_match_the_openapi_file() {
             continue;
         };
         let Some(p) = &path else { continue };
-        let mut url = p.replace("{id}", "nope").replace("{exec_id}", "1");
+        let mut url = p
+            .replace("{id}", "nope")
+            .replace("{exec_id}", "1")
+            .replace("{op}", "mkdir");
         if url == "/v1/events" {
             // A stream that never ends: a bad filter shows it is routed.
             url.push_str("?kind=nope");

@@ -2,6 +2,7 @@ pub mod harness;
 
 mod api;
 mod escape;
+mod files;
 mod fs;
 mod hostile;
 mod lifecycle;
