@@ -28,8 +28,14 @@ pub const EXIT_AIRLOCK_ERROR: i32 = 125;
     about = "Run untrusted commands in airlock sandboxes"
 )]
 struct Cli {
-    /// Talk to brokerd on this socket (error if it does not answer).
-    #[arg(long, global = true, conflicts_with = "embedded")]
+    /// Talk to brokerd on this socket (error if it does not answer);
+    /// also from `AIRLOCK_SOCKET`.
+    #[arg(
+        long,
+        global = true,
+        conflicts_with = "embedded",
+        env = "AIRLOCK_SOCKET"
+    )]
     socket: Option<PathBuf>,
     /// Use an in-process broker even if brokerd is running.
     #[arg(long, global = true)]
