@@ -10,4 +10,5 @@ mod limits;
 mod net;
 mod root;
 mod run;
+mod sdk;
 mod snapshots;
