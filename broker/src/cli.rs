@@ -242,6 +242,10 @@ enum Cmd {
         #[arg(default_value = "/workspace")]
         path: String,
     },
+    /// Serve the Model Context Protocol on stdin/stdout, so an MCP-speaking
+    /// agent can create sandboxes, run commands and move files with the
+    /// rights of the user who started it. Needs a running brokerd.
+    Mcp,
     /// Follow lifecycle events as they happen (sandboxes created and
     /// destroyed, commands started and ended, limits hit), one per line,
     /// until interrupted. Needs a running brokerd.
@@ -922,6 +926,17 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                 }
             };
             print_rows(&rows, json);
+            Ok(0)
+        }
+        Cmd::Mcp => {
+            let Backend::Remote(c) = backend(&cli, Some("mcp")).await? else {
+                return Err(CliError::Usage(
+                    "`airlock mcp` needs a running brokerd".into(),
+                ));
+            };
+            crate::mcp::serve(c)
+                .await
+                .map_err(|e| CliError::Usage(format!("mcp: {e}")))?;
             Ok(0)
         }
         Cmd::Cp { src, dst } => {

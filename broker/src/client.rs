@@ -367,14 +367,29 @@ impl RemoteClient {
         path: &str,
         out: &mut W,
     ) -> Result<u64, ClientError> {
+        self.read_file_range(id, path, 0, None, out).await
+    }
+
+    /// As [`RemoteClient::read_file`], from byte `offset`, `length` bytes
+    /// at most.
+    pub async fn read_file_range<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        id: &str,
+        path: &str,
+        offset: u64,
+        length: Option<u64>,
+        out: &mut W,
+    ) -> Result<u64, ClientError> {
         use tokio::io::AsyncWriteExt;
-        let resp = self
-            .send(
-                Method::GET,
-                &format!("/v1/sandboxes/{}/files/content?path={}", enc(id), enc(path)),
-                None,
-            )
-            .await?;
+        let mut url = format!(
+            "/v1/sandboxes/{}/files/content?path={}&offset={offset}",
+            enc(id),
+            enc(path)
+        );
+        if let Some(n) = length {
+            url.push_str(&format!("&length={n}"));
+        }
+        let resp = self.send(Method::GET, &url, None).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {

@@ -18,6 +18,7 @@ pub mod client;
 pub mod component;
 pub mod config;
 pub mod fs_server;
+pub mod mcp;
 pub mod metrics;
 pub mod net_server;
 pub mod netlink;

@@ -7,6 +7,7 @@ mod fs;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod mcp;
 mod net;
 mod root;
 mod run;
