@@ -458,6 +458,11 @@ fn exec_child(jail: &Jail, req: &ExecRequest, fds: Vec<OwnedFd>, status: OwnedFd
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     sys::reset_signal_dispositions();
     let _ = nix::unistd::setsid();
+    if req.tty
+        && let Err(e) = sys::take_controlling_tty(0)
+    {
+        die(126, format!("make the terminal the command's own: {e}"));
+    }
     use nix::sys::resource::{Resource, setrlimit};
     let _ = setrlimit(
         Resource::RLIMIT_NOFILE,

@@ -65,6 +65,10 @@ pub struct ExecRequest {
     /// of executing `argv` (see [`crate::files`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_op: Option<crate::files::FileOp>,
+    /// Whether stdin is a terminal the command takes as its controlling
+    /// terminal (an interactive session: job control, Ctrl-C).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tty: bool,
 }
 
 /// PATH used to find argv\[0\] when the caller passed no PATH.

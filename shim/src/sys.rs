@@ -295,3 +295,13 @@ pub fn reap_any() -> Result<Option<Reaped>, Errno> {
         // Stopped or continued (not asked for): look again.
     }
 }
+
+/// Makes the terminal on `fd` the calling session leader's controlling
+/// terminal (TIOCSCTTY), so the line discipline signals its foreground
+/// process group (Ctrl-C) and job control works.
+pub fn take_controlling_tty(fd: RawFd) -> Result<(), Errno> {
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal) and
+    // touches no memory of ours.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) };
+    if rc == 0 { Ok(()) } else { Err(Errno::last()) }
+}
