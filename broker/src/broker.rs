@@ -38,7 +38,7 @@ mod workspace_quota;
 
 pub(crate) use recovery::start_ticks;
 
-pub use exec::{ExecHandle, Stdin};
+pub use exec::{ExecHandle, Input, Stdin};
 use host_dirs::HostDir;
 use lifecycle::{SETUP_TIMEOUT, Shape, check_limits};
 use pool::{PoolEntry, PoolKey};

@@ -112,6 +112,12 @@ enum Cmd {
         /// Pass this process's stdin to the command.
         #[arg(long)]
         stdin: bool,
+        /// Keep stdin open and stream it to the command as it comes.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Run the command on a terminal (job control, Ctrl-C, resizes).
+        #[arg(short = 't', long)]
+        tty: bool,
         /// The command.
         #[arg(required = true, last = true)]
         argv: Vec<String>,
@@ -140,6 +146,12 @@ enum Cmd {
         /// Pass this process's stdin to the command.
         #[arg(long)]
         stdin: bool,
+        /// Keep stdin open and stream it to the command as it comes.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Run the command on a terminal (job control, Ctrl-C, resizes).
+        #[arg(short = 't', long)]
+        tty: bool,
         /// The command.
         #[arg(required = true, last = true)]
         argv: Vec<String>,
@@ -273,7 +285,7 @@ enum Backend {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum CliError {
+pub(crate) enum CliError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]
@@ -478,6 +490,24 @@ impl Backend {
     }
 
     /// Runs a command, streaming its output to ours; returns its exit.
+    /// Runs `body` attached: this process's stdin streamed in (on a
+    /// terminal with `tty`), its output out, until it exits.
+    async fn attached(&self, id: &str, body: ExecBody) -> Result<ExecExit, CliError> {
+        let tty = body.tty == Some(true);
+        let (input, events) = match self {
+            Backend::Embedded(b, p) => {
+                let spec = ExecSpec::try_from(body).map_err(BrokerError::BadRequest)?;
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                let h = b
+                    .exec_attached(p, &parse_id(id)?, spec, crate::broker::Stdin::Attached(rx))
+                    .await?;
+                (tx, h.events)
+            }
+            Backend::Remote(c) => c.attach(id, &body).await?,
+        };
+        crate::cli_tty::interact(input, events, tty).await
+    }
+
     async fn exec(&self, id: &str, body: ExecBody, json: bool) -> Result<ExecExit, CliError> {
         let (mut rx, embedded) = match self {
             Backend::Embedded(b, p) => {
@@ -638,10 +668,13 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
             opts,
             cwd,
             stdin,
+            interactive,
+            tty,
             argv,
         } => {
             let create = build_create(opts)?;
-            let stdin = read_stdin(*stdin)?;
+            let attached = *interactive || *tty;
+            let stdin = if attached { None } else { read_stdin(*stdin)? };
             let be = backend(&cli, None).await?;
             let info = be.create(create).await?;
             let body = ExecBody {
@@ -651,8 +684,14 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                 user: None,
                 stdin,
                 timeout_secs: None,
+                tty: tty.then_some(true),
+                size: tty.then(crate::cli_tty::terminal_size).flatten(),
             };
-            let result = be.exec(&info.id, body, json).await;
+            let result = if attached {
+                be.attached(&info.id, body).await
+            } else {
+                be.exec(&info.id, body, json).await
+            };
             // brokerd owns the cleanup (and recovers it after a crash), so
             // `run` returns with the command's status and lets it finish
             // in the background; an embedded broker must finish first.
@@ -685,8 +724,11 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
             user,
             timeout,
             stdin,
+            interactive,
+            tty,
             argv,
         } => {
+            let attached = *interactive || *tty;
             let timeout_secs = timeout
                 .as_deref()
                 .map(parse_secs)
@@ -697,11 +739,17 @@ async fn run_cli(cli: Cli) -> Result<i32, CliError> {
                 env: (!env.is_empty()).then(|| env.clone()),
                 cwd: cwd.clone(),
                 user: user.clone(),
-                stdin: read_stdin(*stdin)?,
+                stdin: if attached { None } else { read_stdin(*stdin)? },
                 timeout_secs,
+                tty: tty.then_some(true),
+                size: tty.then(crate::cli_tty::terminal_size).flatten(),
             };
             let be = backend(&cli, Some("exec")).await?;
-            let x = be.exec(id, body, json).await?;
+            let x = if attached {
+                be.attached(id, body).await?
+            } else {
+                be.exec(id, body, json).await?
+            };
             if !json {
                 exit_note(&x);
             }

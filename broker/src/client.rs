@@ -459,12 +459,7 @@ impl RemoteClient {
         id: &str,
         path: &str,
     ) -> Result<Vec<airlock_shim::files::FileInfo>, ClientError> {
-        self.call(
-            Method::GET,
-            &format!("/v1/sandboxes/{}/files/list?path={}", enc(id), enc(path)),
-            None,
-        )
-        .await
+        self.file_query("list", id, path).await
     }
 
     /// `GET .../files/stat`.
@@ -473,12 +468,17 @@ impl RemoteClient {
         id: &str,
         path: &str,
     ) -> Result<airlock_shim::files::FileInfo, ClientError> {
-        self.call(
-            Method::GET,
-            &format!("/v1/sandboxes/{}/files/stat?path={}", enc(id), enc(path)),
-            None,
-        )
-        .await
+        self.file_query("stat", id, path).await
+    }
+
+    async fn file_query<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        id: &str,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        let url = format!("/v1/sandboxes/{}/files/{what}?path={}", enc(id), enc(path));
+        self.call(Method::GET, &url, None).await
     }
 
     /// `POST .../files/{op}` with `body`.
@@ -516,6 +516,99 @@ impl RemoteClient {
             return Err(api_error(status, &bytes));
         }
         Ok(ndjson_lines(body))
+    }
+
+    /// `GET .../exec/attach` (a WebSocket): starts `body` with its input
+    /// streamed from the returned sender and its events on the receiver.
+    pub async fn attach(
+        &self,
+        id: &str,
+        body: &ExecBody,
+    ) -> Result<
+        (
+            mpsc::Sender<crate::broker::Input>,
+            mpsc::Receiver<ExecEvent>,
+        ),
+        ClientError,
+    > {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
+        let url = format!("ws://airlock/v1/sandboxes/{}/exec/attach", enc(id));
+        let (ws, _) = match tokio_tungstenite::client_async(url, stream).await {
+            Ok(x) => x,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let status = resp.status().as_u16();
+                let body = resp.body().clone().unwrap_or_default();
+                return Err(api_error(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    &body,
+                ));
+            }
+            Err(e) => return Err(ClientError::Http(format!("attach: {e}"))),
+        };
+        let (mut sink, mut source) = ws.split();
+        let first = serde_json::to_string(body).map_err(|e| ClientError::Http(e.to_string()))?;
+        sink.send(Message::Text(first.into()))
+            .await
+            .map_err(|e| ClientError::Http(format!("attach: {e}")))?;
+        let (in_tx, mut in_rx) = mpsc::channel::<crate::broker::Input>(64);
+        let (ev_tx, ev_rx) = mpsc::channel::<ExecEvent>(64);
+        tokio::spawn(async move {
+            while let Some(input) = in_rx.recv().await {
+                use crate::api::types::{AttachControl, TtySize};
+                use crate::broker::Input;
+                let msg = match input {
+                    Input::Data(b) => Message::Binary(b),
+                    Input::Resize(rows, cols) => Message::Text(
+                        serde_json::to_string(&AttachControl::Resize(TtySize { rows, cols }))
+                            .unwrap_or_default()
+                            .into(),
+                    ),
+                    Input::Signal(n) => Message::Text(
+                        serde_json::to_string(&AttachControl::Signal(n))
+                            .unwrap_or_default()
+                            .into(),
+                    ),
+                    Input::Eof => Message::Text(
+                        serde_json::to_string(&AttachControl::Eof(true))
+                            .unwrap_or_default()
+                            .into(),
+                    ),
+                };
+                if sink.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = source.next().await {
+                let Message::Text(t) = msg else { continue };
+                if let Ok(ev) = serde_json::from_str::<ExecEvent>(t.as_str()) {
+                    if ev_tx.send(ev).await.is_err() {
+                        return;
+                    }
+                } else if let Ok(e) = serde_json::from_str::<ErrorBody>(t.as_str()) {
+                    // The command could not start: the stream ends here,
+                    // with the reason on a last exit.
+                    let _ = ev_tx
+                        .send(ExecEvent::Exit(crate::api::types::ExecExit {
+                            code: Some(126),
+                            error: Some(e.error),
+                            ..Default::default()
+                        }))
+                        .await;
+                    return;
+                }
+            }
+        });
+        Ok((in_tx, ev_rx))
     }
 
     /// `GET /v1/events?{query}`: lifecycle events as they happen, until the

@@ -14,6 +14,7 @@ pub mod authz;
 pub mod broker;
 pub mod cli;
 mod cli_files;
+mod cli_tty;
 pub mod client;
 pub mod component;
 pub mod config;

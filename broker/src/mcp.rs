@@ -207,6 +207,8 @@ async fn run_command(c: &RemoteClient, args: &Value) -> Result<Value, ToolError>
             .and_then(Value::as_str)
             .map(str::to_string),
         timeout_secs: Some(timeout),
+        tty: None,
+        size: None,
     };
     let mut rx = c.exec(&id, &body).await?;
     let (mut out, mut err) = (Capped::default(), Capped::default());

@@ -228,6 +228,8 @@ pub struct ExecSpec {
     pub stdin: Vec<u8>,
     /// Its own wall-clock limit.
     pub timeout: Option<Duration>,
+    /// A terminal of this size (rows, columns) instead of pipes.
+    pub tty: Option<(u16, u16)>,
 }
 
 impl TryFrom<ExecBody> for ExecSpec {
@@ -281,6 +283,14 @@ impl TryFrom<ExecBody> for ExecSpec {
                 .timeout_secs
                 .filter(|t| *t > 0)
                 .map(Duration::from_secs),
+            tty: match (body.tty, body.size) {
+                (Some(true), size) => {
+                    let s = size.unwrap_or(crate::api::types::TtySize { rows: 24, cols: 80 });
+                    Some((s.rows.max(1), s.cols.max(1)))
+                }
+                (_, Some(_)) => return Err("size is for a terminal: set tty too".into()),
+                _ => None,
+            },
         })
     }
 }

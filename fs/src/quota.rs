@@ -484,6 +484,19 @@ mod tests {
 
     use super::*;
 
+    /// What each reported first hit was about.
+    fn hits(events: &Mutex<Vec<FsEvent>>) -> Vec<String> {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                FsEvent::QuotaHit { what, .. } => Some(what.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn usage(limit: DiskQuota) -> (Usage, Arc<Mutex<Vec<FsEvent>>>) {
         let events = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&events);
@@ -524,15 +537,7 @@ mod tests {
         ));
         u.refund_inodes(Tree::Upper, 1);
         u.charge_inodes(Tree::Upper, 1).unwrap();
-        let hits: Vec<String> = events
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|e| match e {
-                FsEvent::QuotaHit { what, .. } => Some(what.clone()),
-                _ => None,
-            })
-            .collect();
+        let hits = hits(&events);
         assert_eq!(hits, ["disk bytes", "inodes"]);
     }
 
@@ -591,15 +596,7 @@ mod tests {
             Err(OpError::NoSpace)
         ));
         assert_eq!(counters.get().0, 950);
-        let hits: Vec<String> = events
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|e| match e {
-                FsEvent::QuotaHit { what, .. } => Some(what.clone()),
-                _ => None,
-            })
-            .collect();
+        let hits = hits(&events);
         assert_eq!(hits, ["workspace bytes", "workspace inodes"]);
     }
 

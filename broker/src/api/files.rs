@@ -255,15 +255,8 @@ pub async fn list(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    let h = start(
-        &b,
-        c,
-        &id,
-        FileOp::List { path: q.path },
-        Stdin::Bytes(Vec::new()),
-    )
-    .await?;
-    json_op(h).await
+    let op = FileOp::List { path: q.path };
+    json_op(start(&b, c, &id, op, Stdin::Bytes(Vec::new())).await?).await
 }
 
 /// `GET .../files/stat?path=`: one entry.
@@ -273,15 +266,8 @@ pub async fn stat(
     Path(id): Path<String>,
     Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    let h = start(
-        &b,
-        c,
-        &id,
-        FileOp::Stat { path: q.path },
-        Stdin::Bytes(Vec::new()),
-    )
-    .await?;
-    json_op(h).await
+    let op = FileOp::Stat { path: q.path };
+    json_op(start(&b, c, &id, op, Stdin::Bytes(Vec::new())).await?).await
 }
 
 /// Body of `POST .../files/mkdir`, `remove`, `rename` and `symlink`.
@@ -346,8 +332,7 @@ pub async fn change(
             ));
         }
     };
-    let h = start(&b, c, &id, op, Stdin::Bytes(Vec::new())).await?;
-    json_op(h).await
+    json_op(start(&b, c, &id, op, Stdin::Bytes(Vec::new())).await?).await
 }
 
 /// What a change under a watched path was.
@@ -439,11 +424,7 @@ pub async fn watch(
             }
         }
     });
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+    Ok(super::server::ndjson_response(stream))
 }
 
 #[cfg(test)]

@@ -122,6 +122,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(inspect).delete(destroy))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route(
+            "/v1/sandboxes/{id}/exec/attach",
+            get(crate::api::attach::attach),
+        )
         .route("/v1/sandboxes/{id}/kill", post(kill))
         .route("/v1/sandboxes/{id}/network", put(set_network))
         .route(
@@ -387,11 +391,7 @@ async fn exec(
     let spec = ExecSpec::try_from(req).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let handle = b.exec(&p, &id, spec).await?;
     let stream = futures_stream(handle.events);
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+    Ok(ndjson_response(stream))
 }
 
 /// `POST /v1/sandboxes/{id}/execs/{exec_id}/signal` body.
@@ -415,6 +415,17 @@ async fn signal(
         Json(serde_json::json!({"id": id, "exec_id": exec_id, "signal": req.signal}))
             .into_response(),
     )
+}
+
+/// A 200 whose body is `stream`'s lines (one JSON object each).
+pub(crate) fn ndjson_response(
+    stream: impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static,
+) -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// Turns exec events into NDJSON lines.
@@ -613,11 +624,7 @@ async fn events(
             }
         }
     });
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+    Ok(ndjson_response(stream))
 }
 
 /// Most connections one uid may hold open at once.
@@ -653,7 +660,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(Arc::clone(&broker));
     let open: Arc<std::sync::Mutex<HashMap<u32, usize>>> = Arc::default();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Shutdown: each connection finishes what it serves, then closes
+    // (an upgradeable connection cannot use hyper-util's watcher).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let live = Arc::new(tokio::sync::Semaphore::new(0));
+    let live_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_LINGERING_REFUSALS));
     tokio::pin!(shutdown);
     loop {
@@ -716,15 +727,36 @@ pub async fn serve(
             .serve_connection(
                 hyper_util::rt::TokioIo::new(crate::api::wire::JsonErrors::new(stream)),
                 hyper_util::service::TowerToHyperService::new(svc),
-            );
-        let conn = graceful.watch(conn);
+            )
+            // Attached execs upgrade their connection.
+            .with_upgrades();
+        let mut stop = stop_rx.clone();
+        let (live, live_count) = (Arc::clone(&live), Arc::clone(&live_count));
+        live_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
-            let _ = conn.await;
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
             drop(guard);
+            live_count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            live.add_permits(1);
         });
     }
     // Let running requests finish (execs stream until their command ends).
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while live_count.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if let Ok(p) = live.acquire().await {
+                p.forget();
+            }
+        }
+    })
+    .await;
     Ok(())
 }
 

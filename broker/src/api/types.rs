@@ -83,6 +83,36 @@ pub struct ExecBody {
     pub stdin: Option<String>,
     /// Kill the command after this many seconds.
     pub timeout_secs: Option<u64>,
+    /// Run it on a terminal (a pseudo-terminal inside, its controlling
+    /// terminal): stdout and stderr arrive merged, as on a terminal.
+    #[serde(default)]
+    pub tty: Option<bool>,
+    /// The terminal's size at start.
+    #[serde(default)]
+    pub size: Option<TtySize>,
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// What an attached client sends after its exec body, as a text message
+/// (stdin bytes travel as binary messages).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum AttachControl {
+    /// The terminal's new size.
+    Resize(TtySize),
+    /// A signal for the command's process group.
+    Signal(i32),
+    /// No more stdin.
+    Eof(bool),
 }
 
 /// Limits in force.

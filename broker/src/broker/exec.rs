@@ -49,6 +49,29 @@ pub enum Stdin {
     Bytes(Vec<u8>),
     /// Chunks as they arrive (an upload), until the sender goes.
     Stream(mpsc::Receiver<hyper::body::Bytes>),
+    /// An attached client's input: bytes, resizes, signals.
+    Attached(mpsc::Receiver<Input>),
+}
+
+/// The broker's ends of a command's stdio.
+enum Ours {
+    /// stdin's writing end, stdout's and stderr's reading ends.
+    Pipes(OwnedFd, OwnedFd, OwnedFd),
+    /// The terminal's master side.
+    Tty(OwnedFd),
+}
+
+/// An attached client's input.
+#[derive(Debug)]
+pub enum Input {
+    /// Bytes for stdin (or the terminal).
+    Data(hyper::body::Bytes),
+    /// The terminal's new size (rows, columns).
+    Resize(u16, u16),
+    /// A signal for the command's process group.
+    Signal(i32),
+    /// No more stdin.
+    Eof,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -67,6 +90,7 @@ pub(super) async fn pump(
     use tokio::net::unix::pipe;
     // stdin: write what was given, then EOF.
     if let Ok(mut w) = pipe::Sender::from_owned_fd(stdin_w) {
+        let sb_sig = Arc::clone(sb);
         tokio::spawn(async move {
             match stdin {
                 Stdin::Bytes(b) => {
@@ -76,6 +100,24 @@ pub(super) async fn pump(
                     while let Some(chunk) = rx.recv().await {
                         if w.write_all(&chunk).await.is_err() {
                             break;
+                        }
+                    }
+                }
+                Stdin::Attached(mut rx) => {
+                    let mut w = Some(w);
+                    while let Some(input) = rx.recv().await {
+                        match input {
+                            Input::Data(b) => {
+                                if let Some(pipe) = w.as_mut()
+                                    && pipe.write_all(&b).await.is_err()
+                                {
+                                    w = None;
+                                }
+                            }
+                            // Closing the pipe is the EOF.
+                            Input::Eof => w = None,
+                            Input::Signal(n) => sb_sig.signal(exec_id, n),
+                            Input::Resize(..) => {}
                         }
                     }
                 }
@@ -111,6 +153,29 @@ pub(super) async fn pump(
             }
         }));
     }
+    let (outcome, timed_out) = await_outcome(sb, exec_id, outcome, tx, timeout).await;
+    // Output written just before exit is still in the pipes: drain it, but
+    // do not wait forever on a background process that kept them open.
+    for mut r in readers {
+        if tokio::time::timeout(Duration::from_millis(500), &mut r)
+            .await
+            .is_err()
+        {
+            r.abort();
+        }
+    }
+    sb.exit_of(outcome, started, timed_out)
+}
+
+/// Waits for the command's end: killed at `timeout`, or as soon as nobody
+/// listens to `tx` any more.
+async fn await_outcome(
+    sb: &Arc<Sandbox>,
+    exec_id: u64,
+    outcome: tokio::sync::oneshot::Receiver<ExecOutcome>,
+    tx: &mpsc::Sender<ExecEvent>,
+    timeout: Option<Duration>,
+) -> (ExecOutcome, bool) {
     let mut timed_out = false;
     let outcome = {
         let closed = tx.clone();
@@ -138,17 +203,132 @@ pub(super) async fn pump(
             None => wait.await,
         }
     };
-    // Output written just before exit is still in the pipes: drain it, but
-    // do not wait forever on a background process that kept them open.
-    for mut r in readers {
-        if tokio::time::timeout(Duration::from_millis(500), &mut r)
-            .await
-            .is_err()
+    (outcome, timed_out)
+}
+
+/// Moves a terminal's bytes: what the command writes on it becomes
+/// stdout events; an attached client's input is typed into it, resizes
+/// and signals applied. Ends with the command.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn pump_tty(
+    sb: &Arc<Sandbox>,
+    exec_id: u64,
+    master: OwnedFd,
+    stdin: Stdin,
+    outcome: tokio::sync::oneshot::Receiver<ExecOutcome>,
+    tx: &mpsc::Sender<ExecEvent>,
+    started: Instant,
+    timeout: Option<Duration>,
+) -> ExecExit {
+    let nonblocking = nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_GETFL)
+        .map(nix::fcntl::OFlag::from_bits_truncate)
+        .and_then(|f| {
+            nix::fcntl::fcntl(
+                &master,
+                nix::fcntl::FcntlArg::F_SETFL(f | nix::fcntl::OFlag::O_NONBLOCK),
+            )
+        });
+    let master = match nonblocking
+        .map_err(std::io::Error::from)
+        .and_then(|_| crate::sys::async_fd(master))
+    {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "terminal not pollable");
+            sb.signal(exec_id, libc::SIGKILL);
+            let (o, t) = await_outcome(sb, exec_id, outcome, tx, timeout).await;
+            return sb.exit_of(o, started, t);
+        }
+    };
+    let input = {
+        let m = Arc::clone(&master);
+        let sb = Arc::clone(sb);
+        tokio::spawn(async move {
+            match stdin {
+                Stdin::Bytes(b) => {
+                    let _ = tty_write(&m, &b).await;
+                }
+                Stdin::Stream(mut rx) => {
+                    while let Some(chunk) = rx.recv().await {
+                        if tty_write(&m, &chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Stdin::Attached(mut rx) => {
+                    while let Some(input) = rx.recv().await {
+                        match input {
+                            Input::Data(b) => {
+                                if tty_write(&m, &b).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Input::Resize(rows, cols) => {
+                                let _ = crate::sys::set_winsize(m.get_ref().as_fd(), rows, cols);
+                            }
+                            Input::Signal(n) => sb.signal(exec_id, n),
+                            // End of input on a terminal is its EOF character.
+                            Input::Eof => {
+                                let _ = tty_write(&m, b"\x04").await;
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let reader = {
+        let m = Arc::clone(&master);
+        let tx = tx.clone();
+        let sb = Arc::clone(sb);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let Ok(mut guard) = m.readable().await else {
+                    return;
+                };
+                match guard.try_io(|fd| {
+                    nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from)
+                }) {
+                    // EIO: every end of the terminal inside is closed.
+                    Ok(Ok(0) | Err(_)) => return,
+                    Ok(Ok(n)) => {
+                        let chunk = Chunk::new(buf.get(..n).unwrap_or_default().to_vec());
+                        if tx.send(ExecEvent::Stdout(chunk)).await.is_err() {
+                            sb.signal(exec_id, libc::SIGKILL);
+                            return;
+                        }
+                    }
+                    Err(_would_block) => {}
+                }
+            }
+        })
+    };
+    let (outcome, timed_out) = await_outcome(sb, exec_id, outcome, tx, timeout).await;
+    let mut reader = reader;
+    if tokio::time::timeout(Duration::from_millis(500), &mut reader)
+        .await
+        .is_err()
+    {
+        reader.abort();
+    }
+    input.abort();
+    sb.exit_of(outcome, started, timed_out)
+}
+
+/// Writes all of `data` to a non-blocking terminal.
+async fn tty_write(m: &tokio::io::unix::AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let mut guard = m.writable().await?;
+        match guard
+            .try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(std::io::Error::from))
         {
-            r.abort();
+            Ok(Ok(n)) => data = data.get(n..).unwrap_or_default(),
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
         }
     }
-    sb.exit_of(outcome, started, timed_out)
+    Ok(())
 }
 
 /// Counts one running command while alive.
@@ -176,6 +356,18 @@ impl Broker {
         body: ExecSpec,
     ) -> Result<ExecHandle, BrokerError> {
         let stdin = Stdin::Bytes(body.stdin.clone());
+        self.exec_with(p, id, body, None, stdin).await
+    }
+
+    /// Starts a command whose stdin (or terminal) is fed as `stdin` says:
+    /// an attached client's input, streamed.
+    pub async fn exec_attached(
+        &self,
+        p: &Principal,
+        id: &SandboxId,
+        body: ExecSpec,
+        stdin: Stdin,
+    ) -> Result<ExecHandle, BrokerError> {
         self.exec_with(p, id, body, None, stdin).await
     }
 
@@ -222,6 +414,7 @@ impl Broker {
             user: crate::spec::ExecUser::Default,
             stdin: Vec::new(),
             timeout: None,
+            tty: None,
         };
         self.exec_with(p, id, spec, Some(op), stdin).await
     }
@@ -249,9 +442,32 @@ impl Broker {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| BrokerError::Internal(format!("pipe: {e}")))
         };
-        let (in_r, in_w) = pipe()?;
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
+        // The command's stdio: three pipes, or one terminal whose other
+        // end the broker keeps.
+        let (theirs, ours) = match body.tty {
+            None => {
+                let (in_r, in_w) = pipe()?;
+                let (out_r, out_w) = pipe()?;
+                let (err_r, err_w) = pipe()?;
+                ([in_r, out_w, err_w], Ours::Pipes(in_w, out_r, err_r))
+            }
+            Some((rows, cols)) => {
+                let size = nix::pty::Winsize {
+                    ws_row: rows,
+                    ws_col: cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                let pty = nix::pty::openpty(Some(&size), None)
+                    .map_err(|e| BrokerError::Internal(format!("openpty: {e}")))?;
+                let dup = |fd: &OwnedFd| {
+                    fd.try_clone()
+                        .map_err(|e| BrokerError::Internal(format!("dup terminal: {e}")))
+                };
+                let (a, b) = (dup(&pty.slave)?, dup(&pty.slave)?);
+                ([a, b, pty.slave], Ours::Tty(pty.master))
+            }
+        };
         let req = ExecRequest {
             exec_id: 0,
             argv: body.argv.clone(),
@@ -260,6 +476,7 @@ impl Broker {
             uid,
             gid,
             file_op,
+            tty: body.tty.is_some(),
         };
         let encoded = crate::spec::encoded_len(&req);
         if encoded > crate::spec::MAX_EXEC_MESSAGE_BYTES {
@@ -279,7 +496,7 @@ impl Broker {
                     "sandbox {id}: a snapshot or restore is under way; try again"
                 ))
             })?;
-            match sb.send_exec(req, [in_r, out_w, err_w]) {
+            match sb.send_exec(req, theirs) {
                 Ok(x) => x,
                 Err(e) => {
                     self.metrics
@@ -305,10 +522,20 @@ impl Broker {
         let argv = body.argv.clone();
         tokio::spawn(async move {
             let _in_flight = in_flight;
-            let exit = pump(
-                &sb2, exec_id, in_w, out_r, err_r, stdin, outcome_rx, &tx, started, timeout,
-            )
-            .await;
+            let exit = match ours {
+                Ours::Pipes(in_w, out_r, err_r) => {
+                    pump(
+                        &sb2, exec_id, in_w, out_r, err_r, stdin, outcome_rx, &tx, started, timeout,
+                    )
+                    .await
+                }
+                Ours::Tty(master) => {
+                    pump_tty(
+                        &sb2, exec_id, master, stdin, outcome_rx, &tx, started, timeout,
+                    )
+                    .await
+                }
+            };
             let after = sb2.current_counters();
             let mut exit = exit;
             if after.oom_kills > before.oom_kills && exit.signal == Some(libc::SIGKILL) {

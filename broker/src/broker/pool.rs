@@ -152,6 +152,7 @@ impl Broker {
             uid: sb.user_ids.0,
             gid: sb.user_ids.1,
             file_op: None,
+            tty: false,
         };
         let Ok((_, mut rx)) = sb.send_exec(req, [i, o, e]) else {
             return false;

@@ -13,3 +13,4 @@ mod root;
 mod run;
 mod sdk;
 mod snapshots;
+mod tty;
