@@ -159,6 +159,123 @@ class CommandHandle:
         self.send_signal(9)
 
 
+class PtyHandle:
+    """A command on a terminal inside the sandbox (`sandbox.pty.create`)."""
+
+    def __init__(self, ws: Any, on_data: Optional[Callable[[bytes], None]]) -> None:
+        self._ws = ws
+        self._on_data = on_data
+        self._out = io.BytesIO()
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._result: Optional[CommandResult] = None
+        self._error: Optional[str] = None
+        self.exec_id: Optional[int] = None
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        import json as _json
+
+        try:
+            while True:
+                msg = self._ws.recv()
+                if msg is None:
+                    return
+                op, payload = msg
+                if op != 0x1:
+                    continue
+                ev = _json.loads(payload)
+                if "error" in ev and "type" not in ev:
+                    self._error = ev["error"]
+                    return
+                kind = ev.get("type")
+                if kind == "started":
+                    self.exec_id = ev.get("exec_id")
+                elif kind in ("stdout", "stderr"):
+                    data = _text(ev)
+                    with self._lock:
+                        self._out.write(data)
+                    if self._on_data:
+                        self._on_data(data)
+                elif kind == "exit":
+                    code, sig = ev.get("code"), ev.get("signal")
+                    with self._lock:
+                        out = self._out.getvalue().decode(errors="replace")
+                    self._result = CommandResult(
+                        exit_code=code if code is not None else 128 + (sig or 0),
+                        stdout=out,
+                        stderr="",
+                        signal=sig,
+                        timed_out=bool(ev.get("timed_out")),
+                        oom=bool(ev.get("oom")),
+                        error=ev.get("error"),
+                        duration_ms=int(ev.get("duration_ms") or 0),
+                    )
+                    return
+        finally:
+            self._done.set()
+            self._ws.close()
+
+    @property
+    def output(self) -> bytes:
+        """Everything the terminal has shown so far."""
+        with self._lock:
+            return self._out.getvalue()
+
+    def send_input(self, data: Union[bytes, str]) -> None:
+        """Types `data` into the terminal (b"\\x03" is Ctrl-C)."""
+        self._ws.send_binary(data.encode() if isinstance(data, str) else bytes(data))
+
+    def resize(self, rows: int, cols: int) -> None:
+        import json as _json
+
+        self._ws.send_text(_json.dumps({"resize": {"rows": rows, "cols": cols}}))
+
+    def kill(self) -> None:
+        import json as _json
+
+        self._ws.send_text(_json.dumps({"signal": 9}))
+
+    def wait(self, timeout: Optional[float] = None) -> CommandResult:
+        """Waits for the command to end; its result (`stdout`: all it showed)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"terminal command still running after {timeout}s")
+        if self._result is None:
+            raise AirlockError(0, self._error or "the terminal closed without an exit")
+        return self._result
+
+
+class Pty:
+    """`sandbox.pty`: commands on a terminal (job control, Ctrl-C, resizes)."""
+
+    def __init__(self, sandbox: "Sandbox") -> None:
+        self._sb = sandbox
+
+    def create(
+        self,
+        cmd: Command = "bash",
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        env: Optional[Dict[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        on_data: Optional[Callable[[bytes], None]] = None,
+    ) -> PtyHandle:
+        """Starts `cmd` on a terminal of `rows` x `cols`."""
+        from ._ws import attach
+
+        body: Dict[str, Any] = {"argv": _argv(cmd), "tty": True, "size": {"rows": rows, "cols": cols}}
+        if env:
+            body["env"] = [f"{k}={v}" for k, v in env.items()]
+        if cwd:
+            body["cwd"] = cwd
+        if user:
+            body["user"] = user
+        return PtyHandle(attach(self._sb._t.socket, self._sb.id, body), on_data)
+
+
 class Commands:
     """`sandbox.commands`."""
 
@@ -296,6 +413,7 @@ class Sandbox:
     def __post_init__(self) -> None:
         self.commands = Commands(self)
         self.files = Files(self)
+        self.pty = Pty(self)
 
     @classmethod
     def create(

@@ -117,3 +117,32 @@ def test_the_asyncio_variant():
             return r.stdout
 
     assert asyncio.run(main()) == "async"
+
+
+def test_pty_gives_a_terminal_with_its_size_resizes_and_ctrl_c():
+    with Sandbox.create() as sb:
+        t = sb.pty.create(["bash", "--norc", "--noprofile", "-i"], rows=30, cols=100)
+
+        def shows(text, since=0):
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                at = t.output.find(text.encode(), since)
+                if at >= 0:
+                    return at + len(text)
+                time.sleep(0.05)
+            raise AssertionError(f"never showed {text!r}: {t.output!r}")
+
+        at = shows("$ ")
+        t.send_input("stty size\r")
+        at = shows("30 100", at)
+        t.resize(40, 120)
+        time.sleep(0.2)
+        t.send_input("stty size\r")
+        at = shows("40 120", at)
+        t.send_input("sleep 30\r")
+        time.sleep(0.5)
+        t.send_input(b"\x03")
+        t.send_input("echo alive $?\r")
+        shows("alive 130", at)
+        t.send_input("exit 3\r")
+        assert t.wait(timeout=20).exit_code == 3
