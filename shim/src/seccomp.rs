@@ -936,6 +936,20 @@ mod tests {
             ("fionread", || {
                 sys6(libc::SYS_ioctl, [-1, 0x541B, 0, 0, 0, 0])
             }),
+            ("tiocsetd", || {
+                let ldisc: libc::c_int = 0;
+                sys6(
+                    libc::SYS_ioctl,
+                    [
+                        -1,
+                        0x5423,
+                        std::ptr::addr_of!(ldisc) as libc::c_long,
+                        0,
+                        0,
+                        0,
+                    ],
+                )
+            }),
             ("personality_norandom", || {
                 sys6(libc::SYS_personality, [0x0040000, 0, 0, 0, 0, 0])
             }),
@@ -977,6 +991,7 @@ mod tests {
             "vsock",
             "tiocsti",
             "tiocsti_high_bits",
+            "tiocsetd",
             "personality_norandom",
             "bpf",
             "io_uring_setup",
