@@ -45,6 +45,13 @@ fn base_name(path: &str) -> String {
         .to_string()
 }
 
+/// Whether `name`, as a sandbox listed it, is one plain name: what comes
+/// from a sandbox is untrusted, and a name like `..` or `a/b` would place
+/// a download outside its destination.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
 /// `path/name` in a sandbox.
 fn join(path: &str, name: &str) -> String {
     format!("{}/{name}", path.trim_end_matches('/'))
@@ -78,11 +85,21 @@ async fn download(c: &RemoteClient, id: &str, src: &str, to: &Path) -> Result<u6
             "dir" => {
                 match std::fs::create_dir(&to) {
                     Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && to.is_dir() => {}
+                    // An existing directory is reused; a symlink (one an
+                    // earlier entry made, say) is never followed.
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AlreadyExists
+                            && std::fs::symlink_metadata(&to).is_ok_and(|m| m.is_dir()) => {}
                     Err(e) => return Err(format!("create {}: {e}", to.display())),
                 }
                 let _ = std::fs::set_permissions(&to, std::fs::Permissions::from_mode(info.mode));
                 for e in c.list_files(id, &from).await.map_err(|e| e.to_string())? {
+                    if !plain_name(&e.name) {
+                        return Err(format!(
+                            "{id}:{from} lists an entry named {:?}: not copied",
+                            e.name.chars().take(100).collect::<String>()
+                        ));
+                    }
                     let child = to.join(&e.name);
                     stack.push((join(&from, &e.name), child, e));
                 }
@@ -212,5 +229,9 @@ mod tests {
         assert_eq!(base_name("/workspace/out/"), "out");
         assert_eq!(base_name("/"), "root");
         assert_eq!(join("/w/", "a"), "/w/a");
+        for bad in ["", ".", "..", "a/b", "../x", "a\0b"] {
+            assert!(!plain_name(bad), "{bad:?}");
+        }
+        assert!(plain_name("..a") && plain_name(".hidden"));
     }
 }

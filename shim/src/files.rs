@@ -201,12 +201,24 @@ pub fn run(op: &FileOp) -> i32 {
 }
 
 fn read(path: &str, offset: u64, length: Option<u64>) -> Result<(), FileError> {
-    let f = fs::File::open(path).map_err(|e| fail("open", path, &e))?;
+    // Non-blocking, so a FIFO or a device put in a file's place cannot hold
+    // the read open forever; only a regular file is read.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| fail("open", path, &e))?;
     let meta = f.metadata().map_err(|e| fail("stat", path, &e))?;
     if meta.is_dir() {
         return Err(FileError {
             error: format!("{path} is a directory (list it instead)"),
             kind: "is_directory".into(),
+        });
+    }
+    if !meta.is_file() {
+        return Err(FileError {
+            error: format!("{path} is not a regular file"),
+            kind: "invalid".into(),
         });
     }
     let mut f = io::BufReader::with_capacity(256 * 1024, f);

@@ -253,6 +253,17 @@ fn the_files_api_works_inside_the_sandbox_with_its_rules() {
         assert_eq!(code, status, "{url}: {body}");
         assert!(error_of(&body).contains(says), "{url}: {body}");
     }
+    // A FIFO in a file's place is refused at once, not read forever.
+    let out = env.remote(&["exec", &id, "--", "mkfifo", "/workspace/fifo"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let t0 = std::time::Instant::now();
+    let (code, body) = get(
+        &env,
+        &format!("/v1/sandboxes/{id}/files/content?path=/workspace/fifo"),
+    );
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(error_of(&String::from_utf8_lossy(&body)).contains("not a regular file"));
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
     // Changes made through the API are audited as the sandbox's.
     let rows = env.audit(&["--kind", "fs", "--sandbox", &id]);
     for want in ["/workspace/a/b/e.bin", "/workspace/s"] {
