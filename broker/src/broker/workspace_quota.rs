@@ -68,10 +68,11 @@ impl Broker {
     /// # Errors
     /// When the counters cannot be made.
     pub(crate) fn agent_usage(&self, agent: &str) -> Result<Arc<AgentUsage>, BrokerError> {
-        let mut all = lock_or_recover(&self.workspace_usage);
-        if let Some(u) = all.get(agent) {
+        if let Some(u) = lock_or_recover(&self.workspace_usage).get(agent) {
             return Ok(Arc::clone(u));
         }
+        // Counted without the map's lock: a large workspace's walk must
+        // not hold up every other agent's creates.
         let counters = airlock_fs::SharedUsage::create()
             .map_err(|e| BrokerError::Internal(format!("workspace usage counters: {e}")))?;
         let saved = std::fs::read(self.usage_file(agent))
@@ -96,8 +97,12 @@ impl Broker {
             limit: self.cfg.workspace_quota(agent),
             saved: std::sync::Mutex::new((u64::MAX, u64::MAX)),
         });
-        all.insert(agent.to_string(), Arc::clone(&u));
-        drop(all);
+        let u = {
+            let mut all = lock_or_recover(&self.workspace_usage);
+            // Another create of the agent may have counted meanwhile: the
+            // first one in is kept, so every server shares one page.
+            Arc::clone(all.entry(agent.to_string()).or_insert(u))
+        };
         self.save_agent_usage(agent);
         Ok(u)
     }
