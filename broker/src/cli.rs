@@ -29,13 +29,8 @@ pub const EXIT_AIRLOCK_ERROR: i32 = 125;
 )]
 struct Cli {
     /// Talk to brokerd on this socket (error if it does not answer);
-    /// also from `AIRLOCK_SOCKET`.
-    #[arg(
-        long,
-        global = true,
-        conflicts_with = "embedded",
-        env = "AIRLOCK_SOCKET"
-    )]
+    /// also from `AIRLOCK_SOCKET`. `--embedded` wins over both.
+    #[arg(long, global = true, env = "AIRLOCK_SOCKET")]
     socket: Option<PathBuf>,
     /// Use an in-process broker even if brokerd is running.
     #[arg(long, global = true)]

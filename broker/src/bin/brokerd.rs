@@ -64,6 +64,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         let listener = tokio::net::UnixListener::bind(&cfg.socket)
             .with_context(|| format!("bind {}", cfg.socket.display()))?;
+        // The socket file this broker made, to remove only that one at
+        // shutdown (a broker started meanwhile may have bound the path).
+        let bound = std::fs::symlink_metadata(&cfg.socket)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            })
+            .ok();
         std::fs::set_permissions(
             &cfg.socket,
             std::fs::Permissions::from_mode(cfg.socket_mode_bits()?),
@@ -89,7 +97,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("brokerd shutting down");
         let b = broker.clone();
         tokio::task::spawn_blocking(move || b.shutdown()).await?;
-        let _ = std::fs::remove_file(&cfg.socket);
+        let still_ours = std::fs::symlink_metadata(&cfg.socket)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                Some((m.dev(), m.ino())) == bound
+            })
+            .unwrap_or(false);
+        if still_ours {
+            let _ = std::fs::remove_file(&cfg.socket);
+        }
         anyhow::Ok(())
     })
 }
