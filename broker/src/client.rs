@@ -350,13 +350,7 @@ impl RemoteClient {
                 Some(bytes),
             )
             .await?;
-        let status = resp.status();
-        let body = resp.into_body();
-        if !status.is_success() {
-            let bytes = read_reply(body).await?;
-            return Err(api_error(status, &bytes));
-        }
-        Ok(ndjson_lines(body))
+        stream_of(resp).await
     }
 
     /// `GET .../files/content`: the file's bytes, written to `out` as they
@@ -509,13 +503,7 @@ impl RemoteClient {
                 None,
             )
             .await?;
-        let status = resp.status();
-        let body = resp.into_body();
-        if !status.is_success() {
-            let bytes = read_reply(body).await?;
-            return Err(api_error(status, &bytes));
-        }
-        Ok(ndjson_lines(body))
+        stream_of(resp).await
     }
 
     /// `GET .../exec/attach` (a WebSocket): starts `body` with its input
@@ -620,14 +608,21 @@ impl RemoteClient {
         let resp = self
             .send(Method::GET, &format!("/v1/events?{query}"), None)
             .await?;
-        let status = resp.status();
-        let body = resp.into_body();
-        if !status.is_success() {
-            let bytes = read_reply(body).await?;
-            return Err(api_error(status, &bytes));
-        }
-        Ok(ndjson_lines(body))
+        stream_of(resp).await
     }
+}
+
+/// A streamed reply's lines, or its error.
+async fn stream_of<T: DeserializeOwned + Send + 'static>(
+    resp: hyper::Response<Incoming>,
+) -> Result<mpsc::Receiver<T>, ClientError> {
+    let status = resp.status();
+    let body = resp.into_body();
+    if !status.is_success() {
+        let bytes = read_reply(body).await?;
+        return Err(api_error(status, &bytes));
+    }
+    Ok(ndjson_lines(body))
 }
 
 /// Upload frames from a channel, as a body stream.

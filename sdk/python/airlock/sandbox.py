@@ -80,6 +80,21 @@ def _text(chunk: Dict[str, Any]) -> bytes:
     return base64.b64decode(chunk.get("data_b64") or "")
 
 
+def _result_of(ev: Dict[str, Any], out: bytes, err: bytes) -> CommandResult:
+    """A command's result from its exit event and its output."""
+    code, sig = ev.get("code"), ev.get("signal")
+    return CommandResult(
+        exit_code=code if code is not None else 128 + (sig or 0),
+        stdout=out.decode(errors="replace"),
+        stderr=err.decode(errors="replace"),
+        signal=sig,
+        timed_out=bool(ev.get("timed_out")),
+        oom=bool(ev.get("oom")),
+        error=ev.get("error"),
+        duration_ms=int(ev.get("duration_ms") or 0),
+    )
+
+
 class CommandHandle:
     """A command running in the background (`commands.run(..., background=True)`)."""
 
@@ -115,18 +130,7 @@ class CommandHandle:
                     if self._on_stderr:
                         self._on_stderr(data.decode(errors="replace"))
                 elif kind == "exit":
-                    code = ev.get("code")
-                    sig = ev.get("signal")
-                    self._result = CommandResult(
-                        exit_code=code if code is not None else 128 + (sig or 0),
-                        stdout=out.getvalue().decode(errors="replace"),
-                        stderr=err.getvalue().decode(errors="replace"),
-                        signal=sig,
-                        timed_out=bool(ev.get("timed_out")),
-                        oom=bool(ev.get("oom")),
-                        error=ev.get("error"),
-                        duration_ms=int(ev.get("duration_ms") or 0),
-                    )
+                    self._result = _result_of(ev, out.getvalue(), err.getvalue())
         except BaseException as e:  # noqa: BLE001 - handed to wait()
             self._error = e
         finally:
@@ -199,19 +203,9 @@ class PtyHandle:
                     if self._on_data:
                         self._on_data(data)
                 elif kind == "exit":
-                    code, sig = ev.get("code"), ev.get("signal")
                     with self._lock:
-                        out = self._out.getvalue().decode(errors="replace")
-                    self._result = CommandResult(
-                        exit_code=code if code is not None else 128 + (sig or 0),
-                        stdout=out,
-                        stderr="",
-                        signal=sig,
-                        timed_out=bool(ev.get("timed_out")),
-                        oom=bool(ev.get("oom")),
-                        error=ev.get("error"),
-                        duration_ms=int(ev.get("duration_ms") or 0),
-                    )
+                        out = self._out.getvalue()
+                    self._result = _result_of(ev, out, b"")
                     return
         finally:
             self._done.set()
