@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
-use super::server::{ApiError, Peer, Shared, principal, sandbox_id};
+use super::server::{ApiError, Peer, Shared, Shown, principal, sandbox_id};
 use crate::api::types::ExecEvent;
 use crate::broker::{ExecHandle, Stdin};
 use airlock_shim::files::{FileError, FileOp};
@@ -376,55 +376,40 @@ pub async fn watch(
             ),
         ));
     }
-    let mut rx = b.subscribe_events();
     let under = q.path.clone();
     let id = info.id.clone();
-    let stream = super::server::async_stream_lines(move |tx| async move {
-        loop {
-            let got = tokio::select! {
-                got = rx.recv() => got,
-                _ = tx.closed() => return,
-            };
-            let line = match got {
-                Ok(ev) => {
-                    if ev.sandbox_id.as_deref() != Some(id.as_str()) {
-                        continue;
-                    }
-                    if ev.kind == "sandbox" && ev.action == "destroy" {
-                        return;
-                    }
-                    let Some(m) = ev.detail.get("Mutation") else {
-                        continue;
-                    };
-                    let path = m["path"].as_str().unwrap_or("");
-                    let to = m["to"].as_str();
-                    if !is_under(path, &under) && !to.is_some_and(|t| is_under(t, &under)) {
-                        continue;
-                    }
-                    let mut j = serde_json::json!({
-                        "ts_ms": ev.ts_ms,
-                        "event": change_kind(m["op"].as_str().unwrap_or("")),
-                        "op": m["op"],
-                        "path": path,
-                    });
-                    if let (Some(t), Some(o)) = (to, j.as_object_mut()) {
-                        o.insert("to".into(), serde_json::json!(t));
-                    }
-                    j
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    serde_json::json!({"event": "lagged", "missed": n})
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            };
-            let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-            bytes.push(b'\n');
-            if tx.send(Ok(bytes)).await.is_err() {
-                return;
-            }
+    let show = move |ev: &crate::audit::LiveEvent| {
+        if ev.sandbox_id.as_deref() != Some(id.as_str()) {
+            return Shown::Skip;
         }
-    });
-    Ok(super::server::ndjson_response(stream))
+        if ev.kind == "sandbox" && ev.action == "destroy" {
+            return Shown::End;
+        }
+        let Some(m) = ev.detail.get("Mutation") else {
+            return Shown::Skip;
+        };
+        let path = m["path"].as_str().unwrap_or("");
+        let to = m["to"].as_str();
+        if !is_under(path, &under) && !to.is_some_and(|t| is_under(t, &under)) {
+            return Shown::Skip;
+        }
+        let mut j = serde_json::json!({
+            "ts_ms": ev.ts_ms,
+            "event": change_kind(m["op"].as_str().unwrap_or("")),
+            "op": m["op"],
+            "path": path,
+        });
+        if let (Some(t), Some(o)) = (to, j.as_object_mut()) {
+            o.insert("to".into(), serde_json::json!(t));
+        }
+        Shown::Line(serde_json::to_vec(&j).unwrap_or_default())
+    };
+    let lagged = |n| serde_json::json!({"event": "lagged", "missed": n});
+    Ok(super::server::live_lines(
+        b.subscribe_events(),
+        show,
+        lagged,
+    ))
 }
 
 #[cfg(test)]

@@ -588,43 +588,66 @@ async fn events(
     let p = principal(c)?;
     let kinds = event_kinds(&params)?;
     let filter = b.event_filter(&p, params.agent.as_deref())?;
-    let mut rx = b.subscribe_events();
     let sandbox = params.sandbox.clone();
-    let stream = async_stream_lines(move |tx| async move {
+    let show = move |ev: &crate::audit::LiveEvent| {
+        let visible = ev.agent.as_deref().is_some_and(&filter);
+        let wanted = (if kinds.is_empty() {
+            EVENT_KINDS.contains(&ev.kind.as_str())
+        } else {
+            kinds.contains(&ev.kind)
+        }) && sandbox
+            .as_deref()
+            .is_none_or(|s| ev.sandbox_id.as_deref() == Some(s));
+        if visible && wanted {
+            Shown::Line(serde_json::to_vec(ev).unwrap_or_default())
+        } else {
+            Shown::Skip
+        }
+    };
+    let lagged = |n| serde_json::json!({"kind": "events", "action": "lagged", "missed": n});
+    Ok(live_lines(b.subscribe_events(), show, lagged))
+}
+
+/// What a live stream does with one event.
+pub(crate) enum Shown {
+    /// Sends this JSON line.
+    Line(Vec<u8>),
+    /// Leaves it out.
+    Skip,
+    /// Ends the stream.
+    End,
+}
+
+/// A stream of live events as NDJSON lines: `show` decides each event's
+/// line; a client that fell behind gets `lagged(missed)`; it ends when the
+/// client hangs up, `show` says so, or the broker goes.
+pub(crate) fn live_lines(
+    mut rx: tokio::sync::broadcast::Receiver<Arc<crate::audit::LiveEvent>>,
+    show: impl Fn(&crate::audit::LiveEvent) -> Shown + Send + 'static,
+    lagged: impl Fn(u64) -> serde_json::Value + Send + 'static,
+) -> Response {
+    use tokio::sync::broadcast::error::RecvError;
+    ndjson_response(async_stream_lines(move |tx| async move {
         loop {
             let got = tokio::select! {
                 got = rx.recv() => got,
                 _ = tx.closed() => return,
             };
-            let line = match got {
-                Ok(ev) => {
-                    let visible = ev.agent.as_deref().is_some_and(&filter);
-                    let wanted = (if kinds.is_empty() {
-                        EVENT_KINDS.contains(&ev.kind.as_str())
-                    } else {
-                        kinds.contains(&ev.kind)
-                    }) && sandbox
-                        .as_deref()
-                        .is_none_or(|s| ev.sandbox_id.as_deref() == Some(s));
-                    if !visible || !wanted {
-                        continue;
-                    }
-                    serde_json::to_vec(&*ev).unwrap_or_default()
-                }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => serde_json::to_vec(
-                    &serde_json::json!({"kind": "events", "action": "lagged", "missed": n}),
-                )
-                .unwrap_or_default(),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            let mut line = match got {
+                Ok(ev) => match show(&ev) {
+                    Shown::Line(l) => l,
+                    Shown::Skip => continue,
+                    Shown::End => return,
+                },
+                Err(RecvError::Lagged(n)) => serde_json::to_vec(&lagged(n)).unwrap_or_default(),
+                Err(RecvError::Closed) => return,
             };
-            let mut line = line;
             line.push(b'\n');
             if tx.send(Ok(line)).await.is_err() {
                 return;
             }
         }
-    });
-    Ok(ndjson_response(stream))
+    }))
 }
 
 /// Most connections one uid may hold open at once.
