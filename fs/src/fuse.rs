@@ -88,10 +88,17 @@ enum Loc {
 
 #[derive(Debug)]
 enum HandleKind {
-    File { file: File, writable: bool },
+    File {
+        file: File,
+        writable: bool,
+    },
     Synth(Vec<u8>),
-    Dir(Vec<(u64, FileType, Name)>),
+    /// A directory: its listing, made at the first read of it.
+    Dir(Mutex<Option<Listing>>),
 }
+
+/// A directory listing: (ino, kind, name) per entry, "." and ".." aside.
+type Listing = Arc<Vec<(u64, FileType, Name)>>;
 
 /// How the kernel does a file handle's I/O. It refuses to mix the two on
 /// one inode (an open in the other mode fails with EIO), and all
@@ -282,7 +289,7 @@ fn open_root(path: &Path) -> Result<Dir, FsError> {
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -1170,27 +1177,70 @@ impl AirlockFs {
 
     fn do_lookup(&self, parent: u64, name: &OsStr) -> OpResult<(FileAttr, Duration)> {
         let name = Name::new(name)?;
-        let loc = self.child_loc(parent, &name)?;
-        let (meta, area) = match &loc {
-            Loc::Ws(_) => self.stat(&loc)?,
+        let ctx = self.dir_ctx(parent)?;
+        self.lookup_in(parent, &ctx, &name)
+    }
+
+    /// Reach directory `dir` once for looking up one or many of its names
+    /// (a listing with attributes looks up every entry: walking the layers
+    /// from the root for each one cost a few opens per level per entry).
+    fn dir_ctx(&self, dir: u64) -> OpResult<DirCtx> {
+        let comps = lock(&self.inodes).path(dir)?;
+        Ok(match classify(comps) {
+            Loc::Ws(rel) => {
+                let d = self.ws_dir(&rel)?;
+                DirCtx::Ws(rel, d)
+            }
+            // The root holds the workspace's mount point: its children are
+            // classified one by one.
+            Loc::Merged(comps) if comps.is_empty() => DirCtx::Root,
             Loc::Merged(comps) => {
-                let dir = parent_of(comps)?;
-                let parts = self.store.dir_parts(dir)?;
-                let l = self.store.lookup(&parts, dir, &name, false)?;
+                let parts = self.store.dir_parts(&comps)?;
+                DirCtx::Merged(comps, parts)
+            }
+        })
+    }
+
+    /// LOOKUP of `name` in `parent`, reached as `ctx`.
+    fn lookup_in(&self, parent: u64, ctx: &DirCtx, name: &Name) -> OpResult<(FileAttr, Duration)> {
+        let (meta, area) = match ctx {
+            DirCtx::Ws(rel, d) => {
+                let (meta, _) = self.ws_find(d, rel, name)?.ok_or(OpError::NotFound)?;
+                (meta, Area::Workspace)
+            }
+            DirCtx::Root if name.as_bytes() == WORKSPACE.as_bytes() => {
+                self.stat(&Loc::Ws(Vec::new()))?
+            }
+            DirCtx::Root | DirCtx::Merged(..) => {
+                let (dir, root_parts);
+                let parts = match ctx {
+                    DirCtx::Merged(comps, parts) => {
+                        dir = comps.as_slice();
+                        parts
+                    }
+                    _ => {
+                        dir = &[];
+                        root_parts = self.store.dir_parts(&[])?;
+                        &root_parts
+                    }
+                };
+                let l = self.store.lookup(parts, dir, name, false)?;
                 match l.found {
                     Some(f) => self.shown(f),
                     None => {
                         if let Some(reason) = l.hidden
                             && dir.first().is_some_and(|d| d.as_bytes() == b"etc")
                         {
-                            self.deny("lookup", sandbox_path(comps), reason);
+                            let mut comps = dir.to_vec();
+                            comps.push(name.clone());
+                            self.deny("lookup", sandbox_path(&comps), reason);
                         }
                         return Err(OpError::NotFound);
                     }
                 }
             }
         };
-        Ok(self.entry(parent, &name, &meta, area))
+        Ok(self.entry(parent, name, &meta, area))
     }
 
     fn do_getattr(&self, ino: u64, fh: Option<FileHandle>) -> OpResult<(FileAttr, Duration)> {
@@ -1685,6 +1735,7 @@ impl AirlockFs {
         mode: u32,
         umask: u32,
     ) -> OpResult<(FileAttr, Duration)> {
+        let _m = self.store.mutation();
         let perm = mode & !umask & 0o7777;
         self.create_entry(req, parent, name, MutationOp::Mkdir, perm, &|d, n, mask| {
             rustix::fs::mkdirat(d, n.as_os_str(), Mode::from_raw_mode(0o700))?;
@@ -2143,6 +2194,8 @@ impl AirlockFs {
     }
 
     fn do_unlink(&self, parent: u64, name: &OsStr, dir_op: bool) -> OpResult<()> {
+        // Removing a directory changes what its path's walk finds.
+        let _m = dir_op.then(|| self.store.mutation());
         let name = Name::new(name)?;
         let loc = self.child_loc(parent, &name)?;
         match &loc {
@@ -2216,6 +2269,7 @@ impl AirlockFs {
         new_name: &OsStr,
         flags: RenameFlags,
     ) -> OpResult<()> {
+        let _m = self.store.mutation();
         let name = Name::new(name)?;
         let new_name = Name::new(new_name)?;
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
@@ -2462,25 +2516,65 @@ impl AirlockFs {
         }
     }
 
-    fn do_opendir(&self, ino: u64) -> OpResult<u64> {
+    /// OPENDIR: the directory must exist and be listable; its listing is
+    /// made at the first READDIR (a listing the kernel has cached needs
+    /// none).
+    fn do_opendir(&self, ino: u64) -> OpResult<(u64, Area)> {
+        let area = match self.loc(ino)? {
+            Loc::Ws(rel) => {
+                let d = self.ws_walk(&rel, false)?;
+                let meta = Meta::from_stat(&rustix::fs::fstat(&*d)?);
+                self.ws_require("opendir", ws_path(&rel), &meta, READ)?;
+                Area::Workspace
+            }
+            Loc::Merged(comps) => {
+                self.store.dir_parts(&comps)?;
+                Area::Upper
+            }
+        };
+        let fh = self.add_handle(Handle {
+            ino,
+            kind: HandleKind::Dir(Mutex::new(None)),
+            io: None,
+            area,
+            ws_path: None,
+            written: AtomicBool::new(false),
+        });
+        Ok((fh, area))
+    }
+
+    /// The listing of open directory `h`, made now if not yet.
+    fn listing(&self, h: &Handle) -> OpResult<Listing> {
+        let HandleKind::Dir(slot) = &h.kind else {
+            return Err(OpError::NotDir);
+        };
+        let mut slot = lock(slot);
+        if let Some(l) = &*slot {
+            return Ok(Arc::clone(l));
+        }
+        let l = Arc::new(self.make_listing(h.ino)?);
+        *slot = Some(Arc::clone(&l));
+        Ok(l)
+    }
+
+    /// Lists directory `ino`, charging the listing to the memory budget of
+    /// open listings (given back at RELEASEDIR).
+    fn make_listing(&self, ino: u64) -> OpResult<Vec<(u64, FileType, Name)>> {
         let loc = self.loc(ino)?;
-        let (listing, area) = match &loc {
+        let listing = match &loc {
             Loc::Ws(rel) => {
                 let d = self.ws_walk(rel, false)?;
-                let meta = Meta::from_stat(&rustix::fs::fstat(&*d)?);
-                self.ws_require("opendir", ws_path(rel), &meta, READ)?;
-                let out = match self.ws_stack() {
+                match self.ws_stack() {
                     Some(stack) => {
                         let parts = stack.dir_parts(rel)?;
                         stack.list(&parts, rel)?
                     }
                     None => self.ws_list(&d, rel)?,
-                };
-                (out, Area::Workspace)
+                }
             }
             Loc::Merged(comps) => {
                 let parts = self.store.dir_parts(comps)?;
-                (self.store.list(&parts, comps)?, Area::Upper)
+                self.store.list(&parts, comps)?
             }
         };
         let cost = listing_cost(listing.iter().map(|(n, _)| n));
@@ -2499,22 +2593,12 @@ impl AirlockFs {
             return Err(OpError::NoMemory);
         }
         let mut entries = Vec::with_capacity(listing.len() + 2);
-        {
-            let mut t = lock(&self.inodes);
-            for (name, kind) in listing {
-                let child = t.register(ino, &name);
-                entries.push((child, kind, name));
-            }
+        let mut t = lock(&self.inodes);
+        for (name, kind) in listing {
+            let child = t.register(ino, &name);
+            entries.push((child, kind, name));
         }
-        let fh = self.add_handle(Handle {
-            ino,
-            kind: HandleKind::Dir(entries),
-            io: None,
-            area,
-            ws_path: None,
-            written: AtomicBool::new(false),
-        });
-        Ok(fh)
+        Ok(entries)
     }
 
     fn do_statfs(&self, ino: u64) -> OpResult<rustix::fs::StatFs> {
@@ -2737,6 +2821,20 @@ fn setid_bits(is_dir: bool) -> u32 {
 /// on a directory of many long names could grow the broker without limit.
 const LISTING_BUDGET: usize = 64 << 20;
 
+/// What a restore leaves the kernel to forget: (parent, name, ino) entries
+/// and directory inodes.
+pub(crate) type Invalidations = (Vec<(u64, Name, u64)>, Vec<u64>);
+
+/// A directory reached once for looking up several of its names.
+enum DirCtx {
+    /// The root: the workspace's mount point or a merged entry.
+    Root,
+    /// A merged-tree directory below the root and its layers' parts.
+    Merged(Vec<Name>, Vec<Part>),
+    /// A workspace directory (relative path) and its live directory.
+    Ws(Vec<Name>, Arc<Dir>),
+}
+
 /// Bytes a listing of these names is charged: the name plus its entry.
 fn listing_cost<'a>(names: impl Iterator<Item = &'a Name>) -> usize {
     names.map(|n| n.as_bytes().len() + 48).sum()
@@ -2902,7 +3000,11 @@ impl AirlockFs {
     }
 
     pub(crate) fn op_opendir(&self, ino: u64) -> Option<u64> {
-        self.do_opendir(ino).ok()
+        let (fh, _) = self.do_opendir(ino).ok()?;
+        if let Ok(h) = self.handle(fh) {
+            let _ = self.listing(&h);
+        }
+        Some(fh)
     }
 
     pub(crate) fn op_xattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: u32) {
@@ -2971,6 +3073,7 @@ impl AirlockFs {
     /// Freezes the live copy-on-write layer and the live workspace into
     /// new frozen layers both named `name`, and returns the new chain.
     pub(crate) fn freeze(&self, name: &str) -> OpResult<crate::LayerChain> {
+        let _m = self.store.mutation();
         if !self.layered {
             return Err(OpError::NotSupported);
         }
@@ -3016,7 +3119,8 @@ impl AirlockFs {
     /// was live is set aside and deleted on a thread of its own (its
     /// quota refunded as it goes). Returns the kernel references to
     /// invalidate.
-    pub(crate) fn restore(&self, to: &crate::LayerChain) -> OpResult<Vec<(u64, Name, u64)>> {
+    pub(crate) fn restore(&self, to: &crate::LayerChain) -> OpResult<Invalidations> {
+        let _m = self.store.mutation();
         if !self.layered {
             return Err(OpError::NotSupported);
         }
@@ -3087,7 +3191,9 @@ impl AirlockFs {
         if let Some(w) = ws_ino {
             links.extend(t.children(w).into_iter().map(|(name, ino)| (w, name, ino)));
         }
-        Ok(links)
+        // Directories the kernel still holds (the root, a cwd) would keep
+        // their cached listings and attributes: those are dropped too.
+        Ok((links, t.held_dirs()))
     }
 
     /// Deletes frozen layers no snapshot and no live stack needs.
@@ -3219,6 +3325,15 @@ impl std::ops::Deref for FuseFs {
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // A symlink's target is immutable for its ino (a new link gets a new
+        // ino; a host inode number reused after unlink does too), so the
+        // kernel may keep it in the page cache: every `stat` through
+        // `/etc/localtime` (each `localtime()`) used to cost a READLINK.
+        // Lookups and listings of one directory need no mutual exclusion
+        // here (the table has its own lock), so let them run in parallel.
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_CACHE_SYMLINKS | fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+        );
         // Listings carry each entry's attributes when the kernel sees they
         // will be looked up anyway (`ls -l`, `find -ls`, `git status`):
         // one request per buffer of entries instead of one per entry.
@@ -3490,7 +3605,17 @@ impl Filesystem for FuseFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.do_opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            // Only this server changes the sandbox's own directories, and
+            // the kernel drops what it cached of one when it changes it (or
+            // sees its mtime change): it may keep listings across opens.
+            // A workspace directory is shared live, a caller's rootfs is
+            // theirs to change.
+            Ok((fh, area)) if area != Area::Workspace && !self.store.base_may_change() => reply
+                .opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+            Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(e.errno()),
         }
     }
@@ -3507,8 +3632,9 @@ impl Filesystem for FuseFs {
             Ok(h) => h,
             Err(e) => return reply.error(e.errno()),
         };
-        let HandleKind::Dir(entries) = &h.kind else {
-            return reply.error(fuser::Errno::ENOTDIR);
+        let entries = match self.listing(&h) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e.errno()),
         };
         let parent = lock(&self.inodes)
             .path(ino.0)
@@ -3552,8 +3678,9 @@ impl Filesystem for FuseFs {
             Ok(h) => h,
             Err(e) => return reply.error(e.errno()),
         };
-        let HandleKind::Dir(entries) = &h.kind else {
-            return reply.error(fuser::Errno::ENOTDIR);
+        let entries = match self.listing(&h) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e.errno()),
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let total = entries.len() + 2;
@@ -3567,6 +3694,7 @@ impl Filesystem for FuseFs {
         } else {
             None
         };
+        let mut ctx = None;
         for i in start..total {
             let next = (i + 1) as u64;
             let full = match (i, &dot) {
@@ -3577,7 +3705,14 @@ impl Filesystem for FuseFs {
                 (0 | 1, None) => false,
                 _ => {
                     let (_, _, name) = &entries[i - 2];
-                    let Ok((attr, ttl)) = self.do_lookup(ino.0, name.as_os_str()) else {
+                    let ctx = match &ctx {
+                        Some(c) => c,
+                        None => match self.dir_ctx(ino.0) {
+                            Ok(c) => ctx.insert(c),
+                            Err(e) => return reply.error(e.errno()),
+                        },
+                    };
+                    let Ok((attr, ttl)) = self.lookup_in(ino.0, ctx, name) else {
                         continue;
                     };
                     let full =
@@ -3604,7 +3739,8 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         if let Some(h) = lock(&self.handles).remove(&fh.0)
-            && let HandleKind::Dir(entries) = &h.kind
+            && let HandleKind::Dir(slot) = &h.kind
+            && let Some(entries) = &*lock(slot)
         {
             let cost = listing_cost(entries.iter().map(|(_, _, n)| n));
             self.listing_bytes.fetch_sub(cost, Ordering::Relaxed);

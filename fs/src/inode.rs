@@ -260,6 +260,19 @@ impl Inodes {
             .collect()
     }
 
+    /// The root and every path-identified node the kernel holds
+    /// (directories among them): what may cache a listing.
+    pub(crate) fn held_dirs(&self) -> Vec<u64> {
+        std::iter::once(ROOT)
+            .chain(
+                self.nodes
+                    .iter()
+                    .filter(|(ino, n)| **ino != ROOT && n.key.is_none() && n.nlookup > 0)
+                    .map(|(ino, _)| *ino),
+            )
+            .collect()
+    }
+
     /// The known ino of `name` in `parent`, without touching counts.
     pub(crate) fn find(&self, parent: u64, name: &Name) -> Option<u64> {
         self.by_name.get(&(parent, name.clone())).copied()

@@ -7,11 +7,12 @@
 //! server runs in a user namespace, where `trusted.*` is out of reach).
 //! The sandbox can neither read nor write `user.overlay.*` names.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cap_std::fs::Dir;
@@ -19,6 +20,7 @@ use fuser::FileType;
 use rustix::fs::{AtFlags, FileType as RFileType, Mode, OFlags, Stat, Timespec, Timestamps};
 
 use crate::error::{OpError, OpResult};
+use crate::fuse::lock;
 use crate::policy::{Name, host_visible};
 use crate::resolve::{is_loop, open_dir, open_file, stat_at};
 use crate::synth::{Synth, SynthEntry};
@@ -209,6 +211,43 @@ pub(crate) struct Store {
     epoch: SystemTime,
     /// Serializes copy-ups so two threads never copy the same file at once.
     copy_lock: std::sync::Mutex<()>,
+    /// Recently walked directories' parts (see [`Store::dir_parts`]).
+    parts: Mutex<PartsCache>,
+    /// Bumped when a change that may alter directories' parts starts and
+    /// when it ends (see [`Mutation`]).
+    generation: AtomicU64,
+    /// Changes under way.
+    under_way: AtomicU64,
+}
+
+/// Most directories whose parts are remembered at once; each holds one
+/// descriptor per layer showing it (the server's descriptor limit is the
+/// sandbox's, at least 256).
+const PARTS_CACHED: usize = 64;
+
+/// Parts of recently walked merged directories, valid for one generation.
+#[derive(Debug, Default)]
+struct PartsCache {
+    generation: u64,
+    dirs: HashMap<Vec<Name>, Vec<Part>>,
+}
+
+/// A change under way to what walking the merged tree's directories
+/// finds: a directory copied up, made, removed or renamed, any rename, a
+/// snapshot or restore (files made, written or removed inside existing
+/// directories change no directory's parts). While one lives, no walk is
+/// remembered, and remembered ones are forgotten when it starts and when
+/// it ends.
+pub(crate) struct Mutation<'a> {
+    generation: &'a AtomicU64,
+    under_way: &'a AtomicU64,
+}
+
+impl Drop for Mutation<'_> {
+    fn drop(&mut self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.under_way.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Store {
@@ -233,6 +272,9 @@ impl Store {
             base_idmapped,
             epoch: SystemTime::now(),
             copy_lock: std::sync::Mutex::new(()),
+            parts: Mutex::new(PartsCache::default()),
+            generation: AtomicU64::new(0),
+            under_way: AtomicU64::new(0),
         }
     }
 
@@ -258,12 +300,16 @@ impl Store {
             base_idmapped: true,
             epoch: SystemTime::now(),
             copy_lock: std::sync::Mutex::new(()),
+            parts: Mutex::new(PartsCache::default()),
+            generation: AtomicU64::new(0),
+            under_way: AtomicU64::new(0),
         }
     }
 
     /// Inserts `layer` (the top's contents, just moved into it) right
     /// under the top.
     pub(crate) fn push_frozen(&self, layer: Arc<Dir>) {
+        let _m = self.mutation();
         let mut l = match self.layers.write() {
             Ok(l) => l,
             Err(p) => p.into_inner(),
@@ -275,6 +321,7 @@ impl Store {
     /// Replaces the frozen layers (bottom first) under the top; a
     /// sandbox's base stays.
     pub(crate) fn set_frozen(&self, frozen: Vec<Arc<Dir>>) {
+        let _m = self.mutation();
         let mut l = match self.layers.write() {
             Ok(l) => l,
             Err(p) => p.into_inner(),
@@ -511,13 +558,108 @@ impl Store {
 
     /// Parts of the merged directory at `comps`.
     pub(crate) fn dir_parts(&self, comps: &[Name]) -> OpResult<Vec<Part>> {
-        let mut parts = self.root_parts();
-        for (i, c) in comps.iter().enumerate() {
+        // Only this server changes the sandbox's layers, so a walk stays
+        // true until one of its own changes: remembered walks save a few
+        // opens per level per request. Not for a workspace's stack (its top
+        // is shared live) nor a caller's rootfs (they may change it).
+        let cacheable = self.fixed_base && !self.base_may_change() && !comps.is_empty();
+        let seen = self.generation.load(Ordering::Acquire);
+        if cacheable && self.under_way.load(Ordering::Acquire) == 0 {
+            let cache = lock(&self.parts);
+            if cache.generation == seen
+                && let Some(p) = cache.dirs.get(comps)
+            {
+                return Ok(p.clone());
+            }
+        }
+        // A listing's entries and a walk down a tree share their parents:
+        // start from the deepest remembered one.
+        let mut start = (0, None);
+        if cacheable && self.under_way.load(Ordering::Acquire) == 0 {
+            let cache = lock(&self.parts);
+            if cache.generation == seen {
+                start = (1..comps.len())
+                    .rev()
+                    .find_map(|n| cache.dirs.get(&comps[..n]).map(|p| (n, Some(p.clone()))))
+                    .unwrap_or((0, None));
+            }
+        }
+        let (from, parts) = start;
+        let mut levels = Vec::new();
+        let parts = self.walk_parts(
+            comps,
+            from,
+            parts.unwrap_or_else(|| self.root_parts()),
+            cacheable.then_some(&mut levels),
+        )?;
+        if cacheable
+            && self.under_way.load(Ordering::Acquire) == 0
+            && self.generation.load(Ordering::Acquire) == seen
+        {
+            let mut cache = lock(&self.parts);
+            if cache.generation != seen || cache.dirs.len() + levels.len() > PARTS_CACHED {
+                cache.dirs.clear();
+                cache.generation = seen;
+            }
+            // Every directory walked through, so its other children start
+            // from it.
+            for (n, p) in levels {
+                cache.dirs.insert(comps[..n].to_vec(), p);
+            }
+        }
+        Ok(parts)
+    }
+
+    /// The writable layer's directory at `comps` when a remembered walk
+    /// has it (then it exists there already).
+    fn cached_upper(&self, comps: &[Name]) -> Option<Arc<Dir>> {
+        if !self.fixed_base || self.base_may_change() || comps.is_empty() {
+            return None;
+        }
+        let seen = self.generation.load(Ordering::Acquire);
+        if self.under_way.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let (top, _) = self.top();
+        let cache = lock(&self.parts);
+        if cache.generation != seen {
+            return None;
+        }
+        cache.dirs.get(comps)?.iter().find_map(|p| match p {
+            Part::Layer(i, d) if *i == top => Some(Arc::clone(d)),
+            _ => None,
+        })
+    }
+
+    /// Marks a change to the merged tree's directories under way until the
+    /// guard drops.
+    pub(crate) fn mutation(&self) -> Mutation<'_> {
+        self.under_way.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        Mutation {
+            generation: &self.generation,
+            under_way: &self.under_way,
+        }
+    }
+
+    /// Walks from `parts`, those of `comps[..from]`, down to `comps`;
+    /// `levels` gets each directory's parts on the way (by its depth).
+    fn walk_parts(
+        &self,
+        comps: &[Name],
+        from: usize,
+        mut parts: Vec<Part>,
+        mut levels: Option<&mut Vec<(usize, Vec<Part>)>>,
+    ) -> OpResult<Vec<Part>> {
+        for (i, c) in comps.iter().enumerate().skip(from) {
             let l = self.lookup(&parts, &comps[..i], c, true)?;
             match l.found {
                 None => return Err(OpError::NotFound),
                 Some(f) if !f.meta.is_dir() => return Err(OpError::NotDir),
                 Some(_) => parts = l.parts,
+            }
+            if let Some(levels) = levels.as_deref_mut() {
+                levels.push((i + 1, parts.clone()));
             }
         }
         Ok(parts)
@@ -621,6 +763,9 @@ impl Store {
     /// The writable layer's directory for merged directory `comps`, copying
     /// up the directory chain (mode, owner, times) as needed.
     pub(crate) fn upper_dir(&self, comps: &[Name]) -> OpResult<Arc<Dir>> {
+        if let Some(d) = self.cached_upper(comps) {
+            return Ok(d);
+        }
         let mut cur = self.upper_root();
         for (i, c) in comps.iter().enumerate() {
             match open_dir(&*cur, c) {
@@ -637,6 +782,7 @@ impl Store {
                 return Err(OpError::NotDir);
             }
             let _guard = self.copy_lock.lock();
+            let _m = self.mutation();
             match rustix::fs::mkdirat(&*cur, c.as_os_str(), Mode::from_raw_mode(0o700)) {
                 Ok(()) => {
                     let d = open_dir(&*cur, c)?;

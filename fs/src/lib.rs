@@ -306,12 +306,15 @@ impl Snapshots {
     /// # Errors
     /// See [`SnapshotError`].
     pub fn restore(&self, to: &LayerChain) -> Result<(), SnapshotError> {
-        let links = self.fs()?.restore(to).map_err(|e| Self::err(e, ""))?;
+        let (links, dirs) = self.fs()?.restore(to).map_err(|e| Self::err(e, ""))?;
         for (parent, name, ino) in links {
             let _ = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
             let _ = self
                 .notifier
                 .inval_entry(fuser::INodeNo(parent), name.as_os_str());
+        }
+        for ino in dirs {
+            let _ = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0);
         }
         Ok(())
     }

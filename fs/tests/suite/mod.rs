@@ -4,4 +4,5 @@ mod layers;
 mod links;
 mod passthrough;
 mod snapshots;
+mod walks;
 mod workspace;
