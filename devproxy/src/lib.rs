@@ -1,0 +1,65 @@
+//! devproxy: NVIDIA GPUs for sandboxes, with every driver ioctl checked
+//! against the exact ABI of the host's driver before the driver sees it.
+//!
+//! # What this crate holds today
+//! - [`abi`]: the ABI tables per driver version (escape numbers with their
+//!   node and size rules, UVM numbers and sizes, admitted RM alloc classes
+//!   and control commands with their parameter sizes), stored as a version
+//!   tree in `abi/abi.json` (generated from the driver facts by
+//!   `tools/gen_abi.py`: the oldest version in full, each later one as its
+//!   changes), and the choice of tables for a host driver version
+//!   ([`abi::AbiSet::select`]), refusing unknown versions with a message
+//!   that names the nearest supported ones and the opt-in knob.
+//! - [`validate`]: the validator, a pure function from (node, request,
+//!   parameter block) to a [`validate::Decision`]: forward with a
+//!   marshalling plan, run natively (UVM, bound to the caller's address
+//!   space), or refuse with the reason and the reply the sandbox gets.
+//! - [`layout`]: `repr(C)` mirrors of the parameter blocks the validator
+//!   reads, each tested against the recorded layout of every version.
+//!
+//! # Mechanism (the design this validator serves)
+//! The driver maps device memory into the caller through mmap on the
+//! device fds, and UVM binds itself to the calling process's address space
+//! (`UVM_INITIALIZE` records `current->mm`). So a proxy cannot own the
+//! device files and serve a FUSE or CUSE stand-in: mmap of device memory
+//! must happen on a file the sandbox holds, and UVM calls must come from
+//! the sandbox's own process. The design:
+//! - the sandbox's `/dev/nvidiactl`, `/dev/nvidiaN` (only the granted GPUs,
+//!   renumbered from 0) and `/dev/nvidia-uvm` open the real devices,
+//!   enforced also by the devices cgroup (v1) or its BPF equivalent (v2);
+//! - a seccomp filter in the sandbox sends every `ioctl` on those nodes to
+//!   the sandbox's devproxy process with `SECCOMP_RET_USER_NOTIF`; the BPF
+//!   keys on the `(nr, size)` pairs the driver could accept, not on the
+//!   `'F'` magic, because the driver ignores the type and direction bits;
+//! - the devproxy copies the parameter block out of the sandbox
+//!   (`process_vm_readv`), validates it here, performs the call itself on
+//!   its own duplicate of the sandbox's fd (`pidfd_getfd`) with the block
+//!   and every embedded buffer in its own memory, copies results back and
+//!   answers the notification with the driver's return value. mmap then
+//!   works natively on the sandbox's fd: the mapping context the call set
+//!   up belongs to the shared open file description;
+//! - a call is never answered with `SECCOMP_USER_NOTIF_FLAG_CONTINUE` after
+//!   checking its memory or its fd: another thread can rewrite the block
+//!   or `dup2` a different file onto the number in between. Only calls
+//!   whose safety depends on neither are let through, and those by exact
+//!   request number in the BPF itself: the UVM calls, which must run in
+//!   the caller's context (their numbers carry no size; the table gives
+//!   the allowed set per version);
+//! - the devproxy runs as the sandbox's unprivileged host uid with no
+//!   capabilities in the host's namespace (the driver grants extra rights
+//!   to privileged callers), jailed and in the sandbox's cgroup, one
+//!   process per sandbox.
+//!
+//! Embedded pointers are never handed to the driver raw: a control or
+//! alloc whose parameters embed pointers or fds is refused until its
+//! marshalling exists ([`validate::Refusal`] says which), and the plain
+//! ones are forwarded with their single parameter buffer copied into
+//! devproxy memory ([`validate::Plan`]).
+#![deny(unsafe_code)]
+
+pub mod abi;
+pub mod layout;
+pub mod validate;
+
+pub use abi::{Abi, AbiError, AbiSet, DriverVersion, VersionPolicy};
+pub use validate::{Decision, Node, Plan, Refusal, Reply};

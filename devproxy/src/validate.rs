@@ -1,0 +1,415 @@
+//! The validator: every ioctl a sandbox makes on an nvidia node, judged
+//! against one driver version's tables before anything reaches the driver.
+//!
+//! A pure function of (node, request, parameter block): the caller copies
+//! the block the request names out of the sandbox first (its size is the
+//! request's `_IOC_SIZE`, see [`frontend_block_size`]). The driver decodes
+//! only `_IOC_NR` and `_IOC_SIZE`, so so does this; what is forwarded is the
+//! canonical `_IOWR('F', nr, size)`, never the sandbox's type and direction
+//! bits.
+
+use std::mem::size_of;
+
+use crate::abi::{Abi, NodeRule, SizeRule};
+use crate::layout::{
+    NVOS02_FD_SIZE, NVOS21_SIZE, NVOS32_SIZE, NVOS54_SIZE, NVOS64_SIZE, at, read_u32, read_u64,
+};
+
+/// `EINVAL`: what the driver answers a transport-level error with.
+pub const EINVAL: i32 = 22;
+
+/// RM status codes (`nvstatuscodes.h`) written into a block's status field.
+pub mod status {
+    pub const NV_ERR_INVALID_ARGUMENT: u32 = 0x1F;
+    pub const NV_ERR_INVALID_CLASS: u32 = 0x22;
+    pub const NV_ERR_INVALID_PARAM_STRUCT: u32 = 0x3A;
+    pub const NV_ERR_NOT_SUPPORTED: u32 = 0x56;
+}
+
+/// Escape numbers the validator treats specially.
+pub mod esc {
+    pub const RM_ALLOC_MEMORY: u32 = 0x27;
+    pub const RM_FREE: u32 = 0x29;
+    pub const RM_CONTROL: u32 = 0x2A;
+    pub const RM_ALLOC: u32 = 0x2B;
+    pub const RM_IDLE_CHANNELS: u32 = 0x41;
+    pub const RM_VID_HEAP_CONTROL: u32 = 0x4A;
+    pub const RM_MAP_MEMORY: u32 = 0x4E;
+    pub const CARD_INFO: u32 = 200;
+    pub const REGISTER_FD: u32 = 201;
+    pub const ALLOC_OS_EVENT: u32 = 206;
+    pub const FREE_OS_EVENT: u32 = 207;
+    pub const CHECK_VERSION_STR: u32 = 210;
+    pub const XFER: u32 = 211;
+    pub const ATTACH_GPUS_TO_FD: u32 = 212;
+    pub const NUMA_INFO: u32 = 215;
+    pub const EXPORT_TO_DMABUF_FD: u32 = 217;
+}
+
+/// Largest control parameter block RM copies (`RMAPI_PARAM_COPY_MAX_PARAMS_SIZE`).
+pub const MAX_CONTROL_PARAMS: u32 = 1 << 20;
+
+/// The node a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    /// `/dev/nvidiactl`.
+    Ctl,
+    /// A granted GPU's node.
+    Gpu,
+    /// `/dev/nvidia-uvm`.
+    Uvm,
+}
+
+/// A buffer an embedded pointer names: copied into devproxy memory before
+/// the call and back after it, the pointer rewritten to the copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buffer {
+    /// Offset of the 8-byte pointer in the block.
+    pub pointer_at: usize,
+    /// Bytes it points to.
+    pub len: usize,
+}
+
+/// How to perform an admitted call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The request to issue: `_IOWR('F', nr, size)`.
+    pub request: u32,
+    /// What it is, for the audit summary (`NV_ESC_RM_CONTROL
+    /// NV2080_CTRL_CMD_GPU_GET_NAME_STRING`).
+    pub what: String,
+    /// Bytes of the block.
+    pub block: usize,
+    /// Embedded buffers to marshal.
+    pub buffers: Vec<Buffer>,
+    /// Offsets of 4-byte fds (the sandbox's numbers) to translate to the
+    /// devproxy's duplicates.
+    pub fds: Vec<usize>,
+}
+
+/// How the sandbox is answered when a call is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// The ioctl fails with this errno.
+    Errno(i32),
+    /// The ioctl returns 0 with this RM status written at `at` in the
+    /// block, as the driver answers an unknown control or class.
+    Status { at: usize, status: u32 },
+}
+
+/// A refused call: why (audited), and what the sandbox sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: String,
+    pub reply: Reply,
+}
+
+/// The verdict on one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// The devproxy performs it as planned.
+    Forward(Plan),
+    /// Let through by number in the sandbox's own context (UVM, whose
+    /// calls bind to the caller's address space).
+    Native { what: String },
+    /// Never reaches the driver.
+    Refuse(Refusal),
+}
+
+fn refuse_errno(reason: String) -> Decision {
+    Decision::Refuse(Refusal {
+        reason,
+        reply: Reply::Errno(EINVAL),
+    })
+}
+
+fn refuse_status(reason: String, at: usize, status: u32) -> Decision {
+    Decision::Refuse(Refusal {
+        reason,
+        reply: Reply::Status { at, status },
+    })
+}
+
+/// `_IOC_NR`, `_IOC_SIZE` of a request word (x86_64 layout).
+pub fn decode(request: u64) -> (u32, u32) {
+    ((request & 0xFF) as u32, ((request >> 16) & 0x3FFF) as u32)
+}
+
+/// The canonical request the proxy issues for `(nr, size)`.
+pub fn canonical(nr: u32, size: u32) -> u32 {
+    0xC000_0000 | (size << 16) | (0x46 << 8) | nr
+}
+
+/// Bytes of the block a frontend request names (what the caller copies in
+/// before [`check`]).
+pub fn frontend_block_size(request: u64) -> usize {
+    decode(request).1 as usize
+}
+
+/// What the grant lets a sandbox see of the host's GPUs.
+#[derive(Debug, Clone, Default)]
+pub struct Grant {
+    /// The driver's gpu ids of the granted GPUs (from `NV_ESC_CARD_INFO`).
+    pub gpu_ids: Vec<u32>,
+}
+
+/// Judges one ioctl on `node`. `block` holds exactly the bytes the request
+/// names (for UVM, whatever the caller copied; it is not read).
+pub fn check(abi: &Abi, grant: &Grant, node: Node, request: u64, block: &[u8]) -> Decision {
+    if node == Node::Uvm {
+        return check_uvm(abi, request);
+    }
+    let (nr, size) = decode(request);
+    if request > u64::from(u32::MAX) {
+        return refuse_errno(format!("request {request:#x} has bits above 32"));
+    }
+    if block.len() != size as usize {
+        return refuse_errno(format!(
+            "escape {nr:#x}: {} bytes copied for a {size}-byte block",
+            block.len()
+        ));
+    }
+    if nr == esc::XFER {
+        return refuse_errno(
+            "escape 0xd3 (NV_ESC_IOCTL_XFER_CMD) is refused: every parameter block fits a direct call"
+                .into(),
+        );
+    }
+    let Some(e) = abi.escapes.get(&nr) else {
+        return refuse_errno(format!(
+            "escape {nr:#x} is unknown to driver {}",
+            abi.version
+        ));
+    };
+    let name = e.name.as_str();
+    if !e.allowed {
+        return refuse_errno(format!("escape {name} ({nr:#x}) is not allowed"));
+    }
+    let node_ok = match e.node {
+        NodeRule::Ctl => node == Node::Ctl,
+        NodeRule::Gpu => node == Node::Gpu,
+        NodeRule::Any => true,
+        // Only the event classes may come on a GPU node; checked with the
+        // class below.
+        NodeRule::CtlOrEvent => true,
+        NodeRule::None => false,
+    };
+    if !node_ok {
+        return refuse_errno(format!(
+            "escape {name} ({nr:#x}) is not accepted on {node:?}"
+        ));
+    }
+    let size_ok = match &e.size {
+        SizeRule::Exact(n) => size == *n,
+        SizeRule::OneOf(ns) => ns.contains(&size),
+        SizeRule::Array(el) => *el > 0 && size > 0 && size % el == 0,
+        SizeRule::AtLeast(n) => size >= *n,
+        SizeRule::None(_) => false,
+    };
+    if !size_ok {
+        return refuse_errno(format!(
+            "escape {name} ({nr:#x}): size {size} does not match {:?} for driver {}",
+            e.size, abi.version
+        ));
+    }
+    let plan = |what: String, buffers: Vec<Buffer>, fds: Vec<usize>| {
+        Decision::Forward(Plan {
+            request: canonical(nr, size),
+            what,
+            block: size as usize,
+            buffers,
+            fds,
+        })
+    };
+    match nr {
+        esc::RM_CONTROL => check_control(abi, name, block, plan),
+        esc::RM_ALLOC => check_alloc(abi, node, name, block, plan),
+        esc::RM_ALLOC_MEMORY => {
+            // NVOS02 + fd: only plain system and local memory; an OS
+            // descriptor would make the driver pin the caller's pages,
+            // which here would be the devproxy's.
+            let class = read_u32(block, at::MEM_CLASS);
+            if !matches!(class, 0x3E..=0x40) {
+                return refuse_errno(format!(
+                    "{name}: memory class {class:#x} is not allowed (only 0x3e, 0x3f, 0x40)"
+                ));
+            }
+            debug_assert_eq!(block.len(), NVOS02_FD_SIZE);
+            plan(format!("{name} class {class:#x}"), vec![], vec![at::MEM_FD])
+        }
+        esc::RM_MAP_MEMORY => plan(name.into(), vec![], vec![at::MAP_FD]),
+        esc::RM_VID_HEAP_CONTROL => {
+            // Only NVOS32_FUNCTION_ALLOC_SIZE (2): the other functions
+            // carry pointers or OS descriptors in their union.
+            debug_assert_eq!(block.len(), NVOS32_SIZE);
+            let function = read_u32(block, at::HEAP_FUNCTION);
+            if function != 2 {
+                return refuse_errno(format!(
+                    "{name}: function {function} is not allowed (only ALLOC_SIZE)"
+                ));
+            }
+            plan(name.into(), vec![], vec![])
+        }
+        esc::REGISTER_FD => plan(name.into(), vec![], vec![at::REGISTER_FD]),
+        esc::ALLOC_OS_EVENT | esc::FREE_OS_EVENT => {
+            plan(name.into(), vec![], vec![at::OS_EVENT_FD])
+        }
+        esc::ATTACH_GPUS_TO_FD => {
+            let ids: Vec<u32> = (0..block.len() / 4)
+                .map(|i| read_u32(block, i * 4))
+                .collect();
+            if let Some(id) = ids.iter().find(|id| !grant.gpu_ids.contains(id)) {
+                return refuse_errno(format!("{name}: gpu id {id:#x} is not granted"));
+            }
+            plan(name.into(), vec![], vec![])
+        }
+        esc::RM_IDLE_CHANNELS => refuse_errno(format!(
+            "{name}: its three embedded arrays are not marshalled yet"
+        )),
+        esc::NUMA_INFO => refuse_errno(format!(
+            "{name}: the host's NUMA layout is not the sandbox's to read"
+        )),
+        esc::EXPORT_TO_DMABUF_FD => refuse_errno(format!(
+            "{name}: it makes a new fd in the caller, not marshalled yet"
+        )),
+        _ => plan(name.into(), vec![], vec![]),
+    }
+}
+
+fn check_control(
+    abi: &Abi,
+    name: &str,
+    block: &[u8],
+    plan: impl Fn(String, Vec<Buffer>, Vec<usize>) -> Decision,
+) -> Decision {
+    debug_assert_eq!(block.len(), NVOS54_SIZE);
+    let cmd = read_u32(block, at::CTRL_CMD);
+    let params = read_u64(block, at::CTRL_PARAMS);
+    let params_size = read_u32(block, at::CTRL_PARAMS_SIZE);
+    let Some(c) = abi.controls.get(&cmd) else {
+        return refuse_status(
+            format!("{name}: control {cmd:#x} is not allowed"),
+            at::CTRL_STATUS,
+            status::NV_ERR_NOT_SUPPORTED,
+        );
+    };
+    if c.embedded {
+        return refuse_status(
+            format!(
+                "{name}: control {} ({cmd:#x}) embeds pointers or fds, not marshalled yet",
+                c.name
+            ),
+            at::CTRL_STATUS,
+            status::NV_ERR_NOT_SUPPORTED,
+        );
+    }
+    if (params == 0) != (params_size == 0) {
+        return refuse_errno(format!(
+            "{name}: control {} ({cmd:#x}): params pointer and size disagree",
+            c.name
+        ));
+    }
+    if params_size != c.param_size || params_size > MAX_CONTROL_PARAMS {
+        return refuse_status(
+            format!(
+                "{name}: control {} ({cmd:#x}) takes {} bytes of params, not {params_size}",
+                c.name, c.param_size
+            ),
+            at::CTRL_STATUS,
+            status::NV_ERR_INVALID_PARAM_STRUCT,
+        );
+    }
+    let buffers = if params_size > 0 {
+        vec![Buffer {
+            pointer_at: at::CTRL_PARAMS,
+            len: params_size as usize,
+        }]
+    } else {
+        vec![]
+    };
+    plan(format!("{name} {}", c.name), buffers, vec![])
+}
+
+/// The event classes, which RM also takes on a GPU node.
+const EVENT_CLASSES: &[u32] = &[0x05, 0x78, 0x79, 0x7E];
+
+fn check_alloc(
+    abi: &Abi,
+    node: Node,
+    name: &str,
+    block: &[u8],
+    plan: impl Fn(String, Vec<Buffer>, Vec<usize>) -> Decision,
+) -> Decision {
+    // NVOS21 (32 bytes: status @28) or NVOS64 (48: pRightsRequested @24,
+    // status @40); hClass @12 and pAllocParms @16 in both.
+    let status_at = if block.len() == NVOS64_SIZE {
+        at::ALLOC64_STATUS
+    } else {
+        at::ALLOC21_STATUS
+    };
+    debug_assert!(block.len() == NVOS21_SIZE || block.len() == NVOS64_SIZE);
+    let class = read_u32(block, at::ALLOC_CLASS);
+    let Some(c) = abi.classes.get(&class) else {
+        return refuse_status(
+            format!("{name}: class {class:#x} is not allowed"),
+            status_at,
+            status::NV_ERR_INVALID_CLASS,
+        );
+    };
+    if node != Node::Ctl && !EVENT_CLASSES.contains(&class) {
+        return refuse_errno(format!(
+            "{name}: class {} ({class:#x}) is allocated on nvidiactl only",
+            c.name
+        ));
+    }
+    if !c.plain {
+        return refuse_status(
+            format!(
+                "{name}: class {} ({class:#x}) embeds fds or pointers in its params, not marshalled yet",
+                c.name
+            ),
+            status_at,
+            status::NV_ERR_INVALID_CLASS,
+        );
+    }
+    let params = read_u64(block, at::ALLOC_PARAMS);
+    let mut buffers = Vec::new();
+    if c.param_size > 0 && params != 0 {
+        buffers.push(Buffer {
+            pointer_at: at::ALLOC_PARAMS,
+            len: c.param_size as usize,
+        });
+    } else if c.required {
+        return refuse_status(
+            format!("{name}: class {} ({class:#x}) needs its params", c.name),
+            status_at,
+            status::NV_ERR_INVALID_ARGUMENT,
+        );
+    } else if params != 0 {
+        // A class without params: RM reads nothing, and neither do we.
+    }
+    if block.len() == NVOS64_SIZE && read_u64(block, at::ALLOC_RIGHTS) != 0 {
+        // pRightsRequested: an RS_ACCESS_MASK.
+        buffers.push(Buffer {
+            pointer_at: at::ALLOC_RIGHTS,
+            len: size_of::<crate::layout::RS_ACCESS_MASK>(),
+        });
+    }
+    plan(format!("{name} {}", c.name), buffers, vec![])
+}
+
+fn check_uvm(abi: &Abi, request: u64) -> Decision {
+    let Ok(number) = u32::try_from(request) else {
+        return refuse_errno(format!("UVM request {request:#x} has bits above 32"));
+    };
+    match abi.uvm.get(&number) {
+        Some(u) if u.allowed && u.routed => Decision::Native {
+            what: u.name.clone(),
+        },
+        Some(u) => refuse_errno(format!("UVM {} ({number}) is not allowed", u.name)),
+        None => refuse_errno(format!(
+            "UVM request {number:#x} is unknown to driver {}",
+            abi.version
+        )),
+    }
+}

@@ -1,0 +1,432 @@
+//! The ABI tables and the validator, for every driver version with tables:
+//! the data rebuilds to its digests, every mirrored struct matches the
+//! recorded layout, every admitted entry passes and its neighbours do not.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use airlock_devproxy::abi::{AbiError, AbiSet, Selection, SizeRule, VersionPolicy};
+use airlock_devproxy::layout::mirrors;
+use airlock_devproxy::validate::{self, Decision, Grant, Node, Reply, canonical, check, status};
+
+fn set() -> AbiSet {
+    AbiSet::builtin().expect("built-in tables load")
+}
+
+#[test]
+fn the_tree_rebuilds_every_version_to_its_digest() {
+    let s = set();
+    let names: Vec<String> = s.versions().map(|a| a.version.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "535.288.01",
+            "550.90.12",
+            "570.195.03",
+            "580.105.08",
+            "580.142",
+            "590.48.01"
+        ]
+    );
+    for a in s.versions() {
+        assert!(a.escapes.len() >= 40, "{}", a.version);
+        assert!(a.controls.len() >= 180, "{}", a.version);
+        assert!(!a.native_uvm().is_empty(), "{}", a.version);
+    }
+    // 580.142 changed nothing the tables hold since 580.105.08.
+    let v: Vec<_> = s.versions().collect();
+    assert_eq!(v[3].controls.len(), v[4].controls.len());
+}
+
+#[test]
+fn a_corrupt_tree_fails_closed() {
+    let text = include_str!("../abi/abi.json");
+    let first = text.find("\"digest\": \"").unwrap() + 11;
+    let mut bad = text.to_string();
+    let flipped = if &bad[first..first + 1] == "0" {
+        "1"
+    } else {
+        "0"
+    };
+    bad.replace_range(first..first + 1, flipped);
+    let err = AbiSet::from_tree(&bad).unwrap_err();
+    assert!(matches!(err, AbiError::Corrupt(_)), "{err}");
+    assert!(err.to_string().contains("535.288.01"), "{err}");
+}
+
+#[test]
+fn every_mirrored_struct_matches_every_recorded_layout() {
+    let mine = mirrors();
+    let mut checked = 0;
+    for a in set().versions() {
+        for (name, l) in &a.layouts {
+            let m = mine
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("{name} is recorded but not mirrored"));
+            assert_eq!(m.size, l.size, "{name} size, driver {}", a.version);
+            assert_eq!(m.align, l.align, "{name} align, driver {}", a.version);
+            let mine: Vec<(String, usize, usize)> = m
+                .fields
+                .iter()
+                .map(|(f, o, s)| (f.trim_start_matches("r#").to_string(), *o, *s))
+                .collect();
+            assert_eq!(mine, l.fields, "{name} fields, driver {}", a.version);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6 * 20, "only {checked} layouts checked");
+}
+
+fn req(nr: u32, size: u32) -> u64 {
+    u64::from(canonical(nr, size))
+}
+
+fn is_einval(d: &Decision) -> bool {
+    matches!(d, Decision::Refuse(r) if r.reply == Reply::Errno(validate::EINVAL))
+}
+
+/// A block that passes the escape's content checks.
+fn good_block(nr: u32, size: u32) -> Vec<u8> {
+    let mut b = vec![0u8; size as usize];
+    match nr {
+        validate::esc::RM_ALLOC_MEMORY => b[12..16].copy_from_slice(&0x3Eu32.to_le_bytes()),
+        validate::esc::RM_VID_HEAP_CONTROL => b[8..12].copy_from_slice(&2u32.to_le_bytes()),
+        _ => {}
+    }
+    b
+}
+
+/// Escapes whose content, not only number and size, decides.
+const BY_CONTENT: &[u32] = &[
+    validate::esc::RM_CONTROL,
+    validate::esc::RM_ALLOC,
+    validate::esc::ATTACH_GPUS_TO_FD,
+    validate::esc::RM_IDLE_CHANNELS,
+    validate::esc::NUMA_INFO,
+    validate::esc::EXPORT_TO_DMABUF_FD,
+];
+
+#[test]
+fn every_admitted_escape_passes_and_its_neighbours_do_not() {
+    let grant = Grant::default();
+    for a in set().versions() {
+        for e in a.escapes.values() {
+            let size = match &e.size {
+                SizeRule::Exact(n) | SizeRule::AtLeast(n) | SizeRule::Array(n) => *n,
+                SizeRule::OneOf(ns) => ns[0],
+                SizeRule::None(_) => 8,
+            };
+            let node = match e.node {
+                airlock_devproxy::abi::NodeRule::Gpu => Node::Gpu,
+                _ => Node::Ctl,
+            };
+            let d = check(a, &grant, node, req(e.nr, size), &good_block(e.nr, size));
+            if !e.allowed || matches!(e.size, SizeRule::None(_)) {
+                assert!(is_einval(&d), "{} {}: {d:?}", a.version, e.name);
+                continue;
+            }
+            if BY_CONTENT.contains(&e.nr) {
+                continue;
+            }
+            let Decision::Forward(p) = &d else {
+                panic!("{} {} refused: {d:?}", a.version, e.name);
+            };
+            assert_eq!(p.request, canonical(e.nr, size));
+            // Size off by one (where the rule fixes it).
+            if matches!(e.size, SizeRule::Exact(_)) {
+                for s in [size - 1, size + 1] {
+                    let d = check(a, &grant, node, req(e.nr, s), &good_block(e.nr, s));
+                    assert!(is_einval(&d), "{} {} size {s}: {d:?}", a.version, e.name);
+                }
+            }
+            // The other node, where the escape is bound to one.
+            let other = match e.node {
+                airlock_devproxy::abi::NodeRule::Ctl => Some(Node::Gpu),
+                airlock_devproxy::abi::NodeRule::Gpu => Some(Node::Ctl),
+                _ => None,
+            };
+            if let Some(o) = other {
+                let d = check(a, &grant, o, req(e.nr, size), &good_block(e.nr, size));
+                assert!(is_einval(&d), "{} {} on {o:?}: {d:?}", a.version, e.name);
+            }
+            // Numbers next to it that the driver does not define.
+            for n in [e.nr.wrapping_sub(1), e.nr + 1] {
+                if n <= 0xFF && !a.escapes.contains_key(&n) && n != validate::esc::XFER {
+                    let d = check(a, &grant, node, req(n, size), &good_block(n, size));
+                    assert!(is_einval(&d), "{} nr {n:#x}: {d:?}", a.version);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn type_and_direction_bits_are_ignored_and_never_forwarded() {
+    let s = set();
+    let a = s.versions().last().unwrap();
+    // NV_ESC_CHECK_VERSION_STR (210, 72 bytes) with type 'X' and no
+    // direction: the driver would take it, so the proxy decides the same
+    // and issues the canonical request.
+    let odd = (72u64 << 16) | (u64::from(b'X') << 8) | 210;
+    let d = check(a, &Grant::default(), Node::Ctl, odd, &[0; 72]);
+    let Decision::Forward(p) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(p.request, canonical(210, 72));
+    // Bits above 32 are refused.
+    let d = check(
+        a,
+        &Grant::default(),
+        Node::Ctl,
+        (1 << 40) | req(210, 72),
+        &[0; 72],
+    );
+    assert!(is_einval(&d), "{d:?}");
+}
+
+#[test]
+fn xfer_is_refused() {
+    for a in set().versions() {
+        let d = check(a, &Grant::default(), Node::Ctl, req(211, 16), &[0; 16]);
+        let Decision::Refuse(r) = d else { panic!() };
+        assert_eq!(r.reply, Reply::Errno(validate::EINVAL));
+        assert!(r.reason.contains("XFER"), "{}", r.reason);
+    }
+}
+
+fn control(cmd: u32, params: u64, size: u32) -> Vec<u8> {
+    let mut b = vec![0u8; 32];
+    b[8..12].copy_from_slice(&cmd.to_le_bytes());
+    b[16..24].copy_from_slice(&params.to_le_bytes());
+    b[24..28].copy_from_slice(&size.to_le_bytes());
+    b
+}
+
+#[test]
+fn every_admitted_control_passes_with_its_size_and_no_other() {
+    let g = Grant::default();
+    for a in set().versions() {
+        let r = req(0x2A, 32);
+        for c in a.controls.values() {
+            let ptr = if c.param_size > 0 { 0x7000_0000 } else { 0 };
+            let d = check(a, &g, Node::Ctl, r, &control(c.cmd, ptr, c.param_size));
+            if c.embedded {
+                let Decision::Refuse(x) = &d else {
+                    panic!("{}: {d:?}", c.name)
+                };
+                assert_eq!(
+                    x.reply,
+                    Reply::Status {
+                        at: 28,
+                        status: status::NV_ERR_NOT_SUPPORTED
+                    }
+                );
+                continue;
+            }
+            let Decision::Forward(p) = &d else {
+                panic!("{} {}: {d:?}", a.version, c.name)
+            };
+            assert_eq!(
+                p.buffers.iter().map(|b| b.len).sum::<usize>(),
+                c.param_size as usize
+            );
+            for s in [c.param_size + 1, c.param_size.wrapping_sub(1)] {
+                if s == 0 || s > 1 << 20 {
+                    continue;
+                }
+                let d = check(a, &g, Node::Ctl, r, &control(c.cmd, 0x7000_0000, s));
+                assert!(
+                    matches!(&d, Decision::Refuse(x) if x.reply == Reply::Status { at: 28, status: status::NV_ERR_INVALID_PARAM_STRUCT }),
+                    "{} {} size {s}: {d:?}",
+                    a.version,
+                    c.name
+                );
+            }
+            // A pointer without a size, or a size without a pointer.
+            if c.param_size > 0 {
+                let d = check(a, &g, Node::Ctl, r, &control(c.cmd, 0, c.param_size));
+                assert!(is_einval(&d), "{}: {d:?}", c.name);
+            }
+            if !a.controls.contains_key(&(c.cmd + 1)) {
+                let d = check(a, &g, Node::Ctl, r, &control(c.cmd + 1, ptr, c.param_size));
+                assert!(
+                    matches!(&d, Decision::Refuse(x) if x.reply == Reply::Status { at: 28, status: status::NV_ERR_NOT_SUPPORTED }),
+                    "{:#x}: {d:?}",
+                    c.cmd + 1
+                );
+            }
+        }
+    }
+}
+
+fn alloc64(class: u32, params: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 48];
+    b[12..16].copy_from_slice(&class.to_le_bytes());
+    b[16..24].copy_from_slice(&params.to_le_bytes());
+    b
+}
+
+#[test]
+fn every_plain_class_passes_and_unknown_ones_get_invalid_class() {
+    let g = Grant::default();
+    for a in set().versions() {
+        for (size, status_at) in [(48u32, 40usize), (32, 28)] {
+            let r = req(0x2B, size);
+            for c in a.classes.values() {
+                let mut b = alloc64(c.class, 0x7000_0000);
+                b.truncate(size as usize);
+                let d = check(a, &g, Node::Ctl, r, &b);
+                if !c.plain {
+                    assert!(
+                        matches!(&d, Decision::Refuse(x) if x.reply == Reply::Status { at: status_at, status: status::NV_ERR_INVALID_CLASS }),
+                        "{}: {d:?}",
+                        c.name
+                    );
+                    continue;
+                }
+                let Decision::Forward(p) = &d else {
+                    panic!("{} {}: {d:?}", a.version, c.name)
+                };
+                let copied: usize = p
+                    .buffers
+                    .iter()
+                    .filter(|b| b.pointer_at == 16)
+                    .map(|b| b.len)
+                    .sum();
+                assert_eq!(
+                    copied,
+                    if c.param_size > 0 {
+                        c.param_size as usize
+                    } else {
+                        0
+                    },
+                    "{}",
+                    c.name
+                );
+                // Not on a GPU node (except the event classes).
+                if ![0x05, 0x78, 0x79, 0x7E].contains(&c.class) {
+                    let d = check(a, &g, Node::Gpu, r, &b);
+                    assert!(is_einval(&d), "{} on a GPU node: {d:?}", c.name);
+                }
+            }
+            let mut b = alloc64(0xDEAD, 0);
+            b.truncate(size as usize);
+            let d = check(a, &g, Node::Ctl, r, &b);
+            assert!(
+                matches!(&d, Decision::Refuse(x) if x.reply == Reply::Status { at: status_at, status: status::NV_ERR_INVALID_CLASS }),
+                "{d:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn uvm_runs_natively_by_number_and_nothing_else_does() {
+    let g = Grant::default();
+    for a in set().versions() {
+        for u in a.uvm.values() {
+            let d = check(a, &g, Node::Uvm, u64::from(u.number), &[]);
+            if u.allowed && u.routed {
+                assert!(matches!(d, Decision::Native { .. }), "{}: {d:?}", u.name);
+            } else {
+                assert!(is_einval(&d), "{}: {d:?}", u.name);
+            }
+        }
+        let d = check(a, &g, Node::Uvm, 0x7777, &[]);
+        assert!(is_einval(&d), "{d:?}");
+    }
+}
+
+#[test]
+fn only_granted_gpus_can_be_attached() {
+    let s = set();
+    let a = s.versions().last().unwrap();
+    let g = Grant {
+        gpu_ids: vec![0x100, 0x300],
+    };
+    let ids = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let ok = check(a, &g, Node::Ctl, req(212, 8), &ids(&[0x100, 0x300]));
+    assert!(matches!(ok, Decision::Forward(_)), "{ok:?}");
+    let no = check(a, &g, Node::Ctl, req(212, 8), &ids(&[0x100, 0x200]));
+    let Decision::Refuse(r) = no else { panic!() };
+    assert!(r.reason.contains("0x200"), "{}", r.reason);
+}
+
+#[test]
+fn host_versions_are_matched_exactly_or_refused_with_a_way_out() {
+    let s = set();
+    let exact = s.select("580.105.08", VersionPolicy::default()).unwrap();
+    assert!(matches!(exact, Selection::Exact(a) if a.version.to_string() == "580.105.08"));
+    // The lent GPU host's driver: a later 580 release.
+    let err = s
+        .select("580.159.04", VersionPolicy::default())
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "580.159.04",
+        "580.142",
+        "allow_newer_in_branch",
+        "nearest: 580.142 and 590.48.01",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    let opt_in = s
+        .select(
+            "580.159.04",
+            VersionPolicy {
+                allow_newer_in_branch: true,
+            },
+        )
+        .unwrap();
+    assert!(matches!(opt_in, Selection::NewerInBranch(a) if a.version.to_string() == "580.142"));
+    // Never across a branch, never before the branch settled, never for a
+    // branch not shown stable.
+    for v in ["575.51.02", "580.82.09", "590.60.01", "600.1"] {
+        let e = s
+            .select(
+                v,
+                VersionPolicy {
+                    allow_newer_in_branch: true,
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(v) && e.contains("supported: 535.288.01"), "{e}");
+    }
+    let e = s
+        .select("575.51.02", VersionPolicy::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nearest: 570.195.03 and 580.105.08"), "{e}");
+    assert!(matches!(
+        s.select("five", VersionPolicy::default()),
+        Err(AbiError::BadVersion(_))
+    ));
+    assert!(matches!(
+        s.select("580.", VersionPolicy::default()),
+        Err(AbiError::BadVersion(_))
+    ));
+}
+
+#[test]
+fn the_committed_tables_match_the_facts() {
+    // The tables are generated from the driver facts kept beside the
+    // checkout; where they are present, regenerating must give the
+    // committed file.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let facts = root.join("../../shared/nvidia-abi/abi-facts.json");
+    if !facts.exists() {
+        eprintln!("{} absent: regeneration not checked", facts.display());
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .arg(root.join("tools/gen_abi.py"))
+        .arg(&facts)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
