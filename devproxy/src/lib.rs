@@ -58,7 +58,9 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod forward;
 pub mod layout;
+mod sys;
 pub mod validate;
 
 pub use abi::{Abi, AbiError, AbiSet, DriverVersion, VersionPolicy};

@@ -1,0 +1,340 @@
+//! The forwarder: answers a sandbox's seccomp notifications for `ioctl`,
+//! performing each admitted call itself and refusing the rest.
+//!
+//! For one notification: resolve the notifying process (pidfd), check the
+//! notification is still pending (so the pid was not reused), take a
+//! duplicate of the fd it named (`pidfd_getfd`) and identify the device
+//! by its `st_rdev` (never by path). Copy the block the request names out
+//! of the process (`process_vm_readv`), judge it ([`crate::validate`]),
+//! and for a plan: copy every embedded buffer into our memory and point
+//! the block at the copies, duplicate every fd field and put our numbers
+//! in, issue the canonical request on our duplicate, then restore the
+//! sandbox's pointers and fd numbers and copy the block and buffers back
+//! (also on failure: the driver copies out on every path but `EFAULT`).
+//! The syscall is answered with the driver's value or errno. Nothing is
+//! ever answered with `CONTINUE`: by then another thread could have
+//! rewritten the block or put another file at the fd number.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
+use nix::unistd::Pid;
+
+use crate::abi::Abi;
+use crate::layout::{read_u32, read_u64};
+use crate::sys;
+use crate::validate::{self, Decision, Grant, Node, Reply};
+
+/// The host devices a sandbox's fds may name, by `st_rdev`.
+#[derive(Debug, Clone, Default)]
+pub struct Devices {
+    /// `/dev/nvidiactl`.
+    pub ctl: Option<u64>,
+    /// The granted GPUs' nodes.
+    pub gpus: Vec<u64>,
+    /// `/dev/nvidia-uvm`.
+    pub uvm: Option<u64>,
+}
+
+impl Devices {
+    fn node_of(&self, rdev: u64) -> Option<Node> {
+        if self.ctl == Some(rdev) {
+            Some(Node::Ctl)
+        } else if self.gpus.contains(&rdev) {
+            Some(Node::Gpu)
+        } else if self.uvm == Some(rdev) {
+            Some(Node::Uvm)
+        } else {
+            None
+        }
+    }
+}
+
+/// What became of one notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Served {
+    /// Performed; the driver's value or errno went back.
+    Forwarded {
+        what: String,
+        result: Result<i64, i32>,
+    },
+    /// Refused by the validator (audited with the reason).
+    Refused { reason: String, reply: Reply },
+    /// An ioctl on a file that is not a granted device: `ENOTTY`.
+    NotADevice { fd: i32, request: u64 },
+    /// The caller's memory could not be read or written: `EFAULT`.
+    Fault { what: String },
+    /// The notifying thread went away first; nothing to answer.
+    Gone,
+}
+
+/// One sandbox's forwarder.
+#[derive(Debug)]
+pub struct Forwarder<'a> {
+    abi: &'a Abi,
+    grant: Grant,
+    devices: Devices,
+    listener: OwnedFd,
+}
+
+impl<'a> Forwarder<'a> {
+    pub fn new(abi: &'a Abi, grant: Grant, devices: Devices, listener: OwnedFd) -> Self {
+        Self {
+            abi,
+            grant,
+            devices,
+            listener,
+        }
+    }
+
+    /// Whether a notification is waiting, within `timeout_ms`.
+    ///
+    /// # Errors
+    /// The poll's.
+    pub fn ready(&self, timeout_ms: i32) -> io::Result<bool> {
+        use rustix::event::{PollFd, PollFlags, poll};
+        let timeout = rustix::event::Timespec {
+            tv_sec: i64::from(timeout_ms / 1000),
+            tv_nsec: i64::from(timeout_ms % 1000) * 1_000_000,
+        };
+        let mut fds = [PollFd::new(&self.listener, PollFlags::IN)];
+        let n = poll(&mut fds, Some(&timeout))?;
+        Ok(n > 0 && fds[0].revents().contains(PollFlags::IN))
+    }
+
+    /// Receives and answers one notification.
+    ///
+    /// # Errors
+    /// Only when the listener itself fails (the sandbox is gone); every
+    /// problem with one call is answered to that call.
+    pub fn serve_one(&self) -> io::Result<Served> {
+        let n = match sys::recv(self.listener.as_fd()) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Served::Gone),
+            Err(e) => return Err(e),
+        };
+        let (served, val, errno) = self.judge(&n);
+        if served == Served::Gone {
+            return Ok(served);
+        }
+        match sys::answer(self.listener.as_fd(), n.id, val, errno) {
+            Ok(()) => Ok(served),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Served::Gone),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The outcome of notification `n` and the (value, errno) to answer.
+    fn judge(&self, n: &sys::Notification) -> (Served, i64, i32) {
+        if i64::from(n.syscall) != libc::SYS_ioctl {
+            return (
+                Served::Refused {
+                    reason: format!("syscall {} is not served here", n.syscall),
+                    reply: Reply::Errno(libc::ENOSYS),
+                },
+                0,
+                libc::ENOSYS,
+            );
+        }
+        let fd = n.args[0] as i32;
+        let request = n.args[1];
+        let arg = n.args[2];
+        let pid = Pid::from_raw(n.pid as i32);
+        // Pid 0: the notifying thread is not visible from our pid namespace.
+        let Some(rpid) = rustix::process::Pid::from_raw(n.pid as i32) else {
+            return (
+                Served::Refused {
+                    reason: "the calling process is not visible to the proxy".into(),
+                    reply: Reply::Errno(libc::ESRCH),
+                },
+                0,
+                libc::ESRCH,
+            );
+        };
+        let Ok(pidfd) = rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty())
+        else {
+            return (Served::Gone, 0, 0);
+        };
+        if !sys::still_pending(self.listener.as_fd(), n.id) {
+            return (Served::Gone, 0, 0);
+        }
+        let Ok(dup) =
+            rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+        else {
+            return (Served::NotADevice { fd, request }, 0, libc::EBADF);
+        };
+        let node = rustix::fs::fstat(&dup)
+            .ok()
+            .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFCHR)
+            .and_then(|st| self.devices.node_of(st.st_rdev));
+        let Some(node) = node else {
+            return (Served::NotADevice { fd, request }, 0, libc::ENOTTY);
+        };
+        let size = if node == Node::Uvm {
+            0
+        } else {
+            validate::frontend_block_size(request)
+        };
+        let mut block = vec![0u8; size];
+        if size > 0 && read_remote(pid, arg, &mut block).is_err() {
+            return (
+                Served::Fault {
+                    what: format!("the {size}-byte block at {arg:#x}"),
+                },
+                0,
+                libc::EFAULT,
+            );
+        }
+        match validate::check(self.abi, &self.grant, node, request, &block) {
+            Decision::Refuse(r) => match r.reply {
+                Reply::Errno(e) => (
+                    Served::Refused {
+                        reason: r.reason,
+                        reply: r.reply,
+                    },
+                    0,
+                    e,
+                ),
+                Reply::Status { at, status } => {
+                    let ok = write_remote(pid, arg + at as u64, &status.to_le_bytes()).is_ok();
+                    let errno = if ok { 0 } else { libc::EFAULT };
+                    (
+                        Served::Refused {
+                            reason: r.reason,
+                            reply: r.reply,
+                        },
+                        0,
+                        errno,
+                    )
+                }
+            },
+            // UVM is let through by number in the sandbox's own filter; one
+            // that reaches us came some other way and is not performed here
+            // (it binds to the caller's address space).
+            Decision::Native { what } => (
+                Served::Refused {
+                    reason: format!("{what} runs in the caller's context only"),
+                    reply: Reply::Errno(validate::EINVAL),
+                },
+                0,
+                validate::EINVAL,
+            ),
+            Decision::Forward(plan) => self.perform(pid, &pidfd, dup, arg, block, plan),
+        }
+    }
+
+    fn perform(
+        &self,
+        pid: Pid,
+        pidfd: &OwnedFd,
+        dup: OwnedFd,
+        arg: u64,
+        mut block: Vec<u8>,
+        plan: validate::Plan,
+    ) -> (Served, i64, i32) {
+        let original = block.clone();
+        // Embedded buffers into our memory; the block points at them.
+        let mut buffers: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+        for b in &plan.buffers {
+            let remote = read_u64(&block, b.pointer_at);
+            let mut local = vec![0u8; b.len];
+            if read_remote(pid, remote, &mut local).is_err() {
+                return (
+                    Served::Fault {
+                        what: format!("{}: {} bytes at {remote:#x}", plan.what, b.len),
+                    },
+                    0,
+                    libc::EFAULT,
+                );
+            }
+            buffers.push((b.pointer_at, remote, local));
+        }
+        for (at, _, local) in &mut buffers {
+            let addr = local.as_mut_ptr() as u64;
+            block[*at..*at + 8].copy_from_slice(&addr.to_le_bytes());
+        }
+        // Fd fields: the sandbox's numbers become our duplicates' numbers,
+        // and each must itself be a granted device.
+        let mut held: Vec<OwnedFd> = Vec::new();
+        for at in &plan.fds {
+            let theirs = read_u32(&block, *at) as i32;
+            let dup_fd = rustix::process::pidfd_getfd(
+                pidfd,
+                theirs,
+                rustix::process::PidfdGetfdFlags::empty(),
+            );
+            let granted = dup_fd.as_ref().ok().and_then(|d| {
+                rustix::fs::fstat(d)
+                    .ok()
+                    .and_then(|st| self.devices.node_of(st.st_rdev))
+            });
+            let (Ok(d), Some(_)) = (dup_fd, granted) else {
+                return (
+                    Served::Refused {
+                        reason: format!("{}: fd {theirs} is not a granted device", plan.what),
+                        reply: Reply::Errno(validate::EINVAL),
+                    },
+                    0,
+                    validate::EINVAL,
+                );
+            };
+            block[*at..*at + 4].copy_from_slice(&d.as_raw_fd().to_le_bytes());
+            held.push(d);
+        }
+        let result = sys::ioctl_block(dup.as_fd(), plan.request, &mut block);
+        drop(held);
+        // The sandbox's own pointers and fd numbers go back in place.
+        for (at, remote, _) in &buffers {
+            block[*at..*at + 8].copy_from_slice(&remote.to_le_bytes());
+        }
+        for at in &plan.fds {
+            block[*at..*at + 4].copy_from_slice(&original[*at..*at + 4]);
+        }
+        let copied_out = write_remote(pid, arg, &block).is_ok()
+            && buffers
+                .iter()
+                .all(|(_, remote, local)| write_remote(pid, *remote, local).is_ok());
+        let (val, errno) = match (result, copied_out) {
+            (_, false) => (0, libc::EFAULT),
+            (Ok(v), true) => (v, 0),
+            (Err(e), true) => (0, e),
+        };
+        (
+            Served::Forwarded {
+                what: plan.what,
+                result,
+            },
+            val,
+            errno,
+        )
+    }
+}
+
+/// Reads `buf.len()` bytes at `addr` of process `pid`, all or nothing.
+fn read_remote(pid: Pid, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    let len = buf.len();
+    let remote = [RemoteIoVec {
+        base: usize::try_from(addr).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?,
+        len,
+    }];
+    let n = process_vm_readv(pid, &mut [IoSliceMut::new(buf)], &remote)?;
+    if n != len {
+        return Err(io::Error::from_raw_os_error(libc::EFAULT));
+    }
+    Ok(())
+}
+
+/// Writes `buf` at `addr` of process `pid`, all or nothing.
+fn write_remote(pid: Pid, addr: u64, buf: &[u8]) -> io::Result<()> {
+    let len = buf.len();
+    let remote = [RemoteIoVec {
+        base: usize::try_from(addr).map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?,
+        len,
+    }];
+    let n = process_vm_writev(pid, &[IoSlice::new(buf)], &remote)?;
+    if n != len {
+        return Err(io::Error::from_raw_os_error(libc::EFAULT));
+    }
+    Ok(())
+}
