@@ -21,6 +21,9 @@ Cases, interleaved per round (these machines drift):
   airlock-ws      `airlock run` through brokerd, in /workspace
                   (--workspace of that directory), a fresh sandbox per phase
   airlock-exec    `airlock exec` into one long-lived sandbox, in /workspace
+                  (--workspace of that directory: the caller's own)
+  airlock-agent   `airlock exec` into one long-lived sandbox, in its agent's
+                  own persistent /workspace (no --workspace)
   airlock-root    `airlock exec` into that sandbox, in /var/tmp on the
                   copy-on-write root
 
@@ -90,7 +93,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--pin", action="store_true", help="run everything on CPU 0")
-    ap.add_argument("--cases", default="native,bindfs,fuse-overlayfs,airlock-ws,airlock-exec,airlock-root")
+    ap.add_argument("--cases", default="native,bindfs,fuse-overlayfs,airlock-ws,airlock-exec,"
+                    "airlock-agent,airlock-root")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root")
@@ -144,6 +148,16 @@ def main():
                               "--inodes", "10000000"],
                              check=True, capture_output=True, text=True).stdout
         sandbox = json.loads(out)["id"]
+    agent_sandbox = None
+    if "airlock-agent" in cases:
+        out = subprocess.run([AIRLOCK, "--socket", sock, "--json", "create", "--agent", "fsbench",
+                              "--disk", "100G", "--inodes", "10000000"],
+                             check=True, capture_output=True, text=True).stdout
+        agent_sandbox = json.loads(out)["id"]
+        sh([AIRLOCK, "--socket", sock, "exec", agent_sandbox, "--", "mkdir", "-p",
+            "/workspace/work"], stdout=subprocess.DEVNULL)
+        sh([AIRLOCK, "--socket", sock, "cp", f"{tmp}/doc.tar",
+            f"{agent_sandbox}:/workspace/doc.tar"], stdout=subprocess.DEVNULL)
 
     def argv(case, phase):
         files = a.files
@@ -154,10 +168,11 @@ def main():
             return [AIRLOCK, "--socket", sock, "run", "--workspace", dirs[case], "--disk", "100G",
                     "--inodes", "10000000", *env, "--", "sh", "-c",
                     script(phase, "/workspace/work", files)]
-        d = "/workspace/work" if case == "airlock-exec" else "/var/tmp/work"
+        d = "/var/tmp/work" if case == "airlock-root" else "/workspace/work"
         prep = "mkdir -p /var/tmp/work && cp -n /workspace/doc.tar /var/tmp/ 2>/dev/null; " \
             if case == "airlock-root" else ""
-        return [AIRLOCK, "--socket", sock, "exec", sandbox, *env, "--", "sh", "-c",
+        target = agent_sandbox if case == "airlock-agent" else sandbox
+        return [AIRLOCK, "--socket", sock, "exec", target, *env, "--", "sh", "-c",
                 prep + script(phase, d, files)]
 
     times = {c: {p: [] for p in PHASES} for c in cases}
@@ -176,8 +191,9 @@ def main():
                     times[c][p].append(dt)
             print(f"round {r + 1} done", file=sys.stderr)
     finally:
-        if sandbox:
-            subprocess.run([AIRLOCK, "--socket", sock, "rm", sandbox], stdout=subprocess.DEVNULL)
+        for sb in (sandbox, agent_sandbox):
+            if sb:
+                subprocess.run([AIRLOCK, "--socket", sock, "rm", sb], stdout=subprocess.DEVNULL)
         for m in mounts:
             subprocess.run(["fusermount", "-u", m], stderr=subprocess.DEVNULL)
             subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL)

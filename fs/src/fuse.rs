@@ -32,6 +32,7 @@ use crate::policy::Name;
 use crate::quota::Tree;
 use crate::resolve::{open_dir, open_file, open_path, stat_at};
 use crate::synth::{Synth, SynthEntry, SynthSpec};
+use crate::walks::{Change, Walks};
 use crate::{BaseSpec, EventSink, FsEvent, IdMap, MountOptions, MountSpec, MutationOp, Shared};
 
 /// Audit reason for refusing a base entry's contents.
@@ -47,6 +48,9 @@ const TTL_BASE: Duration = Duration::from_secs(3600);
 const TTL_UPPER: Duration = Duration::from_secs(60);
 /// The workspace may be changed live by other sandboxes.
 const TTL_WORKSPACE: Duration = Duration::from_secs(1);
+/// Most live workspace directories whose walks are remembered (one
+/// descriptor each).
+const WS_WALKS_CACHED: usize = 64;
 
 /// `statfs` magics of stacking filesystems: a base on one of them needs
 /// passthrough `max_stack_depth` 2.
@@ -247,6 +251,8 @@ pub(crate) struct AirlockFs {
     /// The workspace's frozen layers under its live tree `ws`, once it has
     /// any (see [`Store::workspace`]); `None` while it is a plain tree.
     ws_stack: RwLock<Option<Arc<Store>>>,
+    /// Remembered walks of the live workspace (the agent's own only).
+    ws_walks: Walks<Arc<Dir>>,
     /// Whether snapshots are on: [`LAYERS_DIR`] is reserved at the roots
     /// of the sandbox and of its workspace.
     layered: bool,
@@ -469,6 +475,7 @@ impl AirlockFs {
         Ok(Self {
             store,
             ws_stack: RwLock::new(ws_stack),
+            ws_walks: Walks::new(WS_WALKS_CACHED),
             layered: spec.snapshots.is_some(),
             chain: Mutex::new(chain),
             stores,
@@ -627,9 +634,24 @@ impl AirlockFs {
     /// [`Self::ws_dir`] for listing `rel`: its last directory needs no
     /// search permission (listing needs read, checked by the caller).
     fn ws_walk(&self, rel: &[Name], search_last: bool) -> OpResult<Arc<Dir>> {
+        // The agent's own workspace changes only through its sandboxes'
+        // servers, whose changes reach this one (`workspace_changed`):
+        // walks of it are remembered. A caller's own directory is edited
+        // on the host, unseen: walked every time.
+        let seen = self.ws_walks.start();
+        let (from, mut cur) = match self
+            .layered
+            .then(|| self.ws_walks.deepest(seen, rel))
+            .flatten()
+        {
+            // Remembered directories passed the search check at every level.
+            Some((n, d)) if n == rel.len() => return Ok(d),
+            Some((n, d)) => (n, d),
+            None => (0, Arc::clone(&self.ws)),
+        };
         let stack = self.ws_stack();
-        let mut cur = Arc::clone(&self.ws);
-        for (i, c) in rel.iter().enumerate() {
+        let mut levels = Vec::new();
+        for (i, c) in rel.iter().enumerate().skip(from) {
             if i == 0 && self.layered && is_reserved(&[], c) {
                 return Err(OpError::NotFound);
             }
@@ -642,6 +664,7 @@ impl AirlockFs {
                     let Some(stack) = &stack else {
                         return Err(OpError::NotFound);
                     };
+                    let _c = self.ws_walks.change();
                     let found = stack.resolve(&rel[..=i])?;
                     if !found.meta.is_dir() {
                         return Err(OpError::NotDir);
@@ -663,9 +686,19 @@ impl AirlockFs {
             if i + 1 < rel.len() || search_last {
                 let meta = Meta::from_stat(&rustix::fs::fstat(&*cur)?);
                 self.ws_require("search", ws_path(&rel[..=i]), &meta, SEARCH)?;
+                levels.push((i + 1, Arc::clone(&cur)));
             }
         }
+        if self.layered {
+            self.ws_walks.remember(seen, rel, levels);
+        }
         Ok(cur)
+    }
+
+    /// Marks a change to what walks of either tree find under way (see
+    /// [`crate::walks`]) until the guards drop.
+    fn dir_change(&self) -> (Change<'_>, Change<'_>) {
+        (self.store.mutation(), self.ws_walks.change())
     }
 
     /// Refuses (audited) making an entry named [`crate::layers::LAYERS_DIR`]
@@ -1067,10 +1100,14 @@ impl AirlockFs {
         }
     }
 
-    fn ttl(area: Area) -> Duration {
+    fn ttl(&self, area: Area) -> Duration {
         match area {
             Area::Base | Area::Synth => TTL_BASE,
             Area::Upper => TTL_UPPER,
+            // The agent's own workspace: other sandboxes' changes are
+            // invalidated as they happen. A caller's directory: the host's
+            // are not, so they show within a second.
+            Area::Workspace if self.layered => TTL_UPPER,
             Area::Workspace => TTL_WORKSPACE,
         }
     }
@@ -1149,7 +1186,7 @@ impl AirlockFs {
             self.check_key_owner(k, parent, name);
         }
         let ino = lock(&self.inodes).insert(parent, name, key, 1);
-        (self.attr(ino, meta, area), Self::ttl(area))
+        (self.attr(ino, meta, area), self.ttl(area))
     }
 
     /// Before a new name joins the node holding host file `key`, make sure
@@ -1260,7 +1297,7 @@ impl AirlockFs {
         match self.loc(ino) {
             Ok(loc) => {
                 let (meta, area) = self.stat(&loc)?;
-                Ok((self.attr(ino, &meta, area), Self::ttl(area)))
+                Ok((self.attr(ino, &meta, area), self.ttl(area)))
             }
             // Every name is gone (fstat(2) of an unlinked open file asks
             // without a handle; a passthrough inode detached after a
@@ -1293,7 +1330,7 @@ impl AirlockFs {
             }
             Area::Synth | Area::Workspace => {}
         }
-        Some(Ok((self.attr(ino, &meta, h.area), Self::ttl(h.area))))
+        Some(Ok((self.attr(ino, &meta, h.area), self.ttl(h.area))))
     }
 
     /// Some open file handle of `ino`.
@@ -1316,6 +1353,8 @@ impl AirlockFs {
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
     ) -> OpResult<(FileAttr, Duration)> {
+        // A directory's owner and mode decide the workspace's search checks.
+        let _m = (mode.is_some() || uid.is_some() || gid.is_some()).then(|| self.ws_walks.change());
         // ftruncate: through the caller's own writable handle, which stays
         // valid when the name is gone (a file unlinked while open, as
         // mkstemp-then-unlink users do).
@@ -1735,7 +1774,7 @@ impl AirlockFs {
         mode: u32,
         umask: u32,
     ) -> OpResult<(FileAttr, Duration)> {
-        let _m = self.store.mutation();
+        let _m = self.dir_change();
         let perm = mode & !umask & 0o7777;
         self.create_entry(req, parent, name, MutationOp::Mkdir, perm, &|d, n, mask| {
             rustix::fs::mkdirat(d, n.as_os_str(), Mode::from_raw_mode(0o700))?;
@@ -2195,7 +2234,7 @@ impl AirlockFs {
 
     fn do_unlink(&self, parent: u64, name: &OsStr, dir_op: bool) -> OpResult<()> {
         // Removing a directory changes what its path's walk finds.
-        let _m = dir_op.then(|| self.store.mutation());
+        let _m = dir_op.then(|| self.dir_change());
         let name = Name::new(name)?;
         let loc = self.child_loc(parent, &name)?;
         match &loc {
@@ -2269,7 +2308,7 @@ impl AirlockFs {
         new_name: &OsStr,
         flags: RenameFlags,
     ) -> OpResult<()> {
-        let _m = self.store.mutation();
+        let _m = self.dir_change();
         let name = Name::new(name)?;
         let new_name = Name::new(new_name)?;
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
@@ -3073,7 +3112,7 @@ impl AirlockFs {
     /// Freezes the live copy-on-write layer and the live workspace into
     /// new frozen layers both named `name`, and returns the new chain.
     pub(crate) fn freeze(&self, name: &str) -> OpResult<crate::LayerChain> {
-        let _m = self.store.mutation();
+        let _m = self.dir_change();
         if !self.layered {
             return Err(OpError::NotSupported);
         }
@@ -3120,7 +3159,7 @@ impl AirlockFs {
     /// quota refunded as it goes). Returns the kernel references to
     /// invalidate.
     pub(crate) fn restore(&self, to: &crate::LayerChain) -> OpResult<Invalidations> {
-        let _m = self.store.mutation();
+        let _m = self.dir_change();
         if !self.layered {
             return Err(OpError::NotSupported);
         }
@@ -3252,6 +3291,8 @@ impl AirlockFs {
     /// entry (it may be a process's working directory); its attributes and
     /// the names changed in it are refreshed.
     pub(crate) fn ws_stale(&self, paths: &[String], all: bool) -> Vec<Stale> {
+        // Another sandbox changed the workspace: forget every walk of it.
+        drop(self.ws_walks.change());
         let t = lock(&self.inodes);
         let Some(ws) = Name::new(OsStr::new(WORKSPACE))
             .ok()

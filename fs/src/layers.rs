@@ -7,12 +7,11 @@
 //! server runs in a user namespace, where `trusted.*` is out of reach).
 //! The sandbox can neither read nor write `user.overlay.*` names.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cap_std::fs::Dir;
@@ -20,10 +19,10 @@ use fuser::FileType;
 use rustix::fs::{AtFlags, FileType as RFileType, Mode, OFlags, Stat, Timespec, Timestamps};
 
 use crate::error::{OpError, OpResult};
-use crate::fuse::lock;
 use crate::policy::{Name, host_visible};
 use crate::resolve::{is_loop, open_dir, open_file, stat_at};
 use crate::synth::{Synth, SynthEntry};
+use crate::walks::{Change, Walks};
 
 pub(crate) const OPAQUE_XATTR: &str = "user.overlay.opaque";
 
@@ -212,43 +211,13 @@ pub(crate) struct Store {
     /// Serializes copy-ups so two threads never copy the same file at once.
     copy_lock: std::sync::Mutex<()>,
     /// Recently walked directories' parts (see [`Store::dir_parts`]).
-    parts: Mutex<PartsCache>,
-    /// Bumped when a change that may alter directories' parts starts and
-    /// when it ends (see [`Mutation`]).
-    generation: AtomicU64,
-    /// Changes under way.
-    under_way: AtomicU64,
+    walks: Walks<Vec<Part>>,
 }
 
 /// Most directories whose parts are remembered at once; each holds one
 /// descriptor per layer showing it (the server's descriptor limit is the
 /// sandbox's, at least 256).
 const PARTS_CACHED: usize = 64;
-
-/// Parts of recently walked merged directories, valid for one generation.
-#[derive(Debug, Default)]
-struct PartsCache {
-    generation: u64,
-    dirs: HashMap<Vec<Name>, Vec<Part>>,
-}
-
-/// A change under way to what walking the merged tree's directories
-/// finds: a directory copied up, made, removed or renamed, any rename, a
-/// snapshot or restore (files made, written or removed inside existing
-/// directories change no directory's parts). While one lives, no walk is
-/// remembered, and remembered ones are forgotten when it starts and when
-/// it ends.
-pub(crate) struct Mutation<'a> {
-    generation: &'a AtomicU64,
-    under_way: &'a AtomicU64,
-}
-
-impl Drop for Mutation<'_> {
-    fn drop(&mut self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.under_way.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 impl Store {
     /// The sandbox's stack: `base` under synthesized entries under the
@@ -272,9 +241,7 @@ impl Store {
             base_idmapped,
             epoch: SystemTime::now(),
             copy_lock: std::sync::Mutex::new(()),
-            parts: Mutex::new(PartsCache::default()),
-            generation: AtomicU64::new(0),
-            under_way: AtomicU64::new(0),
+            walks: Walks::new(PARTS_CACHED),
         }
     }
 
@@ -300,9 +267,7 @@ impl Store {
             base_idmapped: true,
             epoch: SystemTime::now(),
             copy_lock: std::sync::Mutex::new(()),
-            parts: Mutex::new(PartsCache::default()),
-            generation: AtomicU64::new(0),
-            under_way: AtomicU64::new(0),
+            walks: Walks::new(PARTS_CACHED),
         }
     }
 
@@ -562,84 +527,47 @@ impl Store {
         // true until one of its own changes: remembered walks save a few
         // opens per level per request. Not for a workspace's stack (its top
         // is shared live) nor a caller's rootfs (they may change it).
-        let cacheable = self.fixed_base && !self.base_may_change() && !comps.is_empty();
-        let seen = self.generation.load(Ordering::Acquire);
-        if cacheable && self.under_way.load(Ordering::Acquire) == 0 {
-            let cache = lock(&self.parts);
-            if cache.generation == seen
-                && let Some(p) = cache.dirs.get(comps)
-            {
-                return Ok(p.clone());
-            }
+        if !self.remembers() || comps.is_empty() {
+            return self.walk_parts(comps, 0, self.root_parts(), None);
         }
+        let seen = self.walks.start();
         // A listing's entries and a walk down a tree share their parents:
         // start from the deepest remembered one.
-        let mut start = (0, None);
-        if cacheable && self.under_way.load(Ordering::Acquire) == 0 {
-            let cache = lock(&self.parts);
-            if cache.generation == seen {
-                start = (1..comps.len())
-                    .rev()
-                    .find_map(|n| cache.dirs.get(&comps[..n]).map(|p| (n, Some(p.clone()))))
-                    .unwrap_or((0, None));
-            }
-        }
-        let (from, parts) = start;
+        let (from, parts) = match self.walks.deepest(seen, comps) {
+            Some((n, p)) if n == comps.len() => return Ok(p),
+            Some((n, p)) => (n, p),
+            None => (0, self.root_parts()),
+        };
         let mut levels = Vec::new();
-        let parts = self.walk_parts(
-            comps,
-            from,
-            parts.unwrap_or_else(|| self.root_parts()),
-            cacheable.then_some(&mut levels),
-        )?;
-        if cacheable
-            && self.under_way.load(Ordering::Acquire) == 0
-            && self.generation.load(Ordering::Acquire) == seen
-        {
-            let mut cache = lock(&self.parts);
-            if cache.generation != seen || cache.dirs.len() + levels.len() > PARTS_CACHED {
-                cache.dirs.clear();
-                cache.generation = seen;
-            }
-            // Every directory walked through, so its other children start
-            // from it.
-            for (n, p) in levels {
-                cache.dirs.insert(comps[..n].to_vec(), p);
-            }
-        }
+        let parts = self.walk_parts(comps, from, parts, Some(&mut levels))?;
+        self.walks.remember(seen, comps, levels);
         Ok(parts)
+    }
+
+    fn remembers(&self) -> bool {
+        self.fixed_base && !self.base_may_change()
     }
 
     /// The writable layer's directory at `comps` when a remembered walk
     /// has it (then it exists there already).
     fn cached_upper(&self, comps: &[Name]) -> Option<Arc<Dir>> {
-        if !self.fixed_base || self.base_may_change() || comps.is_empty() {
-            return None;
-        }
-        let seen = self.generation.load(Ordering::Acquire);
-        if self.under_way.load(Ordering::Acquire) != 0 {
+        if !self.remembers() || comps.is_empty() {
             return None;
         }
         let (top, _) = self.top();
-        let cache = lock(&self.parts);
-        if cache.generation != seen {
-            return None;
-        }
-        cache.dirs.get(comps)?.iter().find_map(|p| match p {
-            Part::Layer(i, d) if *i == top => Some(Arc::clone(d)),
+        match self.walks.deepest(self.walks.start(), comps)? {
+            (n, parts) if n == comps.len() => parts.iter().find_map(|p| match p {
+                Part::Layer(i, d) if *i == top => Some(Arc::clone(d)),
+                _ => None,
+            }),
             _ => None,
-        })
+        }
     }
 
-    /// Marks a change to the merged tree's directories under way until the
-    /// guard drops.
-    pub(crate) fn mutation(&self) -> Mutation<'_> {
-        self.under_way.fetch_add(1, Ordering::AcqRel);
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        Mutation {
-            generation: &self.generation,
-            under_way: &self.under_way,
-        }
+    /// Marks a change to what walks of the merged tree find (see
+    /// [`crate::walks`]) under way until the guard drops.
+    pub(crate) fn mutation(&self) -> Change<'_> {
+        self.walks.change()
     }
 
     /// Walks from `parts`, those of `comps[..from]`, down to `comps`;

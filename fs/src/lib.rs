@@ -64,6 +64,7 @@ mod resolve;
 mod snapshot;
 mod synth;
 mod sys;
+mod walks;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;

@@ -32,6 +32,16 @@ pub fn rootfs() -> Fixture {
 }
 
 pub fn rootfs_opts(opts: &MountOptions) -> Fixture {
+    rootfs_with(opts, true)
+}
+
+/// A rootfs whose workspace is the caller's own directory (edited on the
+/// host, no snapshots), as `--workspace DIR` gives.
+pub fn rootfs_callers_workspace() -> Fixture {
+    rootfs_with(&MountOptions::default(), false)
+}
+
+fn rootfs_with(opts: &MountOptions, agents_workspace: bool) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path().join("base");
     std::fs::create_dir_all(base.join("dir/sub")).unwrap();
@@ -42,7 +52,13 @@ pub fn rootfs_opts(opts: &MountOptions) -> Fixture {
     std::fs::write(base.join("etc/os-release"), b"ID=test\n").unwrap();
     std::fs::write(base.join("etc/passwd"), b"hostuser:x:0:0::/:/bin/sh\n").unwrap();
     symlink("../../../../etc/passwd", base.join("escape")).unwrap();
-    mount_with(tmp, base.clone(), BaseSpec::Rootfs(base), opts)
+    mount_with(
+        tmp,
+        base.clone(),
+        BaseSpec::Rootfs(base),
+        opts,
+        agents_workspace,
+    )
 }
 
 pub fn host() -> Fixture {
@@ -51,10 +67,16 @@ pub fn host() -> Fixture {
 
 pub fn host_opts(opts: &MountOptions) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
-    mount_with(tmp, PathBuf::from("/"), BaseSpec::Host, opts)
+    mount_with(tmp, PathBuf::from("/"), BaseSpec::Host, opts, true)
 }
 
-fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec, opts: &MountOptions) -> Fixture {
+fn mount_with(
+    tmp: TempDir,
+    base: PathBuf,
+    spec_base: BaseSpec,
+    opts: &MountOptions,
+    agents_workspace: bool,
+) -> Fixture {
     let upper = tmp.path().join("upper");
     let ws = tmp.path().join("ws");
     let mnt = tmp.path().join("mnt");
@@ -80,7 +102,7 @@ fn mount_with(tmp: TempDir, base: PathBuf, spec_base: BaseSpec, opts: &MountOpti
         sandbox_user: "sandbox".into(),
         hostname: "testbox".into(),
         quota: airlock_fs::DiskQuota::default(),
-        snapshots: Some(airlock_fs::LayerChain::default()),
+        snapshots: agents_workspace.then(airlock_fs::LayerChain::default),
         workspace_usage: None,
         frozen: airlock_fs::FrozenDirs::default(),
     };

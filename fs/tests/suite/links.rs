@@ -141,7 +141,9 @@ fn link_of_lower_file_keeps_its_inode() {
 
 #[test]
 fn host_side_links_in_workspace_are_one_inode() {
-    let f = rootfs();
+    // Edits on the host are a caller's own directory's case (the agent's
+    // workspace changes only through its sandboxes).
+    let f = rootfs_callers_workspace();
     fs::write(f.ws.join("x"), b"x").unwrap();
     // The workspace owner's file, as if they had made it on the host.
     std::os::unix::fs::chown(f.ws.join("x"), Some(4242), Some(4242)).unwrap();

@@ -88,3 +88,35 @@ fn a_restore_drops_listings_of_directories_still_held() {
     assert_eq!(names(&f.m("")), root_before);
     assert!(!f.m("proj/sub/after").exists());
 }
+
+#[test]
+fn remembered_workspace_walks_follow_renames_removals_and_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = host();
+    let w = |p: &str| f.m(&format!("workspace/{p}"));
+    fs::create_dir_all(w("a/b")).unwrap();
+    fs::write(w("a/b/f"), b"1").unwrap();
+    fs::write(w("a/b/g"), b"2").unwrap();
+    // Renamed away, made again: each name reaches its own directory.
+    fs::rename(w("a"), w("c")).unwrap();
+    fs::create_dir_all(w("a/b")).unwrap();
+    fs::write(w("a/b/h"), b"3").unwrap();
+    assert_eq!(names(&w("a/b")), ["h"]);
+    assert_eq!(names(&w("c/b")), ["f", "g"]);
+    assert_eq!(fs::read(f.ws.join("c/b/f")).unwrap(), b"1");
+    assert_eq!(fs::read(f.ws.join("a/b/h")).unwrap(), b"3");
+    // Removed and made again.
+    fs::remove_dir_all(w("c")).unwrap();
+    fs::create_dir_all(w("c/b")).unwrap();
+    fs::write(w("c/b/new"), b"n").unwrap();
+    assert!(f.ws.join("c/b/new").exists());
+    // The workspace owner loses search on a directory: what is made below
+    // it is refused, though its walk was remembered before.
+    fs::write(w("a/b/before-chmod"), b"x").unwrap();
+    fs::set_permissions(w("a"), fs::Permissions::from_mode(0o000)).unwrap();
+    let err = fs::write(w("a/b/after-chmod"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    fs::set_permissions(w("a"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(w("a/b/after-chmod"), b"x").unwrap();
+    assert!(f.ws.join("a/b/after-chmod").exists());
+}
