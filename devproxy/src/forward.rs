@@ -26,28 +26,57 @@ use crate::layout::{read_u32, read_u64};
 use crate::sys;
 use crate::validate::{self, Decision, Grant, Node, Reply};
 
-/// The host devices a sandbox's fds may name, by `st_rdev`.
+/// What identifies a device file: a character device by its number; a
+/// regular file (the simulated driver's FUSE files in tests) by its
+/// device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKey {
+    Char(u64),
+    File { dev: u64, ino: u64 },
+}
+
+impl DeviceKey {
+    /// The key of an open file.
+    pub fn of(st: &rustix::fs::Stat) -> Self {
+        if st.st_mode & libc::S_IFMT == libc::S_IFCHR {
+            Self::Char(st.st_rdev)
+        } else {
+            Self::File {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }
+        }
+    }
+}
+
+/// The devices a sandbox's fds may name.
 #[derive(Debug, Clone, Default)]
 pub struct Devices {
     /// `/dev/nvidiactl`.
-    pub ctl: Option<u64>,
+    pub ctl: Option<DeviceKey>,
     /// The granted GPUs' nodes.
-    pub gpus: Vec<u64>,
+    pub gpus: Vec<DeviceKey>,
     /// `/dev/nvidia-uvm`.
-    pub uvm: Option<u64>,
+    pub uvm: Option<DeviceKey>,
 }
 
 impl Devices {
-    fn node_of(&self, rdev: u64) -> Option<Node> {
-        if self.ctl == Some(rdev) {
+    fn node_of(&self, key: DeviceKey) -> Option<Node> {
+        if self.ctl == Some(key) {
             Some(Node::Ctl)
-        } else if self.gpus.contains(&rdev) {
+        } else if self.gpus.contains(&key) {
             Some(Node::Gpu)
-        } else if self.uvm == Some(rdev) {
+        } else if self.uvm == Some(key) {
             Some(Node::Uvm)
         } else {
             None
         }
+    }
+
+    fn node_of_fd(&self, fd: &OwnedFd) -> Option<Node> {
+        rustix::fs::fstat(fd)
+            .ok()
+            .and_then(|st| self.node_of(DeviceKey::of(&st)))
     }
 }
 
@@ -164,11 +193,7 @@ impl<'a> Forwarder<'a> {
         else {
             return (Served::NotADevice { fd, request }, 0, libc::EBADF);
         };
-        let node = rustix::fs::fstat(&dup)
-            .ok()
-            .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFCHR)
-            .and_then(|st| self.devices.node_of(st.st_rdev));
-        let Some(node) = node else {
+        let Some(node) = self.devices.node_of_fd(&dup) else {
             return (Served::NotADevice { fd, request }, 0, libc::ENOTTY);
         };
         let size = if node == Node::Uvm {
@@ -264,11 +289,10 @@ impl<'a> Forwarder<'a> {
                 theirs,
                 rustix::process::PidfdGetfdFlags::empty(),
             );
-            let granted = dup_fd.as_ref().ok().and_then(|d| {
-                rustix::fs::fstat(d)
-                    .ok()
-                    .and_then(|st| self.devices.node_of(st.st_rdev))
-            });
+            let granted = dup_fd
+                .as_ref()
+                .ok()
+                .and_then(|d| self.devices.node_of_fd(d));
             let (Ok(d), Some(_)) = (dup_fd, granted) else {
                 return (
                     Served::Refused {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use airlock_devproxy::abi::AbiSet;
-use airlock_devproxy::forward::{Devices, Forwarder, Served};
+use airlock_devproxy::forward::{DeviceKey, Devices, Forwarder, Served};
 use airlock_devproxy::validate::{Grant, Reply, status};
 
 fn client() -> PathBuf {
@@ -63,7 +63,9 @@ fn calls_are_performed_or_refused_through_the_listener() {
     let listener =
         rustix::process::pidfd_getfd(&pidfd, n, rustix::process::PidfdGetfdFlags::empty()).unwrap();
     let devices = Devices {
-        ctl: Some(std::fs::metadata("/dev/null").unwrap().rdev()),
+        ctl: Some(DeviceKey::Char(
+            std::fs::metadata("/dev/null").unwrap().rdev(),
+        )),
         ..Devices::default()
     };
     let fwd = Forwarder::new(abi, Grant::default(), devices, listener);

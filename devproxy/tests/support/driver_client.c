@@ -1,0 +1,124 @@
+/* Test client that talks to the (simulated) driver through the devproxy,
+ * the way libnvidia does: the version handshake, a root client, a device
+ * and a subdevice, the GPU's name, free. Then the calls a hostile tenant
+ * would try, each of which the proxy must refuse before the driver sees
+ * it. One line per call: NAME rc=RC errno=ERRNO status=STATUS [extra]
+ *
+ * usage: driver_client DIR   (DIR holds nvidiactl and nvidia0)
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define IOWR_F(nr, size) (0xC0000000u | ((uint32_t)(size) << 16) | (0x46u << 8) | (nr))
+
+struct nvos64 { uint32_t hRoot, hObjectParent, hObjectNew, hClass; uint64_t pAllocParms, pRightsRequested; uint32_t paramsSize, flags, status, pad; };
+struct nvos54 { uint32_t hClient, hObject, cmd, flags; uint64_t params; uint32_t paramsSize, status; };
+struct nvos00 { uint32_t hRoot, hObjectParent, hObjectOld, status; };
+
+static void report(const char *name, long rc, uint32_t status, const char *extra) {
+    int e = rc < 0 ? errno : 0;
+    printf("%s rc=%ld errno=%d status=%u%s%s\n", name, rc, e, status, extra ? " " : "", extra ? extra : "");
+    fflush(stdout);
+}
+
+static long alloc(int fd, uint32_t root, uint32_t parent, uint32_t new, uint32_t class,
+                  void *params, uint32_t *status, uint32_t *handle) {
+    struct nvos64 a = {root, parent, new, class, (uint64_t)(uintptr_t)params, 0, 0, 0, 0, 0};
+    long rc = ioctl(fd, IOWR_F(0x2b, 48), &a);
+    *status = a.status;
+    if (handle) *handle = a.hObjectNew;
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) return 2;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/nvidiactl", argv[1]);
+    int ctl = open(path, O_RDWR);
+    snprintf(path, sizeof path, "%s/nvidia0", argv[1]);
+    int gpu = open(path, O_RDWR);
+    if (ctl < 0 || gpu < 0) return 3;
+
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_ioctl, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+    };
+    struct sock_fprog prog = { .len = sizeof(f) / sizeof(f[0]), .filter = f };
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 4;
+    int listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+                           SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+    if (listener < 0) return 5;
+    printf("LISTENER %d\n", listener);
+    fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof line, stdin)) return 6;
+
+    long rc;
+    uint32_t st = 0, client = 0;
+    /* The handshake, query mode. */
+    unsigned char v[72] = {0};
+    v[0] = '2';
+    rc = ioctl(ctl, IOWR_F(210, 72), v);
+    report("version", rc, *(uint32_t *)(v + 4), (char *)v + 8);
+    /* Root client, device, subdevice. */
+    uint32_t none = 0;
+    rc = alloc(ctl, 0, 0, 0, 0x41, &none, &st, &client);
+    char h[32];
+    snprintf(h, sizeof h, "%#x", client);
+    report("client", rc, st, h);
+    unsigned char devparams[56] = {0};
+    rc = alloc(ctl, client, client, 0x1000, 0x80, devparams, &st, NULL);
+    report("device", rc, st, NULL);
+    uint32_t subdev_id = 0;
+    rc = alloc(ctl, client, 0x1000, 0x2000, 0x2080, &subdev_id, &st, NULL);
+    report("subdevice", rc, st, NULL);
+    /* The GPU's name. */
+    unsigned char name[132] = {0};
+    struct nvos54 c = {client, 0x2000, 0x20800110, 0, (uint64_t)(uintptr_t)name, 132, 0};
+    rc = ioctl(ctl, IOWR_F(0x2a, 32), &c);
+    report("name", rc, c.status, (char *)name + 4);
+
+    /* What a hostile tenant tries; none may reach the driver. */
+    struct nvos54 bad = c;
+    rc = ioctl(ctl, IOWR_F(0x2a, 31), &bad);
+    report("control_short", rc, 0, NULL);
+    rc = ioctl(gpu, IOWR_F(0x2a, 32), &bad);
+    report("control_on_gpu_node", rc, bad.status, NULL);
+    bad = c; bad.cmd = 0x2080dead;
+    rc = ioctl(ctl, IOWR_F(0x2a, 32), &bad);
+    report("control_unknown", rc, bad.status, NULL);
+    bad = c; bad.paramsSize = 131;
+    rc = ioctl(ctl, IOWR_F(0x2a, 32), &bad);
+    report("control_wrong_params_size", rc, bad.status, NULL);
+    bad = c; bad.params = 0x10;
+    rc = ioctl(ctl, IOWR_F(0x2a, 32), &bad);
+    report("control_wild_pointer", rc, bad.status, NULL);
+    rc = alloc(ctl, client, client, 0x3000, 0xdead, NULL, &st, NULL);
+    report("alloc_unknown_class", rc, st, NULL);
+    rc = alloc(gpu, client, client, 0x3001, 0x80, devparams, &st, NULL);
+    report("alloc_on_gpu_node", rc, st, NULL);
+    struct { uint32_t cmd, size; uint64_t ptr; } xfer = {IOWR_F(0x2a, 32), 32, (uint64_t)(uintptr_t)&c};
+    rc = ioctl(ctl, IOWR_F(211, 16), &xfer);
+    report("xfer", rc, 0, NULL);
+    rc = ioctl(ctl, IOWR_F(0x39, 40), v); /* I2C access: not admitted */
+    report("i2c", rc, 0, NULL);
+
+    /* Free the client (and everything under it). */
+    struct nvos00 fr = {client, 0, client, 0};
+    rc = ioctl(ctl, IOWR_F(0x29, 16), &fr);
+    report("free", rc, fr.status, NULL);
+    return 0;
+}

@@ -1,0 +1,252 @@
+//! A SIMULATED NVIDIA driver, for tests only: no GPU and no CUSE exist on
+//! the machines the tests run on. It is a FUSE filesystem of two regular
+//! files, `nvidiactl` and `nvidia0`, whose ioctls implement a small part of
+//! the driver's conventions from the ABI facts: exact sizes, ctl-only
+//! escapes, the version handshake, RM status in the block with copy-out
+//! on EINVAL, root client / device / subdevice allocation with handles, a
+//! GPU name control, free. It records every ioctl it receives, so tests
+//! can assert what never reached it. It is not the driver and says so in
+//! every name it returns.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::io::IoSlice;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fuser::{
+    FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, IoctlFlags, ReplyAttr,
+    ReplyDirectory, ReplyEntry, ReplyIoctl, ReplyOpen, Request,
+};
+
+/// The version the simulator reports in the handshake.
+pub const SIM_VERSION: &str = "580.142";
+/// The GPU name its name control returns.
+pub const SIM_GPU_NAME: &str = "Simulated NVIDIA H100 (not a GPU)";
+
+const CTL_INO: u64 = 2;
+const GPU_INO: u64 = 3;
+
+/// One ioctl the simulator received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub node: &'static str,
+    pub nr: u32,
+    pub size: u32,
+    /// The RM class (alloc) or control command, where there is one.
+    pub what: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    received: Vec<Received>,
+    handles: HashSet<u32>,
+    next_client: u32,
+}
+
+/// The simulator; `received()` lists what reached it.
+#[derive(Debug, Clone, Default)]
+pub struct Simulator {
+    state: Arc<Mutex<State>>,
+}
+
+impl Simulator {
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().unwrap().received.clone()
+    }
+}
+
+fn attr(ino: u64) -> FileAttr {
+    let t = std::time::UNIX_EPOCH;
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: if ino == 1 {
+            FileType::Directory
+        } else {
+            FileType::RegularFile
+        },
+        perm: if ino == 1 { 0o755 } else { 0o666 },
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+const NV_OK: u32 = 0;
+const NV_ERR_INVALID_ARGUMENT: u32 = 0x1F;
+const NV_ERR_INVALID_CLASS: u32 = 0x22;
+const NV_ERR_INVALID_OBJECT_PARENT: u32 = 0x3C;
+const NV_ERR_NOT_SUPPORTED: u32 = 0x56;
+const NV_ERR_OBJECT_NOT_FOUND: u32 = 0x57;
+
+impl Filesystem for Simulator {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let ino = match (parent.0, name.to_str()) {
+            (1, Some("nvidiactl")) => CTL_INO,
+            (1, Some("nvidia0")) => GPU_INO,
+            _ => return reply.error(fuser::Errno::ENOENT),
+        };
+        reply.entry(&Duration::from_secs(60), &attr(ino), Generation(0));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        reply.attr(&Duration::from_secs(60), &attr(ino.0));
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = [(CTL_INO, "nvidiactl"), (GPU_INO, "nvidia0")];
+        for (i, (ino, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), (i + 1) as u64, FileType::RegularFile, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: fuser::OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), fuser::FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        let node = if ino.0 == CTL_INO {
+            "nvidiactl"
+        } else {
+            "nvidia0"
+        };
+        let nr = cmd & 0xFF;
+        let size = (cmd >> 16) & 0x3FFF;
+        let mut b = in_data.to_vec();
+        let mut st = self.state.lock().unwrap();
+        let what = match nr {
+            0x2A if b.len() >= 12 => u32_at(&b, 8),
+            0x2B if b.len() >= 16 => u32_at(&b, 12),
+            _ => 0,
+        };
+        st.received.push(Received {
+            node,
+            nr,
+            size,
+            what,
+        });
+        let ctl = ino.0 == CTL_INO;
+        // The driver's transport checks: exact size, node.
+        let exact = |n: usize| b.len() == n && size as usize == n;
+        match nr {
+            210 if ctl && exact(72) => {
+                // CHECK_VERSION_STR: query ('2') answers the version.
+                put_u32(&mut b, 4, 1);
+                let v = SIM_VERSION.as_bytes();
+                b[8..72].fill(0);
+                b[8..8 + v.len()].copy_from_slice(v);
+                reply.ioctl(0, &b);
+            }
+            0x2B if ctl && exact(48) => {
+                // RM_ALLOC (NVOS64): hRoot @0, parent @4, new @8, class @12.
+                let (root, parent, new, class) =
+                    (u32_at(&b, 0), u32_at(&b, 4), u32_at(&b, 8), u32_at(&b, 12));
+                let status = match class {
+                    0x41 => {
+                        let h = if new == 0 {
+                            st.next_client += 1;
+                            0xC1D0_0000 + st.next_client
+                        } else {
+                            new
+                        };
+                        st.handles.insert(h);
+                        put_u32(&mut b, 8, h);
+                        NV_OK
+                    }
+                    0x80 | 0x2080
+                        if !st.handles.contains(&root) || !st.handles.contains(&parent) =>
+                    {
+                        NV_ERR_INVALID_OBJECT_PARENT
+                    }
+                    0x80 | 0x2080 if u64_at(&b, 16) == 0 => NV_ERR_INVALID_ARGUMENT,
+                    0x80 | 0x2080 => {
+                        st.handles.insert(new);
+                        NV_OK
+                    }
+                    _ => NV_ERR_INVALID_CLASS,
+                };
+                put_u32(&mut b, 40, status);
+                reply.ioctl(0, &b);
+            }
+            0x2A if ctl && exact(32) => {
+                // RM_CONTROL (NVOS54): cmd @8, params @16, size @24.
+                let (cmd, params, psize) = (u32_at(&b, 8), u64_at(&b, 16), u32_at(&b, 24));
+                let status = if !st.handles.contains(&u32_at(&b, 4)) {
+                    NV_ERR_OBJECT_NOT_FOUND
+                } else if cmd == 0x2080_0110 && psize == 132 {
+                    // GPU_GET_NAME_STRING: the name goes into the caller's
+                    // params buffer, as the driver writes it.
+                    let mut name = [0u8; 128];
+                    name[..SIM_GPU_NAME.len()].copy_from_slice(SIM_GPU_NAME.as_bytes());
+                    let remote = [nix::sys::uio::RemoteIoVec {
+                        base: params as usize + 4,
+                        len: 128,
+                    }];
+                    let pid = nix::unistd::Pid::from_raw(req.pid() as i32);
+                    match nix::sys::uio::process_vm_writev(pid, &[IoSlice::new(&name)], &remote) {
+                        Ok(128) => NV_OK,
+                        _ => NV_ERR_INVALID_ARGUMENT,
+                    }
+                } else {
+                    NV_ERR_NOT_SUPPORTED
+                };
+                put_u32(&mut b, 28, status);
+                reply.ioctl(0, &b);
+            }
+            0x29 if ctl && exact(16) => {
+                // RM_FREE (NVOS00): hObjectOld @8, status @12.
+                let h = u32_at(&b, 8);
+                let status = if st.handles.remove(&h) {
+                    NV_OK
+                } else {
+                    NV_ERR_OBJECT_NOT_FOUND
+                };
+                put_u32(&mut b, 12, status);
+                reply.ioctl(0, &b);
+            }
+            // Anything else: the driver's EINVAL, block copied out as is.
+            _ => reply.error(fuser::Errno::EINVAL),
+        }
+    }
+}
