@@ -142,3 +142,76 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         .count();
     assert_eq!(refused, 9, "{served:#?}");
 }
+
+#[test]
+fn swapping_the_fd_under_a_call_never_moves_it_to_another_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = Simulator::default();
+    let _session = fuser::spawn_mount(sim.clone(), tmp.path(), &fuser::Config::default()).unwrap();
+    let set = AbiSet::builtin().unwrap();
+    let abi = set.select(SIM_VERSION, Default::default()).unwrap().abi();
+    let devices = Devices {
+        ctl: Some(key(&tmp.path().join("nvidiactl"))),
+        gpus: vec![key(&tmp.path().join("nvidia0"))],
+        uvm: None,
+    };
+    let bin = {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("race_client");
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/race_client.c");
+        let st = Command::new("cc")
+            .args(["-O1", "-Wall", "-Werror", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        out
+    };
+    const ROUNDS: usize = 2000;
+    let mut child = Command::new(bin)
+        .arg(tmp.path())
+        .arg(ROUNDS.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let n: i32 = first.strip_prefix("LISTENER ").unwrap().parse().unwrap();
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    let listener =
+        rustix::process::pidfd_getfd(&pidfd, n, rustix::process::PidfdGetfdFlags::empty()).unwrap();
+    let fwd = Forwarder::new(abi, Grant::default(), devices, listener);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..ROUNDS {
+                assert!(fwd.ready(10_000).unwrap());
+                fwd.serve_one().unwrap();
+            }
+        });
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    });
+    let done = lines.next().unwrap().unwrap();
+    eprintln!("race: {done} (performed, refused, other)");
+    assert!(child.wait().unwrap().success());
+    let counts: Vec<usize> = done
+        .strip_prefix("done ")
+        .unwrap()
+        .split(' ')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (performed, refused, other) = (counts[0], counts[1], counts[2]);
+    assert_eq!((performed + refused, other), (ROUNDS, 0), "{done}");
+    let got = sim.received();
+    // Every call the simulator got came on nvidiactl, one per success.
+    assert!(
+        got.iter().all(|r| r.node == "nvidiactl" && r.nr == 0x2A),
+        "{got:?}"
+    );
+    assert_eq!(got.len(), performed);
+    assert!(performed > 0, "{done}");
+}
