@@ -58,6 +58,7 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod detect;
 pub mod forward;
 pub mod layout;
 mod sys;

@@ -215,3 +215,28 @@ fn swapping_the_fd_under_a_call_never_moves_it_to_another_device() {
     assert_eq!(got.len(), performed);
     assert!(performed > 0, "{done}");
 }
+
+#[test]
+fn the_host_version_is_asked_of_the_driver() {
+    use airlock_devproxy::detect::{DetectError, host_driver_version};
+    let tmp = tempfile::tempdir().unwrap();
+    let _session =
+        fuser::spawn_mount(Simulator::default(), tmp.path(), &fuser::Config::default()).unwrap();
+    assert_eq!(
+        host_driver_version(&tmp.path().join("nvidiactl")).unwrap(),
+        SIM_VERSION
+    );
+    let err = host_driver_version(std::path::Path::new("/nonexistent/nvidiactl")).unwrap_err();
+    assert!(matches!(err, DetectError::NoDriver(_)));
+    assert_eq!(
+        err.to_string(),
+        "no NVIDIA driver on this host: /nonexistent/nvidiactl does not exist"
+    );
+    // Not a driver: the handshake gets no driver's answer.
+    let err = host_driver_version(std::path::Path::new("/dev/null")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("/dev/null did not answer the version handshake"),
+        "{err}"
+    );
+}

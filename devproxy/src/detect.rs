@@ -1,0 +1,87 @@
+//! The host driver's version, asked of the driver itself: the version
+//! handshake (`NV_ESC_CHECK_VERSION_STR`) in query mode, as libnvidia
+//! does at start-up. Never guessed from files (a loaded module and the
+//! files on disk can disagree after an upgrade without a reboot).
+
+use std::fs::OpenOptions;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use crate::layout::nv_ioctl_rm_api_version_t;
+use crate::sys;
+use crate::validate::{canonical, esc};
+
+/// Why the host driver's version is not known.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    /// No control device: no NVIDIA driver is loaded.
+    #[error("no NVIDIA driver on this host: {0} does not exist")]
+    NoDriver(String),
+    /// The control device cannot be opened.
+    #[error("cannot open {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The driver did not answer the handshake as a driver does.
+    #[error("{path} did not answer the version handshake ({what})")]
+    NoAnswer { path: String, what: String },
+}
+
+const QUERY: u8 = b'2';
+const STRICT: u8 = 0;
+const RECOGNIZED: u32 = 1;
+const BLOCK: usize = std::mem::size_of::<nv_ioctl_rm_api_version_t>();
+
+/// The version string of the driver behind `ctl` (`/dev/nvidiactl`).
+///
+/// # Errors
+/// [`DetectError`], each naming the device.
+pub fn host_driver_version(ctl: &Path) -> Result<String, DetectError> {
+    let path = ctl.display().to_string();
+    let f = match OpenOptions::new().read(true).write(true).open(ctl) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(DetectError::NoDriver(path));
+        }
+        Err(source) => return Err(DetectError::Open { path, source }),
+    };
+    // Query mode answers the version and checks nothing. Drivers before
+    // 530.30.02 took '2' as a no-op: then a strict check with an empty
+    // string fails, and the driver copies its own string back anyway.
+    for cmd in [QUERY, STRICT] {
+        let mut b = [0u8; BLOCK];
+        b[0] = cmd;
+        let r = sys::ioctl_block(
+            f.as_fd(),
+            canonical(esc::CHECK_VERSION_STR, BLOCK as u32),
+            &mut b,
+        );
+        if let Err(e) = r
+            && e != libc::EINVAL
+        {
+            return Err(DetectError::NoAnswer {
+                path,
+                what: std::io::Error::from_raw_os_error(e).to_string(),
+            });
+        }
+        let reply = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        if reply != RECOGNIZED {
+            return Err(DetectError::NoAnswer {
+                path,
+                what: format!("reply {reply}"),
+            });
+        }
+        let s = &b[8..];
+        let end = s.iter().position(|c| *c == 0).unwrap_or(s.len());
+        let v = String::from_utf8_lossy(&s[..end]).into_owned();
+        if !v.is_empty() {
+            return Ok(v);
+        }
+    }
+    Err(DetectError::NoAnswer {
+        path,
+        what: "an empty version string".into(),
+    })
+}
