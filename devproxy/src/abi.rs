@@ -191,6 +191,22 @@ pub struct Abi {
 }
 
 impl Abi {
+    /// Whether some escape of this driver would take `(nr, size)` (XFER
+    /// included): the driver's own decoder rejects every other pair before
+    /// it acts.
+    pub fn driver_accepts(&self, nr: u32, size: u32) -> bool {
+        if nr == crate::validate::esc::XFER {
+            return size == 16;
+        }
+        self.escapes.get(&nr).is_some_and(|e| match &e.size {
+            SizeRule::Exact(n) => size == *n,
+            SizeRule::OneOf(ns) => ns.contains(&size),
+            SizeRule::Array(el) => *el > 0 && size > 0 && size.is_multiple_of(*el),
+            SizeRule::AtLeast(n) => size >= *n,
+            SizeRule::None(_) => false,
+        })
+    }
+
     /// The UVM numbers a sandbox may call natively (the BPF's list).
     pub fn native_uvm(&self) -> Vec<u32> {
         self.uvm

@@ -11,9 +11,13 @@
 //! in, issue the canonical request on our duplicate, then restore the
 //! sandbox's pointers and fd numbers and copy the block and buffers back
 //! (also on failure: the driver copies out on every path but `EFAULT`).
-//! The syscall is answered with the driver's value or errno. Nothing is
-//! ever answered with `CONTINUE`: by then another thread could have
-//! rewritten the block or put another file at the fd number.
+//! The syscall is answered with the driver's value or errno. Nothing that
+//! was checked is answered with `CONTINUE`: by then another thread could
+//! have rewritten the block or put another file at the fd number. The one
+//! `CONTINUE` is for another device's request on a file that is no
+//! granted device, when no escape takes its (nr, size) and it is no UVM
+//! number ([`Forwarder`]'s `continuable`): no driver acts on it whatever
+//! the fd names when it runs.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -92,6 +96,9 @@ pub enum Served {
     Refused { reason: String, reply: Reply },
     /// An ioctl on a file that is not a granted device: `ENOTTY`.
     NotADevice { fd: i32, request: u64 },
+    /// Another device's request that no driver could act on whatever the
+    /// fd names when it runs: let through as made.
+    Continued { fd: i32, request: u64 },
     /// The caller's memory could not be read or written: `EFAULT`.
     Fault { what: String },
     /// The notifying thread went away first; nothing to answer.
@@ -144,10 +151,12 @@ impl<'a> Forwarder<'a> {
             Err(e) => return Err(e),
         };
         let (served, val, errno) = self.judge(&n);
-        if served == Served::Gone {
-            return Ok(served);
-        }
-        match sys::answer(self.listener.as_fd(), n.id, val, errno) {
+        let sent = match &served {
+            Served::Gone => return Ok(served),
+            Served::Continued { .. } => sys::answer_continue(self.listener.as_fd(), n.id),
+            _ => sys::answer(self.listener.as_fd(), n.id, val, errno),
+        };
+        match sent {
             Ok(()) => Ok(served),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Served::Gone),
             Err(e) => Err(e),
@@ -194,7 +203,11 @@ impl<'a> Forwarder<'a> {
             return (Served::NotADevice { fd, request }, 0, libc::EBADF);
         };
         let Some(node) = self.devices.node_of_fd(&dup) else {
-            return (Served::NotADevice { fd, request }, 0, libc::ENOTTY);
+            return if self.continuable(request) {
+                (Served::Continued { fd, request }, 0, 0)
+            } else {
+                (Served::NotADevice { fd, request }, 0, libc::ENOTTY)
+            };
         };
         let size = if node == Node::Uvm {
             0
@@ -247,6 +260,20 @@ impl<'a> Forwarder<'a> {
             ),
             Decision::Forward(plan) => self.perform(pid, &pidfd, dup, arg, block, plan),
         }
+    }
+
+    /// Whether `request`, made on a file that is not a granted device, may
+    /// run as made: no escape of the driver takes its (nr, size), and it is
+    /// no number the UVM driver could route (no small integer, nothing in
+    /// the UVM table). Then whichever file the fd names when it runs, no
+    /// driver acts on it: its safety depends neither on memory nor on the
+    /// file, which another thread may swap meanwhile.
+    fn continuable(&self, request: u64) -> bool {
+        let r = (request & 0xFFFF_FFFF) as u32;
+        let (nr, size) = validate::decode(u64::from(r));
+        r >= crate::filter::SMALL
+            && !self.abi.uvm.contains_key(&r)
+            && !self.abi.driver_accepts(nr, size)
     }
 
     fn perform(

@@ -16,6 +16,9 @@
 //!   space), or refuse with the reason and the reply the sandbox gets.
 //! - [`layout`]: `repr(C)` mirrors of the parameter blocks the validator
 //!   reads, each tested against the recorded layout of every version.
+//! - [`filter`]: the sandbox side's seccomp filter for a version, as BPF
+//!   data; [`forward`]: the forwarder serving its listener; [`detect`]:
+//!   the host driver's version from the handshake.
 //!
 //! # Mechanism (the design this validator serves)
 //! The driver maps device memory into the caller through mmap on the
@@ -41,10 +44,13 @@
 //! - a call is never answered with `SECCOMP_USER_NOTIF_FLAG_CONTINUE` after
 //!   checking its memory or its fd: another thread can rewrite the block
 //!   or `dup2` a different file onto the number in between. Only calls
-//!   whose safety depends on neither are let through, and those by exact
-//!   request number in the BPF itself: the UVM calls, which must run in
-//!   the caller's context (their numbers carry no size; the table gives
-//!   the allowed set per version);
+//!   whose safety depends on neither are let through: the admitted UVM
+//!   calls, by exact number in the BPF itself (they must run in the
+//!   caller's context; their numbers carry no size), and another device's
+//!   request that shares an escape's nr on a file that is no granted
+//!   device, when no escape takes its (nr, size) and no UVM number could
+//!   be it (whatever file the fd names when it runs, no driver acts on
+//!   it). The sandbox's filter is generated per version ([`filter`]);
 //! - the devproxy runs as the sandbox's unprivileged host uid with no
 //!   capabilities in the host's namespace (the driver grants extra rights
 //!   to privileged callers), jailed and in the sandbox's cgroup, one
@@ -59,6 +65,7 @@
 
 pub mod abi;
 pub mod detect;
+pub mod filter;
 pub mod forward;
 pub mod layout;
 mod sys;

@@ -115,3 +115,31 @@ pub fn ioctl_block(fd: BorrowedFd<'_>, request: u32, block: &mut [u8]) -> Result
     }
     Ok(i64::from(rc))
 }
+
+/// Lets notification `id`'s syscall run as made. Only for a call whose
+/// safety depends neither on memory nor on which file the fd names (see
+/// `forward`): by the time it runs, either may have changed.
+///
+/// # Errors
+/// `ENOENT` when the notifying thread is gone.
+pub fn answer_continue(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
+    let mut r = libc::seccomp_notif_resp {
+        id,
+        val: 0,
+        error: 0,
+        flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+    };
+    // SAFETY: SECCOMP_IOCTL_NOTIF_SEND reads one `seccomp_notif_resp`
+    // through the pointer, which points at one.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND as _,
+            &mut r as *mut libc::seccomp_notif_resp,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

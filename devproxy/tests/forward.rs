@@ -42,12 +42,22 @@ fn calls_are_performed_or_refused_through_the_listener() {
         .filter(|c| !c.embedded && c.param_size > 0)
         .min_by_key(|c| c.cmd)
         .unwrap();
+    // The filter the sandbox would get for this version.
+    assert!(abi.native_uvm().contains(&37), "UVM 37 is admitted");
+    let filter = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("forward-filter.bpf");
+    let prog: Vec<u8> = airlock_devproxy::filter::ioctl_filter(abi)
+        .unwrap()
+        .into_iter()
+        .flat_map(|i| i.to_bytes())
+        .collect();
+    std::fs::write(&filter, prog).unwrap();
     let mut child = Command::new(client())
         .args([
             "/dev/null",
             &format!("{:#x}", ctl.cmd),
             &ctl.param_size.to_string(),
         ])
+        .arg(&filter)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -72,8 +82,9 @@ fn calls_are_performed_or_refused_through_the_listener() {
     let served = std::thread::scope(|s| {
         let server = s.spawn(|| {
             let mut served = Vec::new();
-            // Nine calls notify; the UVM one is let through by the filter.
-            while served.len() < 9 {
+            // Ten calls notify; the UVM one and TCGETS are let through by
+            // the filter.
+            while served.len() < 10 {
                 assert!(
                     fwd.ready(10_000).unwrap(),
                     "no notification within 10 s: {served:?}"
@@ -111,8 +122,24 @@ fn calls_are_performed_or_refused_through_the_listener() {
     assert_eq!(out["control_wild"], efault);
     assert_eq!(out["block_wild"], efault);
     assert_eq!(out["pipe"], enotty);
-    // Let through natively by the filter (reaches /dev/null directly).
+    // Let through by the filter (reach the file directly, no notification).
     assert_eq!(out["uvm_native"], enotty);
+    assert_eq!(out["tcgets"], enotty);
+    assert_eq!(out["pipe_other_device"], enotty);
+    assert_eq!(
+        served
+            .iter()
+            .filter(|s| matches!(
+                s,
+                Served::Continued {
+                    request: 0x5441,
+                    ..
+                }
+            ))
+            .count(),
+        1,
+        "{served:?}"
+    );
 
     let performed: Vec<&str> = served
         .iter()

@@ -32,6 +32,18 @@ fn build(name: &str) -> PathBuf {
     out
 }
 
+/// The filter the sandbox would get for `abi`, as a file of raw records.
+fn filter_file(abi: &airlock_devproxy::Abi, name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let prog: Vec<u8> = airlock_devproxy::filter::ioctl_filter(abi)
+        .unwrap()
+        .into_iter()
+        .flat_map(|i| i.to_bytes())
+        .collect();
+    std::fs::write(&path, prog).unwrap();
+    path
+}
+
 fn key(p: &std::path::Path) -> DeviceKey {
     let m = std::fs::metadata(p).unwrap();
     DeviceKey::File {
@@ -54,6 +66,7 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
     };
     let mut child = Command::new(build("driver_client"))
         .arg(tmp.path())
+        .arg(filter_file(abi, "driver-filter.bpf"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -171,6 +184,7 @@ fn swapping_the_fd_under_a_call_never_moves_it_to_another_device() {
     let mut child = Command::new(bin)
         .arg(tmp.path())
         .arg(ROUNDS.to_string())
+        .arg(filter_file(abi, "race-filter.bpf"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -4,7 +4,8 @@
  * would try, each of which the proxy must refuse before the driver sees
  * it. One line per call: NAME rc=RC errno=ERRNO status=STATUS [extra]
  *
- * usage: driver_client DIR   (DIR holds nvidiactl and nvidia0)
+ * usage: driver_client DIR FILTER   (DIR holds nvidiactl and nvidia0;
+ *        FILTER is the proxy's generated filter, raw sock_filter records)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -42,7 +43,7 @@ static long alloc(int fd, uint32_t root, uint32_t parent, uint32_t new, uint32_t
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) return 2;
+    if (argc != 3) return 2;
     char path[4096];
     snprintf(path, sizeof path, "%s/nvidiactl", argv[1]);
     int ctl = open(path, O_RDWR);
@@ -50,13 +51,12 @@ int main(int argc, char **argv) {
     int gpu = open(path, O_RDWR);
     if (ctl < 0 || gpu < 0) return 3;
 
-    struct sock_filter f[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_ioctl, 1, 0),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
-    };
-    struct sock_fprog prog = { .len = sizeof(f) / sizeof(f[0]), .filter = f };
+    static struct sock_filter f[4096];
+    FILE *ff = fopen(argv[2], "rb");
+    if (!ff) return 7;
+    size_t n = fread(f, sizeof f[0], sizeof f / sizeof f[0], ff);
+    fclose(ff);
+    struct sock_fprog prog = { .len = (unsigned short)n, .filter = f };
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 4;
     int listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
                            SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);

@@ -5,7 +5,7 @@
  * moment would deliver some controls to nvidia0. Prints the counts of
  * results: "done OK EINVAL OTHER".
  *
- * usage: race_client DIR ROUNDS
+ * usage: race_client DIR ROUNDS FILTER
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,7 +38,7 @@ static void *swapper(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) return 2;
+    if (argc != 4) return 2;
     int rounds = atoi(argv[2]);
     char path[4096];
     snprintf(path, sizeof path, "%s/nvidiactl", argv[1]);
@@ -46,13 +46,12 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/nvidia0", argv[1]);
     gpu = open(path, O_RDWR);
     if (ctl < 0 || gpu < 0 || dup2(ctl, target) < 0) return 3;
-    struct sock_filter f[] = {
-        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_ioctl, 1, 0),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
-    };
-    struct sock_fprog prog = { .len = sizeof(f) / sizeof(f[0]), .filter = f };
+    static struct sock_filter f[4096];
+    FILE *ff = fopen(argv[3], "rb");
+    if (!ff) return 7;
+    size_t n = fread(f, sizeof f[0], sizeof f / sizeof f[0], ff);
+    fclose(ff);
+    struct sock_fprog prog = { .len = (unsigned short)n, .filter = f };
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 4;
     int listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
                            SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
