@@ -63,17 +63,41 @@ pub fn still_pending(listener: BorrowedFd<'_>, id: u64) -> bool {
 }
 
 /// Answers notification `id`: the syscall returns `val`, or fails with
-/// `errno` when it is non-zero. Never `CONTINUE`.
+/// `errno` when it is non-zero.
 ///
 /// # Errors
 /// `ENOENT` when the notifying thread is gone (nothing to answer).
 pub fn answer(listener: BorrowedFd<'_>, id: u64, val: i64, errno: i32) -> io::Result<()> {
-    let mut r = libc::seccomp_notif_resp {
-        id,
-        val,
-        error: if errno == 0 { 0 } else { -errno },
-        flags: 0,
-    };
+    send(
+        listener,
+        libc::seccomp_notif_resp {
+            id,
+            val,
+            error: if errno == 0 { 0 } else { -errno },
+            flags: 0,
+        },
+    )
+}
+
+/// Lets notification `id`'s syscall run as made. Only for a call whose
+/// safety depends neither on memory nor on which file the fd names (see
+/// `forward`): by the time it runs, either may have changed.
+///
+/// # Errors
+/// `ENOENT` when the notifying thread is gone.
+pub fn answer_continue(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
+    send(
+        listener,
+        libc::seccomp_notif_resp {
+            id,
+            val: 0,
+            error: 0,
+            flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+        },
+    )
+}
+
+fn send(listener: BorrowedFd<'_>, mut r: libc::seccomp_notif_resp) -> io::Result<()> {
     // SAFETY: SECCOMP_IOCTL_NOTIF_SEND reads one `seccomp_notif_resp`
     // through the pointer, which points at one.
     let rc = unsafe {
@@ -114,32 +138,4 @@ pub fn ioctl_block(fd: BorrowedFd<'_>, request: u32, block: &mut [u8]) -> Result
             .unwrap_or(libc::EIO));
     }
     Ok(i64::from(rc))
-}
-
-/// Lets notification `id`'s syscall run as made. Only for a call whose
-/// safety depends neither on memory nor on which file the fd names (see
-/// `forward`): by the time it runs, either may have changed.
-///
-/// # Errors
-/// `ENOENT` when the notifying thread is gone.
-pub fn answer_continue(listener: BorrowedFd<'_>, id: u64) -> io::Result<()> {
-    let mut r = libc::seccomp_notif_resp {
-        id,
-        val: 0,
-        error: 0,
-        flags: libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
-    };
-    // SAFETY: SECCOMP_IOCTL_NOTIF_SEND reads one `seccomp_notif_resp`
-    // through the pointer, which points at one.
-    let rc = unsafe {
-        libc::ioctl(
-            listener.as_raw_fd(),
-            libc::SECCOMP_IOCTL_NOTIF_SEND as _,
-            &mut r as *mut libc::seccomp_notif_resp,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -6,28 +6,15 @@
 //! replace it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+#[path = "support/harness.rs"]
+mod harness;
+
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use airlock_devproxy::abi::AbiSet;
 use airlock_devproxy::forward::{DeviceKey, Devices, Forwarder, Served};
 use airlock_devproxy::validate::{Grant, Reply, status};
-
-fn client() -> PathBuf {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("devproxy-client");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/client.c");
-    let st = Command::new("cc")
-        .args(["-O1", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc runs");
-    assert!(st.success(), "client.c does not build");
-    out
-}
 
 #[test]
 fn calls_are_performed_or_refused_through_the_listener() {
@@ -44,66 +31,26 @@ fn calls_are_performed_or_refused_through_the_listener() {
         .unwrap();
     // The filter the sandbox would get for this version.
     assert!(abi.native_uvm().contains(&37), "UVM 37 is admitted");
-    let filter = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("forward-filter.bpf");
-    let prog: Vec<u8> = airlock_devproxy::filter::ioctl_filter(abi)
-        .unwrap()
-        .into_iter()
-        .flat_map(|i| i.to_bytes())
-        .collect();
-    std::fs::write(&filter, prog).unwrap();
-    let mut child = Command::new(client())
-        .args([
-            "/dev/null",
-            &format!("{:#x}", ctl.cmd),
-            &ctl.param_size.to_string(),
-        ])
-        .arg(&filter)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let n: i32 = first.strip_prefix("LISTENER ").unwrap().parse().unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    let listener =
-        rustix::process::pidfd_getfd(&pidfd, n, rustix::process::PidfdGetfdFlags::empty()).unwrap();
+    let mut cmd = Command::new(harness::build("client", &[]));
+    cmd.args([
+        "/dev/null",
+        &format!("{:#x}", ctl.cmd),
+        &ctl.param_size.to_string(),
+    ])
+    .arg(harness::filter_file(abi, "forward-filter.bpf"));
+    let mut c = harness::attach(cmd);
     let devices = Devices {
         ctl: Some(DeviceKey::Char(
             std::fs::metadata("/dev/null").unwrap().rdev(),
         )),
         ..Devices::default()
     };
-    let fwd = Forwarder::new(abi, Grant::default(), devices, listener);
-    let served = std::thread::scope(|s| {
-        let server = s.spawn(|| {
-            let mut served = Vec::new();
-            // Ten calls notify; the UVM one and TCGETS are let through by
-            // the filter.
-            while served.len() < 10 {
-                assert!(
-                    fwd.ready(10_000).unwrap(),
-                    "no notification within 10 s: {served:?}"
-                );
-                served.push(fwd.serve_one().unwrap());
-            }
-            served
-        });
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        server.join().unwrap()
-    });
-    let out: HashMap<String, String> = lines
-        .map(|l| l.unwrap())
-        .filter_map(|l| {
-            l.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-        })
-        .collect();
-    assert!(child.wait().unwrap().success());
+    let fwd = Forwarder::new(abi, Grant::default(), devices, c.listener);
+    // Ten calls notify; the UVM one and TCGETS are let through by the
+    // filter.
+    let served = harness::serve(&fwd, &mut c.child, 10);
+    let out = harness::outputs(c.lines);
+    assert!(c.child.wait().unwrap().success());
     let enotty = format!("rc=-1 errno={} status=0", libc::ENOTTY);
     let einval = format!("rc=-1 errno={} status=0", libc::EINVAL);
     let efault = format!("rc=-1 errno={} status=0", libc::EFAULT);

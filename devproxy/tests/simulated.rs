@@ -8,40 +8,33 @@
 #[path = "support/simulator.rs"]
 mod simulator;
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+#[path = "support/harness.rs"]
+mod harness;
+
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use airlock_devproxy::abi::AbiSet;
 use airlock_devproxy::forward::{DeviceKey, Devices, Forwarder, Served};
 use airlock_devproxy::validate::Grant;
 use simulator::{Received, SIM_GPU_NAME, SIM_VERSION, Simulator};
 
-fn build(name: &str) -> PathBuf {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/support/{name}.c"));
-    let st = Command::new("cc")
-        .args(["-O1", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc runs");
-    assert!(st.success(), "{name}.c does not build");
-    out
-}
-
-/// The filter the sandbox would get for `abi`, as a file of raw records.
-fn filter_file(abi: &airlock_devproxy::Abi, name: &str) -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    let prog: Vec<u8> = airlock_devproxy::filter::ioctl_filter(abi)
-        .unwrap()
-        .into_iter()
-        .flat_map(|i| i.to_bytes())
-        .collect();
-    std::fs::write(&path, prog).unwrap();
-    path
+/// The simulator mounted in a temp dir, and the devices it stands for.
+fn simulated() -> (
+    tempfile::TempDir,
+    Simulator,
+    fuser::BackgroundSession,
+    Devices,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim = Simulator::default();
+    let session = fuser::spawn_mount(sim.clone(), tmp.path(), &fuser::Config::default()).unwrap();
+    let devices = Devices {
+        ctl: Some(key(&tmp.path().join("nvidiactl"))),
+        gpus: vec![key(&tmp.path().join("nvidia0"))],
+        uvm: None,
+    };
+    (tmp, sim, session, devices)
 }
 
 fn key(p: &std::path::Path) -> DeviceKey {
@@ -54,54 +47,17 @@ fn key(p: &std::path::Path) -> DeviceKey {
 
 #[test]
 fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver() {
-    let tmp = tempfile::tempdir().unwrap();
-    let sim = Simulator::default();
-    let _session = fuser::spawn_mount(sim.clone(), tmp.path(), &fuser::Config::default()).unwrap();
+    let (tmp, sim, _session, devices) = simulated();
     let set = AbiSet::builtin().unwrap();
     let abi = set.select(SIM_VERSION, Default::default()).unwrap().abi();
-    let devices = Devices {
-        ctl: Some(key(&tmp.path().join("nvidiactl"))),
-        gpus: vec![key(&tmp.path().join("nvidia0"))],
-        uvm: None,
-    };
-    let mut child = Command::new(build("driver_client"))
-        .arg(tmp.path())
-        .arg(filter_file(abi, "driver-filter.bpf"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let n: i32 = first.strip_prefix("LISTENER ").unwrap().parse().unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    let listener =
-        rustix::process::pidfd_getfd(&pidfd, n, rustix::process::PidfdGetfdFlags::empty()).unwrap();
-    let fwd = Forwarder::new(abi, Grant::default(), devices, listener);
-    let served = std::thread::scope(|s| {
-        let server = s.spawn(|| {
-            let mut served = Vec::new();
-            while served.len() < 15 {
-                assert!(fwd.ready(10_000).unwrap(), "no notification: {served:?}");
-                served.push(fwd.serve_one().unwrap());
-            }
-            served
-        });
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-        server.join().unwrap()
-    });
-    let out: HashMap<String, String> = lines
-        .map(|l| l.unwrap())
-        .filter_map(|l| {
-            l.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-        })
-        .collect();
-    assert!(child.wait().unwrap().success());
+    let mut cmd = Command::new(harness::build("driver_client", &[]));
+    cmd.arg(tmp.path())
+        .arg(harness::filter_file(abi, "driver-filter.bpf"));
+    let mut c = harness::attach(cmd);
+    let fwd = Forwarder::new(abi, Grant::default(), devices, c.listener);
+    let served = harness::serve(&fwd, &mut c.child, 15);
+    let out = harness::outputs(c.lines);
+    assert!(c.child.wait().unwrap().success());
 
     // The first calls of a CUDA client work through the proxy.
     assert_eq!(
@@ -158,57 +114,19 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
 
 #[test]
 fn swapping_the_fd_under_a_call_never_moves_it_to_another_device() {
-    let tmp = tempfile::tempdir().unwrap();
-    let sim = Simulator::default();
-    let _session = fuser::spawn_mount(sim.clone(), tmp.path(), &fuser::Config::default()).unwrap();
+    let (tmp, sim, _session, devices) = simulated();
     let set = AbiSet::builtin().unwrap();
     let abi = set.select(SIM_VERSION, Default::default()).unwrap().abi();
-    let devices = Devices {
-        ctl: Some(key(&tmp.path().join("nvidiactl"))),
-        gpus: vec![key(&tmp.path().join("nvidia0"))],
-        uvm: None,
-    };
-    let bin = {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("race_client");
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/race_client.c");
-        let st = Command::new("cc")
-            .args(["-O1", "-Wall", "-Werror", "-pthread", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        out
-    };
     const ROUNDS: usize = 2000;
-    let mut child = Command::new(bin)
-        .arg(tmp.path())
+    let mut cmd = Command::new(harness::build("race_client", &["-pthread"]));
+    cmd.arg(tmp.path())
         .arg(ROUNDS.to_string())
-        .arg(filter_file(abi, "race-filter.bpf"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let n: i32 = first.strip_prefix("LISTENER ").unwrap().parse().unwrap();
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .unwrap();
-    let listener =
-        rustix::process::pidfd_getfd(&pidfd, n, rustix::process::PidfdGetfdFlags::empty()).unwrap();
-    let fwd = Forwarder::new(abi, Grant::default(), devices, listener);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            for _ in 0..ROUNDS {
-                assert!(fwd.ready(10_000).unwrap());
-                fwd.serve_one().unwrap();
-            }
-        });
-        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    });
+        .arg(harness::filter_file(abi, "race-filter.bpf"));
+    let mut c = harness::attach(cmd);
+    let fwd = Forwarder::new(abi, Grant::default(), devices, c.listener);
+    harness::serve(&fwd, &mut c.child, ROUNDS);
+    let mut lines = c.lines;
+    let mut child = c.child;
     let done = lines.next().unwrap().unwrap();
     eprintln!("race: {done} (performed, refused, other)");
     assert!(child.wait().unwrap().success());

@@ -25,6 +25,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "notify.h"
+
 #define IOWR_F(nr, size) (0xC0000000u | ((uint32_t)(size) << 16) | (0x46u << 8) | (nr))
 
 struct nvos54 { /* NVOS54_PARAMETERS */
@@ -48,20 +50,8 @@ int main(int argc, char **argv) {
     int pipefd[2];
     if (dev < 0 || pipe(pipefd) < 0) return 3;
 
-    static struct sock_filter f[4096];
-    FILE *ff = fopen(argv[4], "rb");
-    if (!ff) return 7;
-    size_t n = fread(f, sizeof f[0], sizeof f / sizeof f[0], ff);
-    fclose(ff);
-    struct sock_fprog prog = { .len = (unsigned short)n, .filter = f };
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 4;
-    int listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
-                           SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
-    if (listener < 0) return 5;
-    printf("LISTENER %d\n", listener);
-    fflush(stdout);
-    char line[16];
-    if (!fgets(line, sizeof line, stdin)) return 6;
+    int err = install_notify_filter(argv[4]);
+    if (err) return err;
 
     /* The version handshake, query mode: forwarded (the stand-in device
      * answers ENOTTY: it reached it). */

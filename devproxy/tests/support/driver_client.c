@@ -21,6 +21,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "notify.h"
+
 #define IOWR_F(nr, size) (0xC0000000u | ((uint32_t)(size) << 16) | (0x46u << 8) | (nr))
 
 struct nvos64 { uint32_t hRoot, hObjectParent, hObjectNew, hClass; uint64_t pAllocParms, pRightsRequested; uint32_t paramsSize, flags, status, pad; };
@@ -51,20 +53,8 @@ int main(int argc, char **argv) {
     int gpu = open(path, O_RDWR);
     if (ctl < 0 || gpu < 0) return 3;
 
-    static struct sock_filter f[4096];
-    FILE *ff = fopen(argv[2], "rb");
-    if (!ff) return 7;
-    size_t n = fread(f, sizeof f[0], sizeof f / sizeof f[0], ff);
-    fclose(ff);
-    struct sock_fprog prog = { .len = (unsigned short)n, .filter = f };
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 4;
-    int listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
-                           SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
-    if (listener < 0) return 5;
-    printf("LISTENER %d\n", listener);
-    fflush(stdout);
-    char line[16];
-    if (!fgets(line, sizeof line, stdin)) return 6;
+    int err = install_notify_filter(argv[2]);
+    if (err) return err;
 
     long rc;
     uint32_t st = 0, client = 0;

@@ -21,6 +21,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "notify.h"
+
 #define IOWR_F(nr, size) (0xC0000000u | ((uint32_t)(size) << 16) | (0x46u << 8) | (nr))
 
 struct nvos54 { uint32_t hClient, hObject, cmd, flags; uint64_t params; uint32_t paramsSize, status; };
@@ -46,20 +48,8 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/nvidia0", argv[1]);
     gpu = open(path, O_RDWR);
     if (ctl < 0 || gpu < 0 || dup2(ctl, target) < 0) return 3;
-    static struct sock_filter f[4096];
-    FILE *ff = fopen(argv[3], "rb");
-    if (!ff) return 7;
-    size_t n = fread(f, sizeof f[0], sizeof f / sizeof f[0], ff);
-    fclose(ff);
-    struct sock_fprog prog = { .len = (unsigned short)n, .filter = f };
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return 4;
-    int listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
-                           SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
-    if (listener < 0) return 5;
-    printf("LISTENER %d\n", listener);
-    fflush(stdout);
-    char line[16];
-    if (!fgets(line, sizeof line, stdin)) return 6;
+    int err = install_notify_filter(argv[3]);
+    if (err) return err;
     pthread_t t;
     pthread_create(&t, NULL, swapper, NULL);
     int ok = 0, einval = 0, other = 0;
