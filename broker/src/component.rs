@@ -558,8 +558,21 @@ mod tests {
     fn run(sends: &[&[u8]]) -> Result<(Vec<serde_json::Value>, Ended), ComponentError> {
         let dir = tempfile::tempdir().unwrap();
         let exe = scripted(dir.path(), sends);
-        let (owner, _ready, chan) =
-            Component::start::<Scripted>(&exe, &serde_json::json!({}), &[])?;
+        // Another test's fork can briefly hold the script's write
+        // descriptor (until its exec closes it): exec then fails with
+        // ETXTBSY. A real component binary is never being written.
+        let mut tries = 0;
+        let (owner, _ready, chan) = loop {
+            match Component::start::<Scripted>(&exe, &serde_json::json!({}), &[]) {
+                Err(ComponentError::Spawn { source, .. })
+                    if source == nix::errno::Errno::ETXTBSY && tries < 50 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        };
         let (ev_tx, ev_rx) = mpsc::channel();
         let (end_tx, end_rx) = mpsc::channel();
         owner
