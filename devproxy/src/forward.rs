@@ -335,6 +335,9 @@ impl<'a> Forwarder<'a> {
         }
         let result = sys::ioctl_block(dup.as_fd(), plan.request, &mut block);
         drop(held);
+        if result.is_ok() && plan.after == validate::After::CardInfo {
+            validate::card_info(&mut block, &self.grant);
+        }
         // The sandbox's own pointers and fd numbers go back in place.
         for (at, remote, _) in &buffers {
             block[*at..*at + 8].copy_from_slice(&remote.to_le_bytes());

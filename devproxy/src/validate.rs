@@ -85,6 +85,43 @@ pub struct Plan {
     /// Offsets of 4-byte fds (the sandbox's numbers) to translate to the
     /// devproxy's duplicates.
     pub fds: Vec<usize>,
+    /// What to do to the block after the call, before the sandbox sees it.
+    pub after: After,
+}
+
+/// Rewriting of a result before the sandbox sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum After {
+    /// Nothing.
+    #[default]
+    Nothing,
+    /// `NV_ESC_CARD_INFO`: keep only the granted GPUs' entries, in grant
+    /// order, numbered as the sandbox's nodes are (see [`card_info`]).
+    CardInfo,
+}
+
+/// Rewrites a `NV_ESC_CARD_INFO` result (an array of
+/// `nv_ioctl_card_info_t`) so that it shows exactly the granted GPUs: the
+/// k-th granted GPU's entry first-to-last, its minor number k (the
+/// sandbox's `/dev/nvidiaK`), every other entry zeroed (not valid). The
+/// host's other GPUs, their count and their numbering do not show.
+pub fn card_info(block: &mut [u8], grant: &Grant) {
+    const ENTRY: usize = std::mem::size_of::<crate::layout::nv_ioctl_card_info_t>();
+    let valid_at = std::mem::offset_of!(crate::layout::nv_ioctl_card_info_t, valid);
+    let id_at = std::mem::offset_of!(crate::layout::nv_ioctl_card_info_t, gpu_id);
+    let minor_at = std::mem::offset_of!(crate::layout::nv_ioctl_card_info_t, minor_number);
+    let entries: Vec<Vec<u8>> = block.chunks(ENTRY).map(<[u8]>::to_vec).collect();
+    block.fill(0);
+    let mut out = block.chunks_mut(ENTRY);
+    for (k, id) in grant.gpu_ids.iter().enumerate() {
+        let found = entries
+            .iter()
+            .find(|e| e.len() == ENTRY && e[valid_at] != 0 && read_u32(e, id_at) == *id);
+        if let (Some(e), Some(slot)) = (found, out.next()) {
+            slot.copy_from_slice(e);
+            slot[minor_at..minor_at + 4].copy_from_slice(&(k as u32).to_le_bytes());
+        }
+    }
 }
 
 /// How the sandbox is answered when a call is refused.
@@ -214,6 +251,11 @@ pub fn check(abi: &Abi, grant: &Grant, node: Node, request: u64, block: &[u8]) -
             block: size as usize,
             buffers,
             fds,
+            after: if nr == esc::CARD_INFO {
+                After::CardInfo
+            } else {
+                After::Nothing
+            },
         })
     };
     match nr {

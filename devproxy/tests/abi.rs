@@ -434,3 +434,49 @@ fn the_committed_tables_match_the_facts() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn card_info_shows_only_granted_gpus_numbered_as_the_sandboxs_nodes() {
+    use airlock_devproxy::validate::{After, card_info};
+    let s = set();
+    let a = s.versions().last().unwrap();
+    // The plan for CARD_INFO asks for the rewrite.
+    let d = check(
+        a,
+        &Grant::default(),
+        Node::Ctl,
+        req(200, 4 * 72),
+        &[0; 4 * 72],
+    );
+    assert!(
+        matches!(d, Decision::Forward(ref p) if p.after == After::CardInfo),
+        "{d:?}"
+    );
+    // Four host GPUs; the grant names the fourth, the second, and an id
+    // the host does not have.
+    let mut block = vec![0u8; 6 * 72];
+    for i in 0..4usize {
+        let e = &mut block[i * 72..(i + 1) * 72];
+        e[0] = 1;
+        e[16..20].copy_from_slice(&(0x100 * (i as u32 + 1)).to_le_bytes());
+        e[56..60].copy_from_slice(&(i as u32).to_le_bytes());
+        e[24..32].copy_from_slice(&(0xF000_0000u64 + i as u64).to_le_bytes());
+    }
+    let grant = Grant {
+        gpu_ids: vec![0x400, 0x200, 0x999],
+    };
+    card_info(&mut block, &grant);
+    let entry = |k: usize| &block[k * 72..(k + 1) * 72];
+    let id = |k: usize| u32::from_le_bytes(entry(k)[16..20].try_into().unwrap());
+    let minor = |k: usize| u32::from_le_bytes(entry(k)[56..60].try_into().unwrap());
+    assert_eq!((entry(0)[0], id(0), minor(0)), (1, 0x400, 0));
+    assert_eq!((entry(1)[0], id(1), minor(1)), (1, 0x200, 1));
+    // The entry's other fields came with it.
+    assert_eq!(
+        u64::from_le_bytes(entry(0)[24..32].try_into().unwrap()),
+        0xF000_0003
+    );
+    for k in 2..6 {
+        assert!(entry(k).iter().all(|b| *b == 0), "entry {k} is not empty");
+    }
+}

@@ -54,11 +54,18 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
     cmd.arg(tmp.path())
         .arg(harness::filter_file(abi, "driver-filter.bpf"));
     let mut c = harness::attach(cmd);
-    let fwd = Forwarder::new(abi, Grant::default(), devices, c.listener);
-    let served = harness::serve(&fwd, &mut c.child, 15);
+    // The host has three GPUs; the sandbox is granted the third and the
+    // first, in that order.
+    let grant = Grant {
+        gpu_ids: vec![0x300, 0x100],
+    };
+    let fwd = Forwarder::new(abi, grant, devices, c.listener);
+    let served = harness::serve(&fwd, &mut c.child, 16);
     let out = harness::outputs(c.lines);
     assert!(c.child.wait().unwrap().success());
 
+    // Only the granted GPUs show, numbered as the sandbox's nodes.
+    assert_eq!(out["cards"], "rc=0 errno=0 status=0 0x300:0,0x100:1");
     // The first calls of a CUDA client work through the proxy.
     assert_eq!(
         out["version"],
@@ -88,10 +95,11 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
     assert_eq!(out["xfer"], einval);
     assert_eq!(out["i2c"], einval);
 
-    // The simulator saw exactly the six good calls, canonical and sized.
+    // The simulator saw exactly the seven good calls, canonical and sized.
     let got = sim.received();
     let want = [
         ("nvidiactl", 210, 72, 0),
+        ("nvidiactl", 200, 8 * 72, 0),
         ("nvidiactl", 0x2B, 48, 0x41),
         ("nvidiactl", 0x2B, 48, 0x80),
         ("nvidiactl", 0x2B, 48, 0x2080),

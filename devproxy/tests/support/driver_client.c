@@ -63,6 +63,19 @@ int main(int argc, char **argv) {
     v[0] = '2';
     rc = ioctl(ctl, IOWR_F(210, 72), v);
     report("version", rc, *(uint32_t *)(v + 4), (char *)v + 8);
+    /* The GPUs it may see: the granted ones only, numbered as its nodes. */
+    static unsigned char cards[8 * 72];
+    rc = ioctl(ctl, IOWR_F(200, sizeof cards), cards);
+    char seen[256] = "";
+    for (int i = 0; i < 8; i++) {
+        unsigned char *e = cards + i * 72;
+        if (!e[0]) continue;
+        char one[32];
+        snprintf(one, sizeof one, "%s%#x:%u", seen[0] ? "," : "",
+                 *(uint32_t *)(e + 16), *(uint32_t *)(e + 56));
+        strncat(seen, one, sizeof seen - strlen(seen) - 1);
+    }
+    report("cards", rc, 0, seen);
     /* Root client, device, subdevice. */
     uint32_t none = 0;
     rc = alloc(ctl, 0, 0, 0, 0x41, &none, &st, &client);

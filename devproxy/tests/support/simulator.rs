@@ -3,8 +3,8 @@
 //! files, `nvidiactl` and `nvidia0`, whose ioctls implement a small part of
 //! the driver's conventions from the ABI facts: exact sizes, ctl-only
 //! escapes, the version handshake, RM status in the block with copy-out
-//! on EINVAL, root client / device / subdevice allocation with handles, a
-//! GPU name control, free. It records every ioctl it receives, so tests
+//! on EINVAL, card info for three GPUs, root client / device / subdevice
+//! allocation with handles, a GPU name control, free. It records every ioctl it receives, so tests
 //! can assert what never reached it. It is not the driver and says so in
 //! every name it returns.
 
@@ -176,6 +176,22 @@ impl Filesystem for Simulator {
                 let v = SIM_VERSION.as_bytes();
                 b[8..72].fill(0);
                 b[8..8 + v.len()].copy_from_slice(v);
+                reply.ioctl(0, &b);
+            }
+            200 if ctl
+                && size as usize == b.len()
+                && b.len().is_multiple_of(72)
+                && b.len() >= 3 * 72 =>
+            {
+                // CARD_INFO: three simulated GPUs, ids 0x100, 0x200, 0x300,
+                // minors 0, 1, 2; the rest of the array is left empty.
+                b.fill(0);
+                for i in 0..3usize {
+                    let e = &mut b[i * 72..(i + 1) * 72];
+                    e[0] = 1;
+                    put_u32(e, 16, 0x100 * (i as u32 + 1));
+                    put_u32(e, 56, i as u32);
+                }
                 reply.ioctl(0, &b);
             }
             0x2B if ctl && exact(48) => {
