@@ -2030,10 +2030,13 @@ impl AirlockFs {
                 // FOPEN_PASSTHROUGH_MASK (direct_io, parallel writes,
                 // noflush), keep_cache included: the page cache is then the
                 // host file's anyway.
+                // No FLUSH on close: nothing is reported for the sandbox's
+                // own layers (only workspace writes are), and this server
+                // keeps no POSIX locks of its own to release.
                 let flags = if backing.is_some() {
-                    no_flush_if(!write)
+                    FopenFlags::FOPEN_NOFLUSH
                 } else {
-                    FopenFlags::FOPEN_KEEP_CACHE | no_flush_if(!write)
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH
                 };
                 Ok(Opened { fh, flags, backing })
             }
@@ -2806,10 +2809,11 @@ fn regular(f: File) -> OpResult<File> {
 
 /// All components but the last; an empty path has no parent (EBUSY: it is
 /// the root or the workspace mount point).
-/// `FOPEN_NOFLUSH` for handles that cannot have written anything: the
-/// kernel then skips the FLUSH round trip on each close(2) of them (ld.so
-/// alone opens and closes several files per exec). Writable handles keep
-/// FLUSH, where their write is reported.
+/// `FOPEN_NOFLUSH` for workspace handles that cannot have written
+/// anything: the kernel then skips the FLUSH round trip on each close(2)
+/// of them. Writable workspace handles keep FLUSH, where their write is
+/// reported to the other sandboxes and the audit log. (Handles of the
+/// sandbox's own layers never get FLUSH.)
 fn no_flush_if(read_only: bool) -> FopenFlags {
     if read_only {
         FopenFlags::FOPEN_NOFLUSH
