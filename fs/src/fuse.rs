@@ -50,7 +50,7 @@ const TTL_UPPER: Duration = Duration::from_secs(60);
 const TTL_WORKSPACE: Duration = Duration::from_secs(1);
 /// Most live workspace directories whose walks are remembered (one
 /// descriptor each).
-const WS_WALKS_CACHED: usize = 64;
+const WS_WALKS_CACHED: usize = 32;
 
 /// `statfs` magics of stacking filesystems: a base on one of them needs
 /// passthrough `max_stack_depth` 2.
@@ -475,7 +475,7 @@ impl AirlockFs {
         Ok(Self {
             store,
             ws_stack: RwLock::new(ws_stack),
-            ws_walks: Walks::new(WS_WALKS_CACHED),
+            ws_walks: Walks::new(WS_WALKS_CACHED, |_| 1),
             layered: spec.snapshots.is_some(),
             chain: Mutex::new(chain),
             stores,

@@ -214,10 +214,20 @@ pub(crate) struct Store {
     walks: Walks<Vec<Part>>,
 }
 
-/// Most directories whose parts are remembered at once; each holds one
-/// descriptor per layer showing it (the server's descriptor limit is the
-/// sandbox's, at least 256).
-const PARTS_CACHED: usize = 64;
+/// Most descriptors the remembered walks hold (one per layer showing each
+/// directory); the server's descriptor limit is the sandbox's, at least
+/// 256.
+const PARTS_CACHED: usize = 96;
+
+/// Descriptors one directory's parts hold (`Walks` passes the value as
+/// stored, a `Vec`).
+#[allow(clippy::ptr_arg)]
+fn parts_weight(parts: &Vec<Part>) -> usize {
+    parts
+        .iter()
+        .filter(|p| matches!(p, Part::Layer(..)))
+        .count()
+}
 
 impl Store {
     /// The sandbox's stack: `base` under synthesized entries under the
@@ -241,7 +251,7 @@ impl Store {
             base_idmapped,
             epoch: SystemTime::now(),
             copy_lock: std::sync::Mutex::new(()),
-            walks: Walks::new(PARTS_CACHED),
+            walks: Walks::new(PARTS_CACHED, parts_weight),
         }
     }
 
@@ -267,7 +277,7 @@ impl Store {
             base_idmapped: true,
             epoch: SystemTime::now(),
             copy_lock: std::sync::Mutex::new(()),
-            walks: Walks::new(PARTS_CACHED),
+            walks: Walks::new(PARTS_CACHED, parts_weight),
         }
     }
 

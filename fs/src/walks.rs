@@ -22,7 +22,10 @@ use crate::policy::Name;
 /// Remembered walks of one tree, valued `V` (what a walk found).
 #[derive(Debug)]
 pub(crate) struct Walks<V> {
+    /// Most descriptors the remembered values may hold together.
     cap: usize,
+    /// Descriptors one value holds.
+    weight: fn(&V) -> usize,
     cache: Mutex<Cache<V>>,
     generation: AtomicU64,
     under_way: AtomicU64,
@@ -32,6 +35,8 @@ pub(crate) struct Walks<V> {
 struct Cache<V> {
     generation: u64,
     dirs: HashMap<Vec<Name>, V>,
+    /// Descriptors the values hold.
+    held: usize,
 }
 
 /// A change under way (see the module docs).
@@ -53,14 +58,18 @@ impl Drop for Change<'_> {
 pub(crate) struct Seen(Option<u64>);
 
 impl<V: Clone> Walks<V> {
-    /// Remembers at most `cap` directories (each value may hold
-    /// descriptors: the cap bounds them).
-    pub(crate) fn new(cap: usize) -> Self {
+    /// Remembers walks whose values hold at most `cap` descriptors
+    /// together, `weight` saying how many one value holds (a merged
+    /// directory holds one per layer showing it, and every snapshot adds
+    /// a layer: a count of directories would not bound them).
+    pub(crate) fn new(cap: usize, weight: fn(&V) -> usize) -> Self {
         Self {
             cap,
+            weight,
             cache: Mutex::new(Cache {
                 generation: 0,
                 dirs: HashMap::new(),
+                held: 0,
             }),
             generation: AtomicU64::new(0),
             under_way: AtomicU64::new(0),
@@ -98,14 +107,22 @@ impl<V: Clone> Walks<V> {
         {
             return;
         }
+        let adding: usize = levels.iter().map(|(_, v)| (self.weight)(v)).sum();
+        if adding > self.cap {
+            return;
+        }
         let mut cache = lock(&self.cache);
-        if cache.generation != g || cache.dirs.len() + levels.len() > self.cap {
+        if cache.generation != g || cache.held + adding > self.cap {
             cache.dirs.clear();
+            cache.held = 0;
             cache.generation = g;
         }
         for (n, v) in levels {
             if let Some(p) = path.get(..n) {
-                cache.dirs.insert(p.to_vec(), v);
+                cache.held += (self.weight)(&v);
+                if let Some(old) = cache.dirs.insert(p.to_vec(), v) {
+                    cache.held = cache.held.saturating_sub((self.weight)(&old));
+                }
             }
         }
     }
@@ -118,5 +135,44 @@ impl<V: Clone> Walks<V> {
             generation: &self.generation,
             under_way: &self.under_way,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(n: usize) -> Vec<Name> {
+        (0..n)
+            .map(|i| {
+                Name::new(std::ffi::OsStr::new(&format!("d{i}"))).unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect()
+    }
+
+    /// The descriptors held stay under the cap whatever each value holds
+    /// (a directory shown by many layers weighs as many).
+    #[test]
+    fn remembered_values_never_hold_more_descriptors_than_the_cap() {
+        let w: Walks<usize> = Walks::new(10, |v| *v);
+        let p = path(4);
+        let seen = w.start();
+        w.remember(seen, &p, vec![(1, 3), (2, 3), (3, 3)]);
+        assert_eq!(w.deepest(w.start(), &p), Some((3, 3)));
+        // Four more would make 13: the old ones go first.
+        w.remember(w.start(), &p, vec![(4, 4)]);
+        assert_eq!(lock(&w.cache).held, 4);
+        assert_eq!(w.deepest(w.start(), &p), Some((4, 4)));
+        assert_eq!(w.deepest(w.start(), &p[..3]), None);
+        // A walk heavier than the cap is not remembered at all.
+        w.remember(w.start(), &p, vec![(1, 11)]);
+        assert!(lock(&w.cache).held <= 10);
+        // A change forgets everything, and a walk overlapping one is not
+        // remembered.
+        let seen = w.start();
+        let c = w.change();
+        w.remember(seen, &p, vec![(1, 1)]);
+        drop(c);
+        assert_eq!(w.deepest(w.start(), &p), None);
     }
 }
