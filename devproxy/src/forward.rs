@@ -285,7 +285,6 @@ impl<'a> Forwarder<'a> {
         mut block: Vec<u8>,
         plan: validate::Plan,
     ) -> (Served, i64, i32) {
-        let original = block.clone();
         // Embedded buffers into our memory; the block points at them.
         let mut buffers: Vec<(usize, u64, Vec<u8>)> = Vec::new();
         for b in &plan.buffers {
@@ -309,8 +308,11 @@ impl<'a> Forwarder<'a> {
         // Fd fields: the sandbox's numbers become our duplicates' numbers,
         // and each must itself be a granted device.
         let mut held: Vec<OwnedFd> = Vec::new();
+        let mut theirs_at: Vec<(usize, u32)> = Vec::new();
         for at in &plan.fds {
-            let theirs = read_u32(&block, *at) as i32;
+            let raw = read_u32(&block, *at);
+            theirs_at.push((*at, raw));
+            let theirs = raw as i32;
             let dup_fd = rustix::process::pidfd_getfd(
                 pidfd,
                 theirs,
@@ -342,8 +344,8 @@ impl<'a> Forwarder<'a> {
         for (at, remote, _) in &buffers {
             block[*at..*at + 8].copy_from_slice(&remote.to_le_bytes());
         }
-        for at in &plan.fds {
-            block[*at..*at + 4].copy_from_slice(&original[*at..*at + 4]);
+        for (at, theirs) in theirs_at {
+            block[at..at + 4].copy_from_slice(&theirs.to_le_bytes());
         }
         let copied_out = write_remote(pid, arg, &block).is_ok()
             && buffers
