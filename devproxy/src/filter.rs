@@ -6,7 +6,7 @@
 //! matches those, never the `'F'` type or the direction bits. Notified:
 //! every request whose nr is an escape of this driver (or XFER), whatever
 //! its size, so that a wrong size on an nvidia fd is refused by the proxy
-//! and never reaches the driver; every small integer (below 0x100, where
+//! and never reaches the driver; every small integer (below [`SMALL`], where
 //! UVM numbers live, its test numbers included) and every other UVM
 //! number, except the admitted UVM numbers, which are allowed here by
 //! exact value: their calls must run in the caller's context, and neither
@@ -94,9 +94,12 @@ fn plan(abi: &Abi) -> (Vec<u32>, Vec<u32>, BTreeSet<u32>) {
     (native, other_uvm, nrs)
 }
 
-/// Requests below this are small integers: UVM numbers (and the UVM test
-/// numbers a module option enables), never an `_IOC` request with a size.
-pub const SMALL: u32 = 0x100;
+/// Requests below this are small integers: UVM numbers and the UVM test
+/// numbers a module option enables (`200 + i`, past 0x100 with enough
+/// tests), never an `_IOC` request with a size. A few sizeless `_IO`
+/// requests of types below 0x10 fall here too (`FIGETBSZ` is 2,
+/// `HDIO_GETGEO` 0x301): in a sandbox with GPUs they get ENOTTY.
+pub const SMALL: u32 = 0x1000;
 
 /// Where a conditional jump goes.
 #[derive(Debug, Clone, Copy)]

@@ -53,7 +53,7 @@ fn the_filter_notifies_what_the_driver_could_accept_and_nothing_else() {
         }
         // Small integers (UVM's space, test numbers included) are the
         // proxy's unless admitted.
-        for req in 0..0x100u64 {
+        for req in 0..u64::from(airlock_devproxy::filter::SMALL) {
             let want = if native.contains(&(req as u32)) {
                 ALLOW
             } else {
