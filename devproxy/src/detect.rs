@@ -85,3 +85,64 @@ pub fn host_driver_version(ctl: &Path) -> Result<String, DetectError> {
         what: "an empty version string".into(),
     })
 }
+
+/// One GPU the driver reports in `NV_ESC_CARD_INFO`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Card {
+    /// The driver's id for it (what `NV_ESC_ATTACH_GPUS_TO_FD` names).
+    pub gpu_id: u32,
+    /// Its `/dev/nvidiaN` number.
+    pub minor: u32,
+    /// PCI address, `DDDD:BB:SS.F`.
+    pub pci: String,
+}
+
+/// GPUs at most in one card-info answer (`NV_MAX_DEVICES`).
+const MAX_CARDS: usize = 32;
+
+/// The GPUs the driver behind `ctl` reports, valid entries only, in the
+/// driver's order.
+///
+/// # Errors
+/// [`DetectError`], each naming the device.
+pub fn host_cards(ctl: &Path) -> Result<Vec<Card>, DetectError> {
+    use crate::layout::{nv_ioctl_card_info_t as Info, nv_pci_info_t as Pci};
+    const ENTRY: usize = std::mem::size_of::<Info>();
+    let path = ctl.display().to_string();
+    let f = match OpenOptions::new().read(true).write(true).open(ctl) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(DetectError::NoDriver(path));
+        }
+        Err(source) => return Err(DetectError::Open { path, source }),
+    };
+    let mut b = vec![0u8; ENTRY * MAX_CARDS];
+    let size = u32::try_from(b.len()).unwrap_or(0);
+    sys::ioctl_block(f.as_fd(), canonical(esc::CARD_INFO, size), &mut b).map_err(|e| {
+        DetectError::NoAnswer {
+            path: path.clone(),
+            what: format!("card info: {}", std::io::Error::from_raw_os_error(e)),
+        }
+    })?;
+    let valid = std::mem::offset_of!(Info, valid);
+    let id = std::mem::offset_of!(Info, gpu_id);
+    let minor = std::mem::offset_of!(Info, minor_number);
+    let pci = std::mem::offset_of!(Info, pci_info);
+    Ok(b.chunks(ENTRY)
+        .filter(|e| e[valid] != 0)
+        .map(|e| {
+            let domain = crate::layout::read_u32(e, pci);
+            let at = |field: usize| e.get(pci + field).copied().unwrap_or(0);
+            let (bus, slot, function) = (
+                at(std::mem::offset_of!(Pci, bus)),
+                at(std::mem::offset_of!(Pci, slot)),
+                at(std::mem::offset_of!(Pci, function)),
+            );
+            Card {
+                gpu_id: crate::layout::read_u32(e, id),
+                minor: crate::layout::read_u32(e, minor),
+                pci: format!("{domain:04x}:{bus:02x}:{slot:02x}.{function:x}"),
+            }
+        })
+        .collect())
+}

@@ -33,7 +33,8 @@ use crate::validate::{self, Decision, Grant, Node, Reply};
 /// What identifies a device file: a character device by its number; a
 /// regular file (the simulated driver's FUSE files in tests) by its
 /// device and inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DeviceKey {
     Char(u64),
     File { dev: u64, ino: u64 },
@@ -54,7 +55,7 @@ impl DeviceKey {
 }
 
 /// The devices a sandbox's fds may name.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Devices {
     /// `/dev/nvidiactl`.
     pub ctl: Option<DeviceKey>,
@@ -122,6 +123,11 @@ impl<'a> Forwarder<'a> {
             devices,
             listener,
         }
+    }
+
+    /// The seccomp listener, to wait on beside other descriptors.
+    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
     }
 
     /// Whether a notification is waiting, within `timeout_ms`.
@@ -197,10 +203,31 @@ impl<'a> Forwarder<'a> {
         if !sys::still_pending(self.listener.as_fd(), n.id) {
             return (Served::Gone, 0, 0);
         }
-        let Ok(dup) =
-            rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
-        else {
-            return (Served::NotADevice { fd, request }, 0, libc::EBADF);
+        let dup = match rustix::process::pidfd_getfd(
+            &pidfd,
+            fd,
+            rustix::process::PidfdGetfdFlags::empty(),
+        ) {
+            Ok(d) => d,
+            // A call no driver could act on runs as made even where we may
+            // not look at the fd (the sandbox's pid 1 and its children
+            // before they exec are not ours to inspect).
+            Err(_) if self.continuable(request) => {
+                return (Served::Continued { fd, request }, 0, 0);
+            }
+            Err(e) if e == rustix::io::Errno::BADF => {
+                return (Served::NotADevice { fd, request }, 0, libc::EBADF);
+            }
+            Err(e) => {
+                return (
+                    Served::Refused {
+                        reason: format!("fd {fd} of the caller cannot be inspected: {e}"),
+                        reply: Reply::Errno(libc::EPERM),
+                    },
+                    0,
+                    libc::EPERM,
+                );
+            }
         };
         let Some(node) = self.devices.node_of_fd(&dup) else {
             return if self.continuable(request) {

@@ -1,6 +1,7 @@
 //! A SIMULATED NVIDIA driver, for tests only: no GPU and no CUSE exist on
-//! the machines the tests run on. It is a FUSE filesystem of two regular
-//! files, `nvidiactl` and `nvidia0`, whose ioctls implement a small part of
+//! the machines the tests run on. It is a FUSE filesystem of regular
+//! files, `nvidiactl`, `nvidia0`..`nvidia2` and `nvidia-uvm`, whose ioctls
+//! implement a small part of
 //! the driver's conventions from the ABI facts: exact sizes, ctl-only
 //! escapes, the version handshake, RM status in the block with copy-out
 //! on EINVAL, card info for three GPUs, root client / device / subdevice
@@ -26,6 +27,15 @@ pub const SIM_GPU_NAME: &str = "Simulated NVIDIA H100 (not a GPU)";
 
 const CTL_INO: u64 = 2;
 const GPU_INO: u64 = 3;
+const UVM_INO: u64 = 6;
+/// The files, by inode: the control node, three GPUs (minors 0..2), UVM.
+const NODES: [(u64, &str); 5] = [
+    (CTL_INO, "nvidiactl"),
+    (GPU_INO, "nvidia0"),
+    (GPU_INO + 1, "nvidia1"),
+    (GPU_INO + 2, "nvidia2"),
+    (UVM_INO, "nvidia-uvm"),
+];
 
 /// One ioctl the simulator received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,11 +112,13 @@ const NV_ERR_OBJECT_NOT_FOUND: u32 = 0x57;
 
 impl Filesystem for Simulator {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let ino = match (parent.0, name.to_str()) {
-            (1, Some("nvidiactl")) => CTL_INO,
-            (1, Some("nvidia0")) => GPU_INO,
-            _ => return reply.error(fuser::Errno::ENOENT),
+        let found = NODES
+            .iter()
+            .find(|(_, n)| parent.0 == 1 && name.to_str() == Some(n));
+        let Some((ino, _)) = found else {
+            return reply.error(fuser::Errno::ENOENT);
         };
+        let ino = *ino;
         reply.entry(&Duration::from_secs(60), &attr(ino), Generation(0));
     }
 
@@ -122,8 +134,7 @@ impl Filesystem for Simulator {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = [(CTL_INO, "nvidiactl"), (GPU_INO, "nvidia0")];
-        for (i, (ino, name)) in entries.iter().enumerate().skip(offset as usize) {
+        for (i, (ino, name)) in NODES.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), (i + 1) as u64, FileType::RegularFile, name) {
                 break;
             }
@@ -146,11 +157,10 @@ impl Filesystem for Simulator {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        let node = if ino.0 == CTL_INO {
-            "nvidiactl"
-        } else {
-            "nvidia0"
-        };
+        let node = NODES
+            .iter()
+            .find(|(i, _)| *i == ino.0)
+            .map_or("?", |(_, n)| *n);
         let nr = cmd & 0xFF;
         let size = (cmd >> 16) & 0x3FFF;
         let mut b = in_data.to_vec();
@@ -167,6 +177,10 @@ impl Filesystem for Simulator {
             what,
         });
         let ctl = ino.0 == CTL_INO;
+        if ino.0 == UVM_INO {
+            // UVM numbers carry no size: nothing to copy either way.
+            return reply.ioctl(0, &[]);
+        }
         // The driver's transport checks: exact size, node.
         let exact = |n: usize| b.len() == n && size as usize == n;
         match nr {
