@@ -28,6 +28,7 @@ use crate::spec::{CreateSpec, ExecId, ExecSpec, ExecUser, SandboxId};
 use crate::util::{RateLimiter, lock_or_recover, now_ms};
 
 mod exec;
+mod gpus;
 mod host_dirs;
 mod lifecycle;
 mod network;
@@ -269,6 +270,18 @@ impl Broker {
             Some((id, name)) => Some(self.stored_snapshot(&agent, id, name)?),
             None => None,
         };
+        // GPUs are resolved against the host's driver now: a request that
+        // names one the host lacks, or a driver without tables, fails here
+        // with what to change, before anything is built.
+        let gpus = if req.gpus.is_empty() {
+            None
+        } else {
+            let g = crate::gpu::grant(&self.cfg.gpu, &req.gpus).map_err(|e| match e {
+                crate::gpu::GpuError::Request(m) => BrokerError::BadRequest(m),
+                other => BrokerError::Unavailable(other.to_string()),
+            })?;
+            Some(Arc::new(g))
+        };
         let shape = Shape {
             fork,
             agent,
@@ -281,6 +294,7 @@ impl Broker {
                 bytes: limits.disk_bytes,
                 inodes: limits.inodes,
             },
+            gpus,
         };
         let _reservation = self.reserve_for_agent(&shape.agent)?;
         // Built on the workspace's frozen layers as they are: no snapshot
@@ -303,6 +317,10 @@ impl Broker {
             self.refill(k, shape.clone());
         }
         if let Err(e) = self.attach_network(&sandbox, &network) {
+            sandbox.teardown("create failed");
+            return Err(e);
+        }
+        if let Err(e) = self.attach_gpus(&sandbox) {
             sandbox.teardown("create failed");
             return Err(e);
         }

@@ -93,6 +93,11 @@ struct CreateOpts {
     /// (repeatable; implies --net allow).
     #[arg(long = "allow")]
     allow: Vec<String>,
+    /// Host GPUs to grant, comma-separated: indices (0,2), UUIDs
+    /// (GPU-8f2c...), CDI names (nvidia.com/gpu=0) or all; inside they are
+    /// /dev/nvidia0... in this order.
+    #[arg(long = "gpu", value_delimiter = ',')]
+    gpu: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,7 +226,7 @@ enum Cmd {
         /// Only this agent.
         #[arg(long)]
         agent: Option<String>,
-        /// Only these kinds (comma-separated): sandbox, exec, fs, denial, limit, jail, auth.
+        /// Only these kinds (comma-separated): sandbox, exec, fs, denial, limit, jail, auth, net, device.
         #[arg(long)]
         kind: Option<String>,
         /// Only rows newer than this: 10m, 2h, 1d, or 2026-11-23T10:00:00Z.
@@ -366,6 +371,7 @@ fn build_create(opts: &CreateOpts) -> Result<CreateSandbox, CliError> {
         env: (!opts.env.is_empty()).then(|| opts.env.clone()),
         network,
         from_snapshot: opts.from_snapshot.clone(),
+        gpus: opts.gpu.clone(),
     })
 }
 

@@ -135,6 +135,38 @@ impl Default for NetConfig {
     }
 }
 
+/// GPUs: where the host's NVIDIA driver is, and what the operator allows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Whether sandboxes may be granted GPUs at all.
+    pub enabled: bool,
+    /// Where the driver's nodes are (`nvidiactl`, `nvidiaN`,
+    /// `nvidia-uvm`).
+    pub dev_dir: PathBuf,
+    /// The driver's procfs directory (`gpus/PCI/information` names each
+    /// GPU's UUID and minor); its granted part is what a sandbox sees.
+    pub proc_dir: PathBuf,
+    /// Serve a later release of a driver branch whose ABI is known frozen
+    /// (580 from 580.95.05) with that branch's newest tables. Off: only an
+    /// exact table serves. Audited when used.
+    pub allow_newer_in_branch: bool,
+    /// GPUs one sandbox may hold at most.
+    pub max_per_sandbox: usize,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            dev_dir: PathBuf::from("/dev"),
+            proc_dir: PathBuf::from("/proc/driver/nvidia"),
+            allow_newer_in_branch: false,
+            max_per_sandbox: 16,
+        }
+    }
+}
+
 /// The whole config file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -171,6 +203,8 @@ pub struct BrokerConfig {
     pub agents: Vec<AgentConfig>,
     /// The sandboxes' network.
     pub net: NetConfig,
+    /// GPUs.
+    pub gpu: GpuConfig,
 }
 
 impl Default for BrokerConfig {
@@ -195,6 +229,7 @@ impl Default for BrokerConfig {
             limits: LimitsConfig::default(),
             agents: Vec::new(),
             net: NetConfig::default(),
+            gpu: GpuConfig::default(),
         }
     }
 }

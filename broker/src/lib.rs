@@ -19,6 +19,8 @@ pub mod client;
 pub mod component;
 pub mod config;
 pub mod fs_server;
+pub mod gpu;
+pub mod gpu_server;
 pub mod mcp;
 pub mod metrics;
 pub mod net_server;
@@ -35,6 +37,8 @@ pub const SHIM_ROLE: &str = "__shim";
 pub const FS_ROLE: &str = "__fs";
 /// argv\[1\] that selects the network gateway role.
 pub const NET_ROLE: &str = "__net";
+/// argv\[1\] that selects the device proxy role.
+pub const DEVPROXY_ROLE: &str = "__devproxy";
 
 /// Runs the shim if this process was started in that role; never returns
 /// then. Call first thing in `main`.
@@ -52,6 +56,10 @@ pub fn dispatch_internal_role() {
     }
     if role.as_deref() == Some(std::ffi::OsStr::new(NET_ROLE)) {
         let code = net_server::main();
+        std::process::exit(code);
+    }
+    if role.as_deref() == Some(std::ffi::OsStr::new(DEVPROXY_ROLE)) {
+        let code = gpu_server::main();
         std::process::exit(code);
     }
 }

@@ -119,6 +119,10 @@ pub struct Resources {
     pub net: Option<crate::component::Component>,
     /// The broker's end for commanding that gateway.
     pub net_ctl: Option<Channel>,
+    /// The device proxy, when the sandbox has GPUs.
+    pub gpu: Option<crate::component::Component>,
+    /// The broker's end for commanding that proxy.
+    pub gpu_ctl: Option<Channel>,
     /// The broker's end for commanding the filesystem server.
     pub fs_ctl: Option<Channel>,
     /// The cgroup.
@@ -137,6 +141,8 @@ impl Resources {
         Resources {
             net: None,
             net_ctl: None,
+            gpu: None,
+            gpu_ctl: None,
             fs_ctl: None,
             mount: Some(ServedMount {
                 mountpoint: sb_dir.join("root"),
@@ -170,6 +176,23 @@ impl Resources {
         });
         if let Some(net) = self.net.take() {
             net.stop(if drained {
+                NET_DRAIN_GRACE
+            } else {
+                Duration::ZERO
+            });
+        }
+        // The device proxy reports its last counts and exits; a sandbox
+        // call still waiting on it then fails (ENOSYS) and the cgroup's
+        // kill below ends its caller.
+        let drained = self.gpu_ctl.take().is_some_and(|ctl| {
+            crate::component::send_command::<crate::gpu_server::GpuRole>(
+                &ctl,
+                crate::gpu_server::GpuCommand::Drain,
+            )
+            .is_ok()
+        });
+        if let Some(gpu) = self.gpu.take() {
+            gpu.stop(if drained {
                 NET_DRAIN_GRACE
             } else {
                 Duration::ZERO
@@ -238,6 +261,11 @@ pub struct Sandbox {
     pub(crate) network: Mutex<airlock_net::policy::NetworkSpec>,
     /// Host ports its gateway serves.
     pub(crate) ports: Mutex<Vec<crate::api::types::ForwardedPort>>,
+    /// Its GPUs, when it has any.
+    pub(crate) gpus: Option<Arc<crate::gpu::GpuGrant>>,
+    /// The listener of its device proxy's filter, from pid 1's ready
+    /// report until the proxy takes it.
+    pub(crate) gpu_listener: Mutex<Option<std::os::fd::OwnedFd>>,
     /// What its layers hold, as its filesystem server last reported.
     pub(crate) disk: Arc<Mutex<crate::api::types::DiskUsage>>,
     /// Its agent's workspace counters, when it serves the agent's own
@@ -424,6 +452,7 @@ impl Sandbox {
             execs_running: lock_or_recover(&self.pending).len(),
             network: lock_or_recover(&self.network).clone(),
             ports: lock_or_recover(&self.ports).clone(),
+            gpus: self.gpus.as_ref().map(|g| g.granted()).unwrap_or_default(),
             disk: *lock_or_recover(&self.disk),
             workspace_disk: self.workspace_usage.as_ref().map(|w| {
                 let (bytes, inodes) = w.counters.get();
@@ -525,8 +554,11 @@ impl Sandbox {
                         seccomp_profile,
                         stages_us,
                     },
-                    _,
+                    fds,
                 )) => {
+                    if self.gpus.is_some() {
+                        *lock_or_recover(&self.gpu_listener) = fds.into_iter().next();
+                    }
                     tracing::debug!(sandbox = %self.id, ?stages_us, "shim setup stages");
                     let info = ReadyInfo {
                         selftest: *selftest,

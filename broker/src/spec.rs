@@ -138,6 +138,9 @@ pub struct CreateSpec {
     pub network: Option<airlock_net::policy::Policy>,
     /// The snapshot to fork from: (sandbox id, snapshot name).
     pub from_snapshot: Option<(String, String)>,
+    /// Host GPUs asked for (names checked for form; resolved on the host
+    /// later).
+    pub gpus: Vec<String>,
 }
 
 impl TryFrom<CreateSandbox> for CreateSpec {
@@ -188,7 +191,9 @@ impl TryFrom<CreateSandbox> for CreateSpec {
                 }
             },
         };
+        crate::gpu::check_names(&req.gpus)?;
         Ok(CreateSpec {
+            gpus: req.gpus,
             from_snapshot,
             agent: req.agent,
             rootfs: req.rootfs,

@@ -62,6 +62,7 @@ pub fn run(spec: &SandboxSpec, ctrl: Channel, go: OwnedFd) -> i32 {
         }
     };
     let mut jail = jail;
+    let mut listener: Option<OwnedFd> = None;
     let mut report = probe(&jail, spec.probe_user);
     clock.mark("probe");
     if report.passed {
@@ -70,8 +71,16 @@ pub fn run(spec: &SandboxSpec, ctrl: Channel, go: OwnedFd) -> i32 {
         // namespace), so it meets the same deny list as every command; and
         // exec children inherit the filter instead of each loading it into
         // the kernel again (0.5 ms per exec).
+        // With GPUs, the device proxy's filter goes first: every process
+        // of the sandbox inherits it, and its listener goes to the broker.
         let installed = nix::sys::prctl::set_no_new_privs()
             .map_err(|e| format!("no_new_privs: {e}"))
+            .and_then(|()| match &spec.gpu {
+                Some(g) => sys::install_notify_filter(&g.filter)
+                    .map(|fd| listener = Some(fd))
+                    .map_err(|e| format!("device proxy filter: {e}")),
+                None => Ok(()),
+            })
             .and_then(|()| {
                 seccomp::install_on_current_thread(&jail.bpf).map_err(|e| e.to_string())
             });
@@ -91,9 +100,12 @@ pub fn run(spec: &SandboxSpec, ctrl: Channel, go: OwnedFd) -> i32 {
         seccomp_profile: seccomp::PROFILE_VERSION.to_string(),
         stages_us: clock.done,
     };
-    if ctrl.send(&ready, &[]).is_err() || !passed {
+    let fds: Vec<_> = listener.iter().map(AsFd::as_fd).collect();
+    if ctrl.send(&ready, &fds).is_err() || !passed {
         return 1;
     }
+    // pid 1 never answers its own notifications.
+    drop(listener);
     serve(&ctrl, &jail)
 }
 
@@ -145,7 +157,12 @@ fn setup(spec: &SandboxSpec, clock: &mut Stages) -> Result<Jail, StageError> {
     nix::unistd::sethostname(&spec.hostname).map_err(stage("sethostname"))?;
     sys::bring_up_loopback().map_err(stage("bring up loopback"))?;
     clock.mark("uts+net");
-    let landlock = landlock::prepare(spec.landlock_floor).map_err(stage("landlock"))?;
+    let gpu_nodes: Vec<String> = spec
+        .gpu
+        .iter()
+        .flat_map(|g| g.nodes.iter().map(|(_, name)| name.clone()))
+        .collect();
+    let landlock = landlock::prepare(spec.landlock_floor, &gpu_nodes).map_err(stage("landlock"))?;
     clock.mark("landlock");
     let bpf = seccomp::compile_sandbox_profile().map_err(stage("seccomp"))?;
     clock.mark("seccomp");

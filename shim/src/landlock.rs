@@ -124,6 +124,27 @@ pub struct PolicyRule {
 /// The policy for a process whose root is `root` (the sandbox's `/` in
 /// production; tests pass a temporary directory).
 pub fn policy(root: &Path) -> Vec<PolicyRule> {
+    policy_with_devices(root, &[])
+}
+
+/// [`policy`] plus device ioctls on the granted GPU nodes `dev/NAME`
+/// (`nvidiactl`, `nvidia0`, `nvidia-uvm`): their ioctls reach the sandbox's
+/// device proxy through seccomp notification (and the device proxy's
+/// duplicate of the file carries the rights of the sandbox's open), the
+/// admitted UVM numbers run natively.
+pub fn policy_with_devices(root: &Path, devices: &[String]) -> Vec<PolicyRule> {
+    let mut rules = base_policy(root);
+    rules.extend(devices.iter().map(|d| PolicyRule {
+        path: root.join("dev").join(d),
+        grant: Grant::DeviceIoctl,
+        required: true,
+        comment: "a granted GPU node: each ioctl is checked by the sandbox's device proxy \
+                  against the host driver's ABI table before the driver sees it",
+    }));
+    rules
+}
+
+fn base_policy(root: &Path) -> Vec<PolicyRule> {
     let terminal = |p: &str, comment| PolicyRule {
         path: root.join(p),
         grant: Grant::DeviceIoctl,
@@ -246,12 +267,22 @@ fn reached_abi(kernel: u8) -> u8 {
 
 /// Prepares the ruleset for the sandbox rooted at `/` (call after
 /// pivot_root). Fails when the kernel's ABI is below `floor`.
-pub fn prepare(floor: u8) -> Result<PreparedLandlock, LandlockError> {
-    prepare_at(Path::new("/"), floor)
+pub fn prepare(floor: u8, devices: &[String]) -> Result<PreparedLandlock, LandlockError> {
+    prepare_with(Path::new("/"), floor, devices)
 }
 
 /// Prepares the ruleset for a tree rooted at `root`.
 pub fn prepare_at(root: &Path, floor: u8) -> Result<PreparedLandlock, LandlockError> {
+    prepare_with(root, floor, &[])
+}
+
+/// Prepares the ruleset for a tree rooted at `root` with device ioctls on
+/// the GPU nodes `devices` (see [`policy_with_devices`]).
+fn prepare_with(
+    root: &Path,
+    floor: u8,
+    devices: &[String],
+) -> Result<PreparedLandlock, LandlockError> {
     let have = kernel_abi();
     if have < floor {
         return Err(LandlockError::BelowFloor { have, floor });
@@ -260,7 +291,7 @@ pub fn prepare_at(root: &Path, floor: u8) -> Result<PreparedLandlock, LandlockEr
     if abi == 0 {
         return Ok(PreparedLandlock { ruleset: None, abi });
     }
-    let plan = plan(abi, &policy(root));
+    let plan = plan(abi, &policy_with_devices(root, devices));
     let ruleset = build(&plan)?;
     Ok(PreparedLandlock {
         ruleset: Some(ruleset),
@@ -387,6 +418,28 @@ mod tests {
     use crate::selftest::tests::run_in_child;
 
     #[test]
+    fn granted_gpu_nodes_get_device_ioctls_and_nothing_else_does() {
+        let rules = policy_with_devices(Path::new("/r"), &["nvidiactl".into(), "nvidia0".into()]);
+        let p = plan(5, &rules);
+        let ioctl: Vec<_> = p
+            .rules
+            .iter()
+            .filter(|r| r.access.contains(AccessFs::IoctlDev))
+            .map(|r| r.path.clone())
+            .collect();
+        assert!(ioctl.contains(&PathBuf::from("/r/dev/nvidiactl")));
+        assert!(ioctl.contains(&PathBuf::from("/r/dev/nvidia0")));
+        assert!(!ioctl.contains(&PathBuf::from("/r")));
+        let gpu = p
+            .rules
+            .iter()
+            .find(|r| r.path.ends_with("nvidia0"))
+            .unwrap();
+        assert_eq!(gpu.access, BitFlags::from(AccessFs::IoctlDev));
+        assert!(gpu.required, "a missing granted node is an error");
+    }
+
+    #[test]
     fn plan_grants_device_ioctls_only_to_terminals() {
         let p = plan(7, &policy(Path::new("/r")));
         assert_eq!(p.handled, AccessFs::from_all(ABI::V7));
@@ -429,7 +482,7 @@ mod tests {
 
     #[test]
     fn floor_above_the_kernel_is_refused() {
-        let e = prepare(200).unwrap_err();
+        let e = prepare(200, &[]).unwrap_err();
         assert!(
             matches!(e, LandlockError::BelowFloor { floor: 200, .. }),
             "{e}"
@@ -471,7 +524,7 @@ mod tests {
             eprintln!("landlock unavailable here; nothing to test");
             return;
         }
-        let prepared = prepare(1).unwrap();
+        let prepared = prepare(1, &[]).unwrap();
         assert_eq!(prepared.abi(), reached_abi(kernel));
         let parent = nix::unistd::getpid();
         // Two children from one preparation: restrict_self must not consume it.

@@ -99,6 +99,15 @@ pub fn plan(spec: &SandboxSpec) -> Vec<SetupOp> {
             target: dev.join(d),
         });
     }
+    // Granted GPUs: the host's nodes (only the granted ones; their ioctls
+    // reach the device proxy through the filter pid 1 installs).
+    for (source, name) in spec.gpu.iter().flat_map(|g| g.nodes.iter()) {
+        ops.push(SetupOp::Touch(dev.join(name)));
+        ops.push(SetupOp::BindDevice {
+            source: source.clone(),
+            target: dev.join(name),
+        });
+    }
     ops.push(SetupOp::Mkdir(dev.join("pts")));
     ops.push(SetupOp::Mount {
         fstype: "devpts",
@@ -164,6 +173,7 @@ mod tests {
             },
             landlock_floor: 1,
             probe_user: (1000, 1000),
+            gpu: None,
         }
     }
 
@@ -218,6 +228,34 @@ mod tests {
                 .iter()
                 .any(|s| s.ends_with("fuse") || s.ends_with("mem"))
         );
+    }
+
+    #[test]
+    fn granted_gpu_nodes_are_bound_under_their_sandbox_names_before_dev_is_sealed() {
+        let mut s = spec();
+        s.gpu = Some(crate::spec::GpuSpec {
+            nodes: vec![
+                (PathBuf::from("/dev/nvidiactl"), "nvidiactl".into()),
+                (PathBuf::from("/dev/nvidia3"), "nvidia0".into()),
+            ],
+            filter: vec![],
+        });
+        let ops = plan(&s);
+        let at = |source: &str, name: &str| {
+            ops.iter().position(|o| {
+                *o == SetupOp::BindDevice {
+                    source: PathBuf::from(source),
+                    target: PathBuf::from("/run/airlock/x/root/dev").join(name),
+                }
+            })
+        };
+        let ro = ops
+            .iter()
+            .position(|o| matches!(o, SetupOp::RemountReadOnly(p) if p.ends_with("dev")))
+            .unwrap();
+        assert!(at("/dev/nvidiactl", "nvidiactl").unwrap() < ro);
+        assert!(at("/dev/nvidia3", "nvidia0").unwrap() < ro);
+        assert_eq!(at("/dev/nvidia3", "nvidia3"), None);
     }
 
     #[test]

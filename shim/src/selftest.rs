@@ -393,7 +393,7 @@ pub(crate) mod tests {
     /// namespace whose maps the parent writes (as the launcher does).
     fn fully_jailed_report(keep: u64) -> SelfTestReport {
         let floor = crate::landlock::kernel_abi().min(1);
-        let prepared = crate::landlock::prepare(floor).unwrap();
+        let prepared = crate::landlock::prepare(floor, &[]).unwrap();
         let bpf = crate::seccomp::compile_sandbox_profile().unwrap();
         let out = run_in_child_linked(
             |link| {

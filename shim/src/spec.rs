@@ -44,6 +44,35 @@ pub struct SandboxSpec {
     pub landlock_floor: u8,
     /// The user (uid, gid inside) the self-test probe runs as.
     pub probe_user: (u32, u32),
+    /// Granted GPUs: their nodes and the ioctl filter whose listener goes
+    /// to the broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuSpec>,
+}
+
+/// What a sandbox with GPUs gets beyond the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuSpec {
+    /// `(host node, name in the sandbox's /dev)`: `nvidiactl`,
+    /// `nvidia-uvm`, and the granted GPUs renumbered from `nvidia0`.
+    pub nodes: Vec<(PathBuf, String)>,
+    /// The device proxy's ioctl filter, classic BPF, installed in pid 1
+    /// (so every process of the sandbox inherits it) with a new listener,
+    /// which pid 1 sends to the broker with [`crate::channel::FromShim::Ready`].
+    pub filter: Vec<BpfInsn>,
+}
+
+/// One classic BPF instruction (`struct sock_filter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BpfInsn {
+    /// Opcode.
+    pub code: u16,
+    /// Jump if true.
+    pub jt: u8,
+    /// Jump if false.
+    pub jf: u8,
+    /// Operand.
+    pub k: u32,
 }
 
 /// One command to run inside a sandbox.

@@ -305,3 +305,43 @@ pub fn take_controlling_tty(fd: RawFd) -> Result<(), Errno> {
     let rc = unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) };
     if rc == 0 { Ok(()) } else { Err(Errno::last()) }
 }
+
+/// Installs the classic BPF program `filter` on the calling thread with
+/// `SECCOMP_FILTER_FLAG_NEW_LISTENER` and returns the listener: the
+/// calls the program answers with `SECCOMP_RET_USER_NOTIF` wait for
+/// whoever holds it. The caller has set no_new_privs (or holds
+/// CAP_SYS_ADMIN in its user namespace).
+pub fn install_notify_filter(filter: &[crate::spec::BpfInsn]) -> Result<OwnedFd, Errno> {
+    let mut insns: Vec<libc::sock_filter> = filter
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let prog = libc::sock_fprog {
+        len: u16::try_from(insns.len()).map_err(|_| Errno::E2BIG)?,
+        filter: insns.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `insns.len()` initialised instructions that
+    // live until the call returns; the kernel copies the program and does
+    // not keep the pointer. The program itself is checked by the kernel's
+    // verifier (a malformed one is refused with EINVAL, nothing runs).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if ret < 0 {
+        return Err(Errno::last());
+    }
+    let fd = RawFd::try_from(ret).map_err(|_| Errno::EBADF)?;
+    // SAFETY: with NEW_LISTENER the call returns a new descriptor that
+    // nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

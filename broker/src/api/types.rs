@@ -52,6 +52,12 @@ pub struct CreateSandbox {
     /// O(1), in a workspace branch of its own.
     #[serde(default)]
     pub from_snapshot: Option<String>,
+    /// Host GPUs to grant, each by index (`"0"`), UUID (`"GPU-8f2c..."`,
+    /// or a unique prefix of one) or CDI name (`"nvidia.com/gpu=0"`,
+    /// `"nvidia.com/gpu=all"`); inside they are `/dev/nvidia0`... in this
+    /// order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/ports`: serve a host port by a sandbox port.
@@ -191,6 +197,9 @@ pub struct SandboxInfo {
     /// Host ports served by sandbox ports.
     #[serde(default)]
     pub ports: Vec<ForwardedPort>,
+    /// Granted GPUs, in the order of the sandbox's `/dev/nvidiaN`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GrantedGpu>,
     /// Disk usage against the quota.
     #[serde(default)]
     pub disk: DiskUsage,
@@ -351,4 +360,21 @@ mod tests {
         let e = serde_json::from_str::<ExecBody>(r#"{"argv":["a"],"cmd":"x"}"#).unwrap_err();
         assert!(e.to_string().contains("cmd"), "{e}");
     }
+}
+
+/// One host GPU granted to a sandbox.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GrantedGpu {
+    /// Its node inside: `/dev/nvidia{inside}`.
+    pub inside: u32,
+    /// Its index on the host (PCI bus order, as nvidia-smi numbers).
+    pub index: u32,
+    /// Its UUID, where the driver names one.
+    pub uuid: Option<String>,
+    /// Its PCI address.
+    pub pci: String,
+    /// Its model name, where the driver names one.
+    pub model: Option<String>,
+    /// Its host node number (`/dev/nvidia{minor}`).
+    pub minor: u32,
 }

@@ -37,6 +37,8 @@ pub enum AuditEvent {
         hostname: String,
         /// Whether it came from the pool.
         pre_started: bool,
+        /// Its GPUs, when it has any.
+        gpus: Option<super::GpusGranted>,
     },
     /// `sandbox/destroy`: every resource released (or what could not be).
     SandboxDestroyed {
@@ -160,6 +162,29 @@ pub enum AuditEvent {
         /// The budget.
         events_per_sec: f64,
     },
+    /// `device/proxy`: a sandbox's device proxy is serving, with the
+    /// tables it chose and the jail it reached.
+    DeviceProxy {
+        /// The host driver's version.
+        driver: String,
+        /// Whose tables serve it.
+        tables: String,
+        /// Whether those are a newer release's of the same branch, by the
+        /// operator's opt-in.
+        newer_in_branch: bool,
+        /// What the proxy's jail reached.
+        jail: airlock_shim::jail::JailReport,
+    },
+    /// `device/ioctls`: driver calls a sandbox's device proxy served over
+    /// an interval, by kind and outcome.
+    DeviceIoctls(crate::gpu_server::IoctlCounts),
+    /// `denial/ioctl`: a device call refused before the driver saw it.
+    IoctlRefused {
+        /// Why.
+        reason: String,
+        /// What the caller got.
+        reply: String,
+    },
     /// `limit/oom`: the memory limit killed processes.
     Oom {
         /// How many OOM kills.
@@ -211,17 +236,20 @@ impl AuditEvent {
                 cgroup_version,
                 hostname,
                 pre_started,
-            } => (
-                AuditKind::Sandbox,
-                "create",
-                json!({
+                gpus,
+            } => {
+                let mut d = json!({
                     "caller_uid": caller.0, "caller_pid": caller.1,
                     "user": user, "limits": limits, "workspace": workspace,
                     "rootfs": rootfs, "host_uid_base": host_uid_base,
                     "cgroup_version": cgroup_version, "hostname": hostname,
                     "pre_started": pre_started,
-                }),
-            ),
+                });
+                if let (Some(g), Some(o)) = (gpus, d.as_object_mut()) {
+                    o.insert("gpus".into(), json!(g));
+                }
+                (AuditKind::Sandbox, "create", d)
+            }
             AuditEvent::SandboxDestroyed { reason, problems } => (
                 AuditKind::Sandbox,
                 "destroy",
@@ -369,6 +397,23 @@ impl AuditEvent {
                 AuditKind::Limit,
                 "pids_max",
                 json!({"refused_forks": refused_forks, "exec_id": exec_id, "pids": pids}),
+            ),
+            AuditEvent::DeviceProxy {
+                driver,
+                tables,
+                newer_in_branch,
+                jail,
+            } => (
+                AuditKind::Device,
+                "proxy",
+                json!({"driver": driver, "tables": tables, "newer_in_branch": newer_in_branch,
+                       "jail": jail}),
+            ),
+            AuditEvent::DeviceIoctls(counts) => (AuditKind::Device, "ioctls", json!(counts)),
+            AuditEvent::IoctlRefused { reason, reply } => (
+                AuditKind::Denial,
+                "ioctl",
+                json!({"reason": reason, "reply": reply}),
             ),
             AuditEvent::Timeout { timeout_secs } => (
                 AuditKind::Limit,

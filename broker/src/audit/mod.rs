@@ -67,11 +67,14 @@ pub enum AuditKind {
     /// Network flows and DNS questions, allowed or refused, with the rule
     /// that decided.
     Net,
+    /// Devices: the GPU driver and ABI tables a sandbox's device proxy
+    /// serves, and the driver calls it performed, counted by kind.
+    Device,
 }
 
 impl AuditKind {
     /// Every kind, in declaration order.
-    pub const ALL: [AuditKind; 8] = [
+    pub const ALL: [AuditKind; 9] = [
         AuditKind::Sandbox,
         AuditKind::Exec,
         AuditKind::Fs,
@@ -80,6 +83,7 @@ impl AuditKind {
         AuditKind::Jail,
         AuditKind::Auth,
         AuditKind::Net,
+        AuditKind::Device,
     ];
 
     /// The lowercase name stored in the database and used on the wire.
@@ -93,6 +97,7 @@ impl AuditKind {
             AuditKind::Jail => "jail",
             AuditKind::Auth => "auth",
             AuditKind::Net => "net",
+            AuditKind::Device => "device",
         }
     }
 }
@@ -116,6 +121,20 @@ impl FromStr for AuditKind {
                 value: s.to_owned(),
             })
     }
+}
+
+/// A sandbox's GPUs, as its create row records them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpusGranted {
+    /// The host driver's version.
+    pub driver: String,
+    /// Whose ABI tables serve it.
+    pub tables: String,
+    /// Whether those are a newer release's of the same branch (the
+    /// operator's opt-in).
+    pub newer_in_branch: bool,
+    /// The GPUs, in the sandbox's order.
+    pub granted: Vec<crate::api::types::GrantedGpu>,
 }
 
 /// One event to store. `detail` holds kind-specific fields (see the module README).

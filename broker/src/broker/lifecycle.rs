@@ -100,6 +100,8 @@ pub(super) struct Shape {
     pub(super) disk: airlock_fs::DiskQuota,
     /// The snapshot a fork starts from.
     pub(super) fork: Option<super::snapshots::StoredSnapshot>,
+    /// Granted GPUs.
+    pub(super) gpus: Option<Arc<crate::gpu::GpuGrant>>,
 }
 
 /// Limits must lie within the configured bounds.
@@ -241,6 +243,12 @@ impl Broker {
                 cgroup_version: sandbox.cgroup_version,
                 hostname: sandbox.hostname.clone(),
                 pre_started: pooled,
+                gpus: sandbox.gpus.as_ref().map(|g| crate::audit::GpusGranted {
+                    driver: g.driver.clone(),
+                    tables: g.tables.clone(),
+                    newer_in_branch: g.newer_in_branch,
+                    granted: g.granted(),
+                }),
             },
         );
         self.audit.event(
@@ -372,6 +380,8 @@ impl Broker {
         let mut res = Resources {
             net: None,
             net_ctl: None,
+            gpu: None,
+            gpu_ctl: None,
             fs_ctl: None,
             mount: None,
             cgroup,
@@ -452,6 +462,10 @@ impl Broker {
             },
             landlock_floor: self.cfg.landlock_floor,
             probe_user: user_ids,
+            gpu: shape.gpus.as_ref().map(|g| airlock_shim::spec::GpuSpec {
+                nodes: g.nodes(),
+                filter: g.filter.clone(),
+            }),
         };
         let sandbox = Arc::new(Sandbox {
             id: id.clone(),
@@ -481,6 +495,8 @@ impl Broker {
             counters: Mutex::new(Default::default()),
             network: Mutex::new(Default::default()),
             ports: Mutex::new(Vec::new()),
+            gpus: shape.gpus.clone(),
+            gpu_listener: Mutex::new(None),
             disk,
             workspace_usage,
             layered,

@@ -38,6 +38,7 @@ impl Broker {
     pub(super) fn pool_key(&self, shape: &Shape) -> Option<PoolKey> {
         (self.cfg.pool_size > 0
             && shape.fork.is_none()
+            && shape.gpus.is_none()
             && shape.rootfs.is_none()
             && shape.nofile == self.cfg.limits.nofile
             && shape.disk.bytes == self.cfg.limits.disk_bytes

@@ -4,6 +4,7 @@ mod api;
 mod escape;
 mod files;
 mod fs;
+mod gpu;
 mod hostile;
 mod lifecycle;
 mod limits;

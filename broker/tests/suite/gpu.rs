@@ -1,0 +1,234 @@
+//! GPUs through real sandboxes, against a SIMULATED NVIDIA driver (no GPU
+//! exists on these machines): the simulator of the devproxy crate's test
+//! support, a FUSE filesystem standing where the driver's nodes are, and
+//! a procfs-like directory naming its three GPUs. Everything else is
+//! real: brokerd, the sandbox's pid 1 installing the proxy's filter, the
+//! device proxy process serving the seccomp listener, SQLite.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::harness::*;
+
+#[path = "../../../devproxy/tests/support/simulator.rs"]
+#[allow(dead_code, clippy::all)]
+mod simulator;
+
+use simulator::{Received, SIM_GPU_NAME, SIM_VERSION, Simulator};
+
+/// The simulated driver mounted, its procfs stand-in, and a broker
+/// configured to use both.
+struct Gpus {
+    env: Env,
+    sim: Simulator,
+    _session: fuser::BackgroundSession,
+    _dir: tempfile::TempDir,
+}
+
+fn gpus(extra: &str) -> Gpus {
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-gpu-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let dev = dir.path().join("dev");
+    std::fs::create_dir(&dev).unwrap();
+    let sim = Simulator::default();
+    let mut cfg = fuser::Config::default();
+    cfg.acl = fuser::SessionACL::All;
+    let session = fuser::spawn_mount(sim.clone(), &dev, &cfg).unwrap();
+    // The driver's procfs: UUID and model per PCI address; PCI order is
+    // not minor order (index 0 is minor 2).
+    let proc_dir = dir.path().join("proc");
+    for (pci, minor) in [
+        ("0000:01:00.0", 2),
+        ("0000:41:00.0", 0),
+        ("0000:81:00.0", 1),
+    ] {
+        let d = proc_dir.join("gpus").join(pci);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("information"),
+            format!(
+                "Model: \t\t {SIM_GPU_NAME}\nIRQ:   \t\t 0\nGPU UUID: \t GPU-5e000000-0000-0000-0000-00000000000{minor}\nDevice Minor: \t {minor}\n"
+            ),
+        )
+        .unwrap();
+    }
+    let env = Env::with_extra(&format!(
+        "pool_size = 0\n[gpu]\ndev_dir = \"{}\"\nproc_dir = \"{}\"\n{extra}",
+        dev.display(),
+        proc_dir.display()
+    ));
+    Gpus {
+        env,
+        sim,
+        _session: session,
+        _dir: dir,
+    }
+}
+
+/// The C client, built into `dir` (a sandbox runs it from its
+/// `--workspace`).
+fn client(dir: &Path) -> PathBuf {
+    let out = dir.join("gpu_driver_client");
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../devproxy/tests/support/driver_client.c");
+    let st = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc runs");
+    assert!(st.success(), "driver_client.c does not build");
+    out
+}
+
+/// Audit rows of `kind` whose action is `action`.
+fn rows(env: &Env, kind: &str, action: &str) -> Vec<serde_json::Value> {
+    env.audit(&["--kind", kind])
+        .into_iter()
+        .filter(|r| r["action"] == action)
+        .collect()
+}
+
+fn line<'a>(out: &'a str, name: &str) -> &'a str {
+    out.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no line {name} in:\n{out}"))
+}
+
+#[test]
+fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_audited() {
+    let g = gpus("");
+    let ws = g._dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    client(&ws);
+    let out = g.env.run(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--gpu",
+        "0,nvidia.com/gpu=GPU-5e000000-0000-0000-0000-000000000000",
+        "--",
+        "sh",
+        "-c",
+        "ls /dev | grep nvidia | tr '\\n' ' '; echo; /workspace/gpu_driver_client /dev -",
+    ]);
+    let text = ok(&out);
+    // Index 0 is minor 2 (PCI order), then the GPU of minor 0: two nodes,
+    // renumbered, and nothing of the third.
+    assert_eq!(
+        text.lines().next(),
+        Some("nvidia-uvm nvidia0 nvidia1 nvidiactl "),
+        "{text}"
+    );
+    assert!(line(&text, "version").contains(SIM_VERSION), "{text}");
+    assert_eq!(
+        line(&text, "cards"),
+        "cards rc=0 errno=0 status=0 0x300:0,0x100:1",
+        "card info shows the granted GPUs only, as the sandbox numbers them"
+    );
+    for ok_call in ["client", "device", "subdevice", "free"] {
+        assert!(
+            line(&text, ok_call).contains("rc=0 errno=0 status=0"),
+            "{ok_call}: {text}"
+        );
+    }
+    assert!(line(&text, "name").ends_with(SIM_GPU_NAME), "{text}");
+    // Each hostile call fails, the way the driver would answer it.
+    for bad in [
+        "control_short",
+        "control_on_gpu_node",
+        "xfer",
+        "i2c",
+        "alloc_on_gpu_node",
+    ] {
+        assert!(line(&text, bad).contains("errno=22"), "{bad}: {text}");
+    }
+    for bad in [
+        "control_unknown",
+        "control_wrong_params_size",
+        "alloc_unknown_class",
+    ] {
+        assert!(!line(&text, bad).contains("status=0"), "{bad}: {text}");
+    }
+    assert!(
+        !line(&text, "control_wild_pointer").contains("rc=0 errno=0 status=0"),
+        "{text}"
+    );
+    // None of them reached the driver. It saw the broker's own inventory
+    // (the handshake, card info for 32 GPUs), then the sandbox's
+    // handshake, card info, three allocations, the name, the free, all on
+    // nvidiactl.
+    let seen: Vec<Received> = g.sim.received();
+    let broker: Vec<(u32, u32)> = seen.iter().take(2).map(|r| (r.nr, r.size)).collect();
+    assert_eq!(broker, [(210, 72), (200, 32 * 72)], "{seen:?}");
+    let kinds: Vec<(u32, u32)> = seen.iter().skip(2).map(|r| (r.nr, r.what)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (210, 0),
+            (200, 0),
+            (0x2B, 0x41),
+            (0x2B, 0x80),
+            (0x2B, 0x2080),
+            (0x2A, 0x2080_0110),
+            (0x29, 0)
+        ],
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|r| r.node == "nvidiactl"), "{seen:?}");
+    // The audit log: the grant in the create row, the proxy's tables and
+    // jail, every refusal with its reason, the calls served by kind.
+    let create = rows(&g.env, "sandbox", "create");
+    let granted = &create[0]["detail"]["gpus"];
+    assert_eq!(granted["driver"], SIM_VERSION, "{granted}");
+    let minors: Vec<u64> = granted["granted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["minor"].as_u64().unwrap())
+        .collect();
+    assert_eq!(minors, [2, 0]);
+    let proxy = rows(&g.env, "device", "proxy");
+    assert_eq!(proxy.len(), 1, "{proxy:?}");
+    assert_eq!(proxy[0]["detail"]["jail"]["caps_kept"], 1 << 19);
+    let denials = rows(&g.env, "denial", "ioctl");
+    let reasons: Vec<String> = denials
+        .iter()
+        .map(|d| d["detail"]["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(reasons.len() >= 8, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("XFER")), "{reasons:?}");
+    let counts = rows(&g.env, "device", "ioctls");
+    let last = counts
+        .iter()
+        .find(|c| c["detail"]["last"] == true)
+        .unwrap_or_else(|| panic!("no last summary: {counts:?}"));
+    let forwarded = last["detail"]["forwarded"].as_object().unwrap();
+    let total: u64 = forwarded.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, 7, "{forwarded:?}");
+    g.env.assert_no_leftovers(None);
+}
+
+#[test]
+fn gpu_requests_the_host_cannot_meet_fail_with_what_to_change() {
+    let g = gpus("");
+    let out = g.env.run(&["--gpu", "3", "--", "true"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("no GPU \"3\""), "{err}");
+    assert!(err.contains("0 (GPU-5e000000"), "{err}");
+    let out = g.env.run(&["--gpu", "../nvidia0", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("not a GPU name"));
+    // GPUs turned off by the operator: refused, naming the knob.
+    let g = gpus("enabled = false\n");
+    let out = g.env.run(&["--gpu", "0", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("[gpu] enabled = false"));
+}
