@@ -29,6 +29,18 @@ pub struct HostGpu {
     pub proc_dir: Option<PathBuf>,
 }
 
+impl HostGpu {
+    /// Its PCI address: the procfs directory's name (the canonical form)
+    /// where there is one, else the card info's.
+    pub fn pci(&self) -> String {
+        self.proc_dir
+            .as_ref()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_else(|| self.card.pci.clone())
+    }
+}
+
 /// What the host's driver offers.
 #[derive(Debug, Clone)]
 pub struct Inventory {
@@ -66,7 +78,7 @@ impl GpuGrant {
                 inside: u32::try_from(k).unwrap_or(u32::MAX),
                 index: g.index,
                 uuid: g.uuid.clone(),
-                pci: g.card.pci.clone(),
+                pci: g.pci(),
                 model: g.model.clone(),
                 minor: g.card.minor,
             })
@@ -134,15 +146,7 @@ pub fn inventory(cfg: &GpuConfig) -> Result<Inventory, GpuError> {
         .collect();
     // PCI bus order, as nvidia-smi numbers GPUs; the procfs directory
     // name is the canonical address where the card info has none.
-    let key = |g: &HostGpu| {
-        let pci = g
-            .proc_dir
-            .as_ref()
-            .and_then(|d| d.file_name())
-            .map(|n| n.to_string_lossy().to_lowercase())
-            .unwrap_or_else(|| g.card.pci.clone());
-        (pci, g.card.minor)
-    };
+    let key = |g: &HostGpu| (g.pci(), g.card.minor);
     gpus.sort_by_key(key);
     for (i, g) in gpus.iter_mut().enumerate() {
         g.index = u32::try_from(i).unwrap_or(u32::MAX);

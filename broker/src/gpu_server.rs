@@ -214,9 +214,22 @@ fn serve(chan: &Channel, spec: GpuServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
         let (command, notified, hung_up) = wait(chan, &fwd, listening)?;
         if command {
             // Drain, or the broker closed its end (it died or stops us).
-            counts.seconds = since.elapsed().as_secs();
-            counts.last = true;
-            let _ = send(GpuEvent::Summary(counts));
+            // The command is read, not left queued: a socket closed with
+            // unread data resets its peer, which then loses what we send.
+            let drain = matches!(
+                chan.recv::<component::Control<GpuServerSpec, GpuCommand>>(),
+                Ok((
+                    component::Control::Command {
+                        command: GpuCommand::Drain
+                    },
+                    _
+                ))
+            );
+            if drain {
+                counts.seconds = since.elapsed().as_secs();
+                counts.last = true;
+                let _ = send(GpuEvent::Summary(counts));
+            }
             return Ok(());
         }
         if hung_up {

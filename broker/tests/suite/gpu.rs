@@ -194,6 +194,7 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         .map(|x| x["minor"].as_u64().unwrap())
         .collect();
     assert_eq!(minors, [2, 0]);
+    assert_eq!(granted["granted"][0]["pci"], "0000:01:00.0", "{granted}");
     let proxy = rows(&g.env, "device", "proxy");
     assert_eq!(proxy.len(), 1, "{proxy:?}");
     assert_eq!(proxy[0]["detail"]["jail"]["caps_kept"], 1 << 19);
@@ -208,7 +209,12 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
     let last = counts
         .iter()
         .find(|c| c["detail"]["last"] == true)
-        .unwrap_or_else(|| panic!("no last summary: {counts:?}"));
+        .unwrap_or_else(|| {
+            panic!(
+                "no last summary: {counts:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     let forwarded = last["detail"]["forwarded"].as_object().unwrap();
     let total: u64 = forwarded.values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(total, 7, "{forwarded:?}");
@@ -231,4 +237,90 @@ fn gpu_requests_the_host_cannot_meet_fail_with_what_to_change() {
     let out = g.env.run(&["--gpu", "0", "--", "true"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("[gpu] enabled = false"));
+}
+
+/// The device proxy of sandbox `id`.
+fn proxy_of(id: &str) -> i32 {
+    process_in_cgroup_of(id, |p| argv0_is(p, "airlock-devproxy"))
+}
+
+/// Each sandbox's device proxy is a process of its own in the sandbox's
+/// cgroup, running as the sandbox range's nobody with no capability in
+/// the host's user namespace (only CAP_SYS_PTRACE in the sandbox's), under
+/// no_new_privs and its own seccomp allow-list; if it dies, its sandbox
+/// is torn down and audited, and nothing is left behind.
+#[test]
+fn the_device_proxy_is_an_unprivileged_process_of_its_sandbox_and_takes_it_down_when_it_dies() {
+    let g = gpus("");
+    let b = g.env.start_brokerd();
+    let broker_pid = b.0.as_ref().unwrap().id() as i32;
+    let info = create(&g.env, &["--gpu", "1"]);
+    let id = info["id"].as_str().unwrap().to_string();
+    let base = info["host_uid_base"].as_u64().unwrap();
+    assert_eq!(info["gpus"][0]["minor"], 0, "{info}");
+    assert_eq!(info["gpus"][0]["inside"], 0, "{info}");
+    let proxy = proxy_of(&id);
+    assert_ne!(proxy, broker_pid);
+    let nobody = (base + 65534).to_string();
+    for key in ["Uid:", "Gid:"] {
+        let ids: Vec<String> = status_field(proxy, key)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                nobody.clone(),
+                nobody.clone(),
+                nobody.clone(),
+                nobody.clone()
+            ]
+        );
+    }
+    assert_eq!(
+        status_field(proxy, "CapEff:"),
+        format!("{:016x}", 1u64 << 19)
+    );
+    assert_eq!(
+        status_field(proxy, "CapBnd:"),
+        format!("{:016x}", 1u64 << 19)
+    );
+    assert_eq!(status_field(proxy, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(proxy, "Seccomp:"), "2");
+    // Its capability is the sandbox's namespace's, not the host's: it
+    // lives in the user namespace of the sandbox's pid 1.
+    let userns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/user")).unwrap();
+    let host = userns(std::process::id() as i32);
+    assert_ne!(userns(proxy), host);
+    let init = process_in_cgroup_of(&id, |p| argv0_is(p, "airlock-shim") && userns(p) != host);
+    assert_eq!(userns(proxy), userns(init));
+    // A GPU call served while it lives.
+    let out = g
+        .env
+        .remote(&["exec", &id, "--", "sh", "-c", "ls /dev | grep -c nvidia"]);
+    assert_eq!(ok(&out).trim(), "3");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let failed = rows(&g.env, "sandbox", "component_failed");
+        if failed.iter().any(|r| r["detail"]["role"] == "devproxy") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no component_failed row: {failed:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = g.env.remote(&["exec", &id, "--", "true"]);
+    assert!(
+        !out.status.success(),
+        "the sandbox outlived its device proxy"
+    );
+    drop(b);
+    g.env.assert_no_leftovers(None);
 }
