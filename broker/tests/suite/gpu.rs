@@ -116,7 +116,7 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         "--",
         "sh",
         "-c",
-        "ls /dev | grep nvidia | tr '\\n' ' '; echo; /workspace/gpu_driver_client /dev -",
+        "ls /dev | grep nvidia | tr '\\n' ' '; echo; /workspace/gpu_driver_client /dev - uvm",
     ]);
     let text = ok(&out);
     // Index 0 is minor 2 (PCI order), then the GPU of minor 0: two nodes,
@@ -160,6 +160,16 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         !line(&text, "control_wild_pointer").contains("rc=0 errno=0 status=0"),
         "{text}"
     );
+    // UVM: an admitted number runs natively in the caller (it binds to its
+    // address space); one that is not admitted never reaches the driver.
+    assert_eq!(
+        line(&text, "uvm_admitted"),
+        "uvm_admitted rc=0 errno=0 status=0"
+    );
+    assert!(
+        line(&text, "uvm_not_admitted").contains("errno=22"),
+        "{text}"
+    );
     // None of them reached the driver. It saw the broker's own inventory
     // (the handshake, card info for 32 GPUs), then the sandbox's
     // handshake, card info, three allocations, the name, the free, all on
@@ -177,11 +187,20 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
             (0x2B, 0x80),
             (0x2B, 0x2080),
             (0x2A, 0x2080_0110),
+            (23, 0),
             (0x29, 0)
         ],
         "{seen:?}"
     );
-    assert!(seen.iter().all(|r| r.node == "nvidiactl"), "{seen:?}");
+    assert!(
+        seen.iter().all(|r| r.node
+            == if r.nr == 23 {
+                "nvidia-uvm"
+            } else {
+                "nvidiactl"
+            }),
+        "{seen:?}"
+    );
     // The audit log: the grant in the create row, the proxy's tables and
     // jail, every refusal with its reason, the calls served by kind.
     let create = rows(&g.env, "sandbox", "create");

@@ -4,9 +4,12 @@
  * would try, each of which the proxy must refuse before the driver sees
  * it. One line per call: NAME rc=RC errno=ERRNO status=STATUS [extra]
  *
- * usage: driver_client DIR FILTER   (DIR holds nvidiactl and nvidia0;
+ * usage: driver_client DIR FILTER [uvm]
+ *        (DIR holds nvidiactl and nvidia0, and nvidia-uvm with "uvm";
  *        FILTER is the proxy's generated filter, raw sock_filter records,
- *        or "-" inside a sandbox, whose pid 1 installed it already)
+ *        or "-" inside a sandbox, whose pid 1 installed it already;
+ *        "uvm" adds an admitted UVM call, which runs natively, and one
+ *        that is not admitted)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -46,7 +49,7 @@ static long alloc(int fd, uint32_t root, uint32_t parent, uint32_t new, uint32_t
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) return 2;
+    if (argc != 3 && argc != 4) return 2;
     char path[4096];
     snprintf(path, sizeof path, "%s/nvidiactl", argv[1]);
     int ctl = open(path, O_RDWR);
@@ -121,6 +124,18 @@ int main(int argc, char **argv) {
     report("xfer", rc, 0, NULL);
     rc = ioctl(ctl, IOWR_F(0x39, 40), v); /* I2C access: not admitted */
     report("i2c", rc, 0, NULL);
+
+    if (argc == 4 && strcmp(argv[3], "uvm") == 0) {
+        snprintf(path, sizeof path, "%s/nvidia-uvm", argv[1]);
+        int uvm = open(path, O_RDWR);
+        if (uvm < 0) return 3;
+        unsigned char ubuf[64] = {0};
+        rc = ioctl(uvm, 23 /* UVM_CREATE_RANGE_GROUP */, ubuf);
+        report("uvm_admitted", rc, 0, NULL);
+        rc = ioctl(uvm, 10 /* UVM_ADD_SESSION: tools, not admitted */, ubuf);
+        report("uvm_not_admitted", rc, 0, NULL);
+        close(uvm);
+    }
 
     /* Free the client (and everything under it). */
     struct nvos00 fr = {client, 0, client, 0};
