@@ -102,6 +102,73 @@ impl GpuGrant {
     }
 }
 
+/// Files copied from the driver's procfs directory at most, and bytes
+/// of each.
+const PROC_FILES: usize = 64;
+const PROC_FILE_BYTES: u64 = 64 << 10;
+
+impl GpuGrant {
+    /// Writes into `into` (created, 0755) the part of the driver's procfs
+    /// directory `proc_dir` that concerns this grant: its top-level files
+    /// (version, params, registry) and `gpus/PCI/` of the granted GPUs
+    /// only, each file read-only. None when the host has no such
+    /// directory.
+    ///
+    /// # Errors
+    /// Creating or writing the copy.
+    pub fn write_proc_view(
+        &self,
+        proc_dir: &Path,
+        into: &Path,
+    ) -> std::io::Result<Option<PathBuf>> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !proc_dir.is_dir() {
+            return Ok(None);
+        }
+        let mkdir = |d: &Path| std::fs::DirBuilder::new().mode(0o755).create(d);
+        mkdir(into)?;
+        copy_files(proc_dir, into)?;
+        let gpus = into.join("gpus");
+        mkdir(&gpus)?;
+        for g in &self.gpus {
+            let (Some(dir), Some(name)) =
+                (&g.proc_dir, g.proc_dir.as_ref().and_then(|d| d.file_name()))
+            else {
+                continue;
+            };
+            let to = gpus.join(name);
+            mkdir(&to)?;
+            copy_files(dir, &to)?;
+        }
+        std::fs::set_permissions(&gpus, std::fs::Permissions::from_mode(0o555))?;
+        std::fs::set_permissions(into, std::fs::Permissions::from_mode(0o555))?;
+        Ok(Some(into.to_path_buf()))
+    }
+}
+
+/// Copies the regular files directly in `from` (procfs: sizes read as 0,
+/// so each is read to its end, bounded) into `to`, read-only.
+fn copy_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(from)?.flatten().take(PROC_FILES) {
+        if !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let mut text = Vec::new();
+        let Ok(f) = std::fs::File::open(e.path()) else {
+            continue;
+        };
+        if f.take(PROC_FILE_BYTES).read_to_end(&mut text).is_err() {
+            continue;
+        }
+        let dest = to.join(e.file_name());
+        std::fs::write(&dest, &text)?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o444))?;
+    }
+    Ok(())
+}
+
 /// Why GPUs cannot be granted.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {

@@ -103,6 +103,32 @@ fn apply_one(op: &SetupOp) -> Result<(), MountError> {
         SetupOp::Symlink { target, link } => {
             std::os::unix::fs::symlink(target, link).map_err(io_fail("symlink", link))
         }
+        SetupOp::CoverIfPresent { source, target } => {
+            if !target.is_dir() {
+                return Ok(());
+            }
+            mount(
+                Some(source.as_path()),
+                target.as_path(),
+                NONE,
+                MsFlags::MS_BIND,
+                NONE,
+            )
+            .map_err(fail("cover", target))?;
+            mount(
+                NONE,
+                target.as_path(),
+                NONE,
+                MsFlags::MS_REMOUNT
+                    | MsFlags::MS_BIND
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC,
+                NONE,
+            )
+            .map_err(fail("remount read-only", target))
+        }
         SetupOp::RemountReadOnly(p) => mount(
             NONE,
             p.as_path(),

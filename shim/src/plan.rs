@@ -63,6 +63,15 @@ pub enum SetupOp {
     },
     /// Remount a mount point read-only.
     RemountReadOnly(PathBuf),
+    /// Cover `target` with a read-only bind of `source`, when `target`
+    /// exists (the GPU driver's procfs directory is there only when the
+    /// driver is loaded).
+    CoverIfPresent {
+        /// Host directory shown instead.
+        source: PathBuf,
+        /// What it covers.
+        target: PathBuf,
+    },
     /// pivot_root into the new root and detach the old one.
     PivotRoot(PathBuf),
 }
@@ -81,6 +90,14 @@ pub fn plan(spec: &SandboxSpec) -> Vec<SetupOp> {
         flags: Flags::SAFE,
         data: String::new(),
     });
+    // The driver's procfs directory names every GPU of the host: the
+    // sandbox sees the broker's copy of its granted part instead.
+    if let Some(view) = spec.gpu.as_ref().and_then(|g| g.proc_view.clone()) {
+        ops.push(SetupOp::CoverIfPresent {
+            source: view,
+            target: at("proc/driver/nvidia"),
+        });
+    }
     let dev = at("dev");
     ops.push(SetupOp::Mount {
         fstype: "tmpfs",
@@ -196,6 +213,7 @@ mod tests {
                 | SetupOp::Touch(target)
                 | SetupOp::Mkdir(target)
                 | SetupOp::BindDevice { target, .. }
+                | SetupOp::CoverIfPresent { target, .. }
                 | SetupOp::RemountReadOnly(target) => target.clone(),
                 SetupOp::Symlink { link, .. } => link.clone(),
                 SetupOp::BindSelf(p) | SetupOp::PivotRoot(p) => p.clone(),
@@ -239,6 +257,7 @@ mod tests {
                 (PathBuf::from("/dev/nvidia3"), "nvidia0".into()),
             ],
             filter: vec![],
+            proc_view: Some(PathBuf::from("/var/lib/airlock/sandboxes/x/gpu-proc")),
         });
         let ops = plan(&s);
         let at = |source: &str, name: &str| {
@@ -256,6 +275,20 @@ mod tests {
         assert!(at("/dev/nvidiactl", "nvidiactl").unwrap() < ro);
         assert!(at("/dev/nvidia3", "nvidia0").unwrap() < ro);
         assert_eq!(at("/dev/nvidia3", "nvidia3"), None);
+        let proc_at = ops
+            .iter()
+            .position(|o| matches!(o, SetupOp::Mount { fstype: "proc", .. }))
+            .unwrap();
+        let cover = ops
+            .iter()
+            .position(|o| {
+                *o == SetupOp::CoverIfPresent {
+                    source: PathBuf::from("/var/lib/airlock/sandboxes/x/gpu-proc"),
+                    target: PathBuf::from("/run/airlock/x/root/proc/driver/nvidia"),
+                }
+            })
+            .unwrap();
+        assert!(proc_at < cover, "the cover goes on the sandbox's own /proc");
     }
 
     #[test]

@@ -60,6 +60,10 @@ pub struct GpuSpec {
     /// (so every process of the sandbox inherits it) with a new listener,
     /// which pid 1 sends to the broker with [`crate::channel::FromShim::Ready`].
     pub filter: Vec<BpfInsn>,
+    /// A host directory holding the granted GPUs' part of the driver's
+    /// procfs directory, shown read-only at /proc/driver/nvidia.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proc_view: Option<PathBuf>,
 }
 
 /// One classic BPF instruction (`struct sock_filter`).

@@ -426,6 +426,22 @@ impl Broker {
             }
         };
         let t_mounted = t0.elapsed();
+        // The driver's procfs directory, cut down to the granted GPUs.
+        let proc_view = match shape
+            .gpus
+            .as_ref()
+            .map(|g| g.write_proc_view(&self.cfg.gpu.proc_dir, &sb_dir.join("gpu-proc")))
+        {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                cleanup_partial(res);
+                return Err(BrokerError::Internal(format!(
+                    "copy the granted part of {}: {e}",
+                    self.cfg.gpu.proc_dir.display()
+                )));
+            }
+            None => None,
+        };
         let cg_procs = res.cgroup.join_files();
         let cgroup_version = self.cgroups.version();
         let (mine, theirs) = match Channel::pair() {
@@ -465,6 +481,7 @@ impl Broker {
             gpu: shape.gpus.as_ref().map(|g| airlock_shim::spec::GpuSpec {
                 nodes: g.nodes(),
                 filter: g.filter.clone(),
+                proc_view: proc_view.clone(),
             }),
         };
         let sandbox = Arc::new(Sandbox {

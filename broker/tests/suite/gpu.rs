@@ -44,6 +44,8 @@ fn gpus(extra: &str) -> Gpus {
     // The driver's procfs: UUID and model per PCI address; PCI order is
     // not minor order (index 0 is minor 2).
     let proc_dir = dir.path().join("proc");
+    std::fs::create_dir(&proc_dir).unwrap();
+    std::fs::write(proc_dir.join("version"), "NVRM version: simulated\n").unwrap();
     for (pci, minor) in [
         ("0000:01:00.0", 2),
         ("0000:41:00.0", 0),
@@ -278,6 +280,24 @@ fn the_device_proxy_is_an_unprivileged_process_of_its_sandbox_and_takes_it_down_
     let base = info["host_uid_base"].as_u64().unwrap();
     assert_eq!(info["gpus"][0]["minor"], 0, "{info}");
     assert_eq!(info["gpus"][0]["inside"], 0, "{info}");
+    // What the sandbox's /proc/driver/nvidia shows (where the host has
+    // one): the driver's files and the granted GPU's directory only.
+    let view = g.env.state.join("sandboxes").join(&id).join("gpu-proc");
+    let names = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&view), ["gpus", "version"]);
+    assert_eq!(names(&view.join("gpus")), ["0000:41:00.0"]);
+    assert!(
+        std::fs::read_to_string(view.join("gpus/0000:41:00.0/information"))
+            .unwrap()
+            .contains("Device Minor: \t 0")
+    );
     let proxy = proxy_of(&id);
     assert_ne!(proxy, broker_pid);
     let nobody = (base + 65534).to_string();
