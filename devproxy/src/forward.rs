@@ -117,6 +117,8 @@ pub struct Forwarder<'a> {
 
 impl<'a> Forwarder<'a> {
     pub fn new(abi: &'a Abi, grant: Grant, devices: Devices, listener: OwnedFd) -> Self {
+        // Best effort: older kernels keep cross-CPU wake-ups.
+        let _ = sys::sync_wake_up(listener.as_fd());
         Self {
             abi,
             grant,
@@ -196,9 +198,22 @@ impl<'a> Forwarder<'a> {
                 libc::ESRCH,
             );
         };
-        let Ok(pidfd) = rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty())
-        else {
-            return (Served::Gone, 0, 0);
+        // The notifying thread may be any thread of its process (CUDA's
+        // are many): a thread pidfd names it.
+        let Ok(pidfd) = open_thread(rpid) else {
+            // Never left unanswered: its thread would wait for ever.
+            return if self.continuable(request) {
+                (Served::Continued { fd, request }, 0, 0)
+            } else {
+                (
+                    Served::Refused {
+                        reason: format!("thread {} of the caller cannot be resolved", n.pid),
+                        reply: Reply::Errno(libc::ESRCH),
+                    },
+                    0,
+                    libc::ESRCH,
+                )
+            };
         };
         if !sys::still_pending(self.listener.as_fd(), n.id) {
             return (Served::Gone, 0, 0);
@@ -391,6 +406,20 @@ impl<'a> Forwarder<'a> {
             val,
             errno,
         )
+    }
+}
+
+/// A pidfd for thread `tid` (`PIDFD_THREAD`, Linux 6.9); on older
+/// kernels a process pidfd, which only a thread-group leader has.
+fn open_thread(tid: rustix::process::Pid) -> rustix::io::Result<OwnedFd> {
+    /// `PIDFD_THREAD` (`O_EXCL`).
+    const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
+    let thread = rustix::process::PidfdFlags::from_bits_retain(PIDFD_THREAD);
+    match rustix::process::pidfd_open(tid, thread) {
+        Err(rustix::io::Errno::INVAL) => {
+            rustix::process::pidfd_open(tid, rustix::process::PidfdFlags::empty())
+        }
+        other => other,
     }
 }
 

@@ -62,6 +62,31 @@ pub fn still_pending(listener: BorrowedFd<'_>, id: u64) -> bool {
     rc == 0
 }
 
+/// Asks the kernel to wake the notifying thread and the listener's
+/// reader on the current CPU (`SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`,
+/// Linux 6.6): a call and its answer then switch straight between the
+/// two instead of crossing CPUs, which dominates a round trip on VMs.
+///
+/// # Errors
+/// `EINVAL` on kernels without the flag (nothing changes then).
+pub fn sync_wake_up(listener: BorrowedFd<'_>) -> io::Result<()> {
+    /// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`.
+    const SYNC_WAKE_UP: u64 = 1;
+    // SAFETY: SECCOMP_IOCTL_NOTIF_SET_FLAGS takes the flags by value in
+    // the argument; no memory is passed.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS as _,
+            SYNC_WAKE_UP,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Answers notification `id`: the syscall returns `val`, or fails with
 /// `errno` when it is non-zero.
 ///

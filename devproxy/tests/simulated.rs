@@ -60,7 +60,7 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         gpu_ids: vec![0x300, 0x100],
     };
     let fwd = Forwarder::new(abi, grant, devices, c.listener);
-    let served = harness::serve(&fwd, &mut c.child, 16);
+    let served = harness::serve(&fwd, &mut c.child, 17);
     let out = harness::outputs(c.lines);
     assert!(c.child.wait().unwrap().success());
 
@@ -80,6 +80,11 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
     assert_eq!(out["subdevice"], "rc=0 errno=0 status=0");
     assert_eq!(out["name"], format!("rc=0 errno=0 status=0 {SIM_GPU_NAME}"));
     assert_eq!(out["free"], "rc=0 errno=0 status=0");
+    // From a thread that is not its process's leader, too.
+    assert_eq!(
+        out["thread_version"],
+        format!("rc=0 errno=0 status=1 {SIM_VERSION}")
+    );
     // The hostile ones, answered the driver's way.
     let einval = format!("rc=-1 errno={} status=0", libc::EINVAL);
     assert_eq!(out["control_short"], einval);
@@ -95,7 +100,7 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
     assert_eq!(out["xfer"], einval);
     assert_eq!(out["i2c"], einval);
 
-    // The simulator saw exactly the seven good calls, canonical and sized.
+    // The simulator saw exactly the eight good calls, canonical and sized.
     let got = sim.received();
     let want = [
         ("nvidiactl", 210, 72, 0),
@@ -104,6 +109,7 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         ("nvidiactl", 0x2B, 48, 0x80),
         ("nvidiactl", 0x2B, 48, 0x2080),
         ("nvidiactl", 0x2A, 32, 0x2080_0110),
+        ("nvidiactl", 210, 72, 0),
         ("nvidiactl", 0x29, 16, 0),
     ]
     .map(|(node, nr, size, what)| Received {

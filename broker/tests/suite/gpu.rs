@@ -129,6 +129,11 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         "{text}"
     );
     assert!(line(&text, "version").contains(SIM_VERSION), "{text}");
+    // From a thread that is not its process's leader, too.
+    assert!(
+        line(&text, "thread_version").starts_with("thread_version rc=0 errno=0 status=1"),
+        "{text}"
+    );
     assert_eq!(
         line(&text, "cards"),
         "cards rc=0 errno=0 status=0 0x300:0,0x100:1",
@@ -189,6 +194,7 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
             (0x2B, 0x80),
             (0x2B, 0x2080),
             (0x2A, 0x2080_0110),
+            (210, 0),
             (23, 0),
             (0x29, 0)
         ],
@@ -238,7 +244,7 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         });
     let forwarded = last["detail"]["forwarded"].as_object().unwrap();
     let total: u64 = forwarded.values().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(total, 7, "{forwarded:?}");
+    assert_eq!(total, 8, "{forwarded:?}");
     g.env.assert_no_leftovers(None);
 }
 
@@ -362,4 +368,114 @@ fn the_device_proxy_is_an_unprivileged_process_of_its_sandbox_and_takes_it_down_
     );
     drop(b);
     g.env.assert_no_leftovers(None);
+}
+
+/// Builds `devproxy/tests/support/NAME.c` into `dir`.
+fn build_into(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../devproxy/tests/support/{name}.c"));
+    let st = Command::new("cc")
+        .args(["-O2", "-Wall", "-Werror", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc runs");
+    assert!(st.success(), "{name}.c does not build");
+    out
+}
+
+fn bench_numbers(out: &str) -> (f64, f64) {
+    let get = |k: &str| -> f64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {out}"))
+    };
+    (get("control_ns"), get("refused_ns"))
+}
+
+/// Benchmark (run by `bench/gpu.sh`, never in the test suite): what the
+/// device proxy adds to one RM control, against the same call made on
+/// the simulated driver directly, interleaved in one run; and the
+/// validator's own cost per call. The simulator is a FUSE file, so the
+/// direct call already pays one FUSE round trip.
+#[test]
+#[ignore = "benchmark: bench/gpu.sh"]
+fn bench_ioctl_cost() {
+    const N: &str = "20000";
+    const ROUNDS: usize = 5;
+    let g = gpus("");
+    let ws = g._dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let bin = build_into(&ws, "ioctl_bench");
+    let dev = g._dir.path().join("dev");
+    let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let out = Command::new(&bin).arg(&dev).arg(N).output().unwrap();
+        direct.push(bench_numbers(&ok(&out)));
+        let out = g.env.run(&[
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--gpu",
+            "0",
+            "--",
+            "/workspace/ioctl_bench",
+            "/dev",
+            N,
+        ]);
+        proxied.push(bench_numbers(&ok(&out)));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let col = |v: &[(f64, f64)], i: usize| -> Vec<f64> {
+        v.iter().map(|x| if i == 0 { x.0 } else { x.1 }).collect()
+    };
+    // The validator alone, in process, on the same control's block.
+    let set = airlock_devproxy::AbiSet::builtin().unwrap();
+    let abi = set.select(SIM_VERSION, Default::default()).unwrap().abi();
+    let grant = airlock_devproxy::validate::Grant {
+        gpu_ids: vec![0x300],
+    };
+    let mut block = [0u8; 32];
+    block[8..12].copy_from_slice(&0x2080_0110u32.to_le_bytes());
+    block[16..24].copy_from_slice(&0x7000_0000u64.to_le_bytes());
+    block[24..28].copy_from_slice(&132u32.to_le_bytes());
+    let request = u64::from(airlock_devproxy::validate::canonical(0x2A, 32));
+    let reps = 1_000_000u32;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        let d = airlock_devproxy::validate::check(
+            abi,
+            &grant,
+            airlock_devproxy::Node::Ctl,
+            std::hint::black_box(request),
+            std::hint::black_box(&block),
+        );
+        assert!(matches!(d, airlock_devproxy::Decision::Forward(_)));
+    }
+    let validate_ns = t.elapsed().as_nanos() as f64 / f64::from(reps);
+    let (dc, dr) = (median(&mut col(&direct, 0)), median(&mut col(&direct, 1)));
+    let (pc, pr) = (median(&mut col(&proxied, 0)), median(&mut col(&proxied, 1)));
+    println!(
+        "| call (simulated driver, medians of {ROUNDS} runs of {N}) | direct | through the device proxy | added | ratio |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| RM control (GPU name) | {:.1} µs | {:.1} µs | {:.1} µs | {:.2}x |",
+        dc / 1e3,
+        pc / 1e3,
+        (pc - dc) / 1e3,
+        pc / dc
+    );
+    println!(
+        "| unknown control (refused by the proxy; the driver's NOT_SUPPORTED directly) | {:.1} µs | {:.1} µs | {:.1} µs | {:.2}x |",
+        dr / 1e3,
+        pr / 1e3,
+        (pr - dr) / 1e3,
+        pr / dr
+    );
+    println!("validator alone: {validate_ns:.0} ns per RM control");
 }

@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -46,6 +47,18 @@ static long alloc(int fd, uint32_t root, uint32_t parent, uint32_t new, uint32_t
     *status = a.status;
     if (handle) *handle = a.hObjectNew;
     return rc;
+}
+
+static int thread_ctl, thread_errno;
+static long thread_rc;
+static unsigned char thread_v[72];
+
+static void *thread_handshake(void *arg) {
+    (void)arg;
+    thread_v[0] = '2';
+    thread_rc = ioctl(thread_ctl, IOWR_F(210, 72), thread_v);
+    thread_errno = errno;
+    return NULL;
 }
 
 int main(int argc, char **argv) {
@@ -124,6 +137,14 @@ int main(int argc, char **argv) {
     report("xfer", rc, 0, NULL);
     rc = ioctl(ctl, IOWR_F(0x39, 40), v); /* I2C access: not admitted */
     report("i2c", rc, 0, NULL);
+
+    /* The same handshake from another thread: CUDA calls from many. */
+    pthread_t t;
+    thread_ctl = ctl;
+    if (pthread_create(&t, NULL, thread_handshake, NULL) == 0 && pthread_join(t, NULL) == 0) {
+        errno = thread_errno;
+        report("thread_version", thread_rc, *(uint32_t *)(thread_v + 4), (char *)thread_v + 8);
+    }
 
     if (argc == 4 && strcmp(argv[3], "uvm") == 0) {
         snprintf(path, sizeof path, "%s/nvidia-uvm", argv[1]);

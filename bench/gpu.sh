@@ -1,0 +1,9 @@
+#!/bin/sh
+# What the device proxy adds per driver call, against a SIMULATED NVIDIA
+# driver (a FUSE stand-in: no GPU here), in one interleaved run: the same
+# RM control made directly on the simulator and from inside a sandbox
+# through its device proxy; and the validator's own cost. Prints a
+# markdown table. Run as root from the repository root.
+set -eu
+cd "$(dirname "$0")/.."
+exec cargo test --release -p airlock-broker --test e2e bench_ioctl_cost -- --ignored --nocapture --test-threads=1
