@@ -28,8 +28,10 @@
 //! must happen on a file the sandbox holds, and UVM calls must come from
 //! the sandbox's own process. The design:
 //! - the sandbox's `/dev/nvidiactl`, `/dev/nvidiaN` (only the granted GPUs,
-//!   renumbered from 0) and `/dev/nvidia-uvm` open the real devices,
-//!   enforced also by the devices cgroup (v1) or its BPF equivalent (v2);
+//!   renumbered from 0) and `/dev/nvidia-uvm` open the real devices; they
+//!   are the only device nodes of the driver the sandbox can reach (it
+//!   can neither make nodes nor mount; a devices cgroup or its v2 BPF
+//!   equivalent would add a second bound, not yet);
 //! - a seccomp filter in the sandbox sends every `ioctl` on those nodes to
 //!   the sandbox's devproxy process with `SECCOMP_RET_USER_NOTIF`; the BPF
 //!   keys on the `(nr, size)` pairs the driver could accept, not on the
@@ -51,10 +53,26 @@
 //!   device, when no escape takes its (nr, size) and no UVM number could
 //!   be it (whatever file the fd names when it runs, no driver acts on
 //!   it). The sandbox's filter is generated per version ([`filter`]);
-//! - the devproxy runs as the sandbox's unprivileged host uid with no
-//!   capabilities in the host's namespace (the driver grants extra rights
-//!   to privileged callers), jailed and in the sandbox's cgroup, one
-//!   process per sandbox.
+//! - the devproxy runs as the sandbox range's nobody inside the sandbox's
+//!   user namespace, with CAP_SYS_PTRACE there only (what reading a
+//!   caller's memory and duplicating its fd check for) and no capability
+//!   in the host's namespace (the driver grants extra rights to
+//!   privileged callers), jailed and in the sandbox's cgroup, one process
+//!   per sandbox: the broker's `__devproxy` role
+//!   (`broker/src/gpu_server.rs`).
+//!
+//! Why not the other designs: a FUSE or CUSE stand-in cannot provide
+//! device mmap, and a proxy cannot issue UVM calls for another process's
+//! address space; gVisor's approach (every call from its own kernel)
+//! needs a user-space kernel in between. Handing the sandbox raw device
+//! fds without mediation reaches every driver entry point. Seccomp user
+//! notification keeps mmap and UVM native and puts only the driver's
+//! ioctls through the check. The price is a round trip per checked call
+//! (about 20 µs on a 2-vCPU VM, see the README's benchmark). One risk
+//! only a GPU can settle: RM clients are allocated by the proxy's
+//! process, while UVM calls come from the sandbox's process, so a driver
+//! that ties an RM client to the process that made it would refuse
+//! UVM's use of it.
 //!
 //! Embedded pointers are never handed to the driver raw: a control or
 //! alloc whose parameters embed pointers or fds is refused until its
