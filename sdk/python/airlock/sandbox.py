@@ -424,6 +424,7 @@ class Sandbox:
         network: Optional[Dict[str, Any]] = None,
         workspace: Optional[str] = None,
         from_snapshot: Optional[str] = None,
+        gpus: Optional[List[str]] = None,
         socket: Optional[str] = None,
     ) -> "Sandbox":
         """Creates a sandbox (see `POST /v1/sandboxes` for each field)."""
@@ -436,6 +437,7 @@ class Sandbox:
             ("network", network),
             ("workspace", workspace),
             ("from_snapshot", from_snapshot),
+            ("gpus", gpus),
         ):
             if v is not None:
                 body[k] = v
