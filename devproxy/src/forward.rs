@@ -343,6 +343,22 @@ impl<'a> Forwarder<'a> {
             }
             buffers.push((b.pointer_at, remote, local));
         }
+        // GPUs named in a control's parameters must be granted.
+        if let (Some(rule), Some((_, _, params))) = (plan.ids, buffers.first_mut())
+            && let Err(why) = validate::gpu_ids_before(rule, params, &self.grant)
+        {
+            let at = crate::layout::at::CTRL_STATUS;
+            let status = validate::status::NV_ERR_INVALID_ARGUMENT;
+            let ok = write_remote(pid, arg + at as u64, &status.to_le_bytes()).is_ok();
+            return (
+                Served::Refused {
+                    reason: format!("{}: {why}", plan.what),
+                    reply: Reply::Status { at, status },
+                },
+                0,
+                if ok { 0 } else { libc::EFAULT },
+            );
+        }
         for (at, _, local) in &mut buffers {
             let addr = local.as_mut_ptr() as u64;
             block[*at..*at + 8].copy_from_slice(&addr.to_le_bytes());
@@ -381,6 +397,12 @@ impl<'a> Forwarder<'a> {
         drop(held);
         if result.is_ok() && plan.after == validate::After::CardInfo {
             validate::card_info(&mut block, &self.grant);
+        }
+        // Lists of GPUs the driver returned show only the granted ones.
+        if let (true, Some(rule), Some((_, _, params))) =
+            (result.is_ok(), plan.ids, buffers.first_mut())
+        {
+            validate::gpu_ids_after(rule, params, &self.grant);
         }
         // The sandbox's own pointers and fd numbers go back in place.
         for (at, remote, _) in &buffers {

@@ -87,6 +87,141 @@ pub struct Plan {
     pub fds: Vec<usize>,
     /// What to do to the block after the call, before the sandbox sees it.
     pub after: After,
+    /// For a control whose parameters name or list GPU ids: how they are
+    /// held to the grant (before the call, and after it on the copy of
+    /// its parameters).
+    pub ids: Option<GpuIds>,
+}
+
+/// Client-level RM controls whose parameters name or list GPUs by the
+/// driver's id: what the sandbox may name, and what it may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuIds {
+    /// `gpuIds[32]` the driver lists (`GPU_GET_ATTACHED_IDS`): only the
+    /// granted ones are left.
+    Attached,
+    /// `gpuIds[32]`, `excludedGpuIds[32]` and, from 580, `gpuFlags[32]`
+    /// (`GPU_GET_PROBED_IDS`): only the granted ones are left, each with
+    /// its flags; no excluded GPU shows.
+    Probed {
+        /// Whether the parameters carry `gpuFlags`.
+        flags: bool,
+    },
+    /// `gpuId` first (`GPU_GET_ID_INFO_V2`, `GPU_GET_PCI_INFO`,
+    /// `GPU_GET_UUID_FROM_GPU_ID`, `GPU_QUERY_DRAIN_STATE`): it must be
+    /// granted.
+    Named,
+    /// `gpuIds[32]` first (`GPU_ATTACH_IDS`, `GPU_DETACH_IDS`): each must
+    /// be granted; "all" (`0xffff`) becomes the granted ones.
+    NamedList,
+}
+
+/// `NV0000_CTRL_GPU_INVALID_ID`: ends a list of ids.
+pub const INVALID_ID: u32 = 0xFFFF_FFFF;
+/// `NV0000_CTRL_GPU_ATTACH_ALL_PROBED_IDS` / `DETACH_ALL_IDS`.
+const ALL_IDS: u32 = 0x0000_FFFF;
+/// `NV0000_CTRL_GPU_MAX_ATTACHED_GPUS` / `MAX_PROBED_GPUS`.
+const MAX_IDS: usize = 32;
+
+/// The GPU-id rule of client-level control `cmd` with `params_size`
+/// bytes of parameters.
+fn gpu_id_rule(cmd: u32, params_size: u32) -> Option<GpuIds> {
+    match cmd {
+        0x201 => Some(GpuIds::Attached),
+        0x214 => Some(GpuIds::Probed {
+            flags: params_size as usize >= 3 * MAX_IDS * 4,
+        }),
+        0x205 | 0x21B | 0x275 | 0x279 => Some(GpuIds::Named),
+        0x215 | 0x216 => Some(GpuIds::NamedList),
+        _ => None,
+    }
+}
+
+fn ids_at(params: &[u8], at: usize) -> Vec<u32> {
+    (0..MAX_IDS).map(|i| read_u32(params, at + i * 4)).collect()
+}
+
+fn put_ids(params: &mut [u8], at: usize, ids: &[u32]) {
+    for i in 0..MAX_IDS {
+        let v = ids.get(i).copied().unwrap_or(INVALID_ID);
+        if let Some(slot) = params.get_mut(at + i * 4..at + i * 4 + 4) {
+            slot.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// Before a control with rule `rule` runs: `Err` with the reason when its
+/// parameters name a GPU outside the grant. "All GPUs" is rewritten to
+/// the granted ones.
+///
+/// # Errors
+/// The reason, for the audit.
+pub fn gpu_ids_before(rule: GpuIds, params: &mut [u8], grant: &Grant) -> Result<(), String> {
+    match rule {
+        GpuIds::Attached | GpuIds::Probed { .. } => Ok(()),
+        GpuIds::Named => {
+            let id = read_u32(params, 0);
+            if grant.gpu_ids.contains(&id) {
+                Ok(())
+            } else {
+                Err(format!("gpu id {id:#x} is not granted"))
+            }
+        }
+        GpuIds::NamedList => {
+            let ids = ids_at(params, 0);
+            if ids.first() == Some(&ALL_IDS) {
+                put_ids(params, 0, &grant.gpu_ids);
+                return Ok(());
+            }
+            match ids
+                .iter()
+                .take_while(|id| **id != INVALID_ID)
+                .find(|id| !grant.gpu_ids.contains(id))
+            {
+                Some(id) => Err(format!("gpu id {id:#x} is not granted")),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// After a control with rule `rule` ran: only granted GPUs are left in
+/// the lists it returned.
+pub fn gpu_ids_after(rule: GpuIds, params: &mut [u8], grant: &Grant) {
+    let keep = |ids: &[u32]| -> Vec<usize> {
+        ids.iter()
+            .enumerate()
+            .filter(|(_, id)| **id != INVALID_ID && grant.gpu_ids.contains(id))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    match rule {
+        GpuIds::Attached => {
+            let ids = ids_at(params, 0);
+            let kept: Vec<u32> = keep(&ids).into_iter().map(|i| ids[i]).collect();
+            put_ids(params, 0, &kept);
+        }
+        GpuIds::Probed { flags } => {
+            let ids = ids_at(params, 0);
+            let at_flags = 2 * MAX_IDS * 4;
+            let fl = ids_at(params, at_flags);
+            let idx = keep(&ids);
+            let kept: Vec<u32> = idx.iter().map(|i| ids[*i]).collect();
+            put_ids(params, 0, &kept);
+            put_ids(params, MAX_IDS * 4, &[]);
+            if flags {
+                let kept_flags: Vec<u32> = idx.iter().map(|i| fl[*i]).collect();
+                put_ids(params, at_flags, &kept_flags);
+                // Unused flag slots are zero, not the invalid id.
+                for i in kept_flags.len()..MAX_IDS {
+                    if let Some(s) = params.get_mut(at_flags + i * 4..at_flags + i * 4 + 4) {
+                        s.fill(0);
+                    }
+                }
+            }
+        }
+        GpuIds::Named | GpuIds::NamedList => {}
+    }
 }
 
 /// Rewriting of a result before the sandbox sees it.
@@ -256,6 +391,7 @@ pub fn check(abi: &Abi, grant: &Grant, node: Node, request: u64, block: &[u8]) -
             } else {
                 After::Nothing
             },
+            ids: None,
         })
     };
     match nr {
@@ -364,7 +500,14 @@ fn check_control(
     } else {
         vec![]
     };
-    plan(format!("{name} {}", c.name), buffers, vec![])
+    let decision = plan(format!("{name} {}", c.name), buffers, vec![]);
+    match (decision, gpu_id_rule(cmd, params_size)) {
+        (Decision::Forward(mut p), Some(rule)) if params_size > 0 => {
+            p.ids = Some(rule);
+            Decision::Forward(p)
+        }
+        (d, _) => d,
+    }
 }
 
 /// The event classes, which RM also takes on a GPU node.

@@ -480,3 +480,99 @@ fn card_info_shows_only_granted_gpus_numbered_as_the_sandboxs_nodes() {
         assert!(entry(k).iter().all(|b| *b == 0), "entry {k} is not empty");
     }
 }
+
+/// Client-level controls that enumerate GPUs show only the granted ones,
+/// and those that name a GPU must name a granted one, in every version
+/// that admits them.
+#[test]
+fn gpu_enumeration_controls_are_held_to_the_grant() {
+    use validate::{GpuIds, INVALID_ID, gpu_ids_after, gpu_ids_before};
+    let g = Grant {
+        gpu_ids: vec![0x300, 0x100],
+    };
+    let words = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let read = |b: &[u8], at: usize, n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|i| u32::from_le_bytes(b[at + 4 * i..at + 4 * i + 4].try_into().unwrap()))
+            .collect()
+    };
+    for a in set().versions() {
+        for (cmd, want) in [
+            (0x201u32, Some(GpuIds::Attached)),
+            (0x205, Some(GpuIds::Named)),
+            (0x21B, Some(GpuIds::Named)),
+            (0x275, Some(GpuIds::Named)),
+            (0x279, Some(GpuIds::Named)),
+            (0x215, Some(GpuIds::NamedList)),
+            (0x216, Some(GpuIds::NamedList)),
+        ] {
+            let Some(c) = a.controls.get(&cmd) else {
+                continue;
+            };
+            let d = check(
+                a,
+                &g,
+                Node::Ctl,
+                req(0x2A, 32),
+                &control(cmd, 0x7000_0000, c.param_size),
+            );
+            let Decision::Forward(p) = d else {
+                panic!("{}: {cmd:#x} refused: {d:?}", a.version)
+            };
+            assert_eq!(p.ids, want, "{} {cmd:#x}", a.version);
+        }
+        if let Some(c) = a.controls.get(&0x214) {
+            let d = check(
+                a,
+                &g,
+                Node::Ctl,
+                req(0x2A, 32),
+                &control(0x214, 0x7000_0000, c.param_size),
+            );
+            let Decision::Forward(p) = d else { panic!() };
+            assert_eq!(
+                p.ids,
+                Some(GpuIds::Probed {
+                    flags: c.param_size == 384
+                }),
+                "{}",
+                a.version
+            );
+        }
+    }
+    // The driver lists all three; the sandbox sees its two.
+    let mut attached = words(&[0x100, 0x200, 0x300]);
+    attached.resize(128, 0xFF);
+    gpu_ids_after(GpuIds::Attached, &mut attached, &g);
+    assert_eq!(read(&attached, 0, 3), [0x100, 0x300, INVALID_ID]);
+    let mut probed = words(&[0x100, 0x200, 0x300]);
+    probed.resize(128, 0xFF);
+    probed.extend(words(&[0x400]));
+    probed.resize(256, 0xFF);
+    probed.extend(words(&[1, 2, 3]));
+    probed.resize(384, 0);
+    gpu_ids_after(GpuIds::Probed { flags: true }, &mut probed, &g);
+    assert_eq!(read(&probed, 0, 3), [0x100, 0x300, INVALID_ID]);
+    assert_eq!(read(&probed, 128, 1), [INVALID_ID], "no excluded GPU shows");
+    assert_eq!(
+        read(&probed, 256, 3),
+        [1, 3, 0],
+        "flags move with their GPU"
+    );
+    // Naming: granted ones pass, others are refused; "all" is the grant.
+    let mut named = words(&[0x200, 0, 0]);
+    assert!(
+        gpu_ids_before(GpuIds::Named, &mut named, &g)
+            .unwrap_err()
+            .contains("0x200")
+    );
+    let mut named = words(&[0x300, 0, 0]);
+    assert!(gpu_ids_before(GpuIds::Named, &mut named, &g).is_ok());
+    let mut list = words(&[0x100, 0x200, INVALID_ID]);
+    list.resize(132, 0);
+    assert!(gpu_ids_before(GpuIds::NamedList, &mut list, &g).is_err());
+    let mut all = words(&[0xFFFF]);
+    all.resize(132, 0);
+    gpu_ids_before(GpuIds::NamedList, &mut all, &g).unwrap();
+    assert_eq!(read(&all, 0, 3), [0x300, 0x100, INVALID_ID]);
+}

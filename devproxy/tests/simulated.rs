@@ -60,7 +60,7 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         gpu_ids: vec![0x300, 0x100],
     };
     let fwd = Forwarder::new(abi, grant, devices, c.listener);
-    let served = harness::serve(&fwd, &mut c.child, 17);
+    let served = harness::serve(&fwd, &mut c.child, 20);
     let out = harness::outputs(c.lines);
     assert!(c.child.wait().unwrap().success());
 
@@ -80,6 +80,10 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
     assert_eq!(out["subdevice"], "rc=0 errno=0 status=0");
     assert_eq!(out["name"], format!("rc=0 errno=0 status=0 {SIM_GPU_NAME}"));
     assert_eq!(out["free"], "rc=0 errno=0 status=0");
+    // GPU enumeration shows the granted GPUs only; another is not named.
+    assert_eq!(out["attached"], "rc=0 errno=0 status=0 0x100,0x300");
+    assert_eq!(out["pci_granted"], "rc=0 errno=0 status=0");
+    assert_eq!(out["pci_not_granted"], "rc=0 errno=0 status=31");
     // From a thread that is not its process's leader, too.
     assert_eq!(
         out["thread_version"],
@@ -109,6 +113,8 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         ("nvidiactl", 0x2B, 48, 0x80),
         ("nvidiactl", 0x2B, 48, 0x2080),
         ("nvidiactl", 0x2A, 32, 0x2080_0110),
+        ("nvidiactl", 0x2A, 32, 0x201),
+        ("nvidiactl", 0x2A, 32, 0x21B),
         ("nvidiactl", 210, 72, 0),
         ("nvidiactl", 0x29, 16, 0),
     ]
@@ -123,7 +129,7 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         .iter()
         .filter(|s| matches!(s, Served::Refused { .. } | Served::Fault { .. }))
         .count();
-    assert_eq!(refused, 9, "{served:#?}");
+    assert_eq!(refused, 10, "{served:#?}");
 }
 
 #[test]

@@ -146,6 +146,20 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         );
     }
     assert!(line(&text, "name").ends_with(SIM_GPU_NAME), "{text}");
+    // GPU enumeration in RM controls: the driver lists all three, the
+    // sandbox sees its two; naming the third is refused.
+    assert_eq!(
+        line(&text, "attached"),
+        "attached rc=0 errno=0 status=0 0x100,0x300"
+    );
+    assert_eq!(
+        line(&text, "pci_granted"),
+        "pci_granted rc=0 errno=0 status=0"
+    );
+    assert_eq!(
+        line(&text, "pci_not_granted"),
+        "pci_not_granted rc=0 errno=0 status=31"
+    );
     // Each hostile call fails, the way the driver would answer it.
     for bad in [
         "control_short",
@@ -194,6 +208,8 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
             (0x2B, 0x80),
             (0x2B, 0x2080),
             (0x2A, 0x2080_0110),
+            (0x2A, 0x201),
+            (0x2A, 0x21B),
             (210, 0),
             (23, 0),
             (0x29, 0)
@@ -244,7 +260,7 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         });
     let forwarded = last["detail"]["forwarded"].as_object().unwrap();
     let total: u64 = forwarded.values().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(total, 8, "{forwarded:?}");
+    assert_eq!(total, 10, "{forwarded:?}");
     g.env.assert_no_leftovers(None);
 }
 

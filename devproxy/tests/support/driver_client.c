@@ -113,6 +113,26 @@ int main(int argc, char **argv) {
     rc = ioctl(ctl, IOWR_F(0x2a, 32), &c);
     report("name", rc, c.status, (char *)name + 4);
 
+    /* GPU enumeration: only the granted GPUs show; only they are named. */
+    uint32_t ids[32];
+    struct nvos54 e = {client, client, 0x201, 0, (uint64_t)(uintptr_t)ids, sizeof ids, 0};
+    rc = ioctl(ctl, IOWR_F(0x2a, 32), &e);
+    char listed[256] = "";
+    for (int i = 0; i < 32 && ids[i] != 0xffffffffu; i++) {
+        char one[16];
+        snprintf(one, sizeof one, "%s%#x", listed[0] ? "," : "", ids[i]);
+        strncat(listed, one, sizeof listed - strlen(listed) - 1);
+    }
+    report("attached", rc, e.status, listed);
+    uint32_t pci[3] = {0x300, 0, 0};
+    struct nvos54 p = {client, client, 0x21b, 0, (uint64_t)(uintptr_t)pci, sizeof pci, 0};
+    rc = ioctl(ctl, IOWR_F(0x2a, 32), &p);
+    report("pci_granted", rc, p.status, NULL);
+    pci[0] = 0x200;
+    p.status = 0;
+    rc = ioctl(ctl, IOWR_F(0x2a, 32), &p);
+    report("pci_not_granted", rc, p.status, NULL);
+
     /* What a hostile tenant tries; none may reach the driver. */
     struct nvos54 bad = c;
     rc = ioctl(ctl, IOWR_F(0x2a, 31), &bad);

@@ -91,6 +91,19 @@ fn attr(ino: u64) -> FileAttr {
     }
 }
 
+/// Writes `data` at `addr` of the caller, as the driver copies params
+/// out: NV_OK, or NV_ERR_INVALID_ARGUMENT when it cannot.
+fn write_to(pid: nix::unistd::Pid, addr: u64, data: &[u8]) -> u32 {
+    let remote = [nix::sys::uio::RemoteIoVec {
+        base: addr as usize,
+        len: data.len(),
+    }];
+    match nix::sys::uio::process_vm_writev(pid, &[IoSlice::new(data)], &remote) {
+        Ok(n) if n == data.len() => NV_OK,
+        _ => NV_ERR_INVALID_ARGUMENT,
+    }
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
@@ -242,8 +255,36 @@ impl Filesystem for Simulator {
             0x2A if ctl && exact(32) => {
                 // RM_CONTROL (NVOS54): cmd @8, params @16, size @24.
                 let (cmd, params, psize) = (u32_at(&b, 8), u64_at(&b, 16), u32_at(&b, 24));
+                let pid = nix::unistd::Pid::from_raw(req.pid() as i32);
                 let status = if !st.handles.contains(&u32_at(&b, 4)) {
                     NV_ERR_OBJECT_NOT_FOUND
+                } else if cmd == 0x201 && psize == 128 {
+                    // GPU_GET_ATTACHED_IDS: all three, as the driver lists
+                    // them to any client.
+                    let mut ids = [0xFFu8; 128];
+                    for (i, id) in [0x100u32, 0x200, 0x300].iter().enumerate() {
+                        ids[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
+                    }
+                    write_to(pid, params, &ids)
+                } else if cmd == 0x21B && psize == 12 {
+                    // GPU_GET_PCI_INFO of the id the caller names.
+                    let mut p = [0u8; 12];
+                    let remote = [nix::sys::uio::RemoteIoVec {
+                        base: params as usize,
+                        len: 12,
+                    }];
+                    let read = nix::sys::uio::process_vm_readv(
+                        pid,
+                        &mut [std::io::IoSliceMut::new(&mut p)],
+                        &remote,
+                    );
+                    let id = u32_at(&p, 0);
+                    if read.ok() != Some(12) || ![0x100, 0x200, 0x300].contains(&id) {
+                        NV_ERR_INVALID_ARGUMENT
+                    } else {
+                        p[8..10].copy_from_slice(&((id >> 8) as u16).to_le_bytes());
+                        write_to(pid, params, &p)
+                    }
                 } else if cmd == 0x2080_0110 && psize == 132 {
                     // GPU_GET_NAME_STRING: the name goes into the caller's
                     // params buffer, as the driver writes it.
@@ -253,7 +294,6 @@ impl Filesystem for Simulator {
                         base: params as usize + 4,
                         len: 128,
                     }];
-                    let pid = nix::unistd::Pid::from_raw(req.pid() as i32);
                     match nix::sys::uio::process_vm_writev(pid, &[IoSlice::new(&name)], &remote) {
                         Ok(128) => NV_OK,
                         _ => NV_ERR_INVALID_ARGUMENT,
