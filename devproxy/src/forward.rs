@@ -20,7 +20,7 @@
 //! the fd names when it runs.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
 use nix::unistd::Pid;
@@ -113,6 +113,8 @@ pub struct Forwarder<'a> {
     grant: Grant,
     devices: Devices,
     listener: OwnedFd,
+    /// The granted GPUs' device instances, once learned.
+    instances: std::sync::OnceLock<Vec<u32>>,
 }
 
 impl<'a> Forwarder<'a> {
@@ -124,6 +126,7 @@ impl<'a> Forwarder<'a> {
             grant,
             devices,
             listener,
+            instances: std::sync::OnceLock::new(),
         }
     }
 
@@ -304,6 +307,42 @@ impl<'a> Forwarder<'a> {
         }
     }
 
+    /// The device instances of the granted GPUs, asked of the driver once
+    /// (`GPU_GET_ID_INFO_V2` for each granted id, on the caller's client
+    /// `h_client`, through the caller's nvidiactl) and kept: RM numbers
+    /// device instances for the whole host. None when the driver does not
+    /// answer for every one (the call needing them is then refused).
+    fn device_instances(&self, ctl: BorrowedFd<'_>, h_client: u32) -> Option<Vec<u32>> {
+        use crate::layout::at;
+        if let Some(v) = self.instances.get() {
+            return Some(v.clone());
+        }
+        let mut out = Vec::with_capacity(self.grant.gpu_ids.len());
+        for id in &self.grant.gpu_ids {
+            let mut params = [0u8; validate::ID_INFO_V2_SIZE];
+            params[0..4].copy_from_slice(&id.to_le_bytes());
+            let mut block = [0u8; 32];
+            // NVOS54: hClient @0, hObject @4 (the client itself).
+            block[0..4].copy_from_slice(&h_client.to_le_bytes());
+            block[4..8].copy_from_slice(&h_client.to_le_bytes());
+            block[at::CTRL_CMD..at::CTRL_CMD + 4]
+                .copy_from_slice(&validate::GET_ID_INFO_V2.to_le_bytes());
+            let ptr = params.as_mut_ptr() as u64;
+            block[at::CTRL_PARAMS..at::CTRL_PARAMS + 8].copy_from_slice(&ptr.to_le_bytes());
+            let size = validate::ID_INFO_V2_SIZE as u32;
+            block[at::CTRL_PARAMS_SIZE..at::CTRL_PARAMS_SIZE + 4]
+                .copy_from_slice(&size.to_le_bytes());
+            let request = validate::canonical(validate::esc::RM_CONTROL, 32);
+            sys::ioctl_block(ctl, request, &mut block).ok()?;
+            if read_u32(&block, at::CTRL_STATUS) != 0 {
+                return None;
+            }
+            out.push(read_u32(&params, validate::DEVICE_INSTANCE_AT));
+        }
+        let _ = self.instances.set(out.clone());
+        Some(out)
+    }
+
     /// Whether `request`, made on a file that is not a granted device, may
     /// run as made: no escape of the driver takes its (nr, size), and it is
     /// no number the UVM driver could route (no small integer, nothing in
@@ -343,11 +382,37 @@ impl<'a> Forwarder<'a> {
             }
             buffers.push((b.pointer_at, remote, local));
         }
-        // GPUs named in a control's parameters must be granted.
+        // The granted GPUs' device instances, where the rule needs them
+        // (learned once, from the driver, on the caller's own client).
+        let instances = match plan.ids {
+            Some(rule) if rule.needs_instances() => {
+                match self.device_instances(dup.as_fd(), read_u32(&block, 0)) {
+                    Some(v) => v,
+                    None => {
+                        let at = rule.status_at(block.len());
+                        let status = validate::status::NV_ERR_INVALID_ARGUMENT;
+                        let ok = write_remote(pid, arg + at as u64, &status.to_le_bytes()).is_ok();
+                        return (
+                            Served::Refused {
+                                reason: format!(
+                                    "{}: the granted GPUs' device instances cannot be learned",
+                                    plan.what
+                                ),
+                                reply: Reply::Status { at, status },
+                            },
+                            0,
+                            if ok { 0 } else { libc::EFAULT },
+                        );
+                    }
+                }
+            }
+            _ => Vec::new(),
+        };
+        // GPUs named in a control's or alloc's parameters must be granted.
         if let (Some(rule), Some((_, _, params))) = (plan.ids, buffers.first_mut())
-            && let Err(why) = validate::gpu_ids_before(rule, params, &self.grant)
+            && let Err(why) = validate::gpu_ids_before(rule, params, &self.grant, &instances)
         {
-            let at = crate::layout::at::CTRL_STATUS;
+            let at = rule.status_at(block.len());
             let status = validate::status::NV_ERR_INVALID_ARGUMENT;
             let ok = write_remote(pid, arg + at as u64, &status.to_le_bytes()).is_ok();
             return (
@@ -402,7 +467,7 @@ impl<'a> Forwarder<'a> {
         if let (true, Some(rule), Some((_, _, params))) =
             (result.is_ok(), plan.ids, buffers.first_mut())
         {
-            validate::gpu_ids_after(rule, params, &self.grant);
+            validate::gpu_ids_after(rule, params, &self.grant, &instances);
         }
         // The sandbox's own pointers and fd numbers go back in place.
         for (at, remote, _) in &buffers {

@@ -114,7 +114,40 @@ pub enum GpuIds {
     /// `gpuIds[32]` first (`GPU_ATTACH_IDS`, `GPU_DETACH_IDS`): each must
     /// be granted; "all" (`0xffff`) becomes the granted ones.
     NamedList,
+    /// `NV0080_ALLOC_PARAMETERS` of a device object (`NV01_DEVICE_0`, the
+    /// way to a GPU in RM): `deviceId` must be the device instance of a
+    /// granted GPU, and no other client's device may be its target.
+    DeviceAlloc,
+    /// `deviceIds`, a bitmask of device instances (`GPU_GET_DEVICE_IDS`):
+    /// only the granted GPUs' bits are left.
+    DeviceMask,
 }
+
+impl GpuIds {
+    /// Whether the rule needs the granted GPUs' device instances.
+    pub fn needs_instances(self) -> bool {
+        matches!(self, Self::DeviceAlloc | Self::DeviceMask)
+    }
+
+    /// Where the status of a refused call goes in its block.
+    pub fn status_at(self, block_len: usize) -> usize {
+        match self {
+            Self::DeviceAlloc if block_len == NVOS64_SIZE => at::ALLOC64_STATUS,
+            Self::DeviceAlloc => at::ALLOC21_STATUS,
+            _ => at::CTRL_STATUS,
+        }
+    }
+}
+
+/// `NV01_DEVICE_0`.
+pub const DEVICE_CLASS: u32 = 0x80;
+/// `NV0000_CTRL_CMD_GPU_GET_ID_INFO_V2`, which tells a GPU's device
+/// instance (`deviceInstance` at 8 of its 32-byte params).
+pub const GET_ID_INFO_V2: u32 = 0x205;
+/// Where `deviceInstance` is in `GET_ID_INFO_V2`'s params.
+pub const DEVICE_INSTANCE_AT: usize = 8;
+/// Bytes of `GET_ID_INFO_V2`'s params.
+pub const ID_INFO_V2_SIZE: usize = 32;
 
 /// `NV0000_CTRL_GPU_INVALID_ID`: ends a list of ids.
 pub const INVALID_ID: u32 = 0xFFFF_FFFF;
@@ -133,6 +166,7 @@ fn gpu_id_rule(cmd: u32, params_size: u32) -> Option<GpuIds> {
         }),
         0x205 | 0x21B | 0x275 | 0x279 => Some(GpuIds::Named),
         0x215 | 0x216 => Some(GpuIds::NamedList),
+        0x204 => Some(GpuIds::DeviceMask),
         _ => None,
     }
 }
@@ -156,9 +190,31 @@ fn put_ids(params: &mut [u8], at: usize, ids: &[u32]) {
 ///
 /// # Errors
 /// The reason, for the audit.
-pub fn gpu_ids_before(rule: GpuIds, params: &mut [u8], grant: &Grant) -> Result<(), String> {
+pub fn gpu_ids_before(
+    rule: GpuIds,
+    params: &mut [u8],
+    grant: &Grant,
+    instances: &[u32],
+) -> Result<(), String> {
     match rule {
-        GpuIds::Attached | GpuIds::Probed { .. } => Ok(()),
+        GpuIds::Attached | GpuIds::Probed { .. } | GpuIds::DeviceMask => Ok(()),
+        GpuIds::DeviceAlloc => {
+            // deviceId @0, hTargetClient @8, hTargetDevice @12.
+            let device = read_u32(params, 0);
+            let (target_client, target_device) = (read_u32(params, 8), read_u32(params, 12));
+            if target_client != 0 || target_device != 0 {
+                return Err(format!(
+                    "a device that targets another client's ({target_client:#x}/{target_device:#x}) is not allowed"
+                ));
+            }
+            if instances.contains(&device) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "device instance {device} is not a granted GPU's (granted: {instances:?})"
+                ))
+            }
+        }
         GpuIds::Named => {
             let id = read_u32(params, 0);
             if grant.gpu_ids.contains(&id) {
@@ -187,7 +243,7 @@ pub fn gpu_ids_before(rule: GpuIds, params: &mut [u8], grant: &Grant) -> Result<
 
 /// After a control with rule `rule` ran: only granted GPUs are left in
 /// the lists it returned.
-pub fn gpu_ids_after(rule: GpuIds, params: &mut [u8], grant: &Grant) {
+pub fn gpu_ids_after(rule: GpuIds, params: &mut [u8], grant: &Grant, instances: &[u32]) {
     let keep = |ids: &[u32]| -> Vec<usize> {
         ids.iter()
             .enumerate()
@@ -220,7 +276,17 @@ pub fn gpu_ids_after(rule: GpuIds, params: &mut [u8], grant: &Grant) {
                 }
             }
         }
-        GpuIds::Named | GpuIds::NamedList => {}
+        GpuIds::DeviceMask => {
+            let mask: u32 = instances
+                .iter()
+                .filter(|i| **i < 32)
+                .fold(0, |m, i| m | (1 << i));
+            let got = read_u32(params, 0);
+            if let Some(s) = params.get_mut(0..4) {
+                s.copy_from_slice(&(got & mask).to_le_bytes());
+            }
+        }
+        GpuIds::Named | GpuIds::NamedList | GpuIds::DeviceAlloc => {}
     }
 }
 
@@ -575,7 +641,23 @@ fn check_alloc(
             len: size_of::<crate::layout::RS_ACCESS_MASK>(),
         });
     }
-    plan(format!("{name} {}", c.name), buffers, vec![])
+    let has_params = buffers
+        .first()
+        .is_some_and(|b| b.pointer_at == at::ALLOC_PARAMS);
+    match plan(format!("{name} {}", c.name), buffers, vec![]) {
+        Decision::Forward(mut p) if class == DEVICE_CLASS => {
+            if !has_params {
+                return refuse_status(
+                    format!("{name}: a device needs its params (the GPU's device instance)"),
+                    status_at,
+                    status::NV_ERR_INVALID_ARGUMENT,
+                );
+            }
+            p.ids = Some(GpuIds::DeviceAlloc);
+            Decision::Forward(p)
+        }
+        d => d,
+    }
 }
 
 fn check_uvm(abi: &Abi, request: u64) -> Decision {

@@ -505,6 +505,7 @@ fn gpu_enumeration_controls_are_held_to_the_grant() {
             (0x279, Some(GpuIds::Named)),
             (0x215, Some(GpuIds::NamedList)),
             (0x216, Some(GpuIds::NamedList)),
+            (0x204, Some(GpuIds::DeviceMask)),
         ] {
             let Some(c) = a.controls.get(&cmd) else {
                 continue;
@@ -543,7 +544,7 @@ fn gpu_enumeration_controls_are_held_to_the_grant() {
     // The driver lists all three; the sandbox sees its two.
     let mut attached = words(&[0x100, 0x200, 0x300]);
     attached.resize(128, 0xFF);
-    gpu_ids_after(GpuIds::Attached, &mut attached, &g);
+    gpu_ids_after(GpuIds::Attached, &mut attached, &g, &[]);
     assert_eq!(read(&attached, 0, 3), [0x100, 0x300, INVALID_ID]);
     let mut probed = words(&[0x100, 0x200, 0x300]);
     probed.resize(128, 0xFF);
@@ -551,7 +552,7 @@ fn gpu_enumeration_controls_are_held_to_the_grant() {
     probed.resize(256, 0xFF);
     probed.extend(words(&[1, 2, 3]));
     probed.resize(384, 0);
-    gpu_ids_after(GpuIds::Probed { flags: true }, &mut probed, &g);
+    gpu_ids_after(GpuIds::Probed { flags: true }, &mut probed, &g, &[]);
     assert_eq!(read(&probed, 0, 3), [0x100, 0x300, INVALID_ID]);
     assert_eq!(read(&probed, 128, 1), [INVALID_ID], "no excluded GPU shows");
     assert_eq!(
@@ -562,17 +563,45 @@ fn gpu_enumeration_controls_are_held_to_the_grant() {
     // Naming: granted ones pass, others are refused; "all" is the grant.
     let mut named = words(&[0x200, 0, 0]);
     assert!(
-        gpu_ids_before(GpuIds::Named, &mut named, &g)
+        gpu_ids_before(GpuIds::Named, &mut named, &g, &[])
             .unwrap_err()
             .contains("0x200")
     );
     let mut named = words(&[0x300, 0, 0]);
-    assert!(gpu_ids_before(GpuIds::Named, &mut named, &g).is_ok());
+    assert!(gpu_ids_before(GpuIds::Named, &mut named, &g, &[]).is_ok());
     let mut list = words(&[0x100, 0x200, INVALID_ID]);
     list.resize(132, 0);
-    assert!(gpu_ids_before(GpuIds::NamedList, &mut list, &g).is_err());
+    assert!(gpu_ids_before(GpuIds::NamedList, &mut list, &g, &[]).is_err());
     let mut all = words(&[0xFFFF]);
     all.resize(132, 0);
-    gpu_ids_before(GpuIds::NamedList, &mut all, &g).unwrap();
+    gpu_ids_before(GpuIds::NamedList, &mut all, &g, &[]).unwrap();
     assert_eq!(read(&all, 0, 3), [0x300, 0x100, INVALID_ID]);
+    // Device objects: only the granted GPUs' device instances (2 and 0
+    // here), never another client's device; the instance mask is cut to
+    // theirs.
+    for a in set().versions() {
+        let Some(c) = a.classes.get(&0x80) else {
+            continue;
+        };
+        let d = check(a, &g, Node::Ctl, req(0x2B, 48), &alloc64(0x80, 0x7000_0000));
+        let Decision::Forward(p) = d else {
+            panic!("{}: {d:?} ({c:?})", a.version)
+        };
+        assert_eq!(p.ids, Some(GpuIds::DeviceAlloc), "{}", a.version);
+        let d = check(a, &g, Node::Ctl, req(0x2B, 48), &alloc64(0x80, 0));
+        assert!(matches!(d, Decision::Refuse(_)), "{}: {d:?}", a.version);
+    }
+    let instances = [2, 0];
+    let mut dev = vec![0u8; 56];
+    dev[0..4].copy_from_slice(&2u32.to_le_bytes());
+    assert!(gpu_ids_before(GpuIds::DeviceAlloc, &mut dev, &g, &instances).is_ok());
+    dev[0..4].copy_from_slice(&1u32.to_le_bytes());
+    let why = gpu_ids_before(GpuIds::DeviceAlloc, &mut dev, &g, &instances).unwrap_err();
+    assert!(why.contains("device instance 1"), "{why}");
+    dev[0..4].copy_from_slice(&0u32.to_le_bytes());
+    dev[8..12].copy_from_slice(&0xC1D0_0001u32.to_le_bytes());
+    assert!(gpu_ids_before(GpuIds::DeviceAlloc, &mut dev, &g, &instances).is_err());
+    let mut mask = 0b111u32.to_le_bytes().to_vec();
+    gpu_ids_after(GpuIds::DeviceMask, &mut mask, &g, &instances);
+    assert_eq!(read(&mask, 0, 1), [0b101]);
 }

@@ -60,7 +60,7 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         gpu_ids: vec![0x300, 0x100],
     };
     let fwd = Forwarder::new(abi, grant, devices, c.listener);
-    let served = harness::serve(&fwd, &mut c.child, 20);
+    let served = harness::serve(&fwd, &mut c.child, 22);
     let out = harness::outputs(c.lines);
     assert!(c.child.wait().unwrap().success());
 
@@ -84,6 +84,9 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
     assert_eq!(out["attached"], "rc=0 errno=0 status=0 0x100,0x300");
     assert_eq!(out["pci_granted"], "rc=0 errno=0 status=0");
     assert_eq!(out["pci_not_granted"], "rc=0 errno=0 status=31");
+    // Device instances: 2 and 0 are the granted GPUs' (0x300, 0x100).
+    assert_eq!(out["device_ids"], "rc=0 errno=0 status=0 0x5");
+    assert_eq!(out["device_not_granted"], "rc=0 errno=0 status=31");
     // From a thread that is not its process's leader, too.
     assert_eq!(
         out["thread_version"],
@@ -110,10 +113,13 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         ("nvidiactl", 210, 72, 0),
         ("nvidiactl", 200, 8 * 72, 0),
         ("nvidiactl", 0x2B, 48, 0x41),
+        ("nvidiactl", 0x2A, 32, 0x205),
+        ("nvidiactl", 0x2A, 32, 0x205),
         ("nvidiactl", 0x2B, 48, 0x80),
         ("nvidiactl", 0x2B, 48, 0x2080),
         ("nvidiactl", 0x2A, 32, 0x2080_0110),
         ("nvidiactl", 0x2A, 32, 0x201),
+        ("nvidiactl", 0x2A, 32, 0x204),
         ("nvidiactl", 0x2A, 32, 0x21B),
         ("nvidiactl", 210, 72, 0),
         ("nvidiactl", 0x29, 16, 0),
@@ -129,7 +135,7 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         .iter()
         .filter(|s| matches!(s, Served::Refused { .. } | Served::Fault { .. }))
         .count();
-    assert_eq!(refused, 10, "{served:#?}");
+    assert_eq!(refused, 11, "{served:#?}");
 }
 
 #[test]

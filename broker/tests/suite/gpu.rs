@@ -160,6 +160,16 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         line(&text, "pci_not_granted"),
         "pci_not_granted rc=0 errno=0 status=31"
     );
+    // A device object reaches a GPU in RM: only the granted GPUs' device
+    // instances (2 and 0) may be named, and only they show.
+    assert_eq!(
+        line(&text, "device_ids"),
+        "device_ids rc=0 errno=0 status=0 0x5"
+    );
+    assert_eq!(
+        line(&text, "device_not_granted"),
+        "device_not_granted rc=0 errno=0 status=31"
+    );
     // Each hostile call fails, the way the driver would answer it.
     for bad in [
         "control_short",
@@ -205,10 +215,13 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
             (210, 0),
             (200, 0),
             (0x2B, 0x41),
+            (0x2A, 0x205),
+            (0x2A, 0x205),
             (0x2B, 0x80),
             (0x2B, 0x2080),
             (0x2A, 0x2080_0110),
             (0x2A, 0x201),
+            (0x2A, 0x204),
             (0x2A, 0x21B),
             (210, 0),
             (23, 0),
@@ -260,7 +273,7 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         });
     let forwarded = last["detail"]["forwarded"].as_object().unwrap();
     let total: u64 = forwarded.values().map(|v| v.as_u64().unwrap()).sum();
-    assert_eq!(total, 10, "{forwarded:?}");
+    assert_eq!(total, 11, "{forwarded:?}");
     g.env.assert_no_leftovers(None);
 }
 

@@ -124,6 +124,16 @@ int main(int argc, char **argv) {
         strncat(listed, one, sizeof listed - strlen(listed) - 1);
     }
     report("attached", rc, e.status, listed);
+    uint32_t mask = 0;
+    struct nvos54 m = {client, client, 0x204, 0, (uint64_t)(uintptr_t)&mask, sizeof mask, 0};
+    rc = ioctl(ctl, IOWR_F(0x2a, 32), &m);
+    char ms[16];
+    snprintf(ms, sizeof ms, "%#x", mask);
+    report("device_ids", rc, m.status, ms);
+    unsigned char otherdev[56] = {0};
+    otherdev[0] = 1; /* device instance 1: GPU 0x200, not granted */
+    rc = alloc(ctl, client, client, 0x1001, 0x80, otherdev, &st, NULL);
+    report("device_not_granted", rc, st, NULL);
     uint32_t pci[3] = {0x300, 0, 0};
     struct nvos54 p = {client, client, 0x21b, 0, (uint64_t)(uintptr_t)pci, sizeof pci, 0};
     rc = ioctl(ctl, IOWR_F(0x2a, 32), &p);

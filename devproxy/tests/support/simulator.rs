@@ -104,6 +104,19 @@ fn write_to(pid: nix::unistd::Pid, addr: u64, data: &[u8]) -> u32 {
     }
 }
 
+/// Reads `len` bytes at `addr` of the caller, as the driver copies params in.
+fn read_from(pid: nix::unistd::Pid, addr: u64, len: usize) -> Option<Vec<u8>> {
+    let mut v = vec![0u8; len];
+    let remote = [nix::sys::uio::RemoteIoVec {
+        base: addr as usize,
+        len,
+    }];
+    match nix::sys::uio::process_vm_readv(pid, &mut [std::io::IoSliceMut::new(&mut v)], &remote) {
+        Ok(n) if n == len => Some(v),
+        _ => None,
+    }
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
@@ -243,6 +256,16 @@ impl Filesystem for Simulator {
                         NV_ERR_INVALID_OBJECT_PARENT
                     }
                     0x80 | 0x2080 if u64_at(&b, 16) == 0 => NV_ERR_INVALID_ARGUMENT,
+                    // A device names its GPU by device instance (0..2).
+                    0x80 if read_from(
+                        nix::unistd::Pid::from_raw(req.pid() as i32),
+                        u64_at(&b, 16),
+                        4,
+                    )
+                    .is_none_or(|d| u32_at(&d, 0) > 2) =>
+                    {
+                        NV_ERR_INVALID_ARGUMENT
+                    }
                     0x80 | 0x2080 => {
                         st.handles.insert(new);
                         NV_OK
@@ -266,6 +289,29 @@ impl Filesystem for Simulator {
                         ids[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
                     }
                     write_to(pid, params, &ids)
+                } else if cmd == 0x204 && psize == 4 {
+                    // GPU_GET_DEVICE_IDS: device instances 0, 1, 2.
+                    write_to(pid, params, &0b111u32.to_le_bytes())
+                } else if cmd == 0x205 && psize == 32 {
+                    // GPU_GET_ID_INFO_V2: gpu 0x100 is device instance 0,
+                    // 0x200 is 1, 0x300 is 2.
+                    let mut p = [0u8; 32];
+                    let remote = [nix::sys::uio::RemoteIoVec {
+                        base: params as usize,
+                        len: 32,
+                    }];
+                    let read = nix::sys::uio::process_vm_readv(
+                        pid,
+                        &mut [std::io::IoSliceMut::new(&mut p)],
+                        &remote,
+                    );
+                    let id = u32_at(&p, 0);
+                    if read.ok() != Some(32) || ![0x100, 0x200, 0x300].contains(&id) {
+                        NV_ERR_INVALID_ARGUMENT
+                    } else {
+                        put_u32(&mut p, 8, (id >> 8) - 1);
+                        write_to(pid, params, &p)
+                    }
                 } else if cmd == 0x21B && psize == 12 {
                     // GPU_GET_PCI_INFO of the id the caller names.
                     let mut p = [0u8; 12];
