@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use airlock_devproxy::forward::{Devices, Forwarder, Served};
@@ -179,7 +180,10 @@ fn serve(chan: &Channel, spec: GpuServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
     let (Some(listener), Some(userns), None) = (fds.next(), fds.next(), fds.next()) else {
         return Err(("read spec", "expected exactly two descriptors".into()));
     };
-    let set = AbiSet::builtin().map_err(|e| ("ABI tables", e.to_string()))?;
+    // The tables live as long as the process: its workers borrow them.
+    let set: &'static AbiSet = Box::leak(Box::new(
+        AbiSet::builtin().map_err(|e| ("ABI tables", e.to_string()))?,
+    ));
     let policy = VersionPolicy {
         allow_newer_in_branch: spec.allow_newer_in_branch,
     };
@@ -187,12 +191,31 @@ fn serve(chan: &Channel, spec: GpuServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
         .select(&spec.driver, policy)
         .map_err(|e| ("ABI tables", e.to_string()))?
         .abi();
+    // The workers' end for events (dup is not in the allow-list).
+    let events = Arc::new(
+        chan.fd()
+            .try_clone_to_owned()
+            .map(Channel::from_fd)
+            .map_err(|e| ("control channel", e.to_string()))?,
+    );
     let jail = confine(&userns, spec.run_as, spec.nofile).map_err(|e| ("jail", e))?;
     drop(userns);
     let grant = Grant {
         gpu_ids: spec.gpu_ids.clone(),
     };
-    let fwd = Forwarder::new(abi, grant, spec.devices.clone(), listener);
+    let fwd = Arc::new(Forwarder::new(abi, grant, spec.devices.clone(), listener));
+    let shared = Arc::new(Shared {
+        counts: Mutex::new(IoctlCounts::default()),
+        limiter: crate::util::RateLimiter::new(spec.events_per_sec, 10.0 * spec.events_per_sec),
+    });
+    // Several calls in flight at once: one thread's long driver call
+    // does not hold up the sandbox's other threads.
+    for _ in 0..WORKERS {
+        let (fwd, shared, events) = (Arc::clone(&fwd), Arc::clone(&shared), Arc::clone(&events));
+        std::thread::Builder::new()
+            .spawn(move || worker(&fwd, &shared, &events))
+            .map_err(|e| ("start a worker", e.to_string()))?;
+    }
     let ready: Report<GpuReady, GpuEvent> = Report::Ready {
         version: component::PROTOCOL_VERSION,
         ready: GpuReady {
@@ -202,17 +225,9 @@ fn serve(chan: &Channel, spec: GpuServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
     };
     chan.send(&ready, &[])
         .map_err(|e| ("report ready", e.to_string()))?;
-    let limiter = crate::util::RateLimiter::new(spec.events_per_sec, 10.0 * spec.events_per_sec);
-    let mut counts = IoctlCounts::default();
     let mut since = Instant::now();
-    let mut listening = true;
-    let send = |event: GpuEvent| {
-        let msg: Report<GpuReady, GpuEvent> = Report::Event { event };
-        chan.send(&msg, &[])
-    };
     loop {
-        let (command, notified, hung_up) = wait(chan, &fwd, listening)?;
-        if command {
+        if command_waiting(chan)? {
             // Drain, or the broker closed its end (it died or stops us).
             // The command is read, not left queued: a socket closed with
             // unread data resets its peer, which then loses what we send.
@@ -226,66 +241,68 @@ fn serve(chan: &Channel, spec: GpuServerSpec, fds: Vec<OwnedFd>) -> Result<(), S
                 ))
             );
             if drain {
+                let mut counts = std::mem::take(&mut *crate::util::lock_or_recover(&shared.counts));
                 counts.seconds = since.elapsed().as_secs();
                 counts.last = true;
-                let _ = send(GpuEvent::Summary(counts));
+                let _ = send(chan, GpuEvent::Summary(counts));
             }
+            // Returning ends the process, its workers with it.
             return Ok(());
         }
-        if hung_up {
-            // Nothing in the sandbox holds the filter any more.
-            listening = false;
-        }
-        if notified {
-            match fwd.serve_one() {
-                Ok(served) => {
-                    if let Some(refusal) = account(&mut counts, served) {
-                        match limiter.admit() {
-                            Some(_) => {
-                                let _ = send(refusal);
-                            }
-                            None => counts.refused_not_itemised += 1,
-                        }
-                    }
-                }
-                Err(_) => listening = false,
-            }
-        }
         if since.elapsed() >= SUMMARY_EVERY {
+            let counts = std::mem::take(&mut *crate::util::lock_or_recover(&shared.counts));
             if !counts.is_empty() {
-                counts.seconds = since.elapsed().as_secs();
-                let _ = send(GpuEvent::Summary(std::mem::take(&mut counts)));
+                let seconds = since.elapsed().as_secs();
+                let _ = send(chan, GpuEvent::Summary(IoctlCounts { seconds, ..counts }));
             }
             since = Instant::now();
         }
     }
 }
 
-/// Waits for the broker or the sandbox: (a command or a closed channel,
-/// a notification waiting, the listener hung up).
-fn wait(chan: &Channel, fwd: &Forwarder<'_>, listening: bool) -> Result<(bool, bool, bool), Stage> {
+/// Threads answering notifications.
+const WORKERS: usize = 4;
+
+/// What the workers share with the main thread.
+struct Shared {
+    counts: Mutex<IoctlCounts>,
+    limiter: crate::util::RateLimiter,
+}
+
+fn send(chan: &Channel, event: GpuEvent) -> Result<(), airlock_shim::channel::ChannelError> {
+    let msg: Report<GpuReady, GpuEvent> = Report::Event { event };
+    chan.send(&msg, &[])
+}
+
+/// Answers notifications until the listener fails (the sandbox is gone).
+fn worker(fwd: &Forwarder<'_>, shared: &Shared, events: &Channel) {
+    while let Ok(served) = fwd.serve_one() {
+        let refusal = {
+            let mut c = crate::util::lock_or_recover(&shared.counts);
+            match account(&mut c, served) {
+                Some(r) if shared.limiter.admit().is_some() => Some(r),
+                Some(_) => {
+                    c.refused_not_itemised += 1;
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(r) = refusal {
+            let _ = send(events, r);
+        }
+    }
+}
+
+/// Whether the broker sent something (or closed its end) within 10 s.
+fn command_waiting(chan: &Channel) -> Result<bool, Stage> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let mut fds = vec![PollFd::new(chan.fd(), PollFlags::POLLIN)];
-    if listening {
-        fds.push(PollFd::new(fwd.listener(), PollFlags::POLLIN));
-    }
+    let mut fds = [PollFd::new(chan.fd(), PollFlags::POLLIN)];
     match poll(&mut fds, PollTimeout::from(10_000u16)) {
-        Ok(_) => {}
-        Err(nix::errno::Errno::EINTR) => return Ok((false, false, false)),
-        Err(e) => return Err(("poll", e.to_string())),
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(("poll", e.to_string())),
     }
-    let flags = |i: usize| {
-        fds.get(i)
-            .and_then(PollFd::revents)
-            .unwrap_or(PollFlags::empty())
-    };
-    let command = !flags(0).is_empty();
-    let l = flags(1);
-    Ok((
-        command,
-        l.contains(PollFlags::POLLIN),
-        l.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL),
-    ))
 }
 
 /// Counts one served call; a refusal comes back as its event.

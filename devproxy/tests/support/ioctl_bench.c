@@ -37,6 +37,15 @@ int main(int argc, char **argv) {
     struct nvos64 a = {0, 0, 0, 0x41, (uint64_t)(uintptr_t)&none, 0, 0, 0, 0, 0};
     if (ioctl(ctl, IOWR_F(0x2b, 48), &a) != 0 || a.status) return 4;
     uint32_t client = a.hObjectNew;
+    /* The first GPU it may use, and its device instance, as a real
+     * client finds them. */
+    uint32_t ids[32], info[8] = {0};
+    struct nvos54 q = {client, client, 0x201, 0, (uint64_t)(uintptr_t)ids, sizeof ids, 0};
+    if (ioctl(ctl, IOWR_F(0x2a, 32), &q) != 0 || q.status) return 8;
+    info[0] = ids[0];
+    struct nvos54 qi = {client, client, 0x205, 0, (uint64_t)(uintptr_t)info, sizeof info, 0};
+    if (ioctl(ctl, IOWR_F(0x2a, 32), &qi) != 0 || qi.status) return 9;
+    memcpy(devparams, &info[2], 4);
     struct nvos64 d = {client, client, 0x1000, 0x80, (uint64_t)(uintptr_t)devparams, 0, 0, 0, 0, 0};
     struct nvos64 s = {client, 0x1000, 0x2000, 0x2080, (uint64_t)(uintptr_t)&subdev_id, 0, 0, 0, 0, 0};
     if (ioctl(ctl, IOWR_F(0x2b, 48), &d) != 0 || d.status) return 5;
