@@ -29,6 +29,16 @@ pub enum DetectError {
     NoAnswer { path: String, what: String },
 }
 
+/// Opens the control device, naming it in every error.
+fn open_ctl(ctl: &Path) -> Result<std::fs::File, DetectError> {
+    let path = ctl.display().to_string();
+    match OpenOptions::new().read(true).write(true).open(ctl) {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DetectError::NoDriver(path)),
+        Err(source) => Err(DetectError::Open { path, source }),
+    }
+}
+
 const QUERY: u8 = b'2';
 const STRICT: u8 = 0;
 const RECOGNIZED: u32 = 1;
@@ -40,13 +50,7 @@ const BLOCK: usize = std::mem::size_of::<nv_ioctl_rm_api_version_t>();
 /// [`DetectError`], each naming the device.
 pub fn host_driver_version(ctl: &Path) -> Result<String, DetectError> {
     let path = ctl.display().to_string();
-    let f = match OpenOptions::new().read(true).write(true).open(ctl) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DetectError::NoDriver(path));
-        }
-        Err(source) => return Err(DetectError::Open { path, source }),
-    };
+    let f = open_ctl(ctl)?;
     // Query mode answers the version and checks nothing. Drivers before
     // 530.30.02 took '2' as a no-op: then a strict check with an empty
     // string fails, and the driver copies its own string back anyway.
@@ -109,13 +113,7 @@ pub fn host_cards(ctl: &Path) -> Result<Vec<Card>, DetectError> {
     use crate::layout::{nv_ioctl_card_info_t as Info, nv_pci_info_t as Pci};
     const ENTRY: usize = std::mem::size_of::<Info>();
     let path = ctl.display().to_string();
-    let f = match OpenOptions::new().read(true).write(true).open(ctl) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(DetectError::NoDriver(path));
-        }
-        Err(source) => return Err(DetectError::Open { path, source }),
-    };
+    let f = open_ctl(ctl)?;
     let mut b = vec![0u8; ENTRY * MAX_CARDS];
     let size = u32::try_from(b.len()).unwrap_or(0);
     sys::ioctl_block(f.as_fd(), canonical(esc::CARD_INFO, size), &mut b).map_err(|e| {

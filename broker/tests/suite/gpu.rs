@@ -74,22 +74,6 @@ fn gpus(extra: &str) -> Gpus {
     }
 }
 
-/// The C client, built into `dir` (a sandbox runs it from its
-/// `--workspace`).
-fn client(dir: &Path) -> PathBuf {
-    let out = dir.join("gpu_driver_client");
-    let src =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../devproxy/tests/support/driver_client.c");
-    let st = Command::new("cc")
-        .args(["-O1", "-Wall", "-Werror", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc runs");
-    assert!(st.success(), "driver_client.c does not build");
-    out
-}
-
 /// Audit rows of `kind` whose action is `action`.
 fn rows(env: &Env, kind: &str, action: &str) -> Vec<serde_json::Value> {
     env.audit(&["--kind", kind])
@@ -109,7 +93,7 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
     let g = gpus("");
     let ws = g._dir.path().join("ws");
     std::fs::create_dir(&ws).unwrap();
-    client(&ws);
+    build_into(&ws, "driver_client");
     let out = g.env.run(&[
         "--workspace",
         ws.to_str().unwrap(),
@@ -118,7 +102,7 @@ fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_aud
         "--",
         "sh",
         "-c",
-        "ls /dev | grep nvidia | tr '\\n' ' '; echo; /workspace/gpu_driver_client /dev - uvm",
+        "ls /dev | grep nvidia | tr '\\n' ' '; echo; /workspace/driver_client /dev - uvm",
     ]);
     let text = ok(&out);
     // Index 0 is minor 2 (PCI order), then the GPU of minor 0: two nodes,
@@ -399,7 +383,8 @@ fn the_device_proxy_is_an_unprivileged_process_of_its_sandbox_and_takes_it_down_
     g.env.assert_no_leftovers(None);
 }
 
-/// Builds `devproxy/tests/support/NAME.c` into `dir`.
+/// Builds `devproxy/tests/support/NAME.c` into `dir` (a sandbox runs it
+/// from its `--workspace`).
 fn build_into(dir: &Path, name: &str) -> PathBuf {
     let out = dir.join(name);
     let src =
