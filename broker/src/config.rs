@@ -372,6 +372,11 @@ mod tests {
         let c = BrokerConfig::parse(include_str!("../../examples/brokerd.toml")).unwrap();
         assert_eq!(c.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.agents.len(), 2);
+        assert_eq!(
+            c.gpu,
+            GpuConfig::default(),
+            "the example shows the defaults"
+        );
     }
 
     #[test]

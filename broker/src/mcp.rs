@@ -52,7 +52,8 @@ fn tools() -> Value {
                 "limits": {"type": "object", "description": "{memory_bytes, pids, cpu_millis, disk_bytes, inodes}"},
                 "timeout_secs": {"type": "integer", "description": "lifetime of the sandbox (0: none)"},
                 "env": {"type": "array", "items": {"type": "string"}, "description": "KEY=VALUE"},
-                "from_snapshot": {"type": "string", "description": "SANDBOX_ID:NAME to fork from"}
+                "from_snapshot": {"type": "string", "description": "SANDBOX_ID:NAME to fork from"},
+                "gpus": {"type": "array", "items": {"type": "string"}, "description": "host GPUs to grant: index (\"0\"), UUID (\"GPU-...\") or \"nvidia.com/gpu=all\""}
             }}
         },
         {
@@ -295,7 +296,7 @@ async fn call_tool(c: &RemoteClient, name: &str, args: &Value) -> Result<Value, 
                 .map_err(|e| ToolError(format!("invalid arguments: {e}")))?;
             let info = c.create(&req).await?;
             Ok(
-                json!({"sandbox": info.id, "user": info.user, "limits": info.limits, "network": info.network}),
+                json!({"sandbox": info.id, "user": info.user, "limits": info.limits, "network": info.network, "gpus": info.gpus}),
             )
         }
         "sandbox_destroy" => {
