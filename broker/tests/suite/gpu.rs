@@ -26,6 +26,11 @@ struct Gpus {
 }
 
 fn gpus(extra: &str) -> Gpus {
+    gpus_of(Simulator::default(), extra)
+}
+
+/// [`gpus`] with a given simulator.
+fn gpus_of(sim: Simulator, extra: &str) -> Gpus {
     let dir = tempfile::Builder::new()
         .prefix("airlock-gpu-")
         .tempdir()
@@ -37,7 +42,6 @@ fn gpus(extra: &str) -> Gpus {
     .unwrap();
     let dev = dir.path().join("dev");
     std::fs::create_dir(&dev).unwrap();
-    let sim = Simulator::default();
     let mut cfg = fuser::Config::default();
     cfg.acl = fuser::SessionACL::All;
     let session = fuser::spawn_mount(sim.clone(), &dev, &cfg).unwrap();
@@ -492,4 +496,56 @@ fn bench_ioctl_cost() {
         pr / dr
     );
     println!("validator alone: {validate_ns:.0} ns per RM control");
+}
+
+/// A driver without an exact table: refused, naming the host version,
+/// the nearest supported ones and the knob; where its branch is known
+/// frozen, the operator may opt in, and the choice is audited. Never
+/// across a branch.
+#[test]
+fn a_driver_without_tables_is_refused_unless_the_operator_opts_in_within_its_branch() {
+    let g = gpus_of(Simulator::with_version("580.159.04"), "");
+    let out = g.env.run(&["--gpu", "0", "--", "true"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    for want in ["580.159.04", "580.142", "allow_newer_in_branch"] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(g.sim.received().iter().all(|r| r.nr == 210 || r.nr == 200));
+    let g = gpus_of(
+        Simulator::with_version("580.159.04"),
+        "allow_newer_in_branch = true\n",
+    );
+    let ws = g._dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    build_into(&ws, "driver_client");
+    let out = g.env.run(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        // Index 1 is minor 0, device instance 0, which the client names.
+        "--gpu",
+        "1",
+        "--",
+        "/workspace/driver_client",
+        "/dev",
+        "-",
+    ]);
+    let served = ok(&out);
+    assert!(line(&served, "name").ends_with(SIM_GPU_NAME), "{served}");
+    let proxy = rows(&g.env, "device", "proxy");
+    assert_eq!(proxy[0]["detail"]["driver"], "580.159.04");
+    assert_eq!(proxy[0]["detail"]["tables"], "580.142");
+    assert_eq!(proxy[0]["detail"]["newer_in_branch"], true);
+    // Another branch is never served by a neighbour's tables.
+    let g = gpus_of(
+        Simulator::with_version("575.51.02"),
+        "allow_newer_in_branch = true\n",
+    );
+    let out = g.env.run(&["--gpu", "0", "--", "true"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("575.51.02") && err.contains("nearest"),
+        "{err}"
+    );
 }

@@ -49,6 +49,8 @@ pub struct Received {
 
 #[derive(Debug, Default)]
 struct State {
+    /// The version it answers (SIM_VERSION unless set).
+    version: Option<&'static str>,
     received: Vec<Received>,
     handles: HashSet<u32>,
     next_client: u32,
@@ -61,6 +63,15 @@ pub struct Simulator {
 }
 
 impl Simulator {
+    /// A simulator that answers the handshake with `version` (the
+    /// broker's end-to-end tests use it; this crate's do not).
+    #[allow(dead_code)]
+    pub fn with_version(version: &'static str) -> Self {
+        let s = Self::default();
+        s.state.lock().unwrap().version = Some(version);
+        s
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.state.lock().unwrap().received.clone()
     }
@@ -213,7 +224,7 @@ impl Filesystem for Simulator {
             210 if ctl && exact(72) => {
                 // CHECK_VERSION_STR: query ('2') answers the version.
                 put_u32(&mut b, 4, 1);
-                let v = SIM_VERSION.as_bytes();
+                let v = st.version.unwrap_or(SIM_VERSION).as_bytes();
                 b[8..72].fill(0);
                 b[8..8 + v.len()].copy_from_slice(v);
                 reply.ioctl(0, &b);
