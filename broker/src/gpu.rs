@@ -85,6 +85,32 @@ impl GpuGrant {
             .collect()
     }
 
+    /// The devices a sandbox with this grant may open, as devices-cgroup
+    /// rules: the minimal /dev (null, zero, full, random, urandom, tty),
+    /// its own pseudo-terminals (ptmx 5:2, slaves 136-143), and the
+    /// granted nodes that are character devices.
+    pub fn device_rules(&self) -> Vec<String> {
+        let char_dev = |p: &Path| -> Option<String> {
+            let st = rustix::fs::stat(p).ok()?;
+            (st.st_mode & libc::S_IFMT == libc::S_IFCHR).then(|| {
+                let (major, minor) = (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev));
+                format!("c {major}:{minor}")
+            })
+        };
+        let mut rules: Vec<String> = airlock_shim::plan::DEVICES
+            .iter()
+            .filter_map(|d| char_dev(&Path::new("/dev").join(d)))
+            .collect();
+        rules.push("c 5:2".into());
+        rules.extend((136..=143).map(|m| format!("c {m}:*")));
+        for (host, _) in self.nodes() {
+            if let Some(r) = char_dev(&host) {
+                rules.push(r);
+            }
+        }
+        rules
+    }
+
     /// `(host node, name in the sandbox's /dev)` for every node the
     /// sandbox gets.
     pub fn nodes(&self) -> Vec<(PathBuf, String)> {

@@ -266,6 +266,9 @@ pub struct Sandbox {
     /// The listener of its device proxy's filter, from pid 1's ready
     /// report until the proxy takes it.
     pub(crate) gpu_listener: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// Whether its cgroup bounds the devices it may open (v1 devices
+    /// controller; with GPUs only).
+    pub(crate) devices_cgroup: bool,
     /// What its layers hold, as its filesystem server last reported.
     pub(crate) disk: Arc<Mutex<crate::api::types::DiskUsage>>,
     /// Its agent's workspace counters, when it serves the agent's own

@@ -30,8 +30,9 @@
 //! - the sandbox's `/dev/nvidiactl`, `/dev/nvidiaN` (only the granted GPUs,
 //!   renumbered from 0) and `/dev/nvidia-uvm` open the real devices; they
 //!   are the only device nodes of the driver the sandbox can reach (it
-//!   can neither make nodes nor mount; a devices cgroup or its v2 BPF
-//!   equivalent would add a second bound, not yet);
+//!   can neither make nodes nor mount), and on cgroup v1 the sandbox's
+//!   devices cgroup bounds what it may open as well (v2's BPF
+//!   equivalent: not yet);
 //! - a seccomp filter in the sandbox sends every `ioctl` on those nodes to
 //!   the sandbox's devproxy process with `SECCOMP_RET_USER_NOTIF`; the BPF
 //!   keys on the `(nr, size)` pairs the driver could accept, not on the

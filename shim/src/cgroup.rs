@@ -97,6 +97,8 @@ pub enum CgroupManager {
         pids: PathBuf,
         /// cpu controller hierarchy, when mounted.
         cpu: Option<PathBuf>,
+        /// devices controller hierarchy, when mounted.
+        devices: Option<PathBuf>,
     },
     /// v2: the unified mount point.
     V2 {
@@ -159,6 +161,7 @@ impl CgroupManager {
                 memory,
                 pids,
                 cpu: find("cpu"),
+                devices: find("devices"),
             }),
             _ => Err(CgroupError::NotFound),
         }
@@ -174,10 +177,18 @@ impl CgroupManager {
 
     fn parents(&self) -> Vec<PathBuf> {
         match self {
-            CgroupManager::V1 { memory, pids, cpu } => {
+            CgroupManager::V1 {
+                memory,
+                pids,
+                cpu,
+                devices,
+            } => {
                 let mut v = vec![memory.join(PARENT), pids.join(PARENT)];
                 if let Some(c) = cpu {
                     v.push(c.join(PARENT));
+                }
+                if let Some(d) = devices {
+                    v.push(d.join(PARENT));
                 }
                 v
             }
@@ -311,7 +322,9 @@ impl Cgroup {
     pub fn set_limits(&self, l: &CgroupLimits) -> Result<(), CgroupError> {
         let quota = (l.cpu_millis * CPU_PERIOD_US / 1000).max(1000);
         match &self.manager {
-            CgroupManager::V1 { memory, pids, cpu } => {
+            CgroupManager::V1 {
+                memory, pids, cpu, ..
+            } => {
                 let mem = memory.join(PARENT).join(self.name());
                 let limit = mem.join("memory.limit_in_bytes");
                 let memsw = mem.join("memory.memsw.limit_in_bytes");
@@ -406,6 +419,29 @@ impl Cgroup {
         self.dirs.iter().map(|d| d.join(file)).collect()
     }
 
+    /// Lets the group's processes open only the devices in `allow`
+    /// (`"c MAJOR:MINOR"` or `"c MAJOR:*"`, read and write, never mknod),
+    /// before any process joins. On v1 with the devices controller;
+    /// elsewhere nothing is done and false is returned (v2 needs a BPF
+    /// program, not made yet).
+    ///
+    /// # Errors
+    /// A rule the kernel refuses (the group then allows nothing).
+    pub fn restrict_devices(&self, allow: &[String]) -> Result<bool, CgroupError> {
+        let CgroupManager::V1 {
+            devices: Some(d), ..
+        } = &self.manager
+        else {
+            return Ok(false);
+        };
+        let dir = d.join(PARENT).join(self.name());
+        write(&dir.join("devices.deny"), "a")?;
+        for rule in allow {
+            write(&dir.join("devices.allow"), &format!("{rule} rw"))?;
+        }
+        Ok(true)
+    }
+
     /// The directories (one per hierarchy).
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs
@@ -445,7 +481,9 @@ impl Cgroup {
         let num = |p: PathBuf| read(p).unwrap_or(0);
         let n = self.name();
         match &self.manager {
-            CgroupManager::V1 { memory, pids, cpu } => ResourceUse {
+            CgroupManager::V1 {
+                memory, pids, cpu, ..
+            } => ResourceUse {
                 memory_bytes: num(memory.join(PARENT).join(&n).join("memory.usage_in_bytes")),
                 pids: num(pids.join(PARENT).join(&n).join("pids.current")),
                 cpu_usec: cpu
@@ -551,6 +589,7 @@ mod tests {
                 memory: "/sys/fs/cgroup/memory".into(),
                 pids: "/sys/fs/cgroup/pids".into(),
                 cpu: Some("/sys/fs/cgroup/cpu,cpuacct".into()),
+                devices: None,
             }
         );
     }

@@ -135,6 +135,8 @@ pub struct GpusGranted {
     pub newer_in_branch: bool,
     /// The GPUs, in the sandbox's order.
     pub granted: Vec<crate::api::types::GrantedGpu>,
+    /// Whether the sandbox's cgroup bounds the devices it may open.
+    pub devices_cgroup: bool,
 }
 
 /// One event to store. `detail` holds kind-specific fields (see the module README).

@@ -248,6 +248,7 @@ impl Broker {
                     tables: g.tables.clone(),
                     newer_in_branch: g.newer_in_branch,
                     granted: g.granted(),
+                    devices_cgroup: sandbox.devices_cgroup,
                 }),
             },
         );
@@ -444,6 +445,18 @@ impl Broker {
         };
         let cg_procs = res.cgroup.join_files();
         let cgroup_version = self.cgroups.version();
+        // With GPUs, the devices its processes may open are bounded by the
+        // cgroup too (v1), before any of them joins.
+        let devices_cgroup = match shape.gpus.as_ref() {
+            Some(g) => match res.cgroup.restrict_devices(&g.device_rules()) {
+                Ok(done) => done,
+                Err(e) => {
+                    cleanup_partial(res);
+                    return Err(BrokerError::Internal(format!("devices cgroup: {e}")));
+                }
+            },
+            None => false,
+        };
         let (mine, theirs) = match Channel::pair() {
             Ok(p) => p,
             Err(e) => {
@@ -514,6 +527,7 @@ impl Broker {
             ports: Mutex::new(Vec::new()),
             gpus: shape.gpus.clone(),
             gpu_listener: Mutex::new(None),
+            devices_cgroup,
             disk,
             workspace_usage,
             layered,

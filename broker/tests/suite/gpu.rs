@@ -356,11 +356,36 @@ fn the_device_proxy_is_an_unprivileged_process_of_its_sandbox_and_takes_it_down_
     assert_ne!(userns(proxy), host);
     let init = process_in_cgroup_of(&id, |p| argv0_is(p, "airlock-shim") && userns(p) != host);
     assert_eq!(userns(proxy), userns(init));
-    // A GPU call served while it lives.
+    // Its nodes while it lives.
     let out = g
         .env
         .remote(&["exec", &id, "--", "sh", "-c", "ls /dev | grep -c nvidia"]);
     assert_eq!(ok(&out).trim(), "3");
+    // Where the host has the v1 devices controller, the sandbox's cgroup
+    // lets it open only its /dev's devices (the simulator's nodes are
+    // plain files; a real GPU's would be listed too), and they work.
+    let devices = Env::cgroup_dirs(&id)
+        .into_iter()
+        .find(|d| d.starts_with("/sys/fs/cgroup/devices"));
+    if let Some(d) = devices {
+        let list = std::fs::read_to_string(d.join("devices.list")).unwrap();
+        assert!(!list.contains("a *:*"), "{list}");
+        for want in ["c 1:3 rw", "c 1:9 rw", "c 5:2 rw", "c 136:* rw"] {
+            assert!(list.lines().any(|l| l == want), "{want}: {list}");
+        }
+        assert!(list.lines().all(|l| !l.contains('m')), "no mknod: {list}");
+        let create = rows(&g.env, "sandbox", "create");
+        assert_eq!(create[0]["detail"]["gpus"]["devices_cgroup"], true);
+    }
+    let out = g.env.remote(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "head -c 4 /dev/urandom | wc -c; echo x > /dev/null && echo null-ok",
+    ]);
+    assert_eq!(ok(&out), "4\nnull-ok\n");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(proxy),
         nix::sys::signal::Signal::SIGKILL,

@@ -184,7 +184,7 @@ impl Env {
     /// cgroup directories named `id` under any hierarchy.
     pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
         let mut out = vec![];
-        for h in ["memory", "pids", "cpu", "unified", ""] {
+        for h in ["memory", "pids", "cpu", "devices", "unified", ""] {
             let p = Path::new("/sys/fs/cgroup").join(h).join("airlock").join(id);
             if p.exists() {
                 out.push(p);
