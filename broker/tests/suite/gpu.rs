@@ -80,7 +80,7 @@ fn gpus_of(sim: Simulator, extra: &str) -> Gpus {
 
 /// Audit rows of `kind` whose action is `action`.
 fn rows(env: &Env, kind: &str, action: &str) -> Vec<serde_json::Value> {
-    env.audit(&["--kind", kind])
+    env.audit(&["--kind", kind, "--limit", "100000"])
         .into_iter()
         .filter(|r| r["action"] == action)
         .collect()
@@ -573,4 +573,48 @@ fn a_driver_without_tables_is_refused_unless_the_operator_opts_in_within_its_bra
         err.contains("575.51.02") && err.contains("nearest"),
         "{err}"
     );
+}
+
+/// A sandbox that floods its proxy with bad calls gets each refused, but
+/// the audit log itemises them only within the budget and counts the
+/// rest; the calls it is allowed keep working.
+#[test]
+fn a_flood_of_refused_calls_is_counted_not_itemised() {
+    let g = gpus("");
+    let ws = g._dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    build_into(&ws, "ioctl_bench");
+    let out = g.env.run(&[
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--gpu",
+        "0",
+        "--",
+        "/workspace/ioctl_bench",
+        "/dev",
+        "3000",
+    ]);
+    ok(&out);
+    let denials = rows(&g.env, "denial", "ioctl");
+    let counts = rows(&g.env, "device", "ioctls");
+    let sum = |k: &str| -> u64 {
+        counts
+            .iter()
+            .map(|c| c["detail"][k].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("refused"), 3000, "{counts:?}");
+    // The budget: a burst of 1,000 at 100 a second, in the proxy.
+    assert!(denials.len() <= 1100, "{} rows", denials.len());
+    assert_eq!(
+        denials.len() as u64 + sum("refused_not_itemised"),
+        3000,
+        "every refusal is itemised or counted"
+    );
+    let forwarded: u64 = counts
+        .iter()
+        .flat_map(|c| c["detail"]["forwarded"].as_object().unwrap().values())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(forwarded >= 3000, "{counts:?}");
 }
