@@ -303,7 +303,7 @@ impl<'a> Forwarder<'a> {
                 0,
                 validate::EINVAL,
             ),
-            Decision::Forward(plan) => self.perform(pid, &pidfd, dup, arg, block, plan),
+            Decision::Forward(plan) => self.perform(n.id, pid, &pidfd, dup, arg, block, plan),
         }
     }
 
@@ -357,8 +357,10 @@ impl<'a> Forwarder<'a> {
             && !self.abi.driver_accepts(nr, size)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn perform(
         &self,
+        id: u64,
         pid: Pid,
         pidfd: &OwnedFd,
         dup: OwnedFd,
@@ -475,6 +477,12 @@ impl<'a> Forwarder<'a> {
         }
         for (at, theirs) in theirs_at {
             block[at..at + 4].copy_from_slice(&theirs.to_le_bytes());
+        }
+        // The memory is written by pid: the call must still be pending, so
+        // that its thread still holds that pid (a thread killed meanwhile
+        // could have had its number reused).
+        if !sys::still_pending(self.listener.as_fd(), id) {
+            return (Served::Gone, 0, 0);
         }
         let copied_out = write_remote(pid, arg, &block).is_ok()
             && buffers
