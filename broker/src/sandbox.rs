@@ -53,11 +53,12 @@ pub enum ExecOutcome {
     SandboxGone,
 }
 
-/// How long a network gateway gets to write its open flows' end rows and
-/// exit before it is killed. It exits within milliseconds; the bound is
-/// for a loaded host or a CPU-throttled sandbox cgroup (it runs in the
-/// sandbox's), where 200 ms lost end rows.
-const NET_DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// How long a network gateway (or device proxy) gets to write its last
+/// rows (open flows' end rows, call counts) and exit before it is killed.
+/// It exits within milliseconds; the bound is for a loaded host or a
+/// CPU-throttled sandbox cgroup (it runs in the sandbox's), where 200 ms
+/// lost end rows.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// How long a filesystem server gets to exit by itself once its mount is
 /// gone (it sends its last events first) before it is killed.
@@ -167,37 +168,19 @@ impl Resources {
         // veth pair with the link's namespace, which only its socket holds).
         // Asked to drain, it writes the end rows of its open flows and
         // exits; the stop waits a moment for that, then kills.
-        let drained = self.net_ctl.take().is_some_and(|ctl| {
-            crate::component::send_command::<crate::net_server::NetRole>(
-                &ctl,
-                crate::net_server::NetCommand::Drain,
-            )
-            .is_ok()
-        });
-        if let Some(net) = self.net.take() {
-            net.stop(if drained {
-                NET_DRAIN_GRACE
-            } else {
-                Duration::ZERO
-            });
-        }
+        drain::<crate::net_server::NetRole>(
+            self.net.take(),
+            self.net_ctl.take(),
+            crate::net_server::NetCommand::Drain,
+        );
         // The device proxy reports its last counts and exits; a sandbox
         // call still waiting on it then fails (ENOSYS) and the cgroup's
         // kill below ends its caller.
-        let drained = self.gpu_ctl.take().is_some_and(|ctl| {
-            crate::component::send_command::<crate::gpu_server::GpuRole>(
-                &ctl,
-                crate::gpu_server::GpuCommand::Drain,
-            )
-            .is_ok()
-        });
-        if let Some(gpu) = self.gpu.take() {
-            gpu.stop(if drained {
-                NET_DRAIN_GRACE
-            } else {
-                Duration::ZERO
-            });
-        }
+        drain::<crate::gpu_server::GpuRole>(
+            self.gpu.take(),
+            self.gpu_ctl.take(),
+            crate::gpu_server::GpuCommand::Drain,
+        );
         if let Some(m) = self.mount.take() {
             problems.extend(m.unmount());
         }
@@ -213,6 +196,20 @@ impl Resources {
         }
         drop(self.slot.take());
         problems
+    }
+}
+
+/// Asks a component to drain (`command` on `ctl`) and stops it: it gets
+/// [`DRAIN_GRACE`] to send its last events and exit when the command
+/// went out, none otherwise.
+fn drain<R: crate::component::Role>(
+    component: Option<crate::component::Component>,
+    ctl: Option<Channel>,
+    command: R::Command,
+) {
+    let drained = ctl.is_some_and(|ctl| crate::component::send_command::<R>(&ctl, command).is_ok());
+    if let Some(c) = component {
+        c.stop(if drained { DRAIN_GRACE } else { Duration::ZERO });
     }
 }
 

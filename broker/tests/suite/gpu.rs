@@ -6,7 +6,7 @@
 //! device proxy process serving the seccomp listener, SQLite.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use super::harness::*;
 
@@ -78,6 +78,22 @@ fn gpus_of(sim: Simulator, extra: &str) -> Gpus {
     }
 }
 
+impl Gpus {
+    /// `airlock run --gpu GPUS -- ARGV` with the C client `client` built
+    /// into the sandbox's `--workspace` (ARGV names it as
+    /// `/workspace/CLIENT`); returns the run and the client's host path.
+    fn run_with(&self, client: &str, gpus: &str, argv: &[&str]) -> (Output, PathBuf) {
+        let ws = self._dir.path().join("ws");
+        if !ws.exists() {
+            std::fs::create_dir(&ws).unwrap();
+        }
+        let bin = build_into(&ws, client);
+        let mut args = vec!["--workspace", ws.to_str().unwrap(), "--gpu", gpus, "--"];
+        args.extend_from_slice(argv);
+        (self.env.run(&args), bin)
+    }
+}
+
 /// Audit rows of `kind` whose action is `action`.
 fn rows(env: &Env, kind: &str, action: &str) -> Vec<serde_json::Value> {
     env.audit(&["--kind", kind, "--limit", "100000"])
@@ -95,19 +111,15 @@ fn line<'a>(out: &'a str, name: &str) -> &'a str {
 #[test]
 fn a_sandbox_reaches_only_its_granted_gpus_and_every_bad_call_is_refused_and_audited() {
     let g = gpus("");
-    let ws = g._dir.path().join("ws");
-    std::fs::create_dir(&ws).unwrap();
-    build_into(&ws, "driver_client");
-    let out = g.env.run(&[
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--gpu",
+    let (out, _) = g.run_with(
+        "driver_client",
         "0,nvidia.com/gpu=GPU-5e000000-0000-0000-0000-000000000000",
-        "--",
-        "sh",
-        "-c",
-        "ls /dev | grep nvidia | tr '\\n' ' '; echo; /workspace/driver_client /dev - uvm",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "ls /dev | grep nvidia | tr '\\n' ' '; echo; /workspace/driver_client /dev - uvm",
+        ],
+    );
     let text = ok(&out);
     // Index 0 is minor 2 (PCI order), then the GPU of minor 0: two nodes,
     // renumbered, and nothing of the third.
@@ -374,8 +386,10 @@ fn the_device_proxy_is_an_unprivileged_process_of_its_sandbox_and_takes_it_down_
             assert!(list.lines().any(|l| l == want), "{want}: {list}");
         }
         assert!(list.lines().all(|l| !l.contains('m')), "no mknod: {list}");
-        let create = rows(&g.env, "sandbox", "create");
-        assert_eq!(create[0]["detail"]["gpus"]["devices_cgroup"], true);
+        // brokerd commits rows in batches: wait for the create row.
+        g.env.audit_wait(&["--kind", "sandbox"], |r| {
+            r["action"] == "create" && r["detail"]["gpus"]["devices_cgroup"] == true
+        });
     }
     let out = g.env.remote(&[
         "exec",
@@ -449,25 +463,13 @@ fn bench_ioctl_cost() {
     const N: &str = "20000";
     const ROUNDS: usize = 5;
     let g = gpus("");
-    let ws = g._dir.path().join("ws");
-    std::fs::create_dir(&ws).unwrap();
-    let bin = build_into(&ws, "ioctl_bench");
     let dev = g._dir.path().join("dev");
     let (mut direct, mut proxied) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
+        let (out, bin) = g.run_with("ioctl_bench", "0", &["/workspace/ioctl_bench", "/dev", N]);
+        proxied.push(bench_numbers(&ok(&out)));
         let out = Command::new(&bin).arg(&dev).arg(N).output().unwrap();
         direct.push(bench_numbers(&ok(&out)));
-        let out = g.env.run(&[
-            "--workspace",
-            ws.to_str().unwrap(),
-            "--gpu",
-            "0",
-            "--",
-            "/workspace/ioctl_bench",
-            "/dev",
-            N,
-        ]);
-        proxied.push(bench_numbers(&ok(&out)));
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -541,20 +543,12 @@ fn a_driver_without_tables_is_refused_unless_the_operator_opts_in_within_its_bra
         Simulator::with_version("580.159.04"),
         "allow_newer_in_branch = true\n",
     );
-    let ws = g._dir.path().join("ws");
-    std::fs::create_dir(&ws).unwrap();
-    build_into(&ws, "driver_client");
-    let out = g.env.run(&[
-        "--workspace",
-        ws.to_str().unwrap(),
-        // Index 1 is minor 0, device instance 0, which the client names.
-        "--gpu",
+    // Index 1 is minor 0, device instance 0, which the client names.
+    let (out, _) = g.run_with(
+        "driver_client",
         "1",
-        "--",
-        "/workspace/driver_client",
-        "/dev",
-        "-",
-    ]);
+        &["/workspace/driver_client", "/dev", "-"],
+    );
     let served = ok(&out);
     assert!(line(&served, "name").ends_with(SIM_GPU_NAME), "{served}");
     let proxy = rows(&g.env, "device", "proxy");
@@ -581,19 +575,11 @@ fn a_driver_without_tables_is_refused_unless_the_operator_opts_in_within_its_bra
 #[test]
 fn a_flood_of_refused_calls_is_counted_not_itemised() {
     let g = gpus("");
-    let ws = g._dir.path().join("ws");
-    std::fs::create_dir(&ws).unwrap();
-    build_into(&ws, "ioctl_bench");
-    let out = g.env.run(&[
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--gpu",
+    let (out, _) = g.run_with(
+        "ioctl_bench",
         "0",
-        "--",
-        "/workspace/ioctl_bench",
-        "/dev",
-        "3000",
-    ]);
+        &["/workspace/ioctl_bench", "/dev", "3000"],
+    );
     ok(&out);
     let denials = rows(&g.env, "denial", "ioctl");
     let counts = rows(&g.env, "device", "ioctls");

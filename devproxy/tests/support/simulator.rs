@@ -306,41 +306,23 @@ impl Filesystem for Simulator {
                 } else if cmd == 0x205 && psize == 32 {
                     // GPU_GET_ID_INFO_V2: gpu 0x100 is device instance 0,
                     // 0x200 is 1, 0x300 is 2.
-                    let mut p = [0u8; 32];
-                    let remote = [nix::sys::uio::RemoteIoVec {
-                        base: params as usize,
-                        len: 32,
-                    }];
-                    let read = nix::sys::uio::process_vm_readv(
-                        pid,
-                        &mut [std::io::IoSliceMut::new(&mut p)],
-                        &remote,
-                    );
-                    let id = u32_at(&p, 0);
-                    if read.ok() != Some(32) || ![0x100, 0x200, 0x300].contains(&id) {
-                        NV_ERR_INVALID_ARGUMENT
-                    } else {
-                        put_u32(&mut p, 8, (id >> 8) - 1);
-                        write_to(pid, params, &p)
+                    match read_from(pid, params, 32) {
+                        Some(mut p) if [0x100, 0x200, 0x300].contains(&u32_at(&p, 0)) => {
+                            let id = u32_at(&p, 0);
+                            put_u32(&mut p, 8, (id >> 8) - 1);
+                            write_to(pid, params, &p)
+                        }
+                        _ => NV_ERR_INVALID_ARGUMENT,
                     }
                 } else if cmd == 0x21B && psize == 12 {
                     // GPU_GET_PCI_INFO of the id the caller names.
-                    let mut p = [0u8; 12];
-                    let remote = [nix::sys::uio::RemoteIoVec {
-                        base: params as usize,
-                        len: 12,
-                    }];
-                    let read = nix::sys::uio::process_vm_readv(
-                        pid,
-                        &mut [std::io::IoSliceMut::new(&mut p)],
-                        &remote,
-                    );
-                    let id = u32_at(&p, 0);
-                    if read.ok() != Some(12) || ![0x100, 0x200, 0x300].contains(&id) {
-                        NV_ERR_INVALID_ARGUMENT
-                    } else {
-                        p[8..10].copy_from_slice(&((id >> 8) as u16).to_le_bytes());
-                        write_to(pid, params, &p)
+                    match read_from(pid, params, 12) {
+                        Some(mut p) if [0x100, 0x200, 0x300].contains(&u32_at(&p, 0)) => {
+                            let id = u32_at(&p, 0);
+                            p[8..10].copy_from_slice(&((id >> 8) as u16).to_le_bytes());
+                            write_to(pid, params, &p)
+                        }
+                        _ => NV_ERR_INVALID_ARGUMENT,
                     }
                 } else if cmd == 0x2080_0110 && psize == 132 {
                     // GPU_GET_NAME_STRING: the name goes into the caller's
