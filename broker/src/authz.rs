@@ -49,6 +49,15 @@ pub enum AuthzError {
         /// Its owner.
         owner: u32,
     },
+    /// A non-root caller asked for a GPU whose device node it could not
+    /// open on the host itself.
+    #[error("uid {uid} may not use GPU node {node}: it could not open it on the host itself")]
+    NoDeviceAccess {
+        /// The caller's uid.
+        uid: u32,
+        /// The node.
+        node: String,
+    },
     /// The agent name is malformed.
     #[error("invalid agent name {0:?}: use 1-64 of letters, digits, '.', '-', '_'")]
     BadName(String),

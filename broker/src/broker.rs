@@ -280,6 +280,14 @@ impl Broker {
                 crate::gpu::GpuError::Request(m) => BrokerError::BadRequest(m),
                 other => BrokerError::Unavailable(other.to_string()),
             })?;
+            if !p.is_admin()
+                && let Err(e) = self.caller_may_open(p, &g)
+            {
+                if let BrokerError::Forbidden(a) = &e {
+                    self.audit_refusal(p, "create", a);
+                }
+                return Err(e);
+            }
             Some(Arc::new(g))
         };
         let shape = Shape {

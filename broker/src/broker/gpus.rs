@@ -20,6 +20,39 @@ const GPU_MIN_NOFILE: u64 = 64;
 const GPU_EVENTS_PER_SEC: f64 = 100.0;
 
 impl Broker {
+    /// A GPU is granted to a non-root caller only if that caller could
+    /// open each of its nodes for reading and writing on the host itself
+    /// (its uid, gid and groups, ACLs included): the root broker never
+    /// opens a device for someone the host keeps from it.
+    pub(super) fn caller_may_open(
+        &self,
+        p: &Principal,
+        grant: &crate::gpu::GpuGrant,
+    ) -> Result<(), BrokerError> {
+        use nix::unistd::AccessFlags;
+        let nodes: Vec<std::path::PathBuf> = grant.nodes().into_iter().map(|(h, _)| h).collect();
+        let groups = super::host_dirs::caller_groups(p);
+        let denied = crate::sys::as_caller(p.uid, p.gid, groups, move || {
+            nodes.into_iter().find(|n| {
+                nix::unistd::faccessat(
+                    nix::fcntl::AT_FDCWD,
+                    n.as_path(),
+                    AccessFlags::R_OK | AccessFlags::W_OK,
+                    nix::fcntl::AtFlags::AT_EACCESS,
+                )
+                .is_err()
+            })
+        })
+        .map_err(internal("check the caller's access to the GPU nodes"))?;
+        match denied {
+            None => Ok(()),
+            Some(node) => Err(BrokerError::Forbidden(AuthzError::NoDeviceAccess {
+                uid: p.uid,
+                node: node.display().to_string(),
+            })),
+        }
+    }
+
     /// Starts `sb`'s device proxy on the listener its pid 1 sent; nothing
     /// for a sandbox without GPUs.
     pub(super) fn attach_gpus(&self, sb: &Arc<Sandbox>) -> Result<(), BrokerError> {

@@ -44,6 +44,9 @@ fn gpus_of(sim: Simulator, extra: &str) -> Gpus {
     std::fs::create_dir(&dev).unwrap();
     let mut cfg = fuser::Config::default();
     cfg.acl = fuser::SessionACL::All;
+    // The kernel checks the files' modes, as for real device nodes.
+    cfg.mount_options
+        .push(fuser::MountOption::DefaultPermissions);
     let session = fuser::spawn_mount(sim.clone(), &dev, &cfg).unwrap();
     // The driver's procfs: UUID and model per PCI address; PCI order is
     // not minor order (index 0 is minor 2).
@@ -603,4 +606,50 @@ fn a_flood_of_refused_calls_is_counted_not_itemised() {
         .map(|v| v.as_u64().unwrap())
         .sum();
     assert!(forwarded >= 3000, "{counts:?}");
+}
+
+/// `airlock --socket S` + args as uid `id` (no groups).
+fn airlock_as(id: u32, env: &Env) -> Command {
+    let mut c = Command::new("setpriv");
+    let id = id.to_string();
+    c.args(["--reuid", &id, "--regid", &id, "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--socket")
+        .arg(&env.socket);
+    c.env_clear();
+    c
+}
+
+/// The root broker grants a GPU to a non-root caller only if that caller
+/// could open its nodes on the host itself; root callers may always.
+#[test]
+fn a_caller_gets_no_gpu_the_host_keeps_from_it() {
+    const AGENT: &str = "[[agents]]\nname = \"alice\"\nuids = [4101]\n";
+    let g = gpus_of(Simulator::with_mode(0o600), AGENT);
+    let _b = g.env.start_brokerd();
+    let out = airlock_as(4101, &g.env)
+        .args(["create", "--gpu", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("uid 4101 may not use GPU node") && err.contains("nvidiactl"),
+        "{err}"
+    );
+    g.env.audit_wait(&["--kind", "auth"], |r| {
+        r["detail"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("may not use GPU node"))
+    });
+    ok(&g.env.remote(&["create", "--gpu", "0"]));
+    // Where the host lets everyone open them, so does the broker.
+    let g = gpus_of(Simulator::default(), AGENT);
+    let _b = g.env.start_brokerd();
+    let out = airlock_as(4101, &g.env)
+        .args(["--json", "create", "--gpu", "0"])
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(info["gpus"][0]["minor"], 2, "{info}");
 }

@@ -51,6 +51,8 @@ pub struct Received {
 struct State {
     /// The version it answers (SIM_VERSION unless set).
     version: Option<&'static str>,
+    /// Permission bits of its device files (0o666 unless set).
+    mode: Option<u16>,
     received: Vec<Received>,
     handles: HashSet<u32>,
     next_client: u32,
@@ -72,12 +74,26 @@ impl Simulator {
         s
     }
 
+    /// A simulator whose device files have permission bits `mode` (owned
+    /// by root), as a host that keeps its GPUs from other users has them
+    /// (the broker's end-to-end tests use it).
+    #[allow(dead_code)]
+    pub fn with_mode(mode: u16) -> Self {
+        let s = Self::default();
+        s.state.lock().unwrap().mode = Some(mode);
+        s
+    }
+
+    fn mode(&self) -> u16 {
+        self.state.lock().unwrap().mode.unwrap_or(0o666)
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.state.lock().unwrap().received.clone()
     }
 }
 
-fn attr(ino: u64) -> FileAttr {
+fn attr(ino: u64, mode: u16) -> FileAttr {
     let t = std::time::UNIX_EPOCH;
     FileAttr {
         ino: INodeNo(ino),
@@ -92,7 +108,7 @@ fn attr(ino: u64) -> FileAttr {
         } else {
             FileType::RegularFile
         },
-        perm: if ino == 1 { 0o755 } else { 0o666 },
+        perm: if ino == 1 { 0o755 } else { mode },
         nlink: 1,
         uid: 0,
         gid: 0,
@@ -156,11 +172,15 @@ impl Filesystem for Simulator {
             return reply.error(fuser::Errno::ENOENT);
         };
         let ino = *ino;
-        reply.entry(&Duration::from_secs(60), &attr(ino), Generation(0));
+        reply.entry(
+            &Duration::from_secs(60),
+            &attr(ino, self.mode()),
+            Generation(0),
+        );
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        reply.attr(&Duration::from_secs(60), &attr(ino.0));
+        reply.attr(&Duration::from_secs(60), &attr(ino.0, self.mode()));
     }
 
     fn readdir(
