@@ -264,8 +264,11 @@ fn the_files_api_works_inside_the_sandbox_with_its_rules() {
     assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
     assert!(error_of(&String::from_utf8_lossy(&body)).contains("not a regular file"));
     assert!(t0.elapsed() < std::time::Duration::from_secs(10));
-    // Changes made through the API are audited as the sandbox's.
-    let rows = env.audit(&["--kind", "fs", "--sandbox", &id]);
+    // Changes made through the API are audited as the sandbox's (brokerd
+    // commits rows in batches: wait for the last of them).
+    let rows = env.audit_wait(&["--kind", "fs", "--sandbox", &id], |r| {
+        r.to_string().contains("/workspace/s")
+    });
     for want in ["/workspace/a/b/e.bin", "/workspace/s"] {
         assert!(
             rows.iter().any(|r| r.to_string().contains(want)),
