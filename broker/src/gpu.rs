@@ -405,7 +405,8 @@ pub fn grant(cfg: &GpuConfig, wanted: &[String]) -> Result<GpuGrant, GpuError> {
     if !cfg.enabled {
         return Err(GpuError::Disabled);
     }
-    check_names(wanted).map_err(GpuError::Request)?;
+    // The names' form was checked with the request (CreateSpec) and is
+    // again by `resolve`.
     let inv = inventory(cfg)?;
     let set = abi_set()?;
     let policy = VersionPolicy {

@@ -175,6 +175,10 @@ impl CgroupManager {
         }
     }
 
+    /// The parents of a sandbox's groups: `airlock/` in each hierarchy we
+    /// use, the devices one (v1) included. A group in the devices
+    /// hierarchy exists only for a sandbox whose devices are narrowed
+    /// ([`Cgroup::restrict_devices`]); recovery and removal look there too.
     fn parents(&self) -> Vec<PathBuf> {
         match self {
             CgroupManager::V1 {
@@ -201,9 +205,15 @@ impl CgroupManager {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Err(CgroupError::BadName(name.to_string()));
         }
+        let devices = self.devices_parent();
         let cg = Cgroup {
             manager: self.clone(),
-            dirs: self.parents().into_iter().map(|p| p.join(name)).collect(),
+            dirs: self
+                .parents()
+                .into_iter()
+                .filter(|p| Some(p) != devices.as_ref())
+                .map(|p| p.join(name))
+                .collect(),
         };
         match cg.setup(self, limits) {
             Ok(()) => Ok(cg),
@@ -211,6 +221,16 @@ impl CgroupManager {
                 let _ = cg.remove();
                 Err(e)
             }
+        }
+    }
+
+    /// `airlock/` in the v1 devices hierarchy, when it is mounted.
+    fn devices_parent(&self) -> Option<PathBuf> {
+        match self {
+            CgroupManager::V1 {
+                devices: Some(d), ..
+            } => Some(d.join(PARENT)),
+            _ => None,
         }
     }
 
@@ -292,10 +312,10 @@ impl Cgroup {
     fn setup(&self, m: &CgroupManager, l: &CgroupLimits) -> Result<(), CgroupError> {
         match m {
             CgroupManager::V1 { .. } => {
-                for p in self.manager.parents() {
-                    mkdir(&p)?;
-                }
                 for d in &self.dirs {
+                    if let Some(p) = d.parent() {
+                        mkdir(p)?;
+                    }
                     mkdir(d)?;
                 }
             }
@@ -420,21 +440,24 @@ impl Cgroup {
     }
 
     /// Lets the group's processes open only the devices in `allow`
-    /// (`"c MAJOR:MINOR"` or `"c MAJOR:*"`, read and write, never mknod),
-    /// before any process joins. On v1 with the devices controller;
-    /// elsewhere nothing is done and false is returned (v2 needs a BPF
-    /// program, not made yet).
+    /// (`"c MAJOR:MINOR"` or `"c MAJOR:*"`, read and write, never mknod):
+    /// makes the group's directory in the v1 devices hierarchy (only
+    /// sandboxes that need it pay for it) before any process joins, so
+    /// [`Cgroup::join_files`] includes it from then on. Elsewhere nothing
+    /// is done and false is returned (v2 needs a BPF program, not made
+    /// yet).
     ///
     /// # Errors
-    /// A rule the kernel refuses (the group then allows nothing).
-    pub fn restrict_devices(&self, allow: &[String]) -> Result<bool, CgroupError> {
-        let CgroupManager::V1 {
-            devices: Some(d), ..
-        } = &self.manager
-        else {
+    /// Making the directory, or a rule the kernel refuses (the group then
+    /// allows nothing; [`Cgroup::remove`] removes it).
+    pub fn restrict_devices(&mut self, allow: &[String]) -> Result<bool, CgroupError> {
+        let Some(parent) = self.manager.devices_parent() else {
             return Ok(false);
         };
-        let dir = d.join(PARENT).join(self.name());
+        mkdir(&parent)?;
+        let dir = parent.join(self.name());
+        mkdir(&dir)?;
+        self.dirs.push(dir.clone());
         write(&dir.join("devices.deny"), "a")?;
         for rule in allow {
             write(&dir.join("devices.allow"), &format!("{rule} rw"))?;

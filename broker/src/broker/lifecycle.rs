@@ -367,12 +367,25 @@ impl Broker {
             let _ = crate::tree::remove_tree(&layer_dir);
             return Err(BrokerError::Internal(format!("write owner record: {e}")));
         }
-        let cgroup = match self.cgroups.create(id.as_str(), &cg_limits) {
+        let mut cgroup = match self.cgroups.create(id.as_str(), &cg_limits) {
             Ok(c) => c,
             Err(e) => {
                 let _ = crate::tree::remove_tree(&layer_dir);
                 return Err(BrokerError::Internal(format!("create cgroup: {e}")));
             }
+        };
+        // With GPUs, the devices its processes may open are bounded by the
+        // cgroup too (v1), before any of them (its servers included) joins.
+        let devices_cgroup = match shape.gpus.as_ref() {
+            Some(g) => match cgroup.restrict_devices(&g.device_rules()) {
+                Ok(done) => done,
+                Err(e) => {
+                    let _ = cgroup.remove();
+                    let _ = crate::tree::remove_tree(&layer_dir);
+                    return Err(BrokerError::Internal(format!("devices cgroup: {e}")));
+                }
+            },
+            None => false,
         };
         if !for_request && let Err(e) = cgroup.set_background(true) {
             // Only costs the foreground some CPU while this one is built.
@@ -445,18 +458,6 @@ impl Broker {
         };
         let cg_procs = res.cgroup.join_files();
         let cgroup_version = self.cgroups.version();
-        // With GPUs, the devices its processes may open are bounded by the
-        // cgroup too (v1), before any of them joins.
-        let devices_cgroup = match shape.gpus.as_ref() {
-            Some(g) => match res.cgroup.restrict_devices(&g.device_rules()) {
-                Ok(done) => done,
-                Err(e) => {
-                    cleanup_partial(res);
-                    return Err(BrokerError::Internal(format!("devices cgroup: {e}")));
-                }
-            },
-            None => false,
-        };
         let (mine, theirs) = match Channel::pair() {
             Ok(p) => p,
             Err(e) => {
