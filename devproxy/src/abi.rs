@@ -148,6 +148,10 @@ pub struct AllocClass {
     pub required: bool,
     /// The params are one plain block (no fds, pointers or foreign handles).
     pub plain: bool,
+    /// How to marshal params that are not plain; `None` for plain ones,
+    /// and for the classes that stay refused.
+    #[serde(default)]
+    pub marshal: Option<Marshal>,
 }
 
 /// An admitted RM control command.
@@ -159,6 +163,30 @@ pub struct Control {
     pub param_size: u32,
     /// Its params embed pointers or fds (needs its own marshalling).
     pub embedded: bool,
+    /// How to marshal an embedded control's params; `None` for a plain
+    /// one, and for an embedded one that stays refused.
+    #[serde(default)]
+    pub marshal: Option<Marshal>,
+}
+
+/// What an embedded control's params hold besides plain data, at offsets
+/// into its params (generated from the version's layout and the handler
+/// the facts name, see `tools/gen_abi.py`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Marshal {
+    /// `(offset, bytes)` of the element count every array holds.
+    pub count: Option<(usize, usize)>,
+    /// `(pointer offset, bytes per element)` of each embedded array.
+    pub arrays: Vec<(usize, usize)>,
+    /// Pointers the driver does not use: NULL for the call.
+    pub null: Vec<usize>,
+    /// `(offset, bytes)` of fds of the caller (4 bytes, or 8 where the
+    /// field is a pointer-sized `data`), each of which must be a granted
+    /// node.
+    pub fds: Vec<(usize, usize)>,
+    /// Offset of a client handle that must be the caller's own (the
+    /// block's `hClient`/`hRoot`).
+    pub client: Option<usize>,
 }
 
 /// The top-level layout of a parameter struct: size, alignment and

@@ -384,6 +384,20 @@ impl<'a> Forwarder<'a> {
             }
             buffers.push((b.pointer_at, remote, local));
         }
+        // Inside an embedded control's params: its arrays into guarded
+        // buffers of ours, unused pointers NULL, fds ours.
+        let mut nested = Nested::default();
+        if let Some(m) = &plan.nested {
+            let client = read_u32(&block, 0);
+            let status_at = validate::status_at(plan.request, block.len());
+            let marshalled = match buffers.first_mut() {
+                Some((_, _, params)) => self.marshal_in(m, pid, pidfd, client, params, &mut nested),
+                None => Err(NestedError::Invalid("its params are missing".into())),
+            };
+            if let Err(e) = marshalled {
+                return self.refuse_nested(&plan.what, e, pid, arg, status_at);
+            }
+        }
         // The granted GPUs' device instances, where the rule needs them
         // (learned once, from the driver, on the caller's own client).
         let instances = match plan.ids {
@@ -472,6 +486,9 @@ impl<'a> Forwarder<'a> {
             validate::gpu_ids_after(rule, params, &self.grant, &instances);
         }
         // The sandbox's own pointers and fd numbers go back in place.
+        if let Some((_, _, params)) = buffers.first_mut() {
+            nested.restore(params);
+        }
         for (at, remote, _) in &buffers {
             block[*at..*at + 8].copy_from_slice(&remote.to_le_bytes());
         }
@@ -487,7 +504,11 @@ impl<'a> Forwarder<'a> {
         let copied_out = write_remote(pid, arg, &block).is_ok()
             && buffers
                 .iter()
-                .all(|(_, remote, local)| write_remote(pid, *remote, local).is_ok());
+                .all(|(_, remote, local)| write_remote(pid, *remote, local).is_ok())
+            && nested
+                .arrays
+                .iter()
+                .all(|(_, remote, local)| write_remote(pid, *remote, local.as_slice()).is_ok());
         let (val, errno) = match (result, copied_out) {
             (_, false) => (0, libc::EFAULT),
             (Ok(v), true) => (v, 0),
@@ -501,6 +522,193 @@ impl<'a> Forwarder<'a> {
             val,
             errno,
         )
+    }
+}
+
+/// What marshalling an embedded control's params put in place, to be
+/// undone on the params copy before it goes back to the sandbox.
+#[derive(Default)]
+struct Nested {
+    /// (offset in params, the sandbox's pointer, our guarded copy).
+    arrays: Vec<(usize, u64, sys::GuardedBuf)>,
+    /// (offset in params, the sandbox's pointer) of pointers made NULL.
+    nulled: Vec<(usize, u64)>,
+    /// (offset in params, bytes, the sandbox's fd field) and our
+    /// duplicates, held until the call is done.
+    fds: Vec<(usize, usize, u64)>,
+    held: Vec<OwnedFd>,
+}
+
+impl Nested {
+    /// Puts the sandbox's own pointers and fd numbers back into `params`.
+    fn restore(&mut self, params: &mut [u8]) {
+        for (at, remote, _) in &self.arrays {
+            put_u64(params, *at, *remote);
+        }
+        for (at, remote) in &self.nulled {
+            put_u64(params, *at, *remote);
+        }
+        for (at, bytes, theirs) in &self.fds {
+            match bytes {
+                8 => put_u64(params, *at, *theirs),
+                _ => put_u32(params, *at, *theirs as u32),
+            }
+        }
+        self.held.clear();
+    }
+}
+
+/// Why an embedded control's params could not be marshalled.
+enum NestedError {
+    /// The driver's own answer to these params: `NV_ERR_INVALID_ARGUMENT`.
+    Invalid(String),
+    /// An array the sandbox named cannot be read.
+    Fault(String),
+    /// An fd in the params is not a granted device: EINVAL.
+    NotADevice(String),
+    /// The proxy could not map a buffer (its cgroup's memory).
+    NoMemory(String),
+}
+
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    if let Some(s) = b.get_mut(at..at + 8) {
+        s.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    if let Some(s) = b.get_mut(at..at + 4) {
+        s.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+impl Forwarder<'_> {
+    /// Marshals the embedded pointers and fds of a control's `params`
+    /// (the proxy's copy) per `m`, recording in `out` what to undo.
+    fn marshal_in(
+        &self,
+        m: &crate::abi::Marshal,
+        pid: Pid,
+        pidfd: &OwnedFd,
+        client: u32,
+        params: &mut [u8],
+        out: &mut Nested,
+    ) -> Result<(), NestedError> {
+        if let Some(at) = m.client
+            && params.get(at..at + 4).is_some()
+            && read_u32(params, at) != client
+        {
+            return Err(NestedError::Invalid(format!(
+                "client {:#x} in its params is not the caller's own ({client:#x})",
+                read_u32(params, at)
+            )));
+        }
+        let arrays = validate::nested_buffers(m, params).map_err(NestedError::Invalid)?;
+        for b in arrays {
+            let remote = read_u64(params, b.pointer_at);
+            let mut local = sys::GuardedBuf::new(b.len)
+                .map_err(|e| NestedError::NoMemory(format!("{} bytes: {e}", b.len)))?;
+            if read_remote(pid, remote, local.as_mut_slice()).is_err() {
+                return Err(NestedError::Fault(format!(
+                    "{} bytes at {remote:#x} (an embedded array)",
+                    b.len
+                )));
+            }
+            put_u64(params, b.pointer_at, local.addr());
+            out.arrays.push((b.pointer_at, remote, local));
+        }
+        for &at in &m.null {
+            if at + 8 <= params.len() {
+                out.nulled.push((at, read_u64(params, at)));
+                put_u64(params, at, 0);
+            }
+        }
+        for &(at, bytes) in &m.fds {
+            if at + bytes > params.len() {
+                continue;
+            }
+            let raw = match bytes {
+                8 => read_u64(params, at),
+                _ => u64::from(read_u32(params, at)),
+            };
+            // The fd as the driver reads it: a C int. A negative one names
+            // no file in either process; a wider value is no fd at all.
+            let fd = match (bytes, i32::try_from(raw)) {
+                (8, Ok(fd)) => fd,
+                (8, Err(_)) => {
+                    return Err(NestedError::NotADevice(format!("{raw:#x} is not an fd")));
+                }
+                _ => raw as u32 as i32,
+            };
+            if fd < 0 {
+                continue;
+            }
+            let dup =
+                rustix::process::pidfd_getfd(pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+                    .ok()
+                    .filter(|d| self.devices.node_of_fd(d).is_some())
+                    .ok_or_else(|| {
+                        NestedError::NotADevice(format!("fd {fd} is not a granted device"))
+                    })?;
+            out.fds.push((at, bytes, raw));
+            match bytes {
+                8 => put_u64(params, at, dup.as_raw_fd() as u64),
+                _ => put_u32(params, at, dup.as_raw_fd() as u32),
+            }
+            out.held.push(dup);
+        }
+        Ok(())
+    }
+
+    /// The answer to a control whose params could not be marshalled.
+    fn refuse_nested(
+        &self,
+        what: &str,
+        e: NestedError,
+        pid: Pid,
+        arg: u64,
+        status_at: usize,
+    ) -> (Served, i64, i32) {
+        match e {
+            NestedError::Invalid(why) => {
+                let status = validate::status::NV_ERR_INVALID_ARGUMENT;
+                let ok = write_remote(pid, arg + status_at as u64, &status.to_le_bytes()).is_ok();
+                (
+                    Served::Refused {
+                        reason: format!("{what}: {why}"),
+                        reply: Reply::Status {
+                            at: status_at,
+                            status,
+                        },
+                    },
+                    0,
+                    if ok { 0 } else { libc::EFAULT },
+                )
+            }
+            NestedError::Fault(where_) => (
+                Served::Fault {
+                    what: format!("{what}: {where_}"),
+                },
+                0,
+                libc::EFAULT,
+            ),
+            NestedError::NotADevice(why) => (
+                Served::Refused {
+                    reason: format!("{what}: {why}"),
+                    reply: Reply::Errno(validate::EINVAL),
+                },
+                0,
+                validate::EINVAL,
+            ),
+            NestedError::NoMemory(why) => (
+                Served::Refused {
+                    reason: format!("{what}: no memory for {why}"),
+                    reply: Reply::Errno(libc::ENOMEM),
+                },
+                0,
+                libc::ENOMEM,
+            ),
+        }
     }
 }
 

@@ -75,11 +75,13 @@
 //! that ties an RM client to the process that made it would refuse
 //! UVM's use of it.
 //!
-//! Embedded pointers are never handed to the driver raw: a control or
-//! alloc whose parameters embed pointers or fds is refused until its
-//! marshalling exists ([`validate::Refusal`] says which), and the plain
-//! ones are forwarded with their single parameter buffer copied into
-//! devproxy memory ([`validate::Plan`]).
+//! Embedded pointers are never handed to the driver raw: a control's or
+//! alloc's parameter buffer is copied into devproxy memory
+//! ([`validate::Plan`]), and the pointers and fds inside it are marshalled
+//! by the shape the tables record for it ([`abi::Marshal`]: arrays into
+//! guarded buffers of the proxy's, fds replaced by the proxy's duplicates
+//! of granted nodes); one whose shape is not known is refused
+//! ([`validate::Refusal`] says which).
 #![deny(unsafe_code)]
 
 pub mod abi;

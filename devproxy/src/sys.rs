@@ -164,3 +164,134 @@ pub fn ioctl_block(fd: BorrowedFd<'_>, request: u32, block: &mut [u8]) -> Result
     }
     Ok(i64::from(rc))
 }
+
+/// A buffer for a nested (embedded-pointer) array, placed so that it ends
+/// right at an inaccessible guard page: the driver copies as many bytes
+/// as its own reading of the params says, and should that reading ever
+/// differ from the proxy's (a count in other units, a longer element), a
+/// copy past the end faults (the call fails with EFAULT) instead of
+/// landing in the proxy's heap.
+#[derive(Debug)]
+pub struct GuardedBuf {
+    map: *mut libc::c_void,
+    map_len: usize,
+    /// Offset of the data in the mapping.
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone (no aliases are handed
+// out beyond borrows of `self`), so it may move to another thread.
+unsafe impl Send for GuardedBuf {}
+
+impl GuardedBuf {
+    /// A zeroed buffer of `len` bytes (at least one page is mapped, and
+    /// the page after the data is the guard).
+    ///
+    /// # Errors
+    /// `mmap`'s or `mprotect`'s error (ENOMEM past the cgroup's limit).
+    pub fn new(len: usize) -> io::Result<Self> {
+        const PAGE: usize = 4096;
+        let data_pages = len.div_ceil(PAGE).max(1);
+        let map_len = (data_pages + 1) * PAGE;
+        // SAFETY: an anonymous private mapping at an address the kernel
+        // picks; nothing else refers to it.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let buf = Self {
+            map,
+            map_len,
+            start: data_pages * PAGE - len,
+            len,
+        };
+        // SAFETY: the last page lies inside the mapping made above.
+        let rc = unsafe {
+            libc::mprotect(
+                map.cast::<u8>().add(data_pages * PAGE).cast(),
+                PAGE,
+                libc::PROT_NONE,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(buf)
+    }
+
+    /// The address the driver is given.
+    pub fn addr(&self) -> u64 {
+        self.as_slice().as_ptr() as u64
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `start + len` is at most the data pages' size, inside
+        // the mapping, readable and writable, and owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.map.cast::<u8>().add(self.start), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, borrowed exclusively through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.map.cast::<u8>().add(self.start), self.len) }
+    }
+}
+
+impl Drop for GuardedBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; no borrow of
+        // it outlives `self`.
+        unsafe {
+            libc::munmap(self.map, self.map_len);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::GuardedBuf;
+
+    /// Reads one byte at `addr` of this process as the driver would copy
+    /// from a user pointer: Err on a fault.
+    fn probe(addr: u64) -> Result<u8, nix::errno::Errno> {
+        let mut b = [0u8; 1];
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: addr as usize,
+            len: 1,
+        }];
+        nix::sys::uio::process_vm_readv(
+            nix::unistd::getpid(),
+            &mut [std::io::IoSliceMut::new(&mut b)],
+            &remote,
+        )
+        .map(|_| b[0])
+    }
+
+    #[test]
+    fn a_copy_past_a_nested_buffer_faults_instead_of_reaching_the_heap() {
+        for len in [0usize, 1, 20, 4096, 4097, 1 << 20] {
+            let mut b = GuardedBuf::new(len).unwrap();
+            assert_eq!(b.as_slice().len(), len);
+            assert!(b.as_slice().iter().all(|x| *x == 0));
+            if len > 0 {
+                b.as_mut_slice()[len - 1] = 7;
+                assert_eq!(probe(b.addr() + len as u64 - 1), Ok(7));
+            }
+            assert_eq!(
+                probe(b.addr() + len as u64),
+                Err(nix::errno::Errno::EFAULT),
+                "{len}"
+            );
+        }
+    }
+}

@@ -10,7 +10,7 @@
 
 use std::mem::size_of;
 
-use crate::abi::{Abi, NodeRule};
+use crate::abi::{Abi, Marshal, NodeRule};
 use crate::layout::{
     NVOS02_FD_SIZE, NVOS21_SIZE, NVOS32_SIZE, NVOS54_SIZE, NVOS64_SIZE, at, read_u32, read_u64,
 };
@@ -91,6 +91,10 @@ pub struct Plan {
     /// held to the grant (before the call, and after it on the copy of
     /// its parameters).
     pub ids: Option<GpuIds>,
+    /// For a control whose params embed pointers or fds: what they hold,
+    /// resolved against the copied params by [`nested_buffers`] (the
+    /// counts are the sandbox's data, read once from the proxy's copy).
+    pub nested: Option<Marshal>,
 }
 
 /// Client-level RM controls whose parameters name or list GPUs by the
@@ -164,7 +168,7 @@ fn gpu_id_rule(cmd: u32, params_size: u32) -> Option<GpuIds> {
         0x214 => Some(GpuIds::Probed {
             flags: params_size as usize >= 3 * MAX_IDS * 4,
         }),
-        0x205 | 0x21B | 0x275 | 0x279 => Some(GpuIds::Named),
+        0x202 | 0x205 | 0x21B | 0x275 | 0x279 => Some(GpuIds::Named),
         0x215 | 0x216 => Some(GpuIds::NamedList),
         0x204 => Some(GpuIds::DeviceMask),
         _ => None,
@@ -458,6 +462,7 @@ pub fn check(abi: &Abi, grant: &Grant, node: Node, request: u64, block: &[u8]) -
                 After::Nothing
             },
             ids: None,
+            nested: None,
         })
     };
     match nr {
@@ -532,16 +537,20 @@ fn check_control(
             status::NV_ERR_NOT_SUPPORTED,
         );
     };
-    if c.embedded {
-        return refuse_status(
-            format!(
-                "{name}: control {} ({cmd:#x}) embeds pointers or fds, not marshalled yet",
-                c.name
-            ),
-            at::CTRL_STATUS,
-            status::NV_ERR_NOT_SUPPORTED,
-        );
-    }
+    let nested = match (&c.marshal, c.embedded) {
+        (Some(m), true) => Some(m.clone()),
+        (_, false) => None,
+        (None, true) => {
+            return refuse_status(
+                format!(
+                    "{name}: control {} ({cmd:#x}) embeds pointers or fds this proxy does not marshal",
+                    c.name
+                ),
+                at::CTRL_STATUS,
+                status::NV_ERR_NOT_SUPPORTED,
+            );
+        }
+    };
     if (params == 0) != (params_size == 0) {
         return refuse_errno(format!(
             "{name}: control {} ({cmd:#x}): params pointer and size disagree",
@@ -567,12 +576,13 @@ fn check_control(
         vec![]
     };
     let decision = plan(format!("{name} {}", c.name), buffers, vec![]);
-    match (decision, gpu_id_rule(cmd, params_size)) {
-        (Decision::Forward(mut p), Some(rule)) if params_size > 0 => {
-            p.ids = Some(rule);
+    match decision {
+        Decision::Forward(mut p) if params_size > 0 => {
+            p.ids = gpu_id_rule(cmd, params_size);
+            p.nested = nested;
             Decision::Forward(p)
         }
-        (d, _) => d,
+        d => d,
     }
 }
 
@@ -608,16 +618,20 @@ fn check_alloc(
             c.name
         ));
     }
-    if !c.plain {
-        return refuse_status(
-            format!(
-                "{name}: class {} ({class:#x}) embeds fds or pointers in its params, not marshalled yet",
-                c.name
-            ),
-            status_at,
-            status::NV_ERR_INVALID_CLASS,
-        );
-    }
+    let nested = match (&c.marshal, c.plain) {
+        (_, true) => None,
+        (Some(m), false) => Some(m.clone()),
+        (None, false) => {
+            return refuse_status(
+                format!(
+                    "{name}: class {} ({class:#x}) embeds fds or pointers this proxy does not marshal",
+                    c.name
+                ),
+                status_at,
+                status::NV_ERR_INVALID_CLASS,
+            );
+        }
+    };
     let params = read_u64(block, at::ALLOC_PARAMS);
     let mut buffers = Vec::new();
     if c.param_size > 0 && params != 0 {
@@ -644,7 +658,18 @@ fn check_alloc(
     let has_params = buffers
         .first()
         .is_some_and(|b| b.pointer_at == at::ALLOC_PARAMS);
+    if nested.is_some() && !has_params {
+        return refuse_status(
+            format!("{name}: class {} ({class:#x}) needs its params", c.name),
+            status_at,
+            status::NV_ERR_INVALID_ARGUMENT,
+        );
+    }
     match plan(format!("{name} {}", c.name), buffers, vec![]) {
+        Decision::Forward(mut p) if nested.is_some() => {
+            p.nested = nested;
+            Decision::Forward(p)
+        }
         Decision::Forward(mut p) if class == DEVICE_CLASS => {
             if !has_params {
                 return refuse_status(
@@ -658,6 +683,60 @@ fn check_alloc(
         }
         d => d,
     }
+}
+
+/// Where the status of a refused RM call goes in its block of `len`
+/// bytes (`request`'s escape): an alloc's NVOS21/NVOS64 status, or a
+/// control's NVOS54 status.
+pub fn status_at(request: u32, len: usize) -> usize {
+    match decode(u64::from(request)).0 {
+        esc::RM_ALLOC if len == NVOS64_SIZE => at::ALLOC64_STATUS,
+        esc::RM_ALLOC => at::ALLOC21_STATUS,
+        _ => at::CTRL_STATUS,
+    }
+}
+
+/// The buffers the embedded pointers of a control's params name, from the
+/// proxy's copy of those params (`params`, which the sandbox can no longer
+/// change): each non-NULL array pointer names `count` elements; NULL stays
+/// NULL (the driver's "how many?" form). `Buffer::pointer_at` is an offset
+/// into the params.
+///
+/// # Errors
+/// A reason, answered `NV_ERR_INVALID_ARGUMENT` as the driver does, when
+/// an array would exceed the driver's own bound on what it copies
+/// ([`MAX_CONTROL_PARAMS`]).
+pub fn nested_buffers(m: &Marshal, params: &[u8]) -> Result<Vec<Buffer>, String> {
+    let count = match m.count {
+        Some((at, 4)) if at + 4 <= params.len() => u64::from(read_u32(params, at)),
+        Some((at, bytes)) => {
+            return Err(format!(
+                "its {bytes}-byte count at {at} does not fit {} bytes of params",
+                params.len()
+            ));
+        }
+        None => 0,
+    };
+    let mut out = Vec::with_capacity(m.arrays.len());
+    for &(at, elem) in &m.arrays {
+        if at + 8 > params.len() {
+            return Err(format!("its pointer at {at} is past its params"));
+        }
+        if read_u64(params, at) == 0 {
+            continue;
+        }
+        let len = count.saturating_mul(elem as u64);
+        if len > u64::from(MAX_CONTROL_PARAMS) {
+            return Err(format!(
+                "{count} elements of {elem} bytes exceed the driver's {MAX_CONTROL_PARAMS}-byte bound"
+            ));
+        }
+        out.push(Buffer {
+            pointer_at: at,
+            len: len as usize,
+        });
+    }
+    Ok(out)
 }
 
 fn check_uvm(abi: &Abi, request: u64) -> Decision {

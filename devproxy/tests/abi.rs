@@ -213,7 +213,7 @@ fn every_admitted_control_passes_with_its_size_and_no_other() {
         for c in a.controls.values() {
             let ptr = if c.param_size > 0 { 0x7000_0000 } else { 0 };
             let d = check(a, &g, Node::Ctl, r, &control(c.cmd, ptr, c.param_size));
-            if c.embedded {
+            if c.embedded && c.marshal.is_none() {
                 let Decision::Refuse(x) = &d else {
                     panic!("{}: {d:?}", c.name)
                 };
@@ -233,6 +233,8 @@ fn every_admitted_control_passes_with_its_size_and_no_other() {
                 p.buffers.iter().map(|b| b.len).sum::<usize>(),
                 c.param_size as usize
             );
+            // Embedded pointers and fds are marshalled as the table says.
+            assert_eq!(p.nested, c.marshal, "{} {}", a.version, c.name);
             for s in [c.param_size + 1, c.param_size.wrapping_sub(1)] {
                 if s == 0 || s > 1 << 20 {
                     continue;
@@ -279,7 +281,7 @@ fn every_plain_class_passes_and_unknown_ones_get_invalid_class() {
                 let mut b = alloc64(c.class, 0x7000_0000);
                 b.truncate(size as usize);
                 let d = check(a, &g, Node::Ctl, r, &b);
-                if !c.plain {
+                if !c.plain && c.marshal.is_none() {
                     assert!(
                         matches!(&d, Decision::Refuse(x) if x.reply == Reply::Status { at: status_at, status: status::NV_ERR_INVALID_CLASS }),
                         "{}: {d:?}",
@@ -290,6 +292,8 @@ fn every_plain_class_passes_and_unknown_ones_get_invalid_class() {
                 let Decision::Forward(p) = &d else {
                     panic!("{} {}: {d:?}", a.version, c.name)
                 };
+                // An OS event's fd and parent client are marshalled.
+                assert_eq!(p.nested, c.marshal, "{}", c.name);
                 let copied: usize = p
                     .buffers
                     .iter()
@@ -604,4 +608,196 @@ fn gpu_enumeration_controls_are_held_to_the_grant() {
     let mut mask = 0b111u32.to_le_bytes().to_vec();
     gpu_ids_after(GpuIds::DeviceMask, &mut mask, &g, &instances);
     assert_eq!(read(&mask, 0, 1), [0b101]);
+}
+
+#[test]
+fn embedded_pointer_controls_are_marshalled_by_their_known_shape_or_refused() {
+    use airlock_devproxy::abi::Marshal;
+    use airlock_devproxy::validate::{GpuIds, nested_buffers};
+    let g = Grant::default();
+    let r = req(0x2A, 32);
+    let by_name = |a: &airlock_devproxy::abi::Abi, name: &str| {
+        a.controls
+            .values()
+            .find(|c| c.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{} has no {name}", a.version))
+    };
+    for a in set().versions() {
+        // Every rule stays inside its params, pointers 8-aligned.
+        for c in a.controls.values() {
+            let Some(m) = &c.marshal else { continue };
+            assert!(c.embedded, "{}", c.name);
+            let size = c.param_size as usize;
+            if let Some((at, n)) = m.count {
+                assert!(at + n <= size, "{}", c.name);
+            }
+            for &(at, elem) in &m.arrays {
+                assert!(at % 8 == 0 && at + 8 <= size && elem > 0, "{}", c.name);
+            }
+            for &at in m.null.iter() {
+                assert!(at + 8 <= size, "{}", c.name);
+            }
+            for &(at, n) in m.fds.iter() {
+                assert!(n == 4 && at + n <= size, "{}", c.name);
+            }
+        }
+        let list = |count: (usize, usize), arrays: &[(usize, usize)]| Marshal {
+            count: Some(count),
+            arrays: arrays.to_vec(),
+            null: vec![],
+            fds: vec![],
+            client: None,
+        };
+        let want = [
+            ("NV0080_CTRL_CMD_GPU_GET_CLASSLIST", list((0, 4), &[(8, 4)])),
+            ("NV2080_CTRL_CMD_GPU_GET_ENGINES", list((0, 4), &[(8, 4)])),
+            ("NV2080_CTRL_CMD_FB_GET_INFO", list((0, 4), &[(8, 8)])),
+            ("NV0080_CTRL_CMD_FIFO_GET_CAPS", list((0, 4), &[(8, 1)])),
+            (
+                "NV0080_CTRL_CMD_FIFO_GET_CHANNELLIST",
+                list((0, 4), &[(8, 4), (16, 4)]),
+            ),
+            (
+                "NV0000_CTRL_CMD_SYSTEM_GET_BUILD_VERSION",
+                list((0, 4), &[(8, 1), (16, 1), (24, 1)]),
+            ),
+            (
+                "NV0000_CTRL_CMD_GPU_GET_ID_INFO",
+                Marshal {
+                    count: None,
+                    arrays: vec![],
+                    null: vec![16],
+                    fds: vec![],
+                    client: None,
+                },
+            ),
+            (
+                "NV0000_CTRL_CMD_OS_UNIX_EXPORT_OBJECT_TO_FD",
+                Marshal {
+                    count: None,
+                    arrays: vec![],
+                    null: vec![],
+                    fds: vec![(16, 4)],
+                    client: None,
+                },
+            ),
+        ];
+        for (name, m) in want {
+            assert_eq!(by_name(a, name).marshal, Some(m), "{} {name}", a.version);
+        }
+        // Shapes whose semantics are not known here stay refused.
+        for name in [
+            "NV2080_CTRL_CMD_GPU_EXEC_REG_OPS",
+            "NV83DE_CTRL_CMD_DEBUG_READ_MEMORY",
+            "NV0000_CTRL_CMD_SYSTEM_GET_P2P_CAPS",
+            "NV2080_CTRL_CMD_FIFO_DISABLE_CHANNELS",
+        ] {
+            let c = by_name(a, name);
+            let d = check(
+                a,
+                &g,
+                Node::Ctl,
+                r,
+                &control(c.cmd, 0x7000_0000, c.param_size),
+            );
+            assert!(
+                matches!(&d, Decision::Refuse(x) if x.reply == Reply::Status { at: 28, status: status::NV_ERR_NOT_SUPPORTED }
+                    && x.reason.contains("does not marshal")),
+                "{} {name}: {d:?}",
+                a.version
+            );
+        }
+        // Classes whose params only name other objects are forwarded as
+        // plain blocks; the OS event's fd and parent client are
+        // marshalled; debugger, IMEX and multicast fabric stay refused.
+        let class = |name: &str| a.classes.values().find(|c| c.name == name).cloned();
+        for name in [
+            "NV01_CONTEXT_DMA",
+            "NV01_MEMORY_VIRTUAL",
+            "FERMI_CONTEXT_SHARE_A",
+            "KEPLER_CHANNEL_GROUP_A",
+            "AMPERE_CHANNEL_GPFIFO_A",
+        ] {
+            assert!(class(name).unwrap().plain, "{} {name}", a.version);
+        }
+        assert_eq!(
+            class("NV01_EVENT_OS_EVENT").unwrap().marshal,
+            Some(Marshal {
+                count: None,
+                arrays: vec![],
+                null: vec![],
+                fds: vec![(16, 8)],
+                client: Some(0),
+            })
+        );
+        for name in [
+            "GT200_DEBUGGER",
+            "NV_MEMORY_MULTICAST_FABRIC",
+            "NV_IMEX_SESSION",
+        ] {
+            if let Some(c) = class(name) {
+                assert!(!c.plain && c.marshal.is_none(), "{} {name}", a.version);
+            }
+        }
+        // A VA-space token is data, not a pointer the driver follows.
+        assert!(!by_name(a, "NV503C_CTRL_CMD_REGISTER_VA_SPACE").embedded);
+        // GET_ID_INFO names a GPU: held to the grant like its V2.
+        let c = by_name(a, "NV0000_CTRL_CMD_GPU_GET_ID_INFO");
+        let d = check(
+            a,
+            &g,
+            Node::Ctl,
+            r,
+            &control(c.cmd, 0x7000_0000, c.param_size),
+        );
+        let Decision::Forward(p) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(p.ids, Some(GpuIds::Named));
+        // An embedded control without its params is refused.
+        let c = by_name(a, "NV0080_CTRL_CMD_GPU_GET_CLASSLIST");
+        let d = check(a, &g, Node::Ctl, r, &control(c.cmd, 0, 0));
+        assert!(
+            matches!(&d, Decision::Refuse(x) if x.reply == Reply::Status { at: 28, status: status::NV_ERR_INVALID_PARAM_STRUCT }),
+            "{d:?}"
+        );
+    }
+
+    // The arrays are sized from the proxy's copy of the params.
+    let classes = list_marshal(&[(8, 4)]);
+    let mut params = [0u8; 16];
+    params[0..4].copy_from_slice(&5u32.to_le_bytes());
+    // NULL: the driver's "how many?" form, nothing to copy.
+    assert_eq!(nested_buffers(&classes, &params).unwrap(), vec![]);
+    params[8..16].copy_from_slice(&0x7000_0000u64.to_le_bytes());
+    let b = nested_buffers(&classes, &params).unwrap();
+    assert_eq!((b.len(), b[0].pointer_at, b[0].len), (1, 8, 20));
+    // Past the driver's 1 MiB bound on a copy: refused, not allocated.
+    params[0..4].copy_from_slice(&0x4000_0000u32.to_le_bytes());
+    let e = nested_buffers(&classes, &params).unwrap_err();
+    assert!(e.contains("exceed"), "{e}");
+    params[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(nested_buffers(&classes, &params).is_err());
+    // Three strings, one of them NULL.
+    let strings = list_marshal(&[(8, 1), (16, 1), (24, 1)]);
+    let mut params = [0u8; 40];
+    params[0..4].copy_from_slice(&64u32.to_le_bytes());
+    params[8..16].copy_from_slice(&0x7000_0000u64.to_le_bytes());
+    params[24..32].copy_from_slice(&0x7000_1000u64.to_le_bytes());
+    let b = nested_buffers(&strings, &params).unwrap();
+    assert_eq!(
+        b.iter().map(|b| (b.pointer_at, b.len)).collect::<Vec<_>>(),
+        vec![(8, 64), (24, 64)]
+    );
+}
+
+fn list_marshal(arrays: &[(usize, usize)]) -> airlock_devproxy::abi::Marshal {
+    airlock_devproxy::abi::Marshal {
+        count: Some((0, 4)),
+        arrays: arrays.to_vec(),
+        null: vec![],
+        fds: vec![],
+        client: None,
+    }
 }

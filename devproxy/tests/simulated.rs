@@ -17,7 +17,7 @@ use std::process::Command;
 use airlock_devproxy::abi::AbiSet;
 use airlock_devproxy::forward::{DeviceKey, Devices, Forwarder, Served};
 use airlock_devproxy::validate::Grant;
-use simulator::{Received, SIM_GPU_NAME, SIM_VERSION, Simulator};
+use simulator::{Received, SIM_BUILD, SIM_CLASSES, SIM_GPU_NAME, SIM_VERSION, Simulator};
 
 /// The simulator mounted in a temp dir, and the devices it stands for.
 fn simulated() -> (
@@ -136,6 +136,81 @@ fn a_client_reaches_the_simulated_gpu_and_nothing_malformed_reaches_the_driver()
         .filter(|s| matches!(s, Served::Refused { .. } | Served::Fault { .. }))
         .count();
     assert_eq!(refused, 11, "{served:#?}");
+}
+
+#[test]
+fn embedded_pointers_and_fds_reach_the_driver_only_as_the_proxys_own() {
+    let (tmp, sim, _session, devices) = simulated();
+    let set = AbiSet::builtin().unwrap();
+    let abi = set.select(SIM_VERSION, Default::default()).unwrap().abi();
+    let mut cmd = Command::new(harness::build("embedded_client", &[]));
+    cmd.arg(tmp.path())
+        .arg(harness::filter_file(abi, "embedded-filter.bpf"));
+    let mut c = harness::attach(cmd);
+    let grant = Grant {
+        gpu_ids: vec![0x100],
+    };
+    let fwd = Forwarder::new(abi, grant, devices, c.listener);
+    let served = harness::serve(&fwd, &mut c.child, 14);
+    let out = harness::outputs(c.lines);
+    assert!(c.child.wait().unwrap().success());
+
+    assert_eq!(out["device"], "rc=0 errno=0 status=0");
+    // The class list: its length through a NULL list, then the list,
+    // copied through a buffer of the proxy's and back.
+    assert_eq!(
+        out["classes_count"],
+        format!("rc=0 errno=0 status=0 {}", SIM_CLASSES.len())
+    );
+    let listed: Vec<String> = SIM_CLASSES.iter().map(|c| format!("{c:#x}")).collect();
+    assert_eq!(
+        out["classes"],
+        format!("rc=0 errno=0 status=0 {}", listed.join(","))
+    );
+    assert_eq!(out["list_kept"], "1");
+    // Three strings, each through its own buffer.
+    assert_eq!(
+        out["build"],
+        format!("rc=0 errno=0 status=0 {SIM_BUILD}|{SIM_BUILD}|{SIM_BUILD}|142")
+    );
+    // The fd in the params reached the driver as one of the proxy's, a
+    // control node (the simulator resolves it in the caller's table), and
+    // went back to the sandbox as its own number.
+    assert_eq!(out["export"], "rc=0 errno=0 status=0 1");
+    // An OS event's fd, the same way; another client's event is refused.
+    assert_eq!(out["event"], "rc=0 errno=0 status=0 1");
+    assert_eq!(out["event_other_client"], "rc=0 errno=0 status=31");
+    // A count past the driver's 1 MiB bound, an unmapped list, an fd that
+    // is no nvidia node, one that is not open, register ops.
+    assert_eq!(out["classes_huge"], "rc=0 errno=0 status=31");
+    assert_eq!(
+        out["classes_wild"],
+        format!("rc=-1 errno={} status=0", libc::EFAULT)
+    );
+    let einval = format!("rc=-1 errno={} status=0", libc::EINVAL);
+    assert_eq!(out["export_not_device"], einval);
+    assert_eq!(out["export_bad_fd"], einval);
+    assert_eq!(out["event_not_device"], einval);
+    assert_eq!(out["reg_ops"], "rc=0 errno=0 status=86");
+
+    // The driver never saw a sandbox address: every embedded pointer it
+    // dereferenced was the proxy's (four: one list, three strings).
+    let sandbox_list = u64::from_str_radix(out["list_addr"].trim_start_matches("0x"), 16).unwrap();
+    let seen = sim.embedded();
+    assert_eq!(seen.len(), 4, "{seen:x?}");
+    assert!(!seen.contains(&sandbox_list), "{seen:x?}");
+    // And only the good calls reached it.
+    let what: Vec<u32> = sim
+        .received()
+        .iter()
+        .filter(|r| r.nr == 0x2A)
+        .map(|r| r.what)
+        .collect();
+    assert_eq!(
+        what,
+        [0x205, 0x80_0201, 0x80_0201, 0x101, 0x3D05],
+        "{served:#?}"
+    );
 }
 
 #[test]

@@ -17,8 +17,9 @@ What is kept per version (facts only, no driver code):
   uvm       every UVM ioctl number: name, parameter size, whether routed
             by the driver and admitted by the allowlist
   classes   admitted RM alloc classes with the driver's param size
-  controls  admitted RM control commands with the registered param size
-            and whether the params embed pointers or fds
+  controls  admitted RM control commands with the registered param size,
+            whether the params embed pointers or fds, and for those whose
+            handler's shape is known, how to marshal them (`marshal`)
   layouts   the top-level field layout of the structs the crate mirrors
 The allowlist is the set a widely used proxy applies for that version,
 intersected with what the driver's own headers define.
@@ -48,9 +49,87 @@ MIRRORED = [
 ]
 
 # Alloc classes whose params are a plain block (or none): the only ones a
-# proxy can forward by copying `param_size` bytes. The others embed fds,
-# pointers or handles into other objects and need their own marshalling.
-PLAIN_ALLOC = ("rmAllocSimple", "rmAllocNoParams", "rmAllocRootClient")
+# proxy can forward by copying `param_size` bytes. The first three are the
+# simple handlers; the rest have handlers of their own in that proxy only to
+# record the objects their params name (it keeps its own object tree): the
+# facts' complete list of pointers and fds in alloc params (design notes
+# 1.6: NV0005's `data` for OS events, the IMEX session's and the multicast
+# fabric's) names none of theirs, and RM resolves the handles they name in
+# the caller's own client.
+PLAIN_ALLOC = ("rmAllocSimple", "rmAllocNoParams", "rmAllocRootClient",
+               "rmAllocContextDMA", "rmAllocMemoryVirtual", "rmAllocContextShare",
+               "rmAllocChannelGroup", "rmAllocChannel")
+
+
+# How the params of an embedded-pointer control are marshalled, by the
+# handler a widely used proxy gives it (the facts name it; the driver's own
+# embedded_param_copy.c copies the same shapes): the element count field,
+# then each pointer with the bytes of one element it points at. Field names
+# are checked against the version's layout, so a changed struct fails here.
+#   ctrlGetNvU32List       count, NvU32 list          (GET_CLASSLIST, GET_ENGINES)
+#   ctrlIoctlHasInfoList   count, {index, data} list  (the V1 *_GET_INFO controls)
+#   ctrlDevGetCaps         byte count, NvU8 table     (*_GET_CAPS)
+#   ctrlDevFIFOGetChannelList  count, two NvU32 lists
+#   ctrlClientSystemGetBuildVersion  string size, three char buffers
+#   ctrlGpuGetIDInfo       no list; the unused szName pointer goes NULL
+#   ctrlHasFrontendFD[..]  no pointer; `fd` names an nvidia node of the caller
+# Any other handler (register ops, debugger memory, P2P caps, multicast
+# fabric, channel disabling) stays refused: no `marshal`.
+MARSHAL = {
+    "ctrlGetNvU32List": (0, [(1, 4)]),
+    "ctrlIoctlHasInfoList": (0, [(1, 8)]),
+    "ctrlDevGetCaps": (0, [(1, 1)]),
+    "ctrlDevFIFOGetChannelList": (0, [(1, 4), (2, 4)]),
+    "ctrlClientSystemGetBuildVersion": (0, [(1, 1), (2, 1), (3, 1)]),
+}
+DEPENDENCY_ONLY_CONTROLS = ("ctrlRegisterVASpace",)
+COUNT_NAMES = ("numClasses", "engineCount", "capsTblSize", "numChannels", "sizeOfStrings")
+
+
+def marshal_of(c, layout):
+    """The marshalling rule of embedded control `c` with params `layout`
+    (this version's), or None when it stays refused."""
+    if layout is None:
+        return None
+    handler = c["gvisor_handler"].split("[")[0]
+    fields = layout["fields"]
+    names = {f[0]: f for f in fields}
+    if handler in MARSHAL:
+        count_idx, arrays = MARSHAL[handler]
+        name, at, size = fields[count_idx]
+        assert size == 4 and (name in COUNT_NAMES or name.endswith("ListSize")), (c["name"], name)
+        out = []
+        for idx, elem in arrays:
+            pname, pat, psize = fields[idx]
+            assert psize == 8 and pat % 8 == 0, (c["name"], pname)
+            assert pname.endswith(("List", "Tbl", "Buffer")), (c["name"], pname)
+            out.append([pat, elem])
+        return {"count": [at, size], "arrays": out, "null": [], "fds": [], "client": None}
+    if handler == "ctrlGpuGetIDInfo":
+        name, at, size = names["szName"]
+        assert size == 8
+        return {"count": None, "arrays": [], "null": [at], "fds": [], "client": None}
+    if handler == "ctrlHasFrontendFD":
+        name, at, size = names["fd"]
+        assert size == 4
+        return {"count": None, "arrays": [], "null": [], "fds": [[at, 4]], "client": None}
+    return None
+
+
+def alloc_marshal_of(c, layout):
+    """The marshalling rule of alloc class `c` whose params are not plain,
+    or None when it stays refused. Only the OS event (NV01_EVENT_OS_EVENT):
+    `data` holds an fd of the caller (on which NV_ESC_ALLOC_OS_EVENT made
+    the event queue), and the event is for a resource of `hParentClient`,
+    which must be the caller's own client."""
+    if c["gvisor_handler"] != "rmAllocEventOSEvent" or layout is None:
+        return None
+    names = {f[0]: f for f in layout["fields"]}
+    _, data_at, data_size = names["data"]
+    _, client_at, client_size = names["hParentClient"]
+    assert data_size == 8 and client_size == 4
+    return {"count": None, "arrays": [], "null": [], "fds": [[data_at, 8]],
+            "client": client_at}
 
 
 def node_of(device):
@@ -87,27 +166,53 @@ def tables(v, layouts):
             "routed": u["dispatch"] is not None, "allowed": u["gvisor"] is not None,
         }
     classes = {}
+    ver = v["constants"]["NV_VERSION_STRING"]
     for c in v["gvisor_alloc_classes"]:
         drv = c.get("driver_resource_list") or {}
         if not drv:
             continue  # not defined by the driver at this version
-        classes[c["class_id"]] = {
+        entry = {
             "class": int(c["class_id"], 16), "name": c["name"],
             "param_size": drv.get("param_size") or 0,
             "required": bool(drv.get("required")),
             "plain": c["gvisor_handler"].startswith(PLAIN_ALLOC),
         }
+        if not entry["plain"] and drv.get("param_struct"):
+            layout = next((x for x in layouts.get(drv["param_struct"], [])
+                           if ver in x["versions"]), None)
+            m = alloc_marshal_of(c, layout)
+            if m is not None:
+                assert layout["size"] == entry["param_size"], c["name"]
+                entry["marshal"] = m
+        classes[c["class_id"]] = entry
     controls = {}
+    driver_embedded = {int(x[1], 16) for x in v["driver_controls_with_embedded_pointers"]
+                       if isinstance(x[1], str)}
     for c in v["gvisor_control_commands"]:
         drv = c.get("driver_exported")
         size = drv["param_size"] if drv else c.get("gvisor_struct_size")
         if size is None:
             continue
-        controls[c["cmd"]] = {
+        embedded = bool(c.get("embedded_pointers_or_fds")) \
+            or c["gvisor_handler"] != "rmControlSimple"
+        # A handler there only to record the object the params name, for a
+        # control the driver's own list of embedded-pointer controls does
+        # not hold: its params are plain data (a VA-space token).
+        if c["gvisor_handler"] in DEPENDENCY_ONLY_CONTROLS \
+                and int(c["cmd"], 16) not in driver_embedded:
+            embedded = False
+        entry = {
             "cmd": int(c["cmd"], 16), "name": c["name"], "param_size": size,
-            "embedded": bool(c.get("embedded_pointers_or_fds"))
-            or c["gvisor_handler"] != "rmControlSimple",
+            "embedded": embedded,
         }
+        if embedded and c.get("gvisor_struct"):
+            layout = next((x for x in layouts.get(c["gvisor_struct"][0], [])
+                           if ver in x["versions"]), None)
+            m = marshal_of(c, layout)
+            if m is not None:
+                assert layout["size"] == size, (c["name"], layout["size"], size)
+                entry["marshal"] = m
+        controls[c["cmd"]] = entry
     lay = {}
     for name in MIRRORED:
         for variant in layouts.get(name, []):

@@ -572,6 +572,67 @@ fn a_driver_without_tables_is_refused_unless_the_operator_opts_in_within_its_bra
     );
 }
 
+/// Controls whose params embed pointers and fds work from a sandbox
+/// through its jailed proxy (guarded buffers, the proxy's own fds), and
+/// their hostile forms are refused and audited.
+#[test]
+fn embedded_pointers_and_fds_are_marshalled_through_the_jailed_proxy() {
+    let g = gpus("");
+    // Index 1 is minor 0, device instance 0, which the client names.
+    let (out, _) = g.run_with(
+        "embedded_client",
+        "1",
+        &["/workspace/embedded_client", "/dev", "-"],
+    );
+    let text = ok(&out);
+    assert_eq!(
+        line(&text, "classes"),
+        "classes rc=0 errno=0 status=0 0x41,0x80,0x2080,0xc86f,0xc8b5"
+    );
+    assert!(line(&text, "build").starts_with("build rc=0 errno=0 status=0 580.142"));
+    assert_eq!(line(&text, "export"), "export rc=0 errno=0 status=0 1");
+    assert_eq!(line(&text, "event"), "event rc=0 errno=0 status=0 1");
+    assert_eq!(
+        line(&text, "event_other_client"),
+        "event_other_client rc=0 errno=0 status=31"
+    );
+    assert_eq!(
+        line(&text, "classes_huge"),
+        "classes_huge rc=0 errno=0 status=31"
+    );
+    assert!(
+        line(&text, "export_not_device").contains("errno=22"),
+        "{text}"
+    );
+    assert_eq!(line(&text, "reg_ops"), "reg_ops rc=0 errno=0 status=86");
+    assert_eq!(g.sim.embedded().len(), 4);
+    // The last refused call's row (register ops) is the newest.
+    let denials = g
+        .env
+        .audit_wait(&["--kind", "denial", "--limit", "100000"], |r| {
+            r["detail"]["reason"]
+                .as_str()
+                .is_some_and(|x| x.contains("does not marshal"))
+        });
+    let reasons: Vec<String> = denials
+        .iter()
+        .filter(|r| r["action"] == "ioctl")
+        .map(|r| r["detail"]["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    for want in [
+        "exceed the driver's",
+        "an embedded array",
+        "fd 999 is not a granted device",
+        "is not the caller's own",
+        "does not marshal",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(want)),
+            "{want}: {reasons:#?}"
+        );
+    }
+}
+
 /// A sandbox that floods its proxy with bad calls gets each refused, but
 /// the audit log itemises them only within the budget and counts the
 /// rest; the calls it is allowed keep working.

@@ -54,6 +54,8 @@ struct State {
     /// Permission bits of its device files (0o666 unless set).
     mode: Option<u16>,
     received: Vec<Received>,
+    /// Every embedded pointer (inside control params) it dereferenced.
+    embedded: Vec<u64>,
     handles: HashSet<u32>,
     next_client: u32,
 }
@@ -91,7 +93,19 @@ impl Simulator {
     pub fn received(&self) -> Vec<Received> {
         self.state.lock().unwrap().received.clone()
     }
+
+    /// The embedded pointers (inside control params) it was given, in the
+    /// address space of the process that made the call.
+    #[allow(dead_code)]
+    pub fn embedded(&self) -> Vec<u64> {
+        self.state.lock().unwrap().embedded.clone()
+    }
 }
+
+/// The classes its device objects list (`GPU_GET_CLASSLIST`).
+pub const SIM_CLASSES: [u32; 5] = [0x41, 0x80, 0x2080, 0xC86F, 0xC8B5];
+/// Its build version strings (`SYSTEM_GET_BUILD_VERSION`).
+pub const SIM_BUILD: &str = "580.142 (simulated)";
 
 fn attr(ino: u64, mode: u16) -> FileAttr {
     let t = std::time::UNIX_EPOCH;
@@ -301,6 +315,30 @@ impl Filesystem for Simulator {
                         st.handles.insert(new);
                         NV_OK
                     }
+                    // NV01_EVENT_OS_EVENT: NV0005 {hParentClient @0, ...,
+                    // data @16}; `data` is an fd the driver resolves in the
+                    // caller's table, where it must be an nvidia node.
+                    0x79 => {
+                        let pid = nix::unistd::Pid::from_raw(req.pid() as i32);
+                        match read_from(pid, u64_at(&b, 16), 24) {
+                            Some(p) if st.handles.contains(&u32_at(&p, 0)) => {
+                                let fd = u64_at(&p, 16);
+                                let target =
+                                    std::fs::read_link(format!("/proc/{}/fd/{fd}", pid.as_raw()));
+                                if target.is_ok_and(|t| {
+                                    t.file_name()
+                                        .and_then(|n| n.to_str())
+                                        .is_some_and(|n| n.starts_with("nvidia"))
+                                }) {
+                                    st.handles.insert(new);
+                                    NV_OK
+                                } else {
+                                    NV_ERR_INVALID_ARGUMENT
+                                }
+                            }
+                            _ => NV_ERR_INVALID_ARGUMENT,
+                        }
+                    }
                     _ => NV_ERR_INVALID_CLASS,
                 };
                 put_u32(&mut b, 40, status);
@@ -343,6 +381,79 @@ impl Filesystem for Simulator {
                             write_to(pid, params, &p)
                         }
                         _ => NV_ERR_INVALID_ARGUMENT,
+                    }
+                } else if cmd == 0x80_0201 && psize == 16 {
+                    // GPU_GET_CLASSLIST: {numClasses, classList}; a NULL
+                    // list asks how many.
+                    match read_from(pid, params, 16) {
+                        Some(mut p) => {
+                            let (n, list) = (u32_at(&p, 0), u64_at(&p, 8));
+                            let mut status = NV_OK;
+                            if list != 0 {
+                                st.embedded.push(list);
+                                status = if (n as usize) < SIM_CLASSES.len() {
+                                    NV_ERR_INVALID_ARGUMENT
+                                } else {
+                                    let bytes: Vec<u8> =
+                                        SIM_CLASSES.iter().flat_map(|c| c.to_le_bytes()).collect();
+                                    write_to(pid, list, &bytes)
+                                };
+                            }
+                            put_u32(&mut p, 0, SIM_CLASSES.len() as u32);
+                            if status == NV_OK {
+                                write_to(pid, params, &p)
+                            } else {
+                                status
+                            }
+                        }
+                        None => NV_ERR_INVALID_ARGUMENT,
+                    }
+                } else if cmd == 0x101 && psize == 40 {
+                    // SYSTEM_GET_BUILD_VERSION: three strings of
+                    // sizeOfStrings bytes; too small (or any NULL) asks
+                    // for the size.
+                    match read_from(pid, params, 40) {
+                        Some(mut p) => {
+                            let size = u32_at(&p, 0) as usize;
+                            let ptrs = [u64_at(&p, 8), u64_at(&p, 16), u64_at(&p, 24)];
+                            let need = SIM_BUILD.len() + 1;
+                            let mut status = NV_OK;
+                            if size >= need && ptrs.iter().all(|x| *x != 0) {
+                                let mut text = SIM_BUILD.as_bytes().to_vec();
+                                text.resize(size, 0);
+                                for x in ptrs {
+                                    st.embedded.push(x);
+                                    if status == NV_OK {
+                                        status = write_to(pid, x, &text);
+                                    }
+                                }
+                                put_u32(&mut p, 32, 142);
+                            } else {
+                                put_u32(&mut p, 0, need as u32);
+                            }
+                            if status == NV_OK {
+                                write_to(pid, params, &p)
+                            } else {
+                                status
+                            }
+                        }
+                        None => NV_ERR_INVALID_ARGUMENT,
+                    }
+                } else if cmd == 0x3D05 && psize == 24 {
+                    // OS_UNIX_EXPORT_OBJECT_TO_FD: `fd` (@16) is resolved
+                    // in the caller's fd table and must be a control node.
+                    match read_from(pid, params, 24) {
+                        Some(p) => {
+                            let fd = u32_at(&p, 16) as i32;
+                            let target =
+                                std::fs::read_link(format!("/proc/{}/fd/{fd}", pid.as_raw()));
+                            if target.is_ok_and(|t| t.ends_with("nvidiactl")) {
+                                NV_OK
+                            } else {
+                                NV_ERR_INVALID_ARGUMENT
+                            }
+                        }
+                        None => NV_ERR_INVALID_ARGUMENT,
                     }
                 } else if cmd == 0x2080_0110 && psize == 132 {
                     // GPU_GET_NAME_STRING: the name goes into the caller's
