@@ -125,6 +125,10 @@ pub enum GpuIds {
     /// `deviceIds`, a bitmask of device instances (`GPU_GET_DEVICE_IDS`):
     /// only the granted GPUs' bits are left.
     DeviceMask,
+    /// `numDevices` and `devices[256]` of 12 bytes each, `gpuId` first
+    /// (`GPU_GET_ACTIVE_DEVICE_IDS`, with MIG instance ids after it): only
+    /// the granted GPUs' entries are left, in order.
+    Active,
 }
 
 impl GpuIds {
@@ -160,6 +164,12 @@ const ALL_IDS: u32 = 0x0000_FFFF;
 /// `NV0000_CTRL_GPU_MAX_ATTACHED_GPUS` / `MAX_PROBED_GPUS`.
 const MAX_IDS: usize = 32;
 
+/// `GPU_GET_ACTIVE_DEVICE_IDS`: `numDevices`, then this many entries of
+/// `ACTIVE_ENTRY` bytes (`gpuId`, `gpuInstanceId`, `computeInstanceId`).
+const ACTIVE_MAX: usize = 256;
+const ACTIVE_ENTRY: usize = 12;
+const ACTIVE_PARAMS: usize = 4 + ACTIVE_MAX * ACTIVE_ENTRY;
+
 /// The GPU-id rule of client-level control `cmd` with `params_size`
 /// bytes of parameters.
 fn gpu_id_rule(cmd: u32, params_size: u32) -> Option<GpuIds> {
@@ -171,6 +181,8 @@ fn gpu_id_rule(cmd: u32, params_size: u32) -> Option<GpuIds> {
         0x202 | 0x205 | 0x21B | 0x275 | 0x279 => Some(GpuIds::Named),
         0x215 | 0x216 => Some(GpuIds::NamedList),
         0x204 => Some(GpuIds::DeviceMask),
+        // 3076 = 4 + 256 x 12: the layout the rule reads.
+        0x288 if params_size as usize == ACTIVE_PARAMS => Some(GpuIds::Active),
         _ => None,
     }
 }
@@ -201,7 +213,7 @@ pub fn gpu_ids_before(
     instances: &[u32],
 ) -> Result<(), String> {
     match rule {
-        GpuIds::Attached | GpuIds::Probed { .. } | GpuIds::DeviceMask => Ok(()),
+        GpuIds::Attached | GpuIds::Probed { .. } | GpuIds::DeviceMask | GpuIds::Active => Ok(()),
         GpuIds::DeviceAlloc => {
             // deviceId @0, hTargetClient @8, hTargetDevice @12.
             let device = read_u32(params, 0);
@@ -288,6 +300,23 @@ pub fn gpu_ids_after(rule: GpuIds, params: &mut [u8], grant: &Grant, instances: 
             let got = read_u32(params, 0);
             if let Some(s) = params.get_mut(0..4) {
                 s.copy_from_slice(&(got & mask).to_le_bytes());
+            }
+        }
+        GpuIds::Active => {
+            let n = (read_u32(params, 0) as usize).min(ACTIVE_MAX);
+            let kept: Vec<Vec<u8>> = (0..n)
+                .filter_map(|i| params.get(4 + i * ACTIVE_ENTRY..4 + (i + 1) * ACTIVE_ENTRY))
+                .filter(|e| grant.gpu_ids.contains(&read_u32(e, 0)))
+                .map(<[u8]>::to_vec)
+                .collect();
+            if let Some(list) = params.get_mut(4..ACTIVE_PARAMS) {
+                list.fill(0);
+                for (i, e) in kept.iter().enumerate() {
+                    list[i * ACTIVE_ENTRY..(i + 1) * ACTIVE_ENTRY].copy_from_slice(e);
+                }
+            }
+            if let Some(s) = params.get_mut(0..4) {
+                s.copy_from_slice(&(kept.len() as u32).to_le_bytes());
             }
         }
         GpuIds::Named | GpuIds::NamedList | GpuIds::DeviceAlloc => {}

@@ -510,6 +510,7 @@ fn gpu_enumeration_controls_are_held_to_the_grant() {
             (0x215, Some(GpuIds::NamedList)),
             (0x216, Some(GpuIds::NamedList)),
             (0x204, Some(GpuIds::DeviceMask)),
+            (0x288, Some(GpuIds::Active)),
         ] {
             let Some(c) = a.controls.get(&cmd) else {
                 continue;
@@ -608,6 +609,21 @@ fn gpu_enumeration_controls_are_held_to_the_grant() {
     let mut mask = 0b111u32.to_le_bytes().to_vec();
     gpu_ids_after(GpuIds::DeviceMask, &mut mask, &g, &instances);
     assert_eq!(read(&mask, 0, 1), [0b101]);
+    // Active devices (MIG instances included): the granted GPUs' entries
+    // only, in order, the count cut to match; the rest zeroed.
+    let mut active = words(&[4, 0x100, 1, 0, 0x200, 0, 0, 0x300, 2, 5, 0x100, 3, 1]);
+    active.resize(3076, 0xAB);
+    gpu_ids_after(GpuIds::Active, &mut active, &g, &[]);
+    assert_eq!(
+        read(&active, 0, 10),
+        [3, 0x100, 1, 0, 0x300, 2, 5, 0x100, 3, 1]
+    );
+    assert!(active[40..].iter().all(|b| *b == 0));
+    // A count past the array is read as the array.
+    let mut wild = words(&[u32::MAX, 0x300, 0, 0]);
+    wild.resize(3076, 0);
+    gpu_ids_after(GpuIds::Active, &mut wild, &g, &[]);
+    assert_eq!(read(&wild, 0, 2), [1, 0x300]);
 }
 
 #[test]
