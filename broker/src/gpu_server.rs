@@ -276,7 +276,8 @@ fn send(chan: &Channel, event: GpuEvent) -> Result<(), airlock_shim::channel::Ch
 
 /// Answers notifications until the listener fails (the sandbox is gone).
 fn worker(fwd: &Forwarder<'_>, shared: &Shared, events: &Channel) {
-    while let Ok(served) = fwd.serve_one() {
+    let mut turn = airlock_devproxy::forward::Receiving::default();
+    while let Ok(served) = fwd.serve_next(&mut turn) {
         let refusal = {
             let mut c = crate::util::lock_or_recover(&shared.counts);
             match account(&mut c, served) {
