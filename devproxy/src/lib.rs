@@ -69,7 +69,8 @@
 //! fds without mediation reaches every driver entry point. Seccomp user
 //! notification keeps mmap and UVM native and puts only the driver's
 //! ioctls through the check. The price is a round trip per checked call
-//! (about 20 µs on a 2-vCPU VM, see the README's benchmark). One risk
+//! (16-22 µs on a 2-vCPU VM whose bare notification round trip is
+//! 5-6 µs, see the README's benchmark). One risk
 //! only a GPU can settle: RM clients are allocated by the proxy's
 //! process, while UVM calls come from the sandbox's process, so a driver
 //! that ties an RM client to the process that made it would refuse
