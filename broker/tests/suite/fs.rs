@@ -360,3 +360,90 @@ fn sandboxes_of_one_agent_see_each_others_workspace_changes_at_once() {
         "gone\n"
     );
 }
+
+/// A directory read while it changes (getdents in small steps, the
+/// directory emptied and refilled under the reader, in the agent's
+/// workspace and on the copy-on-write root, where directories are opened
+/// without a request and read through cursors): every name that was
+/// there throughout shows exactly once, none twice; a new reader sees
+/// exactly what is there now; many half-read directories at once each
+/// finish whole.
+#[test]
+fn directories_read_while_they_change_show_each_name_once() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let id = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let script = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def chunk(fd, size=512):
+    buf = ctypes.create_string_buffer(size)
+    n = libc.syscall(217, fd, buf, size)  # getdents64
+    assert n >= 0, ctypes.get_errno()
+    out, i = [], 0
+    while i < n:
+        reclen = int.from_bytes(buf.raw[i + 16:i + 18], "little")
+        name = buf.raw[i + 19:i + reclen].split(b"\0", 1)[0].decode()
+        if name not in (".", ".."):
+            out.append(name)
+        i += reclen
+    return out, n
+def rest(fd):
+    out = []
+    while True:
+        names, n = chunk(fd)
+        if n == 0:
+            return out
+        out += names
+for base in sys.argv[1:]:
+    d = base + "/churn"
+    os.makedirs(d)
+    for i in range(3000):
+        open("%s/f%d" % (d, i), "w").close()
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    seen = []
+    while len(seen) < 300:
+        seen += chunk(fd)[0]
+    for i in range(1000):
+        os.unlink("%s/f%d" % (d, i))
+        open("%s/g%d" % (d, i), "w").close()
+    seen += rest(fd)
+    os.close(fd)
+    dup = sorted(n for n in set(seen) if seen.count(n) > 1)
+    kept = set("f%d" % i for i in range(1000, 3000))
+    missing = sorted(kept - set(seen))
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    now = sorted(rest(fd))
+    os.close(fd)
+    want = sorted(kept | set("g%d" % i for i in range(1000)))
+    # Many directories half read at once, then each read to its end.
+    many = []
+    for j in range(60):
+        sub = "%s/m%d" % (base, j)
+        os.makedirs(sub)
+        for i in range(120):
+            open("%s/e%d" % (sub, i), "w").close()
+    for j in range(60):
+        fd = os.open("%s/m%d" % (base, j), os.O_RDONLY | os.O_DIRECTORY)
+        many.append((fd, chunk(fd, 256)[0]))
+    whole = all(sorted(first + rest(fd)) == sorted("e%d" % i for i in range(120))
+                for fd, first in many)
+    print(base, "dup", dup[:5], "missing", missing[:5], "now", now == want, "many", whole)
+"#;
+    let out = ok(&env.remote(&[
+        "exec",
+        &id,
+        "--",
+        "python3",
+        "-c",
+        script,
+        "/workspace",
+        "/var/tmp",
+    ]));
+    assert_eq!(
+        out,
+        "/workspace dup [] missing [] now True many True\n\
+         /var/tmp dup [] missing [] now True many True\n",
+        "{out}"
+    );
+}
