@@ -283,6 +283,11 @@ pub(crate) struct AirlockFs {
     no_opendir: bool,
     /// Listings read without a handle (`no_opendir`), by cursor.
     cursors: Mutex<Cursors>,
+    /// Names the kernel was told are missing for a while (negative
+    /// entries; only where `no_opendir` holds), so that whatever makes
+    /// them appear behind the kernel (another sandbox, a restore) can
+    /// drop them.
+    negatives: Mutex<Negatives>,
     /// What the sandbox's writable layers hold, against its quota.
     usage: Arc<crate::quota::Usage>,
 }
@@ -507,6 +512,7 @@ impl AirlockFs {
             // workspace, which the host changes unnoticed.
             no_opendir: spec.snapshots.is_some() && !store_base_may_change,
             cursors: Mutex::new(Cursors::default()),
+            negatives: Mutex::new(Negatives::default()),
             usage,
         })
     }
@@ -2984,6 +2990,57 @@ struct Cursor {
 /// Most listings kept for readers without a handle.
 const MAX_CURSORS: usize = 1024;
 
+/// How long the kernel may keep a name's absence.
+const TTL_NEGATIVE: Duration = TTL_UPPER;
+
+/// Most negative entries handed out within [`TTL_NEGATIVE`]; past it a
+/// miss is answered plain ENOENT (nothing cached), so the set, each of
+/// which a restore or another sandbox's change may have to invalidate,
+/// stays small.
+const MAX_NEGATIVES: usize = 16 << 10;
+
+/// The negative entries handed out in the last [`TTL_NEGATIVE`], oldest
+/// first (an entry older than that the kernel has dropped itself).
+#[derive(Default)]
+struct Negatives {
+    live: HashMap<(u64, Name), std::time::Instant>,
+    order: VecDeque<((u64, Name), std::time::Instant)>,
+}
+
+impl Negatives {
+    /// Records a negative entry for `name` in `parent`; false when there
+    /// is no room (the miss must then not be cached).
+    fn record(&mut self, parent: u64, name: &Name) -> bool {
+        let now = std::time::Instant::now();
+        while let Some((key, at)) = self.order.front() {
+            if now.duration_since(*at) < TTL_NEGATIVE {
+                break;
+            }
+            if self.live.get(key) == Some(at) {
+                self.live.remove(key);
+            }
+            self.order.pop_front();
+        }
+        if self.live.len() >= MAX_NEGATIVES || self.order.len() >= 2 * MAX_NEGATIVES {
+            return false;
+        }
+        let key = (parent, name.clone());
+        self.live.insert(key.clone(), now);
+        self.order.push_back((key, now));
+        true
+    }
+
+    fn contains(&self, parent: u64, name: &Name) -> bool {
+        self.live.contains_key(&(parent, name.clone()))
+    }
+
+    /// Every recorded entry, forgotten (its invalidation is on its way).
+    fn take_all(&mut self) -> Vec<(u64, Name)> {
+        self.order.clear();
+        self.live.drain().map(|(k, _)| k).collect()
+    }
+}
+
 /// Most bytes the open directory listings of one mount may hold. Each
 /// open directory keeps a snapshot of its names until it is closed (so
 /// offsets stay stable); without a bound, a sandbox opening many handles
@@ -3002,6 +3059,27 @@ enum DirCtx {
     Merged(Vec<Name>, Vec<Part>),
     /// A workspace directory (relative path) and its live directory.
     Ws(Vec<Name>, Arc<Dir>),
+}
+
+/// The attributes of a negative entry: node id 0, nothing else read.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
 }
 
 /// Bytes a listing of these names is charged: the name plus its entry.
@@ -3360,6 +3438,9 @@ impl AirlockFs {
         if let Some(w) = ws_ino {
             links.extend(t.children(w).into_iter().map(|(name, ino)| (w, name, ino)));
         }
+        // Names the kernel keeps as missing go with the directories above
+        // them (the root itself holds no name a sandbox can make).
+        drop(lock(&self.negatives).take_all());
         // Directories the kernel still holds (the root, a cwd) would keep
         // their cached listings and attributes: those are dropped too.
         Ok((links, t.held_dirs()))
@@ -3433,8 +3514,16 @@ impl AirlockFs {
         let mut out = vec![Stale::Inode(ws)];
         if all {
             out.extend(t.below(ws).into_iter().map(Stale::Inode));
+            // Any name kept as missing may exist now.
+            out.extend(
+                lock(&self.negatives)
+                    .take_all()
+                    .into_iter()
+                    .map(|(parent, name)| Stale::Entry(parent, name)),
+            );
             return out;
         }
+        let negatives = lock(&self.negatives);
         for p in paths {
             let Some(rel) = p.strip_prefix("/workspace/") else {
                 continue;
@@ -3458,14 +3547,23 @@ impl AirlockFs {
                         .ok()
                         .and_then(|rel| self.stat(&Loc::Ws(rel)).ok())
                         .is_some_and(|(m, _)| m.is_dir());
-                    if !live_dir {
+                    // A directory made where the kernel keeps the name as
+                    // missing must be dropped too.
+                    if !live_dir || negatives.contains(parent, &name) {
                         out.push(Stale::Entry(parent, name));
                     }
                     break;
                 }
                 match node {
                     Some(n) => parent = n,
-                    None => break,
+                    None => {
+                        // A directory made on the way, which the kernel
+                        // may keep as missing.
+                        if negatives.contains(parent, &name) {
+                            out.push(Stale::Entry(parent, name));
+                        }
+                        break;
+                    }
                 }
             }
         }
@@ -3529,6 +3627,17 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.do_lookup(parent.0, name) {
             Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+            // A miss the kernel may keep where nothing makes names appear
+            // behind it unnoticed: Python's imports probe dozens of
+            // missing files per start, git its ignore and lock files.
+            // Node id 0 with a timeout is a negative entry.
+            Err(OpError::NotFound)
+                if self.no_opendir
+                    && Name::new(name)
+                        .is_ok_and(|n| lock(&self.negatives).record(parent.0, &n)) =>
+            {
+                reply.entry(&TTL_NEGATIVE, &negative_attr(), Generation(0));
+            }
             Err(e) => reply.error(e.errno()),
         }
     }

@@ -269,3 +269,44 @@ fn forks_start_from_a_snapshot_outlive_restarts_and_stay_the_agents() {
         text(&out.stderr)
     );
 }
+
+/// Names the kernel keeps as missing (negative entries, on the
+/// copy-on-write root and in the agent's workspace) never hide what a
+/// restore brings back or what another sandbox of the agent makes.
+#[test]
+fn names_seen_missing_appear_once_restored_or_made_elsewhere() {
+    let env = Env::new();
+    let _b = env.start_brokerd();
+    let a = create(&env, &[])["id"].as_str().unwrap().to_string();
+    let probe = "for p in /workspace/z /workspace/d/z /opt/z /workspace/nd /workspace/x; do \
+                 test -e $p && echo $p; done; true";
+    sh(
+        &env,
+        &a,
+        "mkdir -p /workspace/d && echo 1 > /workspace/z && echo 2 > /workspace/d/z && echo 3 > /opt/z",
+    );
+    ok(&env.remote(&["snapshot", &a, "--name", "s"]));
+    sh(&env, &a, "rm /workspace/z /workspace/d/z /opt/z");
+    // Twice: the second answer comes from the kernel's negative entries.
+    assert_eq!(sh(&env, &a, probe), "");
+    assert_eq!(sh(&env, &a, probe), "");
+    assert_eq!(ok(&env.remote(&["restore", &a, "s"])).trim(), "s");
+    assert_eq!(
+        sh(&env, &a, probe),
+        "/workspace/z\n/workspace/d/z\n/opt/z\n",
+        "restored names were kept as missing"
+    );
+    // Made by the agent's other sandbox: a file, and a directory with a
+    // file in it, each name seen missing first.
+    let b = create(&env, &[])["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        sh(&env, &a, "cat /workspace/nd/f /workspace/x 2>&1 | wc -l"),
+        "2\n"
+    );
+    sh(
+        &env,
+        &b,
+        "mkdir /workspace/nd && echo in > /workspace/nd/f && echo x > /workspace/x",
+    );
+    assert_eq!(sh(&env, &a, "cat /workspace/nd/f /workspace/x"), "in\nx\n");
+}
