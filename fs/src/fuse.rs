@@ -2656,6 +2656,20 @@ impl AirlockFs {
         Ok((entries, start, id))
     }
 
+    /// Whether a miss in directory `parent` may be kept by the kernel: in
+    /// the merged tree over a base that does not change (only this server
+    /// changes it; a sandbox with a caller's own workspace included), and
+    /// in the agent's own workspace (see `no_opendir`).
+    fn caches_misses(&self, parent: u64) -> bool {
+        if self.no_opendir {
+            return true;
+        }
+        !self.store.base_may_change()
+            && lock(&self.inodes)
+                .path(parent)
+                .is_ok_and(|c| matches!(classify(c), Loc::Merged(_)))
+    }
+
     /// The offset of the entry after index `i` of a listing read through
     /// cursor `id` (0: through a handle).
     fn next_offset(id: u32, i: usize) -> u64 {
@@ -3632,7 +3646,7 @@ impl Filesystem for FuseFs {
             // missing files per start, git its ignore and lock files.
             // Node id 0 with a timeout is a negative entry.
             Err(OpError::NotFound)
-                if self.no_opendir
+                if self.caches_misses(parent.0)
                     && Name::new(name)
                         .is_ok_and(|n| lock(&self.negatives).record(parent.0, &n)) =>
             {

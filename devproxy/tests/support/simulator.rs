@@ -158,6 +158,17 @@ fn read_from(pid: nix::unistd::Pid, addr: u64, len: usize) -> Option<Vec<u8>> {
     }
 }
 
+/// Whether fd number `fd` of process `pid` is one of this simulator's
+/// files whose name starts with `prefix`, resolved in that process's
+/// table as the driver resolves an fd it is given.
+fn fd_names(pid: nix::unistd::Pid, fd: u64, prefix: &str) -> bool {
+    std::fs::read_link(format!("/proc/{}/fd/{fd}", pid.as_raw())).is_ok_and(|t| {
+        t.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(prefix))
+    })
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
@@ -322,14 +333,7 @@ impl Filesystem for Simulator {
                         let pid = nix::unistd::Pid::from_raw(req.pid() as i32);
                         match read_from(pid, u64_at(&b, 16), 24) {
                             Some(p) if st.handles.contains(&u32_at(&p, 0)) => {
-                                let fd = u64_at(&p, 16);
-                                let target =
-                                    std::fs::read_link(format!("/proc/{}/fd/{fd}", pid.as_raw()));
-                                if target.is_ok_and(|t| {
-                                    t.file_name()
-                                        .and_then(|n| n.to_str())
-                                        .is_some_and(|n| n.starts_with("nvidia"))
-                                }) {
+                                if fd_names(pid, u64_at(&p, 16), "nvidia") {
                                     st.handles.insert(new);
                                     NV_OK
                                 } else {
@@ -444,10 +448,7 @@ impl Filesystem for Simulator {
                     // in the caller's fd table and must be a control node.
                     match read_from(pid, params, 24) {
                         Some(p) => {
-                            let fd = u32_at(&p, 16) as i32;
-                            let target =
-                                std::fs::read_link(format!("/proc/{}/fd/{fd}", pid.as_raw()));
-                            if target.is_ok_and(|t| t.ends_with("nvidiactl")) {
+                            if fd_names(pid, u64::from(u32_at(&p, 16)), "nvidiactl") {
                                 NV_OK
                             } else {
                                 NV_ERR_INVALID_ARGUMENT
