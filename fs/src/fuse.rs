@@ -278,13 +278,18 @@ pub(crate) struct AirlockFs {
     shared: Arc<Shared>,
     /// Bytes held by open directory listings (see [`LISTING_BUDGET`]).
     listing_bytes: AtomicUsize,
+    /// Whether nothing but this server (and, in the agent's own
+    /// workspace, its other sandboxes' reported changes) changes any tree
+    /// of this mount: no caller's rootfs, no caller's own workspace.
+    exclusive: bool,
     /// Whether OPENDIR is answered ENOSYS, so that the kernel opens
-    /// directories without a request (see `opendir`).
-    no_opendir: bool,
+    /// directories without a request (see `opendir`): `exclusive`, and
+    /// the kernel offered FUSE_NO_OPENDIR_SUPPORT at INIT.
+    no_opendir: AtomicBool,
     /// Listings read without a handle (`no_opendir`), by cursor.
     cursors: Mutex<Cursors>,
     /// Names the kernel was told are missing for a while (negative
-    /// entries; only where `no_opendir` holds), so that whatever makes
+    /// entries; see `caches_misses`), so that whatever makes
     /// them appear behind the kernel (another sandbox, a restore) can
     /// drop them.
     negatives: Mutex<Negatives>,
@@ -510,7 +515,8 @@ impl AirlockFs {
             // server (or another sandbox's, which reports it) changes the
             // directory: not on a caller's rootfs or in a caller's own
             // workspace, which the host changes unnoticed.
-            no_opendir: spec.snapshots.is_some() && !store_base_may_change,
+            exclusive: spec.snapshots.is_some() && !store_base_may_change,
+            no_opendir: AtomicBool::new(spec.snapshots.is_some() && !store_base_may_change),
             cursors: Mutex::new(Cursors::default()),
             negatives: Mutex::new(Negatives::default()),
             usage,
@@ -2614,7 +2620,7 @@ impl AirlockFs {
     /// handle the kernel opened, or without one (`no_opendir`) through the
     /// cursor the offset carries. Offsets it hands out: [`Self::next_offset`].
     fn listing_at(&self, ino: u64, fh: u64, offset: u64) -> OpResult<(Listing, usize, u32)> {
-        if fh != 0 || !self.no_opendir {
+        if fh != 0 || !self.no_opendir.load(Ordering::Relaxed) {
             let h = self.handle(fh)?;
             let start = usize::try_from(offset).unwrap_or(usize::MAX);
             return Ok((self.listing(&h)?, start, 0));
@@ -2659,9 +2665,9 @@ impl AirlockFs {
     /// Whether a miss in directory `parent` may be kept by the kernel: in
     /// the merged tree over a base that does not change (only this server
     /// changes it; a sandbox with a caller's own workspace included), and
-    /// in the agent's own workspace (see `no_opendir`).
+    /// in the agent's own workspace (see `exclusive`).
     fn caches_misses(&self, parent: u64) -> bool {
-        if self.no_opendir {
+        if self.exclusive {
             return true;
         }
         !self.store.base_may_change()
@@ -3623,6 +3629,14 @@ impl Filesystem for FuseFs {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // A kernel that does not offer zero-message opendir (before 5.1)
+        // would fail every directory open answered ENOSYS.
+        if config
+            .add_capabilities(fuser::InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_err()
+        {
+            self.no_opendir.store(false, Ordering::Relaxed);
+        }
         // Passthrough needs a stack depth (1: the base is a plain fs; 2: it
         // is itself stacked) and the capability; where either is refused,
         // every read stays a request to this server.
@@ -3904,7 +3918,7 @@ impl Filesystem for FuseFs {
         // CACHE_DIR): two requests fewer per directory walked (`git
         // status` sent 846 OPENDIRs and RELEASEDIRs, two thirds of its
         // time). What OPENDIR checked, READDIR checks at offset 0.
-        if self.no_opendir {
+        if self.no_opendir.load(Ordering::Relaxed) {
             return reply.error(fuser::Errno::ENOSYS);
         }
         match self.do_opendir(ino.0) {
