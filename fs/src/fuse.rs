@@ -289,7 +289,7 @@ pub(crate) struct AirlockFs {
     /// Listings read without a handle (`no_opendir`), by cursor.
     cursors: Mutex<Cursors>,
     /// Names the kernel was told are missing for a while (negative
-    /// entries; see `caches_misses`), so that whatever makes
+    /// entries; see `lookup_or_miss`), so that whatever makes
     /// them appear behind the kernel (another sandbox, a restore) can
     /// drop them.
     negatives: Mutex<Negatives>,
@@ -485,7 +485,11 @@ impl AirlockFs {
             spec.base_idmapped,
         );
         store.set_frozen(upper_frozen);
-        let store_base_may_change = store.base_may_change();
+        // Only where the kernel may keep every listing and every miss until
+        // this server (or another sandbox's, which reports it) changes the
+        // directory: not on a caller's rootfs or in a caller's own
+        // workspace, which the host changes unnoticed.
+        let exclusive = spec.snapshots.is_some() && !store.base_may_change();
         let ws_stack = (!ws_frozen.is_empty())
             .then(|| Arc::new(Store::workspace(ws_frozen, Arc::clone(&ws), st.st_uid, ids)));
         Ok(Self {
@@ -511,12 +515,8 @@ impl AirlockFs {
             stack_depth,
             shared,
             listing_bytes: AtomicUsize::new(0),
-            // Only where the kernel may keep every listing until this
-            // server (or another sandbox's, which reports it) changes the
-            // directory: not on a caller's rootfs or in a caller's own
-            // workspace, which the host changes unnoticed.
-            exclusive: spec.snapshots.is_some() && !store_base_may_change,
-            no_opendir: AtomicBool::new(spec.snapshots.is_some() && !store_base_may_change),
+            exclusive,
+            no_opendir: AtomicBool::new(exclusive),
             cursors: Mutex::new(Cursors::default()),
             negatives: Mutex::new(Negatives::default()),
             usage,
@@ -2626,10 +2626,21 @@ impl AirlockFs {
             return Ok((self.listing(&h)?, start, 0));
         }
         let (id, start) = ((offset >> 32) as u32, (offset & 0xFFFF_FFFF) as usize);
-        if offset != 0
-            && let Some(c) = lock(&self.cursors).map.get(&id).filter(|c| c.ino == ino)
-        {
-            return Ok((Arc::clone(&c.entries), start, id));
+        let found = (offset != 0)
+            .then(|| {
+                lock(&self.cursors)
+                    .map
+                    .get(&id)
+                    .filter(|c| c.ino == ino)
+                    .map(|c| Arc::clone(&c.entries))
+            })
+            .flatten();
+        if let Some(entries) = found {
+            // Read to its end: this READDIR answers nothing more.
+            if start >= entries.len() + 2 {
+                self.end_cursor(id);
+            }
+            return Ok((entries, start, id));
         }
         // A new reader (or one whose cursor is gone): a fresh snapshot,
         // checked as OPENDIR would have.
@@ -2659,21 +2670,30 @@ impl AirlockFs {
         if excess > 0 {
             self.drop_cursors(excess);
         }
+        if start >= entries.len() + 2 {
+            self.end_cursor(id);
+        }
         Ok((entries, start, id))
     }
 
-    /// Whether a miss in directory `parent` may be kept by the kernel: in
-    /// the merged tree over a base that does not change (only this server
-    /// changes it; a sandbox with a caller's own workspace included), and
-    /// in the agent's own workspace (see `exclusive`).
-    fn caches_misses(&self, parent: u64) -> bool {
-        if self.exclusive {
-            return true;
+    /// LOOKUP of `name` in `parent`, and on a miss whether the kernel may
+    /// keep it (then recorded in `negatives`): in the merged tree over a
+    /// base that does not change (only this server changes it; a sandbox
+    /// with a caller's own workspace included), and in the agent's own
+    /// workspace (see `exclusive`).
+    fn lookup_or_miss(&self, parent: u64, name: &OsStr) -> OpResult<Option<(FileAttr, Duration)>> {
+        let name = Name::new(name)?;
+        let ctx = self.dir_ctx(parent)?;
+        match self.lookup_in(parent, &ctx, &name) {
+            Err(OpError::NotFound)
+                if (self.exclusive
+                    || (!matches!(ctx, DirCtx::Ws(..)) && !self.store.base_may_change()))
+                    && lock(&self.negatives).record(parent, &name) =>
+            {
+                Ok(None)
+            }
+            other => other.map(Some),
         }
-        !self.store.base_may_change()
-            && lock(&self.inodes)
-                .path(parent)
-                .is_ok_and(|c| matches!(classify(c), Loc::Merged(_)))
     }
 
     /// The offset of the entry after index `i` of a listing read through
@@ -3653,19 +3673,13 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.do_lookup(parent.0, name) {
-            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+        match self.lookup_or_miss(parent.0, name) {
+            Ok(Some((attr, ttl))) => reply.entry(&ttl, &attr, Generation(0)),
             // A miss the kernel may keep where nothing makes names appear
             // behind it unnoticed: Python's imports probe dozens of
             // missing files per start, git its ignore and lock files.
             // Node id 0 with a timeout is a negative entry.
-            Err(OpError::NotFound)
-                if self.caches_misses(parent.0)
-                    && Name::new(name)
-                        .is_ok_and(|n| lock(&self.negatives).record(parent.0, &n)) =>
-            {
-                reply.entry(&TTL_NEGATIVE, &negative_attr(), Generation(0));
-            }
+            Ok(None) => reply.entry(&TTL_NEGATIVE, &negative_attr(), Generation(0)),
             Err(e) => reply.error(e.errno()),
         }
     }
@@ -3957,9 +3971,6 @@ impl Filesystem for FuseFs {
             })
             .unwrap_or(ROOT);
         let total = entries.len() + 2;
-        if start >= total {
-            self.end_cursor(id);
-        }
         for i in start..total {
             let next = AirlockFs::next_offset(id, i);
             let full = match i {
@@ -3994,9 +4005,6 @@ impl Filesystem for FuseFs {
             Err(e) => return reply.error(e.errno()),
         };
         let total = entries.len() + 2;
-        if start >= total {
-            self.end_cursor(id);
-        }
         // The kernel ignores the attributes of "." and ".." and takes no
         // reference for them: the directory's own do for both.
         let dot = if start < 2 {
