@@ -119,8 +119,9 @@ pub struct Forwarder<'a> {
     /// Held by the one worker waiting in `NOTIF_RECV` (leader/followers):
     /// every thread blocked in the receive is woken by each notification
     /// (the listener's wait queue is not exclusive), so four workers
-    /// waiting there cost three futile wake-ups per call (a round trip of
-    /// 14.9 us instead of 5.9 us with one, measured on a 2-vCPU VM). The
+    /// waiting there cost three futile wake-ups per call (a bare round
+    /// trip of 12.4 µs instead of 4.8 µs with one on a 2-vCPU VM,
+    /// `bench/notify_floor.c`). The
     /// others wait on this lock, which wakes one. The receiver keeps it
     /// while it judges the call and lets go only before it calls the
     /// driver, which may block: a refused call hands nothing over, and a
@@ -302,28 +303,7 @@ impl<'a> Forwarder<'a> {
             );
         }
         match validate::check(self.abi, &self.grant, node, request, &block) {
-            Decision::Refuse(r) => match r.reply {
-                Reply::Errno(e) => (
-                    Served::Refused {
-                        reason: r.reason,
-                        reply: r.reply,
-                    },
-                    0,
-                    e,
-                ),
-                Reply::Status { at, status } => {
-                    let ok = write_remote(pid, arg + at as u64, &status.to_le_bytes()).is_ok();
-                    let errno = if ok { 0 } else { libc::EFAULT };
-                    (
-                        Served::Refused {
-                            reason: r.reason,
-                            reply: r.reply,
-                        },
-                        0,
-                        errno,
-                    )
-                }
-            },
+            Decision::Refuse(r) => refuse(pid, arg, r.reason, r.reply),
             // UVM is let through by number in the sandbox's own filter; one
             // that reaches us came some other way and is not performed here
             // (it binds to the caller's address space).
@@ -352,18 +332,18 @@ impl<'a> Forwarder<'a> {
         let mut out = Vec::with_capacity(self.grant.gpu_ids.len());
         for id in &self.grant.gpu_ids {
             let mut params = [0u8; validate::ID_INFO_V2_SIZE];
-            params[0..4].copy_from_slice(&id.to_le_bytes());
+            put_u32(&mut params, 0, *id);
             let mut block = [0u8; 32];
             // NVOS54: hClient @0, hObject @4 (the client itself).
-            block[0..4].copy_from_slice(&h_client.to_le_bytes());
-            block[4..8].copy_from_slice(&h_client.to_le_bytes());
-            block[at::CTRL_CMD..at::CTRL_CMD + 4]
-                .copy_from_slice(&validate::GET_ID_INFO_V2.to_le_bytes());
-            let ptr = params.as_mut_ptr() as u64;
-            block[at::CTRL_PARAMS..at::CTRL_PARAMS + 8].copy_from_slice(&ptr.to_le_bytes());
-            let size = validate::ID_INFO_V2_SIZE as u32;
-            block[at::CTRL_PARAMS_SIZE..at::CTRL_PARAMS_SIZE + 4]
-                .copy_from_slice(&size.to_le_bytes());
+            put_u32(&mut block, 0, h_client);
+            put_u32(&mut block, 4, h_client);
+            put_u32(&mut block, at::CTRL_CMD, validate::GET_ID_INFO_V2);
+            put_u64(&mut block, at::CTRL_PARAMS, params.as_mut_ptr() as u64);
+            put_u32(
+                &mut block,
+                at::CTRL_PARAMS_SIZE,
+                validate::ID_INFO_V2_SIZE as u32,
+            );
             let request = validate::canonical(validate::esc::RM_CONTROL, 32);
             sys::ioctl_block(ctl, request, &mut block).ok()?;
             if read_u32(&block, at::CTRL_STATUS) != 0 {
@@ -419,16 +399,37 @@ impl<'a> Forwarder<'a> {
         }
         // Inside an embedded control's params: its arrays into guarded
         // buffers of ours, unused pointers NULL, fds ours.
+        // What a call refused for its parameters answers, as the driver
+        // would: NV_ERR_INVALID_ARGUMENT in the block's status.
+        let invalid_argument = Reply::Status {
+            at: validate::status_at(plan.request, block.len()),
+            status: validate::status::NV_ERR_INVALID_ARGUMENT,
+        };
         let mut nested = Nested::default();
         if let Some(m) = &plan.nested {
             let client = read_u32(&block, 0);
-            let status_at = validate::status_at(plan.request, block.len());
             let marshalled = match buffers.first_mut() {
                 Some((_, _, params)) => self.marshal_in(m, pid, pidfd, client, params, &mut nested),
                 None => Err(NestedError::Invalid("its params are missing".into())),
             };
             if let Err(e) = marshalled {
-                return self.refuse_nested(&plan.what, e, pid, arg, status_at);
+                let (reason, reply) = match e {
+                    NestedError::Invalid(why) => (why, invalid_argument),
+                    NestedError::Fault(where_) => {
+                        return (
+                            Served::Fault {
+                                what: format!("{}: {where_}", plan.what),
+                            },
+                            0,
+                            libc::EFAULT,
+                        );
+                    }
+                    NestedError::NotADevice(why) => (why, Reply::Errno(validate::EINVAL)),
+                    NestedError::NoMemory(why) => {
+                        (format!("no memory for {why}"), Reply::Errno(libc::ENOMEM))
+                    }
+                };
+                return refuse(pid, arg, format!("{}: {reason}", plan.what), reply);
             }
         }
         // The granted GPUs' device instances, where the rule needs them
@@ -440,19 +441,14 @@ impl<'a> Forwarder<'a> {
                 match self.device_instances(dup.as_fd(), read_u32(&block, 0)) {
                     Some(v) => v,
                     None => {
-                        let at = rule.status_at(block.len());
-                        let status = validate::status::NV_ERR_INVALID_ARGUMENT;
-                        let ok = write_remote(pid, arg + at as u64, &status.to_le_bytes()).is_ok();
-                        return (
-                            Served::Refused {
-                                reason: format!(
-                                    "{}: the granted GPUs' device instances cannot be learned",
-                                    plan.what
-                                ),
-                                reply: Reply::Status { at, status },
-                            },
-                            0,
-                            if ok { 0 } else { libc::EFAULT },
+                        return refuse(
+                            pid,
+                            arg,
+                            format!(
+                                "{}: the granted GPUs' device instances cannot be learned",
+                                plan.what
+                            ),
+                            invalid_argument,
                         );
                     }
                 }
@@ -463,17 +459,7 @@ impl<'a> Forwarder<'a> {
         if let (Some(rule), Some((_, _, params))) = (plan.ids, buffers.first_mut())
             && let Err(why) = validate::gpu_ids_before(rule, params, &self.grant, &instances)
         {
-            let at = rule.status_at(block.len());
-            let status = validate::status::NV_ERR_INVALID_ARGUMENT;
-            let ok = write_remote(pid, arg + at as u64, &status.to_le_bytes()).is_ok();
-            return (
-                Served::Refused {
-                    reason: format!("{}: {why}", plan.what),
-                    reply: Reply::Status { at, status },
-                },
-                0,
-                if ok { 0 } else { libc::EFAULT },
-            );
+            return refuse(pid, arg, format!("{}: {why}", plan.what), invalid_argument);
         }
         for (at, _, local) in &mut buffers {
             let addr = local.as_mut_ptr() as u64;
@@ -487,23 +473,12 @@ impl<'a> Forwarder<'a> {
             let raw = read_u32(&block, *at);
             theirs_at.push((*at, raw));
             let theirs = raw as i32;
-            let dup_fd = rustix::process::pidfd_getfd(
-                pidfd,
-                theirs,
-                rustix::process::PidfdGetfdFlags::empty(),
-            );
-            let granted = dup_fd
-                .as_ref()
-                .ok()
-                .and_then(|d| self.devices.node_of_fd(d));
-            let (Ok(d), Some(_)) = (dup_fd, granted) else {
-                return (
-                    Served::Refused {
-                        reason: format!("{}: fd {theirs} is not a granted device", plan.what),
-                        reply: Reply::Errno(validate::EINVAL),
-                    },
-                    0,
-                    validate::EINVAL,
+            let Some(d) = self.dup_granted(pidfd, theirs) else {
+                return refuse(
+                    pid,
+                    arg,
+                    format!("{}: fd {theirs} is not a granted device", plan.what),
+                    Reply::Errno(validate::EINVAL),
                 );
             };
             block[*at..*at + 4].copy_from_slice(&d.as_raw_fd().to_le_bytes());
@@ -694,13 +669,9 @@ impl Forwarder<'_> {
             if fd < 0 {
                 continue;
             }
-            let dup =
-                rustix::process::pidfd_getfd(pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
-                    .ok()
-                    .filter(|d| self.devices.node_of_fd(d).is_some())
-                    .ok_or_else(|| {
-                        NestedError::NotADevice(format!("fd {fd} is not a granted device"))
-                    })?;
+            let dup = self.dup_granted(pidfd, fd).ok_or_else(|| {
+                NestedError::NotADevice(format!("fd {fd} is not a granted device"))
+            })?;
             out.fds.push((at, bytes, raw));
             match bytes {
                 8 => put_u64(params, at, dup.as_raw_fd() as u64),
@@ -711,56 +682,29 @@ impl Forwarder<'_> {
         Ok(())
     }
 
-    /// The answer to a control whose params could not be marshalled.
-    fn refuse_nested(
-        &self,
-        what: &str,
-        e: NestedError,
-        pid: Pid,
-        arg: u64,
-        status_at: usize,
-    ) -> (Served, i64, i32) {
-        match e {
-            NestedError::Invalid(why) => {
-                let status = validate::status::NV_ERR_INVALID_ARGUMENT;
-                let ok = write_remote(pid, arg + status_at as u64, &status.to_le_bytes()).is_ok();
-                (
-                    Served::Refused {
-                        reason: format!("{what}: {why}"),
-                        reply: Reply::Status {
-                            at: status_at,
-                            status,
-                        },
-                    },
-                    0,
-                    if ok { 0 } else { libc::EFAULT },
-                )
-            }
-            NestedError::Fault(where_) => (
-                Served::Fault {
-                    what: format!("{what}: {where_}"),
-                },
-                0,
-                libc::EFAULT,
-            ),
-            NestedError::NotADevice(why) => (
-                Served::Refused {
-                    reason: format!("{what}: {why}"),
-                    reply: Reply::Errno(validate::EINVAL),
-                },
-                0,
-                validate::EINVAL,
-            ),
-            NestedError::NoMemory(why) => (
-                Served::Refused {
-                    reason: format!("{what}: no memory for {why}"),
-                    reply: Reply::Errno(libc::ENOMEM),
-                },
-                0,
-                libc::ENOMEM,
-            ),
-        }
+    /// Our duplicate of the caller's fd `fd` when it is a granted device
+    /// (an fd field of a block or of a control's params).
+    fn dup_granted(&self, pidfd: &OwnedFd, fd: i32) -> Option<OwnedFd> {
+        rustix::process::pidfd_getfd(pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+            .ok()
+            .filter(|d| self.devices.node_of_fd(d).is_some())
     }
+}
+
+/// Answers a refused call as `reply` says: an errno, or a status written
+/// into the caller's block at `arg` (EFAULT where it cannot be).
+fn refuse(pid: Pid, arg: u64, reason: String, reply: Reply) -> (Served, i64, i32) {
+    let errno = match reply {
+        Reply::Errno(e) => e,
+        Reply::Status { at, status } => {
+            if write_remote(pid, arg + at as u64, &status.to_le_bytes()).is_ok() {
+                0
+            } else {
+                libc::EFAULT
+            }
+        }
+    };
+    (Served::Refused { reason, reply }, 0, errno)
 }
 
 /// A pidfd for thread `tid` (`PIDFD_THREAD`, Linux 6.9); on older

@@ -136,15 +136,6 @@ impl GpuIds {
     pub fn needs_instances(self) -> bool {
         matches!(self, Self::DeviceAlloc | Self::DeviceMask)
     }
-
-    /// Where the status of a refused call goes in its block.
-    pub fn status_at(self, block_len: usize) -> usize {
-        match self {
-            Self::DeviceAlloc if block_len == NVOS64_SIZE => at::ALLOC64_STATUS,
-            Self::DeviceAlloc => at::ALLOC21_STATUS,
-            _ => at::CTRL_STATUS,
-        }
-    }
 }
 
 /// `NV01_DEVICE_0`.
